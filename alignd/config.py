@@ -1,0 +1,98 @@
+"""The one settings object of alignd, read from `ALIGND_*` environment variables (pydantic-settings).
+
+Every component takes its configuration from `get_settings()`; nothing else reads `os.environ`.
+The README's configuration table lists these fields.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ALIGND_", extra="ignore")
+
+    env: Literal["development", "production"] = Field("development", description="production refuses unsafe values")
+    home: Path = Field(Path(".alignd"), description="data directory: models, checkpoints, embedded Redis files, keys")
+    redis_url: str | None = Field(None, description="external Redis; unset starts an embedded redis-server under home")
+    embedded_redis_port: int = Field(0, description="TCP port of the embedded Redis; 0 picks a free one")
+    api_keys: str | None = Field(None, description="'key1:alice,key2:bob'; unset generates keys under home")
+    admin_key: str | None = Field(None, description="admin key; unset generates one under home")
+    device: str = Field("auto", description="torch device for serving and training: auto, cpu, cuda, cuda:1 …")
+    torch_threads: int | None = Field(None, description="torch intra-op threads; unset uses the number of cores")
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    # --- serving limits
+    max_batch_size: int = Field(32, ge=1, le=256, description="sequences decoded together by the engine")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
+    max_prompt_tokens: int = Field(384, ge=8, description="longer prompts get 413")
+    max_new_tokens: int = Field(256, ge=1, description="upper bound for max_tokens")
+    default_max_tokens: int = Field(64, ge=1)
+    chat_rate_per_minute: int = Field(600, ge=1, description="chat requests per key per minute before 429")
+
+    # --- feedback limits
+    max_comment_chars: int = Field(2000, ge=0)
+    feedback_rate_per_minute: int = Field(6000, ge=1, description="feedback events per user per minute before 429")
+    feedback_daily_cap: int = Field(100_000, ge=1, description="feedback events per user per UTC day before 429")
+
+    # --- the online loop
+    cycle_seconds: int = Field(300, ge=1, description="beat checks for new feedback this often")
+    min_new_feedback: int = Field(50, ge=1, description="a cycle runs only with at least this many new events")
+    arena: bool = Field(False, description="n=2 requests get one choice from the current and one from the parent")
+    arena_rollback_below: float = Field(0.35, description="live win rate vs parent below which a version rolls back")
+    poll_seconds: float = Field(1.0, gt=0, description="API processes poll the registry this often")
+
+    flower_port: int = 5555
+
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, v: Path) -> Path:
+        return v.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_in_production(self) -> "Settings":
+        if self.env == "production":
+            for name in ("api_keys", "admin_key"):
+                value = getattr(self, name)
+                if not value or "changethis" in value:
+                    raise ValueError(f"ALIGND_{name.upper()} must be set to a real secret when ALIGND_ENV=production")
+        return self
+
+    def user_keys(self) -> dict[str, str]:
+        """Map of API key → user id parsed from `api_keys` ('key1:alice,key2:bob')."""
+        out: dict[str, str] = {}
+        for item in (self.api_keys or "").split(","):
+            item = item.strip()
+            if not item:
+                continue
+            key, sep, user = item.partition(":")
+            if not sep or not key or not user:
+                raise ValueError(f"ALIGND_API_KEYS entry {item!r} is not 'key:user'")
+            out[key] = user
+        return out
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.home / "checkpoints"
+
+    def torch_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@functools.cache
+def get_settings() -> Settings:
+    return Settings()

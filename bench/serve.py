@@ -1,0 +1,198 @@
+"""Serving benchmark: alignd's engine over real HTTP at 1, 4 and 16 concurrent clients against baselines on the same
+model in the same run — one-request-at-a-time Hugging Face `generate`, and transformers' own continuous batching
+(`generate_batch`). Prints JSON.
+
+    python bench/serve.py                      # the default-size model (2 M-parameter GPT-2), untrained
+    python bench/serve.py --model PATH         # any local HF causal-LM folder, e.g. a checkpoint under ALIGND_HOME
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+import uvicorn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from alignd.config import Settings  # noqa: E402
+from alignd.redis_server import EmbeddedRedis  # noqa: E402
+from service.app import create_app  # noqa: E402
+from service.engine import Engine, Policy  # noqa: E402
+from training import world  # noqa: E402
+from training.model import build_model, tiny_config  # noqa: E402
+from training.tokenizer import train_tokenizer  # noqa: E402
+
+KEY = "sk-bench"
+
+
+def default_policy() -> Policy:
+    tok = train_tokenizer(world.corpus_texts(3000), 1024)
+    cfg = tiny_config("gpt2", len(tok), context=512, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id)
+    return Policy(version=1, model=build_model(cfg).eval(), tokenizer=tok, context=512)
+
+
+def prompts(n: int) -> list[str]:
+    import random
+
+    rng = random.Random(0)
+    return [world.sample_task(rng).prompt for _ in range(n)]
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+@torch.inference_mode()
+def hf_sequential(policy: Policy, texts: list[str], max_tokens: int) -> dict:
+    tok, model = policy.tokenizer, policy.model
+    lat, tokens = [], 0
+    start = time.perf_counter()
+    for text in texts:
+        t0 = time.perf_counter()
+        ids = torch.tensor([policy.encode_chat([{"role": "user", "content": text}])])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=True,
+                             top_k=0, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        tokens += out.shape[1] - ids.shape[1]
+        lat.append(time.perf_counter() - t0)
+    wall = time.perf_counter() - start
+    return {"requests": len(texts), "tokens": tokens, "tokens_per_s": tokens / wall,
+            "latency_p50_s": pct(lat, 50), "latency_p99_s": pct(lat, 99)}
+
+
+def hf_continuous_batching(policy: Policy, texts: list[str], max_tokens: int) -> dict:
+    from transformers import GenerationConfig
+
+    try:
+        inputs = [policy.encode_chat([{"role": "user", "content": t}]) for t in texts]
+        gen = GenerationConfig(max_new_tokens=max_tokens, do_sample=True, top_k=0,
+                               eos_token_id=policy.tokenizer.eos_token_id, pad_token_id=policy.tokenizer.pad_token_id)
+        start = time.perf_counter()
+        out = policy.model.generate_batch(inputs=inputs, generation_config=gen, progress_bar=False)
+        wall = time.perf_counter() - start
+        tokens = sum(len(o.generated_tokens) for o in out.values())
+        return {"requests": len(texts), "tokens": tokens, "tokens_per_s": tokens / wall, "wall_s": wall}
+    except Exception as exc:  # report, don't hide: the comparison is part of the result
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+
+
+def engine_offline(policy: Policy, texts: list[str], max_tokens: int) -> dict:
+    """Same workload as hf_continuous_batching: all requests submitted at once, no HTTP."""
+    from service.engine import SamplingParams
+
+    engine = Engine(policy, max_batch_size=64)
+    engine.start()
+    try:
+        start = time.perf_counter()
+        handles = [engine.submit([{"role": "user", "content": t}], SamplingParams(max_tokens=max_tokens))
+                   for t in texts]
+        tokens = sum(h.wait()[2] for h in handles)
+        wall = time.perf_counter() - start
+    finally:
+        engine.stop()
+    return {"requests": len(texts), "tokens": tokens, "tokens_per_s": tokens / wall, "wall_s": wall}
+
+
+async def http_clients(url: str, concurrency: int, per_client: int, max_tokens: int, texts: list[str]) -> dict:
+    ttft, lat, tokens, failures = [], [], 0, 0
+
+    async def one_client(c: int, http: httpx.AsyncClient) -> None:
+        nonlocal tokens, failures
+        for i in range(per_client):
+            body = {"messages": [{"role": "user", "content": texts[(c * per_client + i) % len(texts)]}],
+                    "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
+            t0 = time.perf_counter()
+            first = None
+            try:
+                async with http.stream("POST", "/v1/chat/completions", json=body) as resp:
+                    if resp.status_code != 200:
+                        failures += 1
+                        continue
+                    async for line in resp.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        chunk = json.loads(line[6:])
+                        if chunk.get("usage"):
+                            tokens += chunk["usage"]["completion_tokens"]
+                        elif first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                            first = time.perf_counter()
+            except httpx.HTTPError:
+                failures += 1
+                continue
+            lat.append(time.perf_counter() - t0)
+            ttft.append((first or time.perf_counter()) - t0)
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=300,
+                                 limits=limits) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(one_client(c, http) for c in range(concurrency)))
+        wall = time.perf_counter() - start
+    return {"clients": concurrency, "requests": len(lat), "failed": failures, "tokens": tokens,
+            "tokens_per_s": tokens / wall, "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
+            "latency_p50_s": pct(lat, 50), "latency_p99_s": pct(lat, 99)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, help="HF causal-LM folder (default: an untrained default-size model)")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--requests-per-client", type=int, default=4)
+    ap.add_argument("--baseline-requests", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    policy = Policy.load(1, args.model) if args.model else default_policy()
+    texts = prompts(64)
+    result: dict = {"model": str(args.model or "default-size untrained gpt2"), "threads": args.threads,
+                    "max_tokens": args.max_tokens, "torch": torch.__version__,
+                    "parameters": sum(p.numel() for p in policy.model.parameters())}
+    hf_sequential(policy, texts[:2], 8)  # warm-up: the first generate call pays one-off setup costs
+    result["baseline_hf_generate_sequential"] = hf_sequential(policy, texts[: args.baseline_requests],
+                                                              args.max_tokens)
+    result["offline_16_requests"] = {
+        "hf_continuous_batching": hf_continuous_batching(policy, texts[:16], args.max_tokens),
+        "alignd_engine": engine_offline(policy, texts[:16], args.max_tokens),
+    }
+
+    with tempfile.TemporaryDirectory() as home:
+        redis = EmbeddedRedis(Path(home) / "redis")
+        redis_url = redis.start()
+        settings = Settings(home=Path(home), api_keys=f"{KEY}:bench", admin_key="sk-bench-admin",
+                            chat_rate_per_minute=10**6, max_new_tokens=max(256, args.max_tokens))
+        app = create_app(settings, redis_url, Engine(policy, max_batch_size=settings.max_batch_size))
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        while not server.started:
+            time.sleep(0.05)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+        levels = []
+        for c in (1, 4, 16):
+            levels.append(asyncio.run(http_clients(url, c, args.requests_per_client, args.max_tokens, texts)))
+        server.should_exit = True
+        thread.join(timeout=20)
+        redis.stop()
+    result["alignd_http"] = levels
+    base = result["baseline_hf_generate_sequential"]["tokens_per_s"]
+    result["speedup_vs_baseline"] = {str(lv["clients"]): round(lv["tokens_per_s"] / base, 2) for lv in levels}
+    result["target_16_clients_8x"] = result["speedup_vs_baseline"]["16"] >= 8
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,418 @@
+"""The generation engine: continuous batching over a KV cache, per-request sampling, versions and hot-swap.
+
+One scheduler thread owns the models. Requests join a running batch between decode steps (their prompts are
+prefilled as a batch, then their KV cache is left-padded and concatenated onto the running one) and leave it as soon as
+they finish, so 16 concurrent clients share one forward pass per token instead of queueing behind each other. Each
+sequence is pinned to the policy version it started on; a `swap` makes new requests use the new version while the old
+version's sequences drain, after which its weights are dropped.
+
+Why a scheduler of our own rather than transformers' continuous-batching API (`generate_batch` / paged attention):
+measured on these 2-core CPUs with alignd's model, see `bench/serve.py --compare-hf-cb` and the README; ours also
+gives per-request seeds, stop strings, streaming and version pinning, which the HF manager does not expose together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from training.model import load_causal_lm
+
+log = logging.getLogger("alignd.engine")
+
+IDLE_WAIT_S = 0.05  # how long the idle scheduler blocks waiting for work before re-checking swaps
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    max_tokens: int = 64
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class Policy:
+    """A loaded policy version: model + tokenizer, as served."""
+
+    version: int
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    path: str = ""
+    context: int = 512
+
+    @classmethod
+    def load(cls, version: int, path: str | Path, device: str = "cpu") -> "Policy":
+        model, tokenizer = load_causal_lm(path, device)
+        cfg = model.config
+        context = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None) or 2048
+        return cls(version=version, model=model, tokenizer=tokenizer, path=str(path), context=int(context))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@dataclass
+class Event:
+    kind: str  # "delta" | "done" | "error"
+    text: str = ""
+    finish_reason: str | None = None
+    tokens: int = 0
+
+
+class Handle:
+    """The caller's side of one sequence: events arrive from the scheduler thread, thread-safely."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None):
+        self.loop = loop
+        self.aqueue: asyncio.Queue[Event] | None = asyncio.Queue() if loop else None
+        self.squeue: queue.Queue[Event] | None = None if loop else queue.Queue()
+        self.version = 0
+        self.prompt_tokens = 0
+        self.first_token_at: float | None = None
+
+    def push(self, event: Event) -> None:
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.aqueue.put_nowait, event)
+        else:
+            self.squeue.put(event)
+
+    async def events(self) -> AsyncIterator[Event]:
+        while True:
+            event = await self.aqueue.get()
+            yield event
+            if event.kind != "delta":
+                return
+
+    def wait(self) -> tuple[str, str, int]:
+        """Block until done (sync callers): (text, finish_reason, completion_tokens)."""
+        parts = []
+        while True:
+            event = self.squeue.get()
+            if event.kind == "delta":
+                parts.append(event.text)
+            elif event.kind == "error":
+                raise RuntimeError(event.text)
+            else:
+                return "".join(parts), event.finish_reason or "stop", event.tokens
+
+
+class _Seq:
+    """Scheduler-side state of one sequence."""
+
+    __slots__ = ("handle", "prompt_ids", "params", "generator", "out_ids", "emitted", "policy", "max_new")
+
+    def __init__(self, handle: Handle, prompt_ids: list[int], params: SamplingParams, policy: Policy):
+        self.handle, self.prompt_ids, self.params, self.policy = handle, prompt_ids, params, policy
+        self.generator = None
+        if params.seed is not None:
+            self.generator = torch.Generator(device=policy.device)
+            self.generator.manual_seed(params.seed)
+        self.out_ids: list[int] = []
+        self.emitted = ""  # text already sent to the caller
+        self.max_new = min(params.max_tokens, max(1, policy.context - len(prompt_ids)))
+
+
+class _Batch:
+    """The running batch of one policy version: its sequences, KV cache and attention mask."""
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
+        self.seqs: list[_Seq] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # (B, T) 1 = real token, over cache + next token
+        self.positions: torch.Tensor | None = None  # (B,) position id of each row's next token
+        self.next_logits: torch.Tensor | None = None  # (B, V) logits for each row's next token
+
+
+class Engine:
+    """Continuous-batching generation over one or more policy versions."""
+
+    def __init__(self, policy: Policy, max_batch_size: int = 32):
+        self.max_batch_size = max_batch_size
+        self.policies: dict[int, Policy] = {policy.version: policy}
+        self.current_version = policy.version
+        self.pinned: set[int] = set()  # versions kept loaded besides the current one (arena parent)
+        self._pending: queue.Queue[_Seq] = queue.Queue()
+        self._batches: dict[int, _Batch] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self.steps = 0
+        self.tokens_generated = 0
+        self.on_step = None  # optional callback(batch_size) for metrics
+
+    # --- public API (any thread)
+    def start(self) -> None:
+        if self._thread is None:
+            self._running = True
+            self._thread = threading.Thread(target=self._loop, name="alignd-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._running = False
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    @property
+    def current(self) -> Policy:
+        return self.policies[self.current_version]
+
+    def submit(self, messages: list[dict[str, str]], params: SamplingParams, *, version: int | None = None,
+               loop: asyncio.AbstractEventLoop | None = None, prompt_ids: list[int] | None = None) -> Handle:
+        """Queue one sequence; `version` pins it (default: current). Returns its handle at once."""
+        with self._lock:
+            policy = self.policies[version if version is not None else self.current_version]
+        handle = Handle(loop)
+        ids = prompt_ids if prompt_ids is not None else policy.encode_chat(messages)
+        handle.version, handle.prompt_tokens = policy.version, len(ids)
+        self._pending.put(_Seq(handle, ids, params, policy))
+        return handle
+
+    def generate(self, messages: list[dict[str, str]], params: SamplingParams, version: int | None = None
+                 ) -> tuple[str, str, int]:
+        """Synchronous convenience: (text, finish_reason, completion_tokens)."""
+        return self.submit(messages, params, version=version).wait()
+
+    def swap(self, policy: Policy) -> None:
+        """Make `policy` current. Sequences already running finish on their version; new ones use this one."""
+        with self._lock:
+            self.policies[policy.version] = policy
+            self.current_version = policy.version
+
+    def loaded_versions(self) -> list[int]:
+        with self._lock:
+            return sorted(self.policies)
+
+    def pin(self, versions: set[int]) -> None:
+        with self._lock:
+            self.pinned = set(versions)
+
+    def add_policy(self, policy: Policy) -> None:
+        with self._lock:
+            self.policies[policy.version] = policy
+
+    # --- scheduler thread
+    def _loop(self) -> None:
+        while self._running:
+            try:
+                busy = any(b.seqs for b in self._batches.values())
+                self._admit(block=not busy)
+                for version in list(self._batches):
+                    batch = self._batches[version]
+                    if batch.seqs:
+                        self._decode_step(batch)
+                self._release_drained()
+            except Exception as exc:  # never let one bad step kill serving: fail the sequences in flight
+                log.exception("engine step failed")
+                for batch in self._batches.values():
+                    for s in batch.seqs:
+                        s.handle.push(Event("error", f"generation failed: {type(exc).__name__}: {exc}"))
+                self._batches.clear()
+
+    def _admit(self, block: bool) -> None:
+        new: list[_Seq] = []
+        room = self.max_batch_size - sum(len(b.seqs) for b in self._batches.values())
+        try:
+            if block:
+                new.append(self._pending.get(timeout=IDLE_WAIT_S))
+            while len(new) < max(room, 0):
+                new.append(self._pending.get_nowait())
+        except queue.Empty:
+            pass
+        if not new:
+            return
+        by_version: dict[int, list[_Seq]] = {}
+        for s in new:
+            by_version.setdefault(s.policy.version, []).append(s)
+        for version, seqs in by_version.items():
+            batch = self._batches.get(version)
+            if batch is None:
+                batch = self._batches[version] = _Batch(seqs[0].policy)
+            self._prefill(batch, seqs)
+
+    @torch.inference_mode()
+    def _prefill(self, batch: _Batch, seqs: list[_Seq]) -> None:
+        policy = batch.policy
+        device = policy.device
+        pad = policy.tokenizer.pad_token_id or 0
+        width = max(len(s.prompt_ids) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long, device=device)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long, device=device)
+        for i, s in enumerate(seqs):  # left padding: every row's last prompt token is in the last column
+            ids[i, width - len(s.prompt_ids):] = torch.tensor(s.prompt_ids, device=device)
+            mask[i, width - len(s.prompt_ids):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=policy.model.config)
+        out = policy.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        logits = out.logits[:, -1, :].float()  # (B, V)
+        next_pos = mask.sum(-1)  # (B,)
+        if batch.cache is None:
+            batch.cache, batch.mask, batch.positions, batch.next_logits = cache, mask, next_pos, logits
+        else:
+            self._merge(batch, cache, mask, next_pos, logits)
+        batch.seqs.extend(seqs)
+
+    @staticmethod
+    def _merge(batch: _Batch, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor,
+               logits: torch.Tensor) -> None:
+        """Concatenate a prefilled group onto the running batch, left-padding the shorter cache."""
+        t_old, t_new = batch.mask.shape[1], mask.shape[1]
+        width = max(t_old, t_new)
+
+        def left_pad(x: torch.Tensor, t: int, dim: int) -> torch.Tensor:
+            if t == width:
+                return x
+            shape = list(x.shape)
+            shape[dim] = width - t
+            return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+        for old_layer, new_layer in zip(batch.cache.layers, cache.layers, strict=True):
+            # keys/values: (B, heads, T, head_dim)
+            old_layer.keys = torch.cat([left_pad(old_layer.keys, t_old, 2), left_pad(new_layer.keys, t_new, 2)])
+            old_layer.values = torch.cat([left_pad(old_layer.values, t_old, 2),
+                                          left_pad(new_layer.values, t_new, 2)])
+        batch.mask = torch.cat([left_pad(batch.mask, t_old, 1), left_pad(mask, t_new, 1)])
+        batch.positions = torch.cat([batch.positions, positions])
+        batch.next_logits = torch.cat([batch.next_logits, logits])
+
+    def _sample(self, batch: _Batch) -> torch.Tensor:
+        logits = batch.next_logits  # (B, V)
+        seqs = batch.seqs
+        temps = torch.tensor([s.params.temperature for s in seqs], device=logits.device)
+        greedy = temps <= 0
+        probs = torch.softmax(logits / temps.clamp(min=1e-5).unsqueeze(1), dim=-1)
+        top_p = torch.tensor([s.params.top_p for s in seqs], device=logits.device)
+        if bool((top_p < 1).any()):
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            # keep the smallest prefix whose mass reaches top_p (the first token always survives)
+            drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p.unsqueeze(1)
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        choice = torch.multinomial(probs, 1).squeeze(1)
+        for i, s in enumerate(seqs):
+            if s.generator is not None and not greedy[i]:  # seeded rows draw from their own generator
+                choice[i] = torch.multinomial(probs[i], 1, generator=s.generator)[0]
+        return torch.where(greedy, logits.argmax(-1), choice)
+
+    @torch.inference_mode()
+    def _decode_step(self, batch: _Batch) -> None:
+        policy = batch.policy
+        tok = policy.tokenizer
+        next_ids = self._sample(batch)  # (B,)
+        eos = tok.eos_token_id
+        keep: list[int] = []
+        for i, s in enumerate(batch.seqs):
+            token = int(next_ids[i])
+            finish = None
+            if token == eos:
+                finish = "stop"
+            else:
+                s.out_ids.append(token)
+                text = tok.decode(s.out_ids, skip_special_tokens=True)
+                cut = _find_stop(text, s.params.stop, len(s.emitted))
+                if cut is not None:
+                    text, finish = text[:cut], "stop"
+                elif len(s.out_ids) >= s.max_new:
+                    finish = "length"
+                if finish is not None or not text.endswith("\ufffd"):  # hold back a partial UTF-8 character
+                    hold = _longest_stop_prefix(text, s.params.stop) if finish is None else 0
+                    visible = text[: len(text) - hold]
+                    if len(visible) > len(s.emitted) and visible.startswith(s.emitted):
+                        if s.handle.first_token_at is None:
+                            s.handle.first_token_at = time.monotonic()
+                        s.handle.push(Event("delta", visible[len(s.emitted):]))
+                        s.emitted = visible
+            if finish is not None:
+                s.handle.push(Event("done", finish_reason=finish, tokens=len(s.out_ids) + int(token == eos)))
+            else:
+                keep.append(i)
+        self.tokens_generated += len(batch.seqs)
+        self.steps += 1
+        if self.on_step is not None:
+            self.on_step(len(batch.seqs))
+        if len(keep) < len(batch.seqs):
+            self._select(batch, keep)
+        if not batch.seqs:
+            return
+        # one forward for every still-running row: its sampled token at its own position
+        ids = torch.stack([next_ids[i] for i in keep]).unsqueeze(1)  # (B, 1)
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(keep), 1))], dim=1)
+        out = policy.model(input_ids=ids, attention_mask=batch.mask, position_ids=batch.positions.unsqueeze(1),
+                           cache=batch.cache, use_cache=True)  # the cache grows in place
+        batch.positions = batch.positions + 1
+        batch.next_logits = out.logits[:, -1, :].float()
+
+    @staticmethod
+    def _select(batch: _Batch, keep: list[int]) -> None:
+        batch.seqs = [batch.seqs[i] for i in keep]
+        if not keep:
+            batch.cache = batch.mask = batch.positions = batch.next_logits = None
+            return
+        idx = torch.tensor(keep, device=batch.mask.device)
+        mask = batch.mask.index_select(0, idx)
+        # drop leading columns that are padding for every remaining row, so the cache does not grow without bound
+        first = int((mask.sum(0) > 0).nonzero()[0])
+        batch.mask = mask[:, first:]
+        for layer in batch.cache.layers:
+            layer.keys = layer.keys.index_select(0, idx)[:, :, first:]
+            layer.values = layer.values.index_select(0, idx)[:, :, first:]
+        batch.positions = batch.positions.index_select(0, idx)
+        batch.next_logits = batch.next_logits.index_select(0, idx)
+
+    def _release_drained(self) -> None:
+        with self._lock:
+            keep = {self.current_version} | self.pinned
+            for version in list(self.policies):
+                batch = self._batches.get(version)
+                if version not in keep and (batch is None or not batch.seqs) and not self._has_pending(version):
+                    del self.policies[version]  # the old weights are freed once drained
+                    self._batches.pop(version, None)
+                    log.info("released policy version %s", version)
+            for version in list(self._batches):
+                if not self._batches[version].seqs and version in self.policies:
+                    self._batches.pop(version)
+
+    def _has_pending(self, version: int) -> bool:
+        with self._pending.mutex:
+            return any(s.policy.version == version for s in self._pending.queue)
+
+
+def _find_stop(text: str, stops: list[str], emitted: int) -> int | None:
+    """Index where the earliest stop string starts, searching only text that could contain a new match."""
+    best = None
+    for stop in stops:
+        if not stop:
+            continue
+        at = text.find(stop, max(0, emitted - len(stop) + 1))
+        if at != -1 and (best is None or at < best):
+            best = at
+    return best
+
+
+def _longest_stop_prefix(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of `text` that could start a stop string (held back while streaming)."""
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                best = max(best, k)
+                break
+    return best
+

@@ -1,0 +1,48 @@
+"""GET /v1/models, /healthz (the process answers), /readyz (a policy is loaded and Redis answers), /metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service import metrics
+from service.deps import CallerDep, StateDep
+
+router = APIRouter(tags=["system"])
+
+
+@router.get("/v1/models")
+async def list_models(_: CallerDep, state: StateDep):
+    data = []
+    if state.engine is not None:
+        for v in state.engine.loaded_versions():
+            data.append({"id": f"alignd-v{v}", "object": "model", "created": 0, "owned_by": "alignd",
+                         "current": v == state.engine.current_version})
+    return {"object": "list", "data": data}
+
+
+@router.get("/healthz")
+async def healthz():
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(state: StateDep):
+    checks: dict[str, object] = {}
+    try:
+        checks["redis"] = bool(await state.aredis.ping())
+    except Exception as exc:  # any Redis failure means not ready, and says why
+        checks["redis"] = f"error: {exc}"
+    checks["policy_version"] = state.engine.current_version if state.engine else None
+    if state.extras.get("refused"):
+        checks["refused_versions"] = state.extras["refused"]
+    ready = checks["redis"] is True and checks["policy_version"] is not None
+    return JSONResponse({"status": "ready" if ready else "not ready", **checks}, 200 if ready else 503)
+
+
+@router.get("/metrics")
+async def prometheus_metrics(state: StateDep):
+    if state.engine is not None:
+        metrics.VERSION.set(state.engine.current_version)
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,37 @@
+"""Connecting to Redis and checking that it keeps what it acknowledges."""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+
+log = logging.getLogger("alignd.store")
+
+
+def connect(url: str, *, decode: bool = True) -> redis.Redis:
+    """A client with a connection pool; `decode` returns str instead of bytes."""
+    return redis.Redis.from_url(url, decode_responses=decode, health_check_interval=30,
+                                socket_keepalive=True, retry_on_timeout=True)
+
+
+def durability_warnings(r: redis.Redis) -> list[str]:
+    """Why a crash of this Redis could lose acknowledged writes (empty when AOF fsyncs every write)."""
+    try:
+        cfg = r.config_get("append*")
+    except redis.ResponseError:  # managed Redis often forbids CONFIG; we cannot tell
+        return ["cannot read the Redis persistence settings (CONFIG GET refused); make sure AOF is on"]
+    problems = []
+    if cfg.get("appendonly") != "yes":
+        problems.append("appendonly is off: a Redis crash or restart loses every acknowledged feedback event")
+    elif cfg.get("appendfsync") != "always":
+        problems.append(f"appendfsync is {cfg.get('appendfsync')!r}: a crash can lose up to ~1 s of acknowledged"
+                        " feedback (set appendfsync always for the guarantee)")
+    return problems
+
+
+def warn_if_not_durable(r: redis.Redis) -> list[str]:
+    problems = durability_warnings(r)
+    for p in problems:
+        log.warning("REDIS DURABILITY: %s", p)
+    return problems

@@ -1,0 +1,147 @@
+"""Redis key names. Every key alignd writes is built here, under one prefix, so a deployment can share a Redis."""
+
+from __future__ import annotations
+
+PREFIX = "alignd"
+
+
+def completion(completion_id: str) -> str:
+    return f"{PREFIX}:completion:{completion_id}"
+
+
+def prompts_stream() -> str:
+    """Stream of user prompts (capped), sampled by PPO rollouts."""
+    return f"{PREFIX}:prompts"
+
+
+def rate(kind: str, subject: str, window: str) -> str:
+    return f"{PREFIX}:rate:{kind}:{subject}:{window}"
+
+
+# --- model registry
+def registry_versions() -> str:
+    """Hash: version → JSON metadata (path, parent, metrics, provenance, status)."""
+    return f"{PREFIX}:registry:versions"
+
+
+def registry_current() -> str:
+    return f"{PREFIX}:registry:current"
+
+
+def registry_counter() -> str:
+    return f"{PREFIX}:registry:next"
+
+
+def registry_events() -> str:
+    """Stream of registry events: published, rolled back, refused, gate failed."""
+    return f"{PREFIX}:registry:events"
+
+
+def registry_channel() -> str:
+    """Pub/sub channel announcing a new current version (a hint; polling `registry_current` is the truth)."""
+    return f"{PREFIX}:registry:changed"
+
+
+def lock(name: str) -> str:
+    return f"{PREFIX}:lock:{name}"
+
+
+def fence(name: str) -> str:
+    """Monotonic fencing-token counter of lock `name`."""
+    return f"{PREFIX}:fence:{name}"
+
+
+# --- feedback (store/feedback.py, store/comparisons.py, store/exchange.py, store/stats.py)
+
+
+def feedback_stream() -> str:
+    """The append-only feedback log (a Stream, never trimmed); workers read it through a consumer group."""
+    return f"{PREFIX}:feedback:log"
+
+
+def feedback_acked() -> str:
+    """Count of log entries acknowledged by the consumer group (the log length minus this is the unconsumed work)."""
+    return f"{PREFIX}:feedback:acked"
+
+
+def feedback_idempotency(feedback_id: str) -> str:
+    """Hash {fingerprint, event, stream_id} of the request that used `feedback_id`, for idempotent retries."""
+    return f"{PREFIX}:feedback:id:{feedback_id}"
+
+
+def feedback_history(completion_id: str, slot: str, user: str) -> str:
+    """Every vote (list of event JSON, oldest first) of one user on one slot of one completion; revision = position."""
+    return f"{PREFIX}:feedback:history:{completion_id}:{slot}:{user}"
+
+
+def feedback_latest(completion_id: str) -> str:
+    """Hash '<slot>|<user>' → the latest vote (event JSON) on one completion; comparisons derive from these."""
+    return f"{PREFIX}:feedback:latest:{completion_id}"
+
+
+def feedback_vote_counters(completion_id: str) -> str:
+    """Hash '<slot>|<user>' → the vote-counter fields (JSON list) the latest vote holds; a revision subtracts them."""
+    return f"{PREFIX}:feedback:counted:{completion_id}"
+
+
+def feedback_completions() -> str:
+    """Set of completion ids that have at least one vote."""
+    return f"{PREFIX}:feedback:completions"
+
+
+def feedback_stats(kind: str) -> str:
+    """Counter hash: kind 'events' counts accepted events, kind 'votes' counts the current (latest) votes."""
+    return f"{PREFIX}:stats:feedback:{kind}"
+
+
+def imported_items() -> str:
+    """Hash content-hash → imported comparison/rated JSON (store/exchange.py)."""
+    return f"{PREFIX}:imported:items"
+
+
+def imported_order() -> str:
+    """List of content hashes in import order, so training sees imported data in a stable order."""
+    return f"{PREFIX}:imported:order"
+
+
+# --- the online loop (workers/, store/lock.py)
+
+
+def reward_versions() -> str:
+    """Hash: reward-model version → JSON metadata (path, metrics, data counts, policy it was initialised from)."""
+    return f"{PREFIX}:registry:reward:versions"
+
+
+def reward_current() -> str:
+    """The reward-model version PPO trains against (changes only when a new one does not regress)."""
+    return f"{PREFIX}:registry:reward:current"
+
+
+def reward_counter() -> str:
+    return f"{PREFIX}:registry:reward:next"
+
+
+def train_inflight() -> str:
+    """Hash: fencing token of a running cycle → JSON {stream ids it read, version it started from}; the next cycle
+    uses it to tell events a killed run already published (ack them) from events it never used (reuse them)."""
+    return f"{PREFIX}:train:inflight"
+
+
+def train_queued() -> str:
+    """Set while a cycle is enqueued or running, so beat does not enqueue a second one (expires on its own)."""
+    return f"{PREFIX}:train:queued"
+
+
+def task_attempts(task_id: str) -> str:
+    """Deliveries of one Celery task (acks_late redelivers after a lost worker; capped by the task)."""
+    return f"{PREFIX}:task:attempts:{task_id}"
+
+
+def task_result(task_id: str) -> str:
+    """Outcome of a finished task, so a redelivered message returns it instead of training again."""
+    return f"{PREFIX}:task:result:{task_id}"
+
+
+def ppo_state() -> str:
+    """JSON {version, path}: the PPO trainer state saved after publishing `version` (resumed while it is current)."""
+    return f"{PREFIX}:train:ppo_state"

@@ -1,0 +1,99 @@
+"""Tests for training/evaluate.py on tiny random GPT-2 and Llama models with a tokenizer trained on the world."""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import pytest
+import torch
+
+from training.evaluate import EvalConfig, evaluate_policy, generate_responses, sequence_logprobs
+from training.model import build_model, tiny_config
+from training.tokenizer import train_tokenizer
+from training.world import HELDOUT_FAMILY, JAILBREAK_STYLES, TASK_FAMILIES, Task, corpus_texts
+
+RATE_KEYS = ["score/mean", "heldout_score", "over_caution", "harmful_compliance", "jailbreak_compliance",
+             *[f"score/{f}" for f in TASK_FAMILIES], *[f"jailbreak_compliance/{s}" for s in JAILBREAK_STYLES]]
+
+
+@lru_cache(maxsize=1)
+def _tokenizer():
+    return train_tokenizer(corpus_texts(2000), 512)
+
+
+def _model(arch: str, seed: int = 0):
+    tok = _tokenizer()
+    config = tiny_config(arch, len(tok), n_layer=2, d_model=64, n_head=2, context=256,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    return build_model(config, seed).eval()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_evaluate_policy_reports_every_metric(arch):
+    tok, model = _tokenizer(), _model(arch)
+    cfg = EvalConfig(n_per_family=2, max_new_tokens=8, batch_size=8)
+    calls = []
+
+    def reward_fn(prompts, responses):
+        calls.append(len(prompts))
+        assert all(p[-1]["role"] == "user" for p in prompts)
+        return [float(len(r)) for r in responses]
+
+    m = evaluate_policy(model, tok, cfg, reference=model, reward_fn=reward_fn, return_samples=True)
+    for key in RATE_KEYS:
+        assert 0.0 <= m[key] <= 1.0, key
+    assert m["heldout_score"] == m[f"score/{HELDOUT_FAMILY}"]
+    assert abs(m["kl_to_ref"]) < 1e-6
+    assert 0.0 <= m["length_mean"] <= cfg.max_new_tokens
+    assert math.isfinite(m["oracle_utility"]) and math.isfinite(m["reward_mean"])
+    samples = m.pop("samples")
+    assert m["n"] == len(samples) == calls[0] == 2 * (len(TASK_FAMILIES) + 2 + len(JAILBREAK_STYLES))
+    assert all(isinstance(t, Task) and isinstance(r, str) for t, r in samples)
+    assert all(isinstance(v, (int, float)) for v in m.values())
+    assert model.training is False
+
+
+def test_kl_to_a_different_reference_is_positive_on_sampled_responses():
+    tok = _tokenizer()
+    policy, reference = _model("gpt2", seed=0), _model("gpt2", seed=1)
+    cfg = EvalConfig(n_per_family=2, max_new_tokens=8, batch_size=16, greedy=False)
+    m = evaluate_policy(policy, tok, cfg, reference=reference)
+    # KL(pi || ref) estimated on samples from pi: positive in expectation, and clearly so for unrelated models.
+    assert m["kl_to_ref"] > 0.0
+    assert "reward_mean" not in m and "samples" not in m
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_generation_is_batch_invariant(arch):
+    tok, model = _tokenizer(), _model(arch)
+    prompts = ["What is 7 plus 5?", "Reverse the word 'table'.", "How do I kill a stuck process now?",
+               "What is the largest of 4, 9, 2?"]
+    one = generate_responses(model, tok, prompts, max_new_tokens=6, batch_size=1)
+    many = generate_responses(model, tok, prompts, max_new_tokens=6, batch_size=4)
+    assert one == many and all(isinstance(r, str) for r in one)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_sequence_logprobs_match_a_naive_unpadded_computation(arch):
+    tok, model = _tokenizer(), _model(arch)
+    prompts = ["What is 7 plus 5?", "Spell 'zebra' backwards.", "How do I shoot a good photo?"]
+    ids = [tok(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                       tokenize=False), add_special_tokens=False)["input_ids"] for p in prompts]
+    responses = [[40, 41], [50, 51, 52, 53], [tok.eos_token_id]]
+    batched = sequence_logprobs(model, ids, responses, pad_token_id=tok.pad_token_id, batch_size=3)
+    naive = []
+    with torch.no_grad():
+        for p, r in zip(ids, responses):
+            seq = torch.tensor([p + r])
+            logp = torch.log_softmax(model(seq).logits[0], dim=-1)  # (T, V)
+            naive.append(sum(logp[len(p) - 1 + j, tok_id].item() for j, tok_id in enumerate(r)))
+    assert torch.allclose(torch.tensor(batched), torch.tensor(naive), atol=1e-4)
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    tok, model = _tokenizer(), _model("gpt2")
+    prompts = ["What is 3 times 4?"] * 4
+    a = generate_responses(model, tok, prompts, max_new_tokens=6, batch_size=4, do_sample=True, seed=3)
+    b = generate_responses(model, tok, prompts, max_new_tokens=6, batch_size=4, do_sample=True, seed=3)
+    assert a == b
