@@ -1,0 +1,348 @@
+"""Reward model: a causal LM with a scalar head, trained on user feedback to predict which response people prefer.
+
+The model is `AutoModelForSequenceClassification(num_labels=1)` initialised from a causal-LM folder (the SFT policy
+by default, any Hugging Face model) or from an in-memory causal LM, as in Ouyang et al. 2022 (InstructGPT) and
+Stiennon et al. 2020. Its input is the conversation rendered with the tokenizer's chat template, the response as
+the final assistant turn; the score is read at the last non-pad token (the Hugging Face head finds the rightmost
+token that is not `config.pad_token_id`; alignd pads on the right here, so that token is the end of the text and
+absolute positions match an unpadded forward).
+
+Losses, per kind of feedback (see `training/data.py`):
+- `Comparison(label="pref")`: Bradley–Terry, -log sigmoid(r_chosen - r_rejected - margin). Chosen and rejected go
+  through the model in one batch (concatenated, then `torch.chunk`).
+- `Comparison(label="tie")`: Bradley–Terry cross-entropy toward probability 0.5,
+  -0.5 log sigmoid(d) - 0.5 log sigmoid(-d); it pulls the two rewards together.
+- `Comparison(label="both_bad")`: a pointwise term -log sigmoid(-r) on each response, pushing both below 0 (the
+  raw reward's decision boundary), averaged over the two.
+- `Rated` (a thumb on one response): pointwise -log sigmoid(+r) for up and -log sigmoid(-r) for down, weighted by
+  `RewardConfig.pointwise_weight` (0 disables it) because a lone thumb says less than a comparison.
+A batch's loss is the weighted mean over its items (pairs weigh 1, rated responses `pointwise_weight`).
+
+Pairs of one rank or one completion (same `group`) stay together in one batch. The held-out split is by prompt (a
+prompt's pairs are all in train or all held out), chosen by a seeded hash of `prompt_key`, so a prompt keeps its
+side as the feedback log grows. After training, reference responses (samples of the SFT policy, or the compared
+responses) are scored and an affine normalisation makes them mean 0, std 1 (Ziegler et al. 2019); it is stored in
+the model config (`alignd_reward_mean`, `alignd_reward_std`), survives `save_pretrained`, and `score` applies it.
+
+    python -m pytest tests/training/test_reward.py -q
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from training.data import Comparison, Message, Rated, prompt_key
+from training.losses import PairWiseLoss, pointwise_loss, tie_loss
+
+log = logging.getLogger(__name__)
+
+LABELS = ("pref", "tie", "both_bad")
+MEAN_KEY, STD_KEY = "alignd_reward_mean", "alignd_reward_std"
+
+
+@dataclass
+class RewardConfig:
+    lr: float = 1e-4  # AdamW; small models from an SFT trunk tolerate more than the 1e-5 used for billions of params
+    weight_decay: float = 0.0  # one epoch over noisy labels: early stopping is the regulariser
+    batch_size: int = 16  # items (pairs or rated responses) per optimiser step; a larger group gets its own batch
+    epochs: int | None = 1  # InstructGPT: reward models overfit after one epoch; None: train until max_seconds
+    max_seconds: float | None = None  # wall-clock budget for the training loop (the online loop runs in slices)
+    max_length: int = 512  # tokens per input; longer conversations keep their end (where the score is read)
+    max_grad_norm: float = 1.0  # standard clipping; protects the trunk from a few huge-margin pairs
+    heldout_fraction: float = 0.1  # share of *prompts* held out to measure generalisation to new prompts
+    pointwise_weight: float = 0.25  # weight of a single thumb relative to a comparison; 0 ignores `Rated`
+    eval_batch_size: int = 32  # inputs per forward when scoring (no gradients, so larger than batch_size)
+    seed: int = 0  # seeds the head initialisation, the shuffling and the held-out split
+
+
+# ---------------------------------------------------------------------------------------------------- the model
+
+
+def _context_length(config) -> int | None:
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+def _set_pad(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    if tokenizer.pad_token is None:  # many base tokenizers have none; the seq-cls head needs one to find the end
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def build_reward_model(base: str | Path | PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A one-label sequence classifier initialised from `base` (a model folder or an in-memory causal LM).
+
+    An existing reward model (folder or object) keeps its head; a causal LM gets a freshly initialised one.
+    """
+    if isinstance(base, (str, Path)):
+        model = AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=1, dtype=torch.float32)
+    elif getattr(base.config, "num_labels", None) == 1 and hasattr(base, "score"):
+        model = copy.deepcopy(base)
+    else:
+        config = copy.deepcopy(base.config)
+        config.num_labels = 1
+        model = AutoModelForSequenceClassification.from_config(config)
+        result = model.load_state_dict(base.state_dict(), strict=False)
+        missing = [k for k in result.missing_keys if not k.startswith("score.")]
+        if missing:
+            raise ValueError(f"{type(base).__name__} does not fit {type(model).__name__}: missing {missing[:5]}")
+        model.to(next(base.parameters()).device)
+    _set_pad(model, tokenizer)
+    setattr(model.config, MEAN_KEY, 0.0)
+    setattr(model.config, STD_KEY, 1.0)
+    return model
+
+
+def format_conversation(tokenizer: PreTrainedTokenizerBase, prompt: list[Message], response: str) -> str:
+    return tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int | None, pad_token_id: int,
+           device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids, attention_mask), each (B, T); too-long texts keep their last `max_length` tokens."""
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]  # the chat template already has BOS
+    if max_length is not None:
+        ids = [x[-max_length:] for x in ids]
+    T = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), T), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(ids), T), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+        attention_mask[i, : len(x)] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def forward_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+                   max_length: int | None = None) -> torch.Tensor:
+    """Raw (unnormalised) rewards of rendered conversations, (B,), with gradients if enabled."""
+    limits = [x for x in (max_length, _context_length(model.config)) if x]
+    device = next(model.parameters()).device
+    input_ids, attention_mask = encode(tokenizer, texts, min(limits) if limits else None, model.config.pad_token_id,
+                                       device)
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]  # (B,)
+
+
+@torch.no_grad()
+def raw_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[Message]],
+               responses: Sequence[str], batch_size: int = 32, max_length: int | None = None) -> torch.Tensor:
+    """Unnormalised rewards, (B,) float32 on CPU, in eval mode (dropout off)."""
+    was_training = model.training
+    model.eval()
+    texts = [format_conversation(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
+    out = [forward_scores(model, tokenizer, texts[i:i + batch_size], max_length).float().cpu()
+           for i in range(0, len(texts), batch_size)]
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[Message]],
+          responses: Sequence[str], batch_size: int = 32, max_length: int | None = None) -> torch.Tensor:
+    """Normalised rewards (mean 0, std 1 on the reference responses), (B,) float32 on CPU."""
+    raw = raw_scores(model, tokenizer, prompts, responses, batch_size, max_length)
+    mean = float(getattr(model.config, MEAN_KEY, 0.0))
+    std = float(getattr(model.config, STD_KEY, 1.0))
+    return (raw - mean) / std
+
+
+def save_reward_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
+    """A standard Hugging Face folder (safetensors + config with the normalisation + tokenizer)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def load_reward_model(path: str | Path, device: str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32)
+    if model.config.num_labels != 1:
+        raise ValueError(f"{path}: a reward model has one output, this one has {model.config.num_labels}")
+    _set_pad(model, tokenizer)
+    return model.to(device).eval(), tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------- the data
+
+Item = Comparison | Rated
+
+
+def split_by_prompt(items: Sequence[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
+    """(train, heldout): every item of a prompt lands on the same side, decided by a seeded hash of the prompt."""
+    keys = sorted({prompt_key(x.prompt) for x in items})
+    if fraction <= 0 or len(keys) < 2:
+        return list(items), []
+
+    def u(key: str) -> float:  # a uniform number per (seed, prompt), stable as new prompts arrive
+        digest = hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64
+
+    held = {k for k in keys if u(k) < fraction}
+    if not held:  # tiny datasets: still hold out one prompt so held-out numbers exist
+        held = {min(keys, key=u)}
+    if len(held) == len(keys):
+        held.discard(max(keys, key=u))
+    train = [x for x in items if prompt_key(x.prompt) not in held]
+    heldout = [x for x in items if prompt_key(x.prompt) in held]
+    return train, heldout
+
+
+def make_batches(items: Sequence[Item], batch_size: int, rng: random.Random) -> list[list[Item]]:
+    """Shuffle, then pack items into batches of up to `batch_size`, never splitting a group."""
+    units: dict[Any, list[Item]] = {}
+    for i, x in enumerate(items):
+        units.setdefault(("group", x.group) if x.group is not None else ("item", i), []).append(x)
+    order = list(units.values())
+    rng.shuffle(order)
+    batches: list[list[Item]] = []
+    current: list[Item] = []
+    for unit in order:
+        if current and len(current) + len(unit) > batch_size:
+            batches.append(current)
+            current = []
+        current = current + unit
+    if current:
+        batches.append(current)
+    return batches
+
+
+# ---------------------------------------------------------------------------------------------------- the loss
+
+
+def batch_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch: Sequence[Item], cfg: RewardConfig
+               ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted mean loss over a batch of comparisons and rated responses, with counts for accuracy."""
+    pairs = [x for x in batch if isinstance(x, Comparison)]
+    rated = [x for x in batch if isinstance(x, Rated)] if cfg.pointwise_weight > 0 else []
+    for c in pairs:
+        if c.label not in LABELS:
+            raise ValueError(f"unknown comparison label {c.label!r}; expected one of {LABELS}")
+    texts = ([format_conversation(tokenizer, c.prompt, c.chosen) for c in pairs]
+             + [format_conversation(tokenizer, c.prompt, c.rejected) for c in pairs]
+             + [format_conversation(tokenizer, r.prompt, r.response) for r in rated])
+    if not texts:
+        return torch.zeros((), requires_grad=False), {"loss_sum": 0.0, "weight": 0.0, "n_pref": 0, "n_correct": 0}
+    scores = forward_scores(model, tokenizer, texts, cfg.max_length)  # (2P + R,)
+    P = len(pairs)
+    total = scores.new_zeros(())
+    n_pref = n_correct = 0
+    if P:
+        chosen, rejected = torch.chunk(scores[: 2 * P], 2)  # (P,), (P,)
+        label = [c.label for c in pairs]
+        is_pref = torch.tensor([x == "pref" for x in label], device=scores.device)
+        is_tie = torch.tensor([x == "tie" for x in label], device=scores.device)
+        margin = torch.tensor([c.margin for c in pairs], dtype=scores.dtype, device=scores.device)
+        pref, _ = PairWiseLoss(reduction="none")(chosen, rejected, margin)
+        tie = tie_loss(chosen, rejected)
+        bad = torch.zeros_like(is_pref)
+        both_bad = 0.5 * (pointwise_loss(chosen, bad) + pointwise_loss(rejected, bad))
+        per_pair = torch.where(is_pref, pref, torch.where(is_tie, tie, both_bad))  # (P,)
+        total = total + per_pair.sum()
+        n_pref = int(is_pref.sum())
+        n_correct = int(((chosen > rejected) & is_pref).sum())
+    if rated:
+        good = torch.tensor([r.good for r in rated], device=scores.device)
+        total = total + cfg.pointwise_weight * pointwise_loss(scores[2 * P:], good).sum()
+    weight = P + cfg.pointwise_weight * len(rated)
+    loss = total / weight
+    return loss, {"loss_sum": float(total.detach()), "weight": weight, "n_pref": n_pref, "n_correct": n_correct}
+
+
+@torch.no_grad()
+def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, items: Sequence[Item], cfg: RewardConfig
+             ) -> dict[str, float | None]:
+    """Held-out loss (weighted mean over items) and accuracy on preference pairs; None where there is no data."""
+    was_training = model.training
+    model.eval()
+    loss_sum = weight = 0.0
+    n_pref = n_correct = 0
+    for i in range(0, len(items), cfg.eval_batch_size):
+        _, s = batch_loss(model, tokenizer, items[i:i + cfg.eval_batch_size], cfg)
+        loss_sum += s["loss_sum"]
+        weight += s["weight"]
+        n_pref += s["n_pref"]
+        n_correct += s["n_correct"]
+    model.train(was_training)
+    return {"loss": loss_sum / weight if weight else None, "accuracy": n_correct / n_pref if n_pref else None}
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+def train_reward_model(cfg: RewardConfig, comparisons: Sequence[Comparison], rated: Sequence[Rated] = (), *,
+                       base: str | Path | PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                       reference_responses: Sequence[tuple[list[Message], str]] | None = None,
+                       ) -> tuple[PreTrainedModel, dict[str, Any]]:
+    """Train a reward model on the feedback; returns (model in eval mode, metrics)."""
+    if cfg.epochs is None and cfg.max_seconds is None:
+        raise ValueError("RewardConfig needs a budget: set epochs, max_seconds or both")
+    if not comparisons and not (rated and cfg.pointwise_weight > 0):
+        raise ValueError("no training data: pass comparisons (or rated responses with pointwise_weight > 0)")
+    t_start = time.perf_counter()
+    torch.manual_seed(cfg.seed)  # the score head's initialisation
+    model = build_reward_model(base, tokenizer)
+    train, heldout = split_by_prompt(list(comparisons) + list(rated), cfg.heldout_fraction, cfg.seed)
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    rng = random.Random(cfg.seed)
+    model.train()
+    epoch, n_pairs_seen, losses = 0, 0, []
+    t_train = time.perf_counter()
+    out_of_time = False
+    while (cfg.epochs is None or epoch < cfg.epochs) and not out_of_time:
+        losses = []  # train_loss reports the last (possibly partial) epoch
+        for batch in make_batches(train, cfg.batch_size, rng):
+            loss, s = batch_loss(model, tokenizer, batch, cfg)
+            if s["weight"] == 0:
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            n_pairs_seen += sum(isinstance(x, Comparison) for x in batch)
+            if cfg.max_seconds is not None and time.perf_counter() - t_train > cfg.max_seconds:
+                out_of_time = True
+                break
+        epoch += 1
+    train_seconds = time.perf_counter() - t_train
+    model.eval()
+
+    held = evaluate(model, tokenizer, heldout, cfg)
+    if reference_responses is None:
+        compared = [(c.prompt, c.chosen) for c in comparisons] + [(c.prompt, c.rejected) for c in comparisons]
+        reference_responses = compared or [(r.prompt, r.response) for r in rated]
+    ref = raw_scores(model, tokenizer, [p for p, _ in reference_responses], [r for _, r in reference_responses],
+                     cfg.eval_batch_size, cfg.max_length)
+    mean = float(ref.mean())
+    std = float(ref.std()) if len(ref) > 1 else 1.0
+    if not math.isfinite(std) or std < 1e-6:  # a constant reward carries no signal; avoid dividing by ~0
+        std = 1.0
+    setattr(model.config, MEAN_KEY, mean)
+    setattr(model.config, STD_KEY, std)
+    metrics = {
+        "heldout_accuracy": held["accuracy"],
+        "heldout_loss": held["loss"],
+        "train_loss": sum(losses) / len(losses) if losses else None,
+        "reward_mean": mean,  # raw reward on the reference responses = the normalisation's shift
+        "reward_std": std,  # and its scale
+        "n_train": len(train),
+        "n_heldout": len(heldout),
+        "epochs": epoch,
+        "pairs_per_s": n_pairs_seen / train_seconds if train_seconds > 0 else 0.0,
+        "seconds": time.perf_counter() - t_start,
+    }
+    log.info("reward model: %s", metrics)
+    return model, metrics
