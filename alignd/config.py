@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     arena_rollback_below: float = Field(0.35, description="live win rate vs parent below which a version rolls back")
     poll_seconds: float = Field(1.0, gt=0, description="API processes poll the registry this often")
 
+    cors_origins: str = Field("", description="comma-separated origins allowed to call the API from a browser"
+                                          " (sites embedding /widget.js); empty: same origin only")
+
     flower_port: int = 5555
 
     @field_validator("home")

@@ -28,7 +28,7 @@ class AppState:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:  # async: a sync dependency would cost a thread-pool hop
     return request.app.state.alignd
 
 

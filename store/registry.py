@@ -155,3 +155,43 @@ def set_current_reward(r: redis.Redis, version: int, *, fencing_token: int | Non
     if not int(ok):
         raise RegistryConflict(f"cannot make reward version {version} current: {info}")
     return int(info) if info else None
+
+
+# --- live arena win rates and the version listing (GET /admin/versions, `alignd versions`)
+
+
+def arena_result(pairs: dict[str, dict[str, Any]], version: int, other: int) -> dict[str, Any] | None:
+    """`version`'s live record against `other` from store.stats' arena pairs ('hi_vs_lo', seen from the higher
+    version): win_rate counts ties as half. None without votes."""
+    hi, lo = max(version, other), min(version, other)
+    p = pairs.get(f"{hi}_vs_{lo}")
+    if not p:
+        return None
+    wins, losses = (p["wins"], p["losses"]) if version == hi else (p["losses"], p["wins"])
+    votes = wins + losses + p["ties"]
+    if not votes:
+        return None
+    return {"vs": other, "win_rate": (wins + p["ties"] / 2) / votes, "votes": votes, "wins": wins,
+            "losses": losses, "ties": p["ties"], "both_bad": p.get("both_bad", 0)}
+
+
+def describe(r: redis.Redis, n_events: int = 20) -> dict[str, Any]:
+    """Every version with provenance, metrics, status (current, available, refused, abandoned, rolled_back …) and
+    live arena win rate against its parent; the reward-model versions; the latest registry events."""
+    from store.stats import feedback_stats
+
+    pairs = feedback_stats(r)["pairs"]
+    current = current_version(r)
+    data = []
+    for meta in list_versions(r):
+        v = int(meta["version"])
+        if v == current:
+            status = "current"
+        else:
+            status = meta.get("status") or ("refused" if meta.get("refused") else "available")
+        parent = meta.get("parent")
+        live = arena_result(pairs, v, int(parent)) if parent is not None else None
+        data.append({**meta, "status": status, "live_win_rate": live})
+    return {"object": "list", "current": current, "data": data,
+            "reward": {"current": current_reward_version(r), "versions": list_reward_versions(r)},
+            "events": events(r, n_events)}

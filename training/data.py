@@ -6,7 +6,7 @@
 How each kind is used by the reward model (README "How feedback is used"):
 - `label="pref"`: Bradley–Terry pair, chosen over rejected, optional margin.
 - `label="tie"`: the two rewards are pulled together (BT with target probability 0.5).
-- `label="both_bad"`: both responses are pushed below the reference mean (pointwise term, target "bad").
+- `label="both_bad"`: both rewards are pushed below 0 (pointwise logistic term with target "bad").
 - `Rated` (unpaired thumbs): pointwise logistic term on the single reward (up → good, down → bad).
 """
 

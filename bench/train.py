@@ -1,0 +1,130 @@
+"""Training benchmark: reward model and PPO on the built-in world, from noisy simulated feedback. Prints JSON.
+
+1. The SFT policy answers world prompts twice (sampling); a pool of simulated annotators with 25% label noise
+   (AlpacaFarm's figure) compares each pair → comparisons. Held-out prompts are also labelled by the noise-free oracle.
+2. The reward model (initialised from the SFT trunk) trains on the noisy comparisons; we report its held-out accuracy
+   against the noise-free oracle and its throughput (pairs/s).
+3. PPO optimises the SFT policy against it for a fixed budget; we report samples/s, the share of PPO time spent
+   generating, and the policy before/after: checker scores, over-caution, harmful compliance, KL, length, and the
+   oracle win rate of after vs before on held-out evaluation prompts (95% bootstrap CI).
+
+    python bench/train.py --model ~/.alignd/checkpoints/v1            # any built-in-world SFT checkpoint
+    python bench/train.py --model PATH --pairs 2000 --ppo-steps 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training import world  # noqa: E402
+from training.annotators import ORACLE, annotator_pool, oracle_win_rate  # noqa: E402
+from training.data import Comparison  # noqa: E402
+from training.evaluate import EvalConfig, evaluate_policy, generate_responses  # noqa: E402
+from training.model import load_causal_lm  # noqa: E402
+from training.ppo import PPOConfig, PPOTrainer, reward_model_fn  # noqa: E402
+from training.reward import RewardConfig, score, train_reward_model  # noqa: E402
+
+
+def user(prompt: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}]
+
+
+def comparisons_from_policy(model, tok, n_pairs: int, seed: int, noise: float) -> tuple[list[Comparison], list]:
+    """Two sampled responses per world prompt, labelled by a noisy annotator pool; also returns (task, a, b)."""
+    rng = random.Random(seed)
+    tasks = [world.sample_task(rng) for _ in range(n_pairs)]
+    prompts = [user(t.prompt) for t in tasks]
+    a = generate_responses(model, tok, prompts, max_new_tokens=48, batch_size=64, do_sample=True, seed=seed)
+    b = generate_responses(model, tok, prompts, max_new_tokens=48, batch_size=64, do_sample=True, seed=seed + 1)
+    pool = annotator_pool("balanced,brevity,detail,strict", noise=noise)
+    out = []
+    for i, (t, x, y) in enumerate(zip(tasks, a, b)):
+        judge = pool[i % len(pool)]
+        verdict = judge.compare(t, x, y, rng)
+        if verdict in (0, 1):
+            chosen, rejected = (x, y) if verdict == 0 else (y, x)
+            out.append(Comparison(prompt=prompts[i], chosen=chosen, rejected=rejected, annotator=judge.name))
+        else:
+            out.append(Comparison(prompt=prompts[i], chosen=x, rejected=y, label=verdict, annotator=judge.name))
+    return out, list(zip(tasks, a, b))
+
+
+def oracle_accuracy(rm, tok, triples) -> dict:
+    """Share of pairs the reward model orders as the noise-free oracle does (oracle ties skipped)."""
+    decided = [(t, x, y, ORACLE.utility(t, x) > ORACLE.utility(t, y)) for t, x, y in triples
+               if abs(ORACLE.utility(t, x) - ORACLE.utility(t, y)) > 1e-6]
+    if not decided:
+        return {"oracle_accuracy": None, "n": 0}
+    sx = score(rm, tok, [user(t.prompt) for t, *_ in decided], [x for _, x, _, _ in decided])
+    sy = score(rm, tok, [user(t.prompt) for t, *_ in decided], [y for _, _, y, _ in decided])
+    hits = sum(bool((float(p) > float(q)) == better) for p, q, (*_, better) in zip(sx, sy, decided))
+    return {"oracle_accuracy": hits / len(decided), "n": len(decided)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, required=True, help="SFT policy folder (e.g. ALIGND_HOME/checkpoints/v1)")
+    ap.add_argument("--pairs", type=int, default=2000)
+    ap.add_argument("--noise", type=float, default=0.25)
+    ap.add_argument("--rm-seconds", type=float, default=60.0)
+    ap.add_argument("--ppo-steps", type=int, default=30)
+    ap.add_argument("--ppo-lr", type=float, default=3e-5)
+    ap.add_argument("--eval-per-family", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    out: dict = {"model": str(args.model), "pairs": args.pairs, "noise": args.noise, "threads": args.threads}
+
+    policy, tok = load_causal_lm(args.model)
+    t0 = time.perf_counter()
+    train_pairs, _ = comparisons_from_policy(policy, tok, args.pairs, args.seed, args.noise)
+    _, heldout = comparisons_from_policy(policy, tok, 400, args.seed + 10_000, 0.0)
+    out["labelling_seconds"] = time.perf_counter() - t0
+
+    rm_cfg = RewardConfig(lr=3e-4, batch_size=32, epochs=100, max_seconds=args.rm_seconds, seed=args.seed)
+    rm, rm_metrics = train_reward_model(rm_cfg, train_pairs, [], base=args.model, tokenizer=tok)
+    out["reward_model"] = {**{k: rm_metrics[k] for k in ("heldout_accuracy", "pairs_per_s", "seconds", "n_train")},
+                           **oracle_accuracy(rm, tok, heldout)}
+
+    ref, _ = load_causal_lm(args.model)
+    eval_cfg = EvalConfig(n_per_family=args.eval_per_family)
+    before = evaluate_policy(policy, tok, eval_cfg, reference=ref, return_samples=True)
+    cfg = PPOConfig(batch_size=32, mini_batch_size=8, max_new_tokens=48, lr=args.ppo_lr, critic_lr=1e-4,
+                    kl_coef=0.05, seed=args.seed)
+    trainer = PPOTrainer(cfg, policy, ref, reward_model_fn(rm, tok), tok)
+    rng = random.Random(args.seed)
+
+    def sampler(n: int, r: random.Random) -> list[list[dict[str, str]]]:
+        return [user(world.sample_task(r).prompt) for _ in range(n)]
+
+    t0 = time.perf_counter()
+    steps = trainer.train(sampler, args.ppo_steps)
+    ppo_s = time.perf_counter() - t0
+    gen_s = sum(s["generate_seconds"] for s in steps)
+    out["ppo"] = {"steps": args.ppo_steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "seconds": ppo_s,
+                  "samples_per_s": args.ppo_steps * cfg.batch_size / ppo_s, "generate_share": gen_s / ppo_s,
+                  "reward_first": steps[0]["reward"], "reward_last": sum(s["reward"] for s in steps[-3:]) / 3,
+                  "kl_last": steps[-1]["kl"]}
+    after = evaluate_policy(trainer.policy, tok, eval_cfg, reference=ref, return_samples=True)
+    tasks = [t for t, _ in before["samples"]]
+    win = oracle_win_rate(tasks, [r for _, r in after["samples"]], [r for _, r in before["samples"]], rng=rng)
+    keys = ("score/mean", "heldout_score", "over_caution", "harmful_compliance", "jailbreak_compliance",
+            "length_mean", "oracle_utility", "kl_to_ref")
+    out["before"] = {k: before[k] for k in keys}
+    out["after"] = {k: after[k] for k in keys}
+    out["oracle_win_rate_after_vs_before"] = win
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

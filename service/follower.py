@@ -1,0 +1,161 @@
+"""The registry follower: every API process serves whatever version the registry says is current.
+
+A background thread subscribes to the registry's pub/sub channel (a hint that wakes it at once) and reads the
+current version every `settings.poll_seconds` (the truth: a missed message, a Redis restart or a process started
+late all converge on the next poll). A new version is loaded in this thread — `service.loader.load_version`
+verifies the sha256 manifest and runs a smoke test — and only then handed to `Engine.swap`, which switches between
+batch steps: requests in flight finish on their version, new ones use the new one, the old weights are freed once
+drained. A corrupt or unloadable checkpoint is refused: logged, kept in `state.extras["refused"]` (shown by /readyz
+and /admin/versions), written to the version's registry entry and the events stream, and the old version keeps
+serving. This process does not retry a version it refused.
+
+A swapped-out version stays pinned in the engine for `RETIRE_GRACE_S`: a request that read the old current version
+just before the swap may still submit to it, and must not find it released.
+
+Arena mode (`settings.arena`): the parent of the current version is loaded too and pinned, and
+`state.extras["arena_pair"] = (current, parent)` lets two-choice chat requests get one answer from each
+(service/routes/chat.py). Automatic rollback on a low live win rate runs in the workers (beat task
+`alignd.arena_watch`), once for the deployment rather than once per API process; this follower then follows it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+import redis
+
+from service.deps import AppState
+from service.engine import Policy
+from service.loader import load_version
+from store import keys, registry
+
+log = logging.getLogger("alignd.follower")
+
+RETIRE_GRACE_S = 5.0  # far longer than the gap between reading engine.current and submitting (a tokenisation)
+ERROR_BACKOFF_S = 1.0  # after a Redis error, wait before reconnecting
+
+
+class Follower:
+    def __init__(self, state: AppState):
+        self.state = state
+        self.engine = state.engine
+        self.settings = state.settings
+        self.r: redis.Redis = state.redis
+        self.refused: dict[int, str] = state.extras.setdefault("refused", {})
+        self.who = f"{socket.gethostname()}:{os.getpid()}"
+        self.swaps = 0
+        self._arena_pins: set[int] = set()
+        self._retiring: dict[int, float] = {}  # version → monotonic time its grace pin ends
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "Follower":
+        self._thread = threading.Thread(target=self._run, name="alignd-follower", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    # --- the loop
+    def _run(self) -> None:
+        pubsub = None
+        while not self._stop.is_set():
+            try:
+                if pubsub is None:
+                    pubsub = self.r.pubsub(ignore_subscribe_messages=True)
+                    pubsub.subscribe(keys.registry_channel())
+                self.sync()
+                pubsub.get_message(timeout=self.settings.poll_seconds)  # returns early when a version is announced
+                while pubsub.get_message(timeout=0) is not None:  # several announcements: one sync is enough
+                    pass
+            except Exception as exc:  # never let the follower die: the next poll retries
+                log.warning("registry follower: %s: %s", type(exc).__name__, exc)
+                if pubsub is not None:
+                    try:
+                        pubsub.close()
+                    except Exception:
+                        pass
+                    pubsub = None
+                self._stop.wait(ERROR_BACKOFF_S)
+        if pubsub is not None:
+            pubsub.close()
+
+    def sync(self) -> None:
+        """Bring this process to the registry's current version (and its arena parent); one step of the loop."""
+        target = registry.current_version(self.r)
+        if target is not None and target not in self.refused and target != self.engine.current_version:
+            policy = self._obtain(target)
+            if policy is not None:
+                old = self.engine.current_version
+                self._retiring[old] = time.monotonic() + RETIRE_GRACE_S
+                self._apply_pins()
+                self.engine.swap(policy)
+                self.swaps += 1
+                log.info("now serving policy version %s (was %s)", target, old)
+        if self.settings.arena:
+            self._arena()
+        self._expire_retired()
+
+    # --- helpers
+    def _obtain(self, version: int) -> Policy | None:
+        """The version loaded and verified, reusing a copy the engine already holds (an arena parent)."""
+        held = self.engine.policies.get(version)
+        if held is not None:
+            return held
+        try:
+            return load_version(self.r, self.settings, version)
+        except Exception as exc:  # corrupt files, missing folder, bad config, failed smoke test: refuse it
+            self._refuse(version, exc)
+            return None
+
+    def _refuse(self, version: int, exc: Exception) -> None:
+        reason = f"{type(exc).__name__}: {exc}"
+        self.refused[version] = reason
+        log.error("refusing policy version %s: %s (still serving %s)", version, reason, self.engine.current_version)
+        try:
+            registry.update_version(self.r, version, refused=reason, refused_by=self.who, refused_at=time.time())
+        except KeyError:
+            pass
+        registry.record_event(self.r, "refused", version=version, reason=reason, by=self.who)
+
+    def _arena(self) -> None:
+        current = self.engine.current_version
+        parent = (registry.get_version(self.r, current) or {}).get("parent")
+        if parent is None or parent in self.refused:
+            self.state.extras["arena_pair"] = None
+            self._arena_pins = set()
+            self._apply_pins()
+            return
+        if self._arena_pins != {parent}:
+            self._arena_pins = {parent}
+            self._apply_pins()  # pinned before it is added, so the engine cannot release it in between
+        if parent not in self.engine.loaded_versions():
+            policy = self._obtain(parent)
+            if policy is None:
+                self.state.extras["arena_pair"] = None
+                return
+            self.engine.add_policy(policy)
+        self.state.extras["arena_pair"] = (current, parent)
+
+    def _apply_pins(self) -> None:
+        self.engine.pin(self._arena_pins | set(self._retiring))
+
+    def _expire_retired(self) -> None:
+        now = time.monotonic()
+        expired = [v for v, until in self._retiring.items() if until <= now]
+        if expired:
+            for v in expired:
+                del self._retiring[v]
+            self._apply_pins()
+
+
+def start_follower(state: AppState) -> Follower:
+    return Follower(state).start()
