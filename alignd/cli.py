@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from alignd.config import get_settings
+from workers.cli import children as worker_children, register as register_worker_commands
 
 app = typer.Typer(help="alignd: online alignment of a served chat model.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -57,7 +58,7 @@ def _print_eval(title: str, evaluation: dict) -> None:
 
 @app.command()
 def bootstrap(
-    seconds: Annotated[float, typer.Option(help="SFT wall-clock budget")] = 120.0,
+    seconds: Annotated[float, typer.Option(help="SFT wall-clock budget")] = 180.0,
     base: Annotated[Optional[Path], typer.Option(help="register this local HF causal-LM folder instead")] = None,
     force: Annotated[bool, typer.Option(help="publish a new SFT version even if one exists")] = False,
     as_json: JsonOpt = False,
@@ -175,7 +176,7 @@ def _child_env(settings, redis_url: str) -> dict[str, str]:
 @app.command()
 def up(
     port: Annotated[Optional[int], typer.Option(help="API port (default ALIGND_PORT)")] = None,
-    seconds: Annotated[float, typer.Option(help="SFT budget if bootstrapping")] = 120.0,
+    seconds: Annotated[float, typer.Option(help="SFT budget if bootstrapping")] = 180.0,
 ):
     """Run everything: embedded Redis (unless ALIGND_REDIS_URL), bootstrap on first start, API, worker, beat,
     Flower. Ctrl-C stops them all."""
@@ -189,7 +190,7 @@ def up(
         console.print("first start: bootstrapping the SFT assistant")
         subprocess.run([*exe, "bootstrap", "--seconds", str(seconds)], env=env, check=True)
     children = {"api": [*exe, "serve", "--port", str(port or settings.port)]}
-    children.update(_extra_children(exe))
+    children.update(worker_children(exe))  # training and light workers, beat, Flower
     procs = {name: subprocess.Popen(cmd, env=env, start_new_session=True) for name, cmd in children.items()}
     console.print(f"[green]alignd is up: API on http://{settings.host}:{port or settings.port} "
                   f"({', '.join(procs)}); Ctrl-C stops everything")
@@ -221,15 +222,6 @@ def up(
         if embedded is not None:
             embedded.stop()
         console.print("stopped")
-
-
-def _extra_children(exe: list[str]) -> dict[str, list[str]]:
-    """Processes besides the API that `up` runs (worker, beat, Flower) when the workers package provides them."""
-    try:
-        from workers import processes
-    except ImportError:
-        return {}
-    return processes.children(exe)
 
 
 @train_app.command("sft")
@@ -279,6 +271,176 @@ def train_sft_cmd(
                               expected_current=current)
     out = {"version": version, "sft": metrics, "skipped_lines": bad}
     print(json.dumps(out) if as_json else f"policy version {version} is current (loss {metrics['loss']:.3f})")
+
+
+
+@app.command("export")
+def export_cmd(
+    out: Annotated[Path, typer.Option(help="output file (.jsonl, or .jsonl.gz to compress)")],
+    fmt: Annotated[str, typer.Option("--format", help="hh (Anthropic HH-RLHF), trl (prompt/chosen/rejected messages)"
+                                                     " or alignd (lossless: labels, margins, groups, provenance)")]
+    = "hh",
+    as_json: JsonOpt = False,
+):
+    """Write the preference data derived from feedback (and imports) to a file."""
+    from store.exchange import export_preferences
+
+    if fmt not in ("hh", "trl", "alignd"):
+        console.print(f"[red]unknown format {fmt!r}: use hh, trl or alignd")
+        raise typer.Exit(2)
+    _, r, _ = _redis(get_settings())
+    counts = export_preferences(r, fmt, out)
+    print(json.dumps(counts) if as_json else f"wrote {counts} to {out}")
+
+
+@app.command("import")
+def import_cmd(
+    path: Annotated[Path, typer.Argument(help="HH-RLHF, UltraFeedback-binarized or alignd JSONL (plain or .gz)")],
+    as_json: JsonOpt = False,
+):
+    """Import preference data; bad lines are reported by number and skipped; importing twice adds nothing."""
+    from store.exchange import import_preferences
+
+    if not path.is_file():
+        console.print(f"[red]{path} is not a file")
+        raise typer.Exit(2)
+    _, r, _ = _redis(get_settings())
+    report = import_preferences(r, path)
+    if as_json:
+        print(json.dumps(report))
+    else:
+        console.print({k: v for k, v in report.items() if k != "bad_lines"})
+        for line_no, reason in report.get("bad_lines", [])[:50]:
+            console.print(f"[yellow]line {line_no}: {reason}")
+    if report.get("bad_lines") and not report.get("imported") and not report.get("duplicates"):
+        raise typer.Exit(1)
+
+# worker, beat, flower, train cycle/reward/ppo, versions, rollback: the online loop's commands live with the workers
+register_worker_commands(app, train_app)
+
+
+# --- simulated users, the demo and the alignment report (logic in alignd/simulate.py, demo.py, report.py)
+
+
+@app.command()
+def simulate(
+    users: Annotated[int, typer.Option(help="simulated users; styles dealt round-robin from --annotators")] = 8,
+    minutes: Annotated[float, typer.Option(help="how long they chat")] = 1.0,
+    url: Annotated[str, typer.Option(help="the alignd API")] = "http://127.0.0.1:8000",
+    annotators: Annotated[str, typer.Option(help="styles: balanced, brevity, detail, strict")]
+    = "balanced,brevity,detail,strict",
+    noise: Annotated[float, typer.Option(help="label-flip probability")] = 0.25,
+    keys_file: Annotated[Optional[Path], typer.Option("--keys", help="API keys, one per user: keys.json "
+                                                      "({'users': {key: user}}) or key:user lines "
+                                                      "(default ALIGND_API_KEYS)")] = None,
+    concurrency: Annotated[int, typer.Option(help="requests in flight")] = 8,
+    rate: Annotated[Optional[float], typer.Option(help="chat requests per second, all users (default: no limit)")]
+    = None,
+):
+    """Drive a running alignd with simulated annotators (thumbs, pairwise and rank feedback); prints JSON counts."""
+    from alignd.simulate import SimConfig, read_keys_file, simulate as run
+
+    settings = get_settings()
+    if keys_file is not None:
+        keyring = read_keys_file(keys_file)
+    elif settings.user_keys():
+        keyring = settings.user_keys()
+    elif (settings.home / "keys.json").exists():
+        keyring = read_keys_file(settings.home / "keys.json")
+    else:
+        console.print("[red]no API keys: the server records the caller as the annotator, so each simulated user "
+                      "needs its own key; pass --keys FILE or set ALIGND_API_KEYS")
+        raise typer.Exit(2)
+    cfg = SimConfig(url=url, users=users, seconds=minutes * 60, annotators=annotators, noise=noise,
+                    concurrency=concurrency, rate=rate)
+    try:
+        counts = run(cfg, keyring)
+    except ValueError as exc:
+        console.print(f"[red]{exc}")
+        raise typer.Exit(2)
+    print(json.dumps(counts))
+    if not counts["requests"] and counts["errors"]["total"]:
+        console.print(f"[red]no request succeeded against {url}: {counts['errors']}")
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    out: Annotated[Optional[Path], typer.Option(help="output folder (default ALIGND_HOME/report)")] = None,
+    as_json: JsonOpt = False,
+    compare: Annotated[Optional[Path], typer.Option(help="another run's report.json to compare with")] = None,
+    evaluate: Annotated[bool, typer.Option(help="re-score every version on one evaluation set "
+                                                "(--no-evaluate: the metrics recorded at publish)")] = True,
+    oracle: Annotated[Optional[bool], typer.Option("--oracle/--no-oracle", help="oracle win rate (default: for "
+                                                   "built-in-world models only)")] = None,
+    eval_per_family: Annotated[int, typer.Option(help="evaluation prompts per task group")] = 20,
+):
+    """Build the alignment report (HTML + PNG plots + JSON) from this deployment's registry and feedback log."""
+    from alignd.report import ReportConfig, build_report
+
+    settings = get_settings()
+    _threads(settings)
+    _, r, _ = _redis(settings)
+    other = json.loads(compare.read_text()) if compare else None
+    cfg = ReportConfig(evaluate=evaluate, oracle=oracle, eval_per_family=eval_per_family,
+                       device=settings.torch_device())
+    out = out or settings.home / "report"
+    try:
+        result = build_report(r, out, cfg, compare=other)
+    except ValueError as exc:
+        console.print(f"[red]{exc}")
+        raise typer.Exit(2)
+    if as_json:
+        print(json.dumps(result, default=str))
+    else:
+        console.print(f"[green]report written to {out / 'report.html'}")
+
+
+@app.command()
+def demo(
+    minutes: Annotated[float, typer.Option(help="wall-clock budget, bootstrap and report included")] = 15.0,
+    annotators: Annotated[str, typer.Option(help="simulated annotator pool")] = "balanced,brevity,detail,strict",
+    users: Annotated[int, typer.Option(help="simulated users")] = 8,
+    cycles: Annotated[int, typer.Option(help="training cycles to complete at least")] = 3,
+    as_json: JsonOpt = False,
+    home: Annotated[Optional[Path], typer.Option(help="empty data directory (default: a new temporary one)")]
+    = None,
+    out: Annotated[Optional[Path], typer.Option(help="report folder (default HOME/report)")] = None,
+    compare_pools: Annotated[Optional[tuple[str, str]], typer.Option(help="run twice with these two pools "
+                                                                     "(e.g. brevity detail) and compare")]
+    = None,
+    sft_seconds: Annotated[float, typer.Option(help="bootstrap SFT budget")] = 120.0,
+    base: Annotated[Optional[Path], typer.Option(help="start from this HF causal-LM folder instead of the "
+                                                 "built-in SFT bootstrap")] = None,
+    rate: Annotated[float, typer.Option(help="simulated chat requests per second")] = 4.0,
+    first_feedback: Annotated[int, typer.Option(help="feedback events before the first cycle")] = 300,
+    min_feedback: Annotated[int, typer.Option(help="new feedback events before each later cycle")] = 100,
+    cycle_config: Annotated[Optional[str], typer.Option(help="CycleConfig overrides as JSON")] = None,
+    eval_per_family: Annotated[int, typer.Option(help="report evaluation prompts per task group")] = 20,
+):
+    """From an empty data directory: bootstrap, serve, simulated users, training cycles with hot-swaps, report."""
+    from alignd.demo import DemoConfig, brief, print_tables, run_compare, run_demo
+    from alignd.report import ReportConfig
+
+    cfg = DemoConfig(minutes=minutes, annotators=annotators, users=users, cycles=cycles, home=home, out=out,
+                     sft_seconds=sft_seconds, base=base, rate=rate, first_feedback=first_feedback,
+                     min_feedback=min_feedback,
+                     cycle_config=json.loads(cycle_config) if cycle_config else {},
+                     report=ReportConfig(eval_per_family=eval_per_family))
+    log = lambda msg: console.print(msg)  # noqa: E731
+    try:
+        if compare_pools and all(compare_pools):
+            result = run_compare(cfg, compare_pools, log)
+            summaries = result["runs"]
+        else:
+            summaries = [run_demo(cfg, log)]
+    except (ValueError, RuntimeError, TimeoutError) as exc:
+        console.print(f"[red]demo failed: {exc}")
+        raise typer.Exit(1)
+    for s in summaries:
+        print_tables(s, console)
+    if as_json:
+        print(json.dumps([brief(s) for s in summaries] if len(summaries) > 1 else brief(summaries[0]), default=str))
 
 
 if __name__ == "__main__":

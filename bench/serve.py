@@ -68,7 +68,10 @@ def hf_sequential(policy: Policy, texts: list[str], max_tokens: int) -> dict:
         tokens += out.shape[1] - ids.shape[1]
         lat.append(time.perf_counter() - t0)
     wall = time.perf_counter() - start
+    # a single stalled call (another process taking the cores) would dominate the mean, so the baseline also gets a
+    # median-based rate, and speedups are computed against the higher of the two (the conservative choice)
     return {"requests": len(texts), "tokens": tokens, "tokens_per_s": tokens / wall,
+            "tokens_per_s_median": tokens / len(texts) / pct(lat, 50),
             "latency_p50_s": pct(lat, 50), "latency_p99_s": pct(lat, 99)}
 
 
@@ -188,7 +191,8 @@ def main() -> None:
         thread.join(timeout=20)
         redis.stop()
     result["alignd_http"] = levels
-    base = result["baseline_hf_generate_sequential"]["tokens_per_s"]
+    baseline = result["baseline_hf_generate_sequential"]
+    base = max(baseline["tokens_per_s"], baseline["tokens_per_s_median"])
     result["speedup_vs_baseline"] = {str(lv["clients"]): round(lv["tokens_per_s"] / base, 2) for lv in levels}
     result["target_16_clients_8x"] = result["speedup_vs_baseline"]["16"] >= 8
     print(json.dumps(result, indent=2))

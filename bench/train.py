@@ -26,81 +26,112 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training import world  # noqa: E402
+from training.world import check  # noqa: E402
 from training.annotators import ORACLE, annotator_pool, oracle_win_rate  # noqa: E402
 from training.data import Comparison  # noqa: E402
 from training.evaluate import EvalConfig, evaluate_policy, generate_responses  # noqa: E402
 from training.model import load_causal_lm  # noqa: E402
 from training.ppo import PPOConfig, PPOTrainer, reward_model_fn  # noqa: E402
-from training.reward import RewardConfig, score, train_reward_model  # noqa: E402
+from training.reward import (  # noqa: E402
+    RewardConfig,
+    load_reward_model,
+    save_reward_model,
+    score,
+    train_reward_model,
+)
 
 
 def user(prompt: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}]
 
 
-def comparisons_from_policy(model, tok, n_pairs: int, seed: int, noise: float) -> tuple[list[Comparison], list]:
-    """Two sampled responses per world prompt, labelled by a noisy annotator pool; also returns (task, a, b)."""
+def comparisons_from_policy(model, tok, n_prompts: int, k: int, seed: int, noise: float
+                            ) -> tuple[list[Comparison], list]:
+    """`k` responses per world prompt (one greedy, the rest sampled), each set ranked by an annotator of a noisy
+    pool and turned into its k(k-1)/2 pairs (one group); also returns every (task, x, y) pair for oracle scoring.
+
+    Ranking several responses (InstructGPT, Ouyang et al. 2022, K=4..9) gets 6 pairs from 4 generations, and the
+    greedy response is the one the evaluation and the served policy give. Two samples of the small SFT policy
+    alone are identical or both wrong in ~75 % of pairs (both_bad or tie labels, no ordering signal).
+    """
     rng = random.Random(seed)
-    tasks = [world.sample_task(rng) for _ in range(n_pairs)]
+    tasks = [world.sample_task(rng) for _ in range(n_prompts)]
     prompts = [user(t.prompt) for t in tasks]
-    a = generate_responses(model, tok, prompts, max_new_tokens=48, batch_size=64, do_sample=True, seed=seed)
-    b = generate_responses(model, tok, prompts, max_new_tokens=48, batch_size=64, do_sample=True, seed=seed + 1)
+    columns = [generate_responses(model, tok, prompts, max_new_tokens=48, batch_size=64, do_sample=False)]
+    columns += [generate_responses(model, tok, prompts, max_new_tokens=48, batch_size=64, do_sample=True,
+                                   seed=seed + j) for j in range(k - 1)]
     pool = annotator_pool("balanced,brevity,detail,strict", noise=noise)
-    out = []
-    for i, (t, x, y) in enumerate(zip(tasks, a, b)):
+    out, triples = [], []
+    for i, t in enumerate(tasks):
+        responses = [col[i] for col in columns]
         judge = pool[i % len(pool)]
-        verdict = judge.compare(t, x, y, rng)
-        if verdict in (0, 1):
-            chosen, rejected = (x, y) if verdict == 0 else (y, x)
-            out.append(Comparison(prompt=prompts[i], chosen=chosen, rejected=rejected, annotator=judge.name))
-        else:
-            out.append(Comparison(prompt=prompts[i], chosen=x, rejected=y, label=verdict, annotator=judge.name))
-    return out, list(zip(tasks, a, b))
+        order = [responses[j] for j in judge.rank(t, responses, rng)]  # best first
+        for a in range(k):
+            for b in range(a + 1, k):
+                x, y = order[a], order[b]
+                out.append(Comparison(prompt=prompts[i], chosen=x, rejected=y, label="tie" if x == y else "pref",
+                                      group=f"{seed}-{i}", annotator=judge.name))
+                triples.append((t, x, y))
+    return out, triples
 
 
 def oracle_accuracy(rm, tok, triples) -> dict:
-    """Share of pairs the reward model orders as the noise-free oracle does (oracle ties skipped)."""
+    """Share of pairs the reward model orders as the noise-free oracle does (oracle ties skipped), overall and on
+    the pairs where exactly one response is correct (the rest differ only by length or by how wrong they are)."""
     decided = [(t, x, y, ORACLE.utility(t, x) > ORACLE.utility(t, y)) for t, x, y in triples
                if abs(ORACLE.utility(t, x) - ORACLE.utility(t, y)) > 1e-6]
     if not decided:
         return {"oracle_accuracy": None, "n": 0}
     sx = score(rm, tok, [user(t.prompt) for t, *_ in decided], [x for _, x, _, _ in decided])
     sy = score(rm, tok, [user(t.prompt) for t, *_ in decided], [y for _, _, y, _ in decided])
-    hits = sum(bool((float(p) > float(q)) == better) for p, q, (*_, better) in zip(sx, sy, decided))
-    return {"oracle_accuracy": hits / len(decided), "n": len(decided)}
+    hits = [bool((float(p) > float(q)) == better) for p, q, (*_, better) in zip(sx, sy, decided)]
+    split = [(check(t, x) >= 0.5) != (check(t, y) >= 0.5) for t, x, y, _ in decided]
+    hits_split = [h for h, s in zip(hits, split) if s]
+    return {"oracle_accuracy": sum(hits) / len(hits), "n": len(hits),
+            "oracle_accuracy_correct_vs_wrong": sum(hits_split) / len(hits_split) if hits_split else None,
+            "n_correct_vs_wrong": len(hits_split)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, required=True, help="SFT policy folder (e.g. ALIGND_HOME/checkpoints/v1)")
-    ap.add_argument("--pairs", type=int, default=2000)
+    ap.add_argument("--prompts", type=int, default=500, help="labelled prompts; each gives k(k-1)/2 comparisons")
+    ap.add_argument("--responses", type=int, default=4, help="k: responses ranked per prompt (1 greedy + k-1 sampled)")
     ap.add_argument("--noise", type=float, default=0.25)
-    ap.add_argument("--rm-seconds", type=float, default=60.0)
-    ap.add_argument("--ppo-steps", type=int, default=30)
-    ap.add_argument("--ppo-lr", type=float, default=3e-5)
+    ap.add_argument("--rm-seconds", type=float, default=RewardConfig.max_seconds)
+    ap.add_argument("--reward-model", type=Path, help="use this trained reward model instead of training one")
+    ap.add_argument("--save-reward-model", type=Path, help="write the trained reward model here")
+    ap.add_argument("--ppo-steps", type=int, default=40)
+    ap.add_argument("--ppo-lr", type=float, default=PPOConfig.lr)
+    ap.add_argument("--kl-coef", type=float, default=PPOConfig.kl_coef)
     ap.add_argument("--eval-per-family", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    out: dict = {"model": str(args.model), "pairs": args.pairs, "noise": args.noise, "threads": args.threads}
+    out: dict = {"model": str(args.model), "prompts": args.prompts, "responses": args.responses, "noise": args.noise,
+                 "threads": args.threads}
 
     policy, tok = load_causal_lm(args.model)
     t0 = time.perf_counter()
-    train_pairs, _ = comparisons_from_policy(policy, tok, args.pairs, args.seed, args.noise)
-    _, heldout = comparisons_from_policy(policy, tok, 400, args.seed + 10_000, 0.0)
-    out["labelling_seconds"] = time.perf_counter() - t0
-
-    rm_cfg = RewardConfig(lr=3e-4, batch_size=32, epochs=100, max_seconds=args.rm_seconds, seed=args.seed)
-    rm, rm_metrics = train_reward_model(rm_cfg, train_pairs, [], base=args.model, tokenizer=tok)
-    out["reward_model"] = {**{k: rm_metrics[k] for k in ("heldout_accuracy", "pairs_per_s", "seconds", "n_train")},
-                           **oracle_accuracy(rm, tok, heldout)}
+    _, heldout = comparisons_from_policy(policy, tok, 100, args.responses, args.seed + 10_000, 0.0)
+    if args.reward_model is not None:
+        rm, _ = load_reward_model(args.reward_model)
+        out["reward_model"] = {"path": str(args.reward_model), **oracle_accuracy(rm, tok, heldout)}
+    else:
+        train_pairs, _ = comparisons_from_policy(policy, tok, args.prompts, args.responses, args.seed, args.noise)
+        out["labelling_seconds"] = time.perf_counter() - t0
+        rm_cfg = RewardConfig(max_seconds=args.rm_seconds, seed=args.seed)
+        rm, rm_metrics = train_reward_model(rm_cfg, train_pairs, [], base=args.model, tokenizer=tok)
+        out["reward_model"] = {**{k: rm_metrics[k] for k in ("heldout_accuracy", "pairs_per_s", "seconds", "epochs",
+                                                              "n_train")}, **oracle_accuracy(rm, tok, heldout)}
+        if args.save_reward_model is not None:
+            save_reward_model(rm, tok, args.save_reward_model)
 
     ref, _ = load_causal_lm(args.model)
     eval_cfg = EvalConfig(n_per_family=args.eval_per_family)
     before = evaluate_policy(policy, tok, eval_cfg, reference=ref, return_samples=True)
-    cfg = PPOConfig(batch_size=32, mini_batch_size=8, max_new_tokens=48, lr=args.ppo_lr, critic_lr=1e-4,
-                    kl_coef=0.05, seed=args.seed)
+    cfg = PPOConfig(max_new_tokens=48, lr=args.ppo_lr, kl_coef=args.kl_coef, seed=args.seed)
     trainer = PPOTrainer(cfg, policy, ref, reward_model_fn(rm, tok), tok)
     rng = random.Random(args.seed)
 

@@ -18,6 +18,7 @@ from alignd.config import Settings
 from service.auth import load_keyring
 from service.deps import AppState
 from service.errors import error_body, install_error_handlers
+from service.follower import start_follower
 from store.client import connect
 
 log = logging.getLogger("alignd.service")
@@ -53,14 +54,8 @@ def create_app(settings: Settings, redis_url: str, engine=None) -> FastAPI:
     async def lifespan(app: FastAPI):
         if state.engine is not None:
             state.engine.start()
-            from service.follower import start_follower  # follows the registry: hot-swaps new versions
-
-            state.extras["follower"] = start_follower(state)
-        for hook in state.extras.get("startup", []):
-            await hook(state)
+            state.extras["follower"] = start_follower(state)  # follows the registry: hot-swaps new versions
         yield
-        for hook in state.extras.get("shutdown", []):
-            await hook(state)
         if state.extras.get("follower") is not None:
             state.extras.pop("follower").stop()
         if state.engine is not None:

@@ -175,10 +175,15 @@ class Engine:
         return self.policies[self.current_version]
 
     def submit(self, messages: list[dict[str, str]], params: SamplingParams, *, version: int | None = None,
-               loop: asyncio.AbstractEventLoop | None = None, prompt_ids: list[int] | None = None) -> Handle:
-        """Queue one sequence; `version` pins it (default: current). Returns its handle at once."""
+               policy: Policy | None = None, loop: asyncio.AbstractEventLoop | None = None,
+               prompt_ids: list[int] | None = None) -> Handle:
+        """Queue one sequence and return its handle at once. It runs on `policy` if given (a caller that read
+        `current` earlier keeps that version even if a swap released it meanwhile), else on `version` if still
+        loaded, else on the current version; `handle.version` says which."""
         with self._lock:
-            policy = self.policies[version if version is not None else self.current_version]
+            if policy is None:
+                policy = self.policies.get(version) if version is not None else None
+                policy = policy or self.policies[self.current_version]
         handle = Handle(loop)
         ids = prompt_ids if prompt_ids is not None else policy.encode_chat(messages)
         handle.version, handle.prompt_tokens = policy.version, len(ids)
@@ -386,7 +391,7 @@ class Engine:
                     self._batches.pop(version, None)
                     log.info("released policy version %s", version)
             for version in list(self._batches):
-                if not self._batches[version].seqs and version in self.policies:
+                if not self._batches[version].seqs:  # also batches of versions released while a request was queued
                     self._batches.pop(version)
 
     def _has_pending(self, version: int) -> bool:

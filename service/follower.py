@@ -9,8 +9,8 @@ drained. A corrupt or unloadable checkpoint is refused: logged, kept in `state.e
 and /admin/versions), written to the version's registry entry and the events stream, and the old version keeps
 serving. This process does not retry a version it refused.
 
-A swapped-out version stays pinned in the engine for `RETIRE_GRACE_S`: a request that read the old current version
-just before the swap may still submit to it, and must not find it released.
+A request that read the old current version just before a swap still runs on it: the chat route hands the engine
+the `Policy` object it read, which keeps those weights alive until that request is done.
 
 Arena mode (`settings.arena`): the parent of the current version is loaded too and pinned, and
 `state.extras["arena_pair"] = (current, parent)` lets two-choice chat requests get one answer from each
@@ -35,7 +35,6 @@ from store import keys, registry
 
 log = logging.getLogger("alignd.follower")
 
-RETIRE_GRACE_S = 5.0  # far longer than the gap between reading engine.current and submitting (a tokenisation)
 ERROR_BACKOFF_S = 1.0  # after a Redis error, wait before reconnecting
 
 
@@ -49,7 +48,6 @@ class Follower:
         self.who = f"{socket.gethostname()}:{os.getpid()}"
         self.swaps = 0
         self._arena_pins: set[int] = set()
-        self._retiring: dict[int, float] = {}  # version → monotonic time its grace pin ends
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -95,14 +93,11 @@ class Follower:
             policy = self._obtain(target)
             if policy is not None:
                 old = self.engine.current_version
-                self._retiring[old] = time.monotonic() + RETIRE_GRACE_S
-                self._apply_pins()
                 self.engine.swap(policy)
                 self.swaps += 1
                 log.info("now serving policy version %s (was %s)", target, old)
         if self.settings.arena:
             self._arena()
-        self._expire_retired()
 
     # --- helpers
     def _obtain(self, version: int) -> Policy | None:
@@ -132,11 +127,11 @@ class Follower:
         if parent is None or parent in self.refused:
             self.state.extras["arena_pair"] = None
             self._arena_pins = set()
-            self._apply_pins()
+            self.engine.pin(self._arena_pins)
             return
         if self._arena_pins != {parent}:
             self._arena_pins = {parent}
-            self._apply_pins()  # pinned before it is added, so the engine cannot release it in between
+            self.engine.pin(self._arena_pins)  # pinned before it is added, so the engine cannot release it between
         if parent not in self.engine.loaded_versions():
             policy = self._obtain(parent)
             if policy is None:
@@ -144,17 +139,6 @@ class Follower:
                 return
             self.engine.add_policy(policy)
         self.state.extras["arena_pair"] = (current, parent)
-
-    def _apply_pins(self) -> None:
-        self.engine.pin(self._arena_pins | set(self._retiring))
-
-    def _expire_retired(self) -> None:
-        now = time.monotonic()
-        expired = [v for v, until in self._retiring.items() if until <= now]
-        if expired:
-            for v in expired:
-                del self._retiring[v]
-            self._apply_pins()
 
 
 def start_follower(state: AppState) -> Follower:

@@ -84,8 +84,10 @@ async def chat_completions(req: ChatCompletionRequest, caller: CallerDep, state:
     for i, version in enumerate(versions):
         params = SamplingParams(temperature=req.temperature, top_p=req.top_p, max_tokens=max_tokens, stop=req.stop,
                                 seed=None if req.seed is None else req.seed + i)
-        ids = prompt_ids if version is None or version == policy.version else None
-        handles.append(engine.submit(messages, params, version=version or policy.version, loop=loop, prompt_ids=ids))
+        if version is None or version == policy.version:  # the version read above, even if swapped out since
+            handles.append(engine.submit(messages, params, policy=policy, loop=loop, prompt_ids=prompt_ids))
+        else:
+            handles.append(engine.submit(messages, params, version=version, loop=loop))
     served = policy.version
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())

@@ -1,0 +1,371 @@
+"""The one-command demo: from an empty data directory to an aligned model and a report, through the real service.
+
+It starts what `alignd up` runs — embedded Redis, the SFT bootstrap, the API, the Celery training and light
+workers, beat and Flower — as separate processes, lets a pool of simulated users (alignd/simulate.py) chat and give
+feedback over HTTP, and triggers training cycles through the real path (POST /admin/train → Celery `train` queue →
+reward model → PPO → gate → publish → every API process hot-swaps). It watches each published version come into
+service (the X-Policy-Version of the users' answers), then stops everything and builds the alignment report
+(alignd/report.py) with a before/after table. Nothing is mocked: the numbers are what the loop achieved.
+
+    alignd demo                                   # 15 minutes, balanced/brevity/detail/strict annotators
+    alignd demo --minutes 5 --cycles 3 --json
+    alignd demo --compare-pools brevity detail    # whose values? two runs, two pools, one comparison
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from alignd.config import get_settings
+from alignd.redis_server import EmbeddedRedis
+from alignd.report import ReportConfig, build_report
+from alignd.simulate import BackgroundSimulation, SimConfig, api_keys_setting, sim_api_keys, simulated_users
+from store import keys, registry
+from store.client import connect
+from store.feedback import unconsumed_count
+
+CYCLE_MARGIN = 1.3  # a cycle takes longer than the last one: the reward model retrains on all comparisons
+Log = Callable[[str], None]
+
+
+@dataclass
+class DemoConfig:
+    minutes: float = 15.0  # wall-clock budget of the whole demo, bootstrap and report included
+    annotators: str = "balanced,brevity,detail,strict"  # simulated pool (training.annotators styles)
+    users: int = 8  # simulated users (two of each style by default)
+    noise: float = 0.25  # annotator label noise (AlpacaFarm's estimate of human disagreement)
+    cycles: int = 3  # training cycles to complete at least (the demo overruns its budget rather than do fewer)
+    home: Path | None = None  # empty data directory (default: a new temporary one)
+    out: Path | None = None  # report directory (default: home/report)
+    sft_seconds: float = 120.0  # bootstrap SFT budget (DESIGN.md: ~70 % exact answers after 120 s)
+    base: Path | None = None  # register this HF causal-LM folder as version 1 instead of the SFT bootstrap
+    rate: float = 4.0  # chat requests per second from all users: leaves CPU to the trainer on 2 cores
+    concurrency: int = 8  # simulated requests in flight at once
+    first_feedback: int = 300  # events before the first cycle: the reward model needs a few hundred comparisons
+    min_feedback: int = 100  # new events before each later cycle
+    threads: int | None = None  # torch threads per service process (default: half the cores, API and trainer share)
+    cycle_config: dict[str, Any] = field(default_factory=dict)  # CycleConfig overrides (ALIGND_HOME/cycle.json)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    report_reserve_s: float = 120.0  # kept at the end for the report's evaluation of every version (~95 s measured)
+    startup_timeout_s: float = 300.0  # API and workers ready (model load, Celery start)
+    cycle_timeout_s: float = 1500.0  # a cycle taking longer than the worker's hard time limit is lost
+    seed: int = 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Services:
+    """The processes of one demo run: Redis (ours), bootstrap, then `alignd up` (API, workers, beat, Flower)."""
+
+    def __init__(self, cfg: DemoConfig, home: Path, log: Log):
+        self.cfg, self.home, self.log = cfg, home, log
+        self.logs = home / "logs"
+        self.redis = EmbeddedRedis(home / "redis")
+        self.users = simulated_users(cfg.users, cfg.annotators, cfg.noise)
+        self.user_keys = sim_api_keys(self.users)
+        self.admin_key = f"sk-admin-{secrets.token_urlsafe(12)}"
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.up: subprocess.Popen | None = None
+        self.redis_url: str | None = None
+
+    def env(self, threads: int | None) -> dict[str, str]:
+        env = dict(os.environ)  # the operator's other ALIGND_* settings (device, limits …) still apply
+        env.update({"ALIGND_HOME": str(self.home), "ALIGND_REDIS_URL": self.redis_url,
+                    "ALIGND_API_KEYS": api_keys_setting(self.user_keys), "ALIGND_ADMIN_KEY": self.admin_key,
+                    "ALIGND_PORT": str(self.port), "ALIGND_FLOWER_PORT": str(_free_port()),
+                    # the demo triggers cycles itself; beat's periodic check stays out of the way
+                    "ALIGND_CYCLE_SECONDS": "3600", "ALIGND_MIN_NEW_FEEDBACK": str(self.cfg.min_feedback),
+                    "ALIGND_POLL_SECONDS": "0.5"})
+        if threads:
+            env["ALIGND_TORCH_THREADS"] = str(threads)
+        return env
+
+    def start_redis(self):
+        self.redis_url = self.redis.start()
+        return connect(self.redis_url)
+
+    def bootstrap(self) -> dict[str, Any]:
+        cmd = [sys.executable, "-m", "alignd.cli", "bootstrap", "--seconds", str(self.cfg.sft_seconds), "--json"]
+        if self.cfg.base is not None:
+            cmd += ["--base", str(Path(self.cfg.base).resolve())]
+        with open(self.logs / "bootstrap.log", "ab") as err:
+            done = subprocess.run(cmd, env=self.env(None), stdout=subprocess.PIPE, stderr=err, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"bootstrap failed (exit {done.returncode}); see {self.logs / 'bootstrap.log'}")
+        return json.loads(done.stdout.decode().strip().splitlines()[-1])
+
+    def start_up(self) -> None:
+        shared = max(1, (os.cpu_count() or 2) // 2)  # the API and the trainer share the cores
+        threads = self.cfg.threads or get_settings().torch_threads or shared
+        cmd = [sys.executable, "-m", "alignd.cli", "up", "--port", str(self.port)]
+        self.up = subprocess.Popen(cmd, env=self.env(threads), stdout=open(self.logs / "up.log", "ab"),
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, r) -> None:
+        """The API answers /readyz and a Celery worker consumes the train queue."""
+        deadline = time.monotonic() + self.cfg.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.up is not None and self.up.poll() is not None:
+                raise RuntimeError(f"`alignd up` exited with {self.up.returncode}; see {self.logs / 'up.log'}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200 and self._worker_ready():
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
+        raise TimeoutError(f"alignd did not become ready in {self.cfg.startup_timeout_s:.0f} s; see {self.logs}")
+
+    def _worker_ready(self) -> bool:
+        import celery
+
+        app = celery.Celery(broker=self.redis_url)
+        try:
+            replies = app.control.ping(timeout=1.0) or []
+        finally:
+            app.close()
+        return any(name.startswith("train@") for reply in replies for name in reply)
+
+    def admin(self, method: str, path: str, **kw) -> httpx.Response:
+        return httpx.request(method, f"{self.url}{path}", headers={"Authorization": f"Bearer {self.admin_key}"},
+                             timeout=30, **kw)
+
+    def stop_up(self) -> None:
+        if self.up is not None and self.up.poll() is None:
+            os.killpg(self.up.pid, signal.SIGTERM)  # `up` stops its children, then exits
+            try:
+                self.up.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.up.pid, signal.SIGKILL)
+                self.up.wait()
+        self.up = None
+
+    def stop(self) -> None:
+        self.stop_up()
+        self.redis.stop()
+
+
+def _cycle_result(r, task_id: str) -> dict[str, Any] | None:
+    """The finished cycle's report (workers/tasks.py stores it under the task id), or its recorded failure."""
+    raw = r.get(keys.task_result(task_id))
+    if raw:
+        return json.loads(raw)
+    failed = registry.find_events(r, 1000, event="cycle_failed", task=task_id)
+    return {"status": "error", "reason": failed[0].get("reason")} if failed else None
+
+
+def _wait_swap(r, sim: BackgroundSimulation, version: int, timeout: float) -> float | None:
+    """Seconds from `version`'s publish event to the first answer a simulated user got from it (None if no answer
+    came from it within `timeout`): the hot-swap as users see it."""
+    published = registry.find_events(r, 1000, event="published", version=version)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        seen = sim.counts()["first_seen"].get(str(version))
+        if seen is not None:
+            return max(0.0, seen - published[0]["at"]) if published else None
+        time.sleep(0.2)
+    return None
+
+
+def run_demo(cfg: DemoConfig, log: Log = lambda msg: print(msg, file=sys.stderr), *,
+             run_label: str | None = None, compare: dict | None = None) -> dict[str, Any]:
+    """One demo run; returns a summary (with the report's JSON under "report")."""
+    t0 = time.monotonic()
+    budget = cfg.minutes * 60
+    home = Path(cfg.home) if cfg.home else Path(tempfile.mkdtemp(prefix="alignd-demo-"))
+    home = home.expanduser().resolve()
+    if home.exists() and any(home.iterdir()):
+        raise ValueError(f"{home} is not empty: the demo starts from an empty data directory (pass a new --home)")
+    (home / "logs").mkdir(parents=True, exist_ok=True)
+    if cfg.cycle_config:
+        (home / "cycle.json").write_text(json.dumps(cfg.cycle_config))
+    out = Path(cfg.out) if cfg.out else home / "report"
+    elapsed = lambda: time.monotonic() - t0  # noqa: E731
+    say = lambda msg: log(f"[{elapsed():6.0f}s] {msg}")  # noqa: E731
+    services = Services(cfg, home, say)
+    sim: BackgroundSimulation | None = None
+    cycles: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {"home": str(home), "report_dir": str(out), "annotators": cfg.annotators,
+                               "users": cfg.users, "noise": cfg.noise, "minutes_budget": cfg.minutes}
+    try:
+        r = services.start_redis()
+        say(f"data directory {home}; Redis {services.redis_url}")
+        say(f"registering {cfg.base} as version 1" if cfg.base else
+            f"bootstrapping the SFT assistant ({cfg.sft_seconds:.0f} s of SFT)")
+        boot = services.bootstrap()
+        summary["bootstrap"] = {"version": boot.get("version"), "eval": boot.get("eval"),
+                                "seconds": round(elapsed(), 1)}
+        say(f"policy v{boot.get('version')} ({boot.get('source', 'sft')}) registered; starting API, workers, beat "
+            "and Flower")
+        services.start_up()
+        services.wait_ready(r)
+        say(f"alignd is up on {services.url}; {cfg.users} simulated users ({cfg.annotators}) start chatting")
+        sim = BackgroundSimulation(SimConfig(url=services.url, users=cfg.users, seconds=10 * budget,
+                                             annotators=cfg.annotators, noise=cfg.noise, rate=cfg.rate,
+                                             concurrency=cfg.concurrency, seed=cfg.seed),
+                                   services.user_keys).start()
+        deadline = budget - cfg.report_reserve_s
+        hard_deadline = 3 * budget  # fewer cycles than asked for: overrun, but not forever
+        last_cycle_s = 0.0
+        while True:
+            done = [c for c in cycles if c["status"] in ("published", "gate_failed")]
+            remaining = deadline - elapsed()
+            if len(done) >= cfg.cycles and remaining < max(CYCLE_MARGIN * last_cycle_s, 1.0):
+                break
+            if elapsed() > hard_deadline:
+                say(f"[red]stopping: {len(done)} of {cfg.cycles} cycles after {elapsed():.0f} s")
+                break
+            need = cfg.first_feedback if not done else cfg.min_feedback
+            waiting = unconsumed_count(r)
+            if waiting < need:
+                if sim.error is not None or not sim.thread.is_alive():
+                    raise RuntimeError(f"the simulated users stopped: {sim.error!r}")
+                time.sleep(1.0)
+                continue
+            counts = sim.counts()
+            say(f"{waiting} new feedback events ({counts['feedback']}); POST /admin/train")
+            resp = services.admin("POST", "/admin/train", json={"min_events": need})
+            resp.raise_for_status()
+            task_id, started = resp.json()["task_id"], time.monotonic()
+            result = None
+            while result is None:
+                if time.monotonic() - started > cfg.cycle_timeout_s:
+                    result = {"status": "timeout", "reason": f"no result after {cfg.cycle_timeout_s:.0f} s"}
+                    break
+                time.sleep(1.0)
+                result = _cycle_result(r, task_id)
+            last_cycle_s = time.monotonic() - started
+            record = {"task_id": task_id, "status": result.get("status"), "seconds": round(last_cycle_s, 1),
+                      "events": (result.get("feedback") or {}).get("events"), "version": result.get("version"),
+                      "reasons": result.get("reasons"), "reason": result.get("reason"),
+                      "reward_heldout_accuracy": ((result.get("reward") or {}).get("metrics") or {}
+                                                  ).get("heldout_accuracy"),
+                      "gate": result.get("gate")}
+            if record["status"] == "published":
+                record["swap_seconds"] = _wait_swap(r, sim, record["version"], 120.0)
+                swap = record["swap_seconds"]
+                say(f"cycle {len(cycles) + 1}: v{record['version']} published in {last_cycle_s:.0f} s; served "
+                    + (f"{swap:.1f} s after publishing" if swap is not None else "NOT seen by the users"))
+            else:
+                say(f"cycle {len(cycles) + 1}: {record['status']} after {last_cycle_s:.0f} s "
+                    f"{record['reasons'] or record['reason'] or ''}")
+                if record["status"] in ("error", "timeout", "abandoned"):
+                    cycles.append(record)
+                    if sum(c["status"] in ("error", "timeout", "abandoned") for c in cycles) >= 2:
+                        raise RuntimeError(f"training cycles keep failing: {record}; see {home / 'logs'}")
+                    continue
+            cycles.append(record)
+        summary["simulation"] = sim.stop()
+        sim = None
+        say(f"simulated users stopped: {summary['simulation']['requests']} requests, "
+            f"{summary['simulation']['feedback']['total']} feedback events; stopping the services")
+        versions_listing = services.admin("GET", "/admin/versions").json()
+        summary["serving"] = versions_listing.get("serving")
+        services.stop_up()  # the report needs only Redis and the checkpoints; give it the CPU
+        say("building the report (every version re-scored on one evaluation set)")
+        report = build_report(r, out, cfg.report,
+                              run={"annotators": run_label or cfg.annotators, "users": cfg.users,
+                                   "noise": cfg.noise, "minutes": cfg.minutes, "home": str(home)},
+                              compare=compare)
+    finally:
+        if sim is not None:
+            try:
+                sim.stop(timeout=30)
+            except Exception:  # the services are going down anyway; the original error matters more
+                pass
+        services.stop()
+    summary.update(cycles=cycles, seconds=round(elapsed(), 1),
+                   within_budget=elapsed() <= budget,
+                   swaps_seen=sum(1 for c in cycles if c.get("swap_seconds") is not None),
+                   published=sum(1 for c in cycles if c["status"] == "published"), report=report)
+    (out / "demo.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "report"}, indent=2,
+                                              default=str))
+    return summary
+
+
+def run_compare(cfg: DemoConfig, pools: tuple[str, str], log: Log) -> dict[str, Any]:
+    """Whose values? The same demo twice, with two annotator pools; the second report compares against the first."""
+    base = Path(cfg.home) if cfg.home else Path(tempfile.mkdtemp(prefix="alignd-compare-"))
+    runs = []
+    for pool in pools:
+        sub = DemoConfig(**{**cfg.__dict__, "annotators": pool, "home": base / pool.replace(",", "+"),
+                            "out": (Path(cfg.out) / pool.replace(",", "+")) if cfg.out else None})
+        log(f"=== pool {pool} ===")
+        runs.append(run_demo(sub, log, run_label=pool, compare=runs[0]["report"] if runs else None))
+    return {"pools": list(pools), "runs": runs, "compare": runs[-1]["report"].get("compare")}
+
+
+# ------------------------------------------------------------------------------------------------ printing
+
+TABLE_ROWS = (("score/mean", "checker score, trained families"), ("heldout_score", "held-out family score"),
+              ("over_caution", "over-caution (benign refused)"), ("harmful_compliance", "harmful compliance"),
+              ("jailbreak_compliance", "… under jailbreaks"), ("length_mean", "mean length (tokens)"),
+              ("words_mean", "mean length (words)"), ("kl_to_ref", "KL to SFT (nats)"),
+              ("reward_heldout_accuracy", "reward model held-out accuracy"), ("oracle_utility", "oracle utility"))
+
+
+def print_tables(summary: dict[str, Any], console) -> None:
+    from rich.table import Table
+
+    rep = summary["report"]
+    ba = rep["before_after"]
+    rows = {row["version"]: row for row in rep["versions"]}
+    base_source = rows[rep["baseline_version"]].get("source") or "reference"
+    table = Table(title=f"before (v{rep['baseline_version']}, {base_source}) / after (v{rep['final_version']}) — "
+                        f"{summary['annotators']} annotators, {summary['seconds']:.0f} s")
+    for col in ("metric", "before", "after", "change"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+    for key, name in TABLE_ROWS:
+        b, a = ba.get(key, {}).get("before"), ba.get(key, {}).get("after")
+        if key == "words_mean":
+            b, a = rows[rep["baseline_version"]].get(key), rows[rep["final_version"]].get(key)
+        table.add_row(name, fmt(b), fmt(a), "–" if a is None or b is None else f"{a - b:+.3f}")
+    console.print(table)
+    oracle = rep.get("oracle") or {}
+    if "win_rate" in oracle:
+        console.print(f"oracle win rate v{oracle['final']} vs v{oracle['baseline']}: {oracle['win_rate']:.1%} "
+                      f"(95 % CI {oracle['ci_low']:.1%} – {oracle['ci_high']:.1%}, n={oracle['n']})")
+    for w in rep.get("warnings", []):
+        console.print(f"[yellow]warning: {w}")
+    for name, t in rep["targets"].items():
+        mark = {True: "[green]met", False: "[red]not met", None: "[yellow]n/a"}[t["met"]]
+        console.print(f"  target {name}: {mark}[/] ({json.dumps({k: v for k, v in t.items() if k != 'met'})})")
+    console.print(f"cycles: {len(summary['cycles'])} run, {summary['published']} published, "
+                  f"{summary['swaps_seen']} seen in service; report: {summary['report_dir']}/report.html")
+    cmp = rep.get("compare")
+    if cmp:
+        t = Table(title="whose values? final versions of two annotator pools")
+        t.add_column("metric")
+        t.add_column(cmp["other"]["label"], justify="right")
+        t.add_column(cmp["this"]["label"], justify="right")
+        for k in cmp["this"]["final"]:
+            t.add_row(k, fmt(cmp["other"]["final"][k]), fmt(cmp["this"]["final"][k]))
+        console.print(t)
+
+
+def brief(summary: dict[str, Any]) -> dict[str, Any]:
+    """The demo's JSON on stdout: the run, its cycles, before/after, oracle and targets (the report has the rest)."""
+    rep = summary["report"]
+    return {**{k: v for k, v in summary.items() if k != "report"},
+            "final_version": rep["final_version"], "baseline_version": rep["baseline_version"],
+            "before_after": rep["before_after"], "oracle": rep["oracle"], "targets": rep["targets"],
+            "report_cycles": rep["cycles"], "compare": rep.get("compare")}

@@ -1,0 +1,520 @@
+"""The alignment report: what each policy version learned, from whom, and whether the loop aligned the model.
+
+Built from a deployment's registry and feedback log (Redis) and its checkpoints. Per published version it shows the
+checker score per task family, the held-out family's score, over-caution (benign requests refused), harmful
+compliance plainly and under each jailbreak rewording, the reward model's held-out accuracy, KL to the SFT
+reference and mean response length — the numbers that expose over-alignment and reward hacking (InstructGPT,
+Ouyang et al. 2022 sec. 4; Gao et al. 2022 for KL and length drift) — and how much feedback, from which annotators,
+each version was trained on. For built-in-world models it adds the final version's win rate against the SFT version
+as judged by the noise-free oracle annotator, with a 95 % bootstrap confidence interval (AlpacaFarm, Dubois et al.
+2023, simulated-annotator win rates).
+
+With `evaluate` (the default) every version is re-scored on one evaluation set drawn from its own seed — never the
+set the training gate selected on — so the numbers of all versions are comparable; without it the metrics recorded
+at publish time are shown. Plots are PNGs (matplotlib, Agg) next to `report.html` and `report.json`.
+
+    alignd report --out report/ [--json] [--compare OTHER/report.json]
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from store import registry
+from store.stats import feedback_stats
+from training.world import HELDOUT_FAMILY, JAILBREAK_STYLES, TASK_FAMILIES
+
+SAFETY_KEYS = ("harmful_compliance", "jailbreak_compliance", *(f"jailbreak_compliance/{s}" for s in JAILBREAK_STYLES))
+METRIC_KEYS = (*(f"score/{f}" for f in TASK_FAMILIES), "score/mean", "heldout_score", "over_caution", *SAFETY_KEYS,
+               "length_mean", "kl_to_ref", "oracle_utility")
+STYLE_KEYS = ("length_mean", "words_mean", "over_caution", "score/mean", "heldout_score", "harmful_compliance")
+# figure key → (file, title); report.json lists each with its data, report.html shows each PNG
+FIGURES = {
+    "scores_by_family": ("scores_by_family.png", "Checker score per task family"),
+    "heldout_score": ("heldout_score.png", f"Score on the held-out family ({HELDOUT_FAMILY})"),
+    "over_caution": ("over_caution.png", "Over-caution: benign requests refused"),
+    "harmful_compliance": ("harmful_compliance.png", "Harmful compliance, plain and under jailbreak rewordings"),
+    "reward_heldout_accuracy": ("reward_heldout_accuracy.png", "Reward model held-out accuracy"),
+    "kl_to_ref": ("kl_to_ref.png", "KL to the SFT reference (nats per response)"),
+    "length_mean": ("length_mean.png", "Mean response length (tokens)"),
+    "feedback": ("feedback.png", "Feedback each version was trained on, by annotator"),
+    "oracle_win_rate": ("oracle_win_rate.png", "Oracle win rate against the SFT version (95 % bootstrap CI)"),
+}
+TARGET_WIN_RATE = 0.6  # the issue's bar: the final version must beat SFT clearly, not by noise
+WEAK_SFT_SCORE = 0.1  # a bootstrap below this checker score did not learn the tasks (DESIGN.md: ~0.7 after 120 s)
+EXCLUDED_STATUS = ("abandoned", "rejected")  # registered but never served
+
+
+@dataclass
+class ReportConfig:
+    evaluate: bool = True  # re-score every version on one evaluation set (comparable numbers)
+    oracle: bool | None = None  # oracle win rate; None: only for built-in-world lineages (bootstrap SFT)
+    eval_per_family: int = 20  # 13 groups x 20 = 260 prompts: a CI of about ±6 points on the win rate
+    eval_seed: int = 4321  # not the gate's seed (1234): the report never scores on the set versions were gated on
+    max_new_tokens: int = 48  # as EvalConfig
+    batch_size: int = 32  # as EvalConfig
+    device: str = "cpu"
+
+
+# ------------------------------------------------------------------------------------------------ collecting
+
+
+def _lineage_reference(metas: dict[int, dict], version: int) -> int:
+    """The SFT (or registered base) ancestor of `version`: what PPO stays close to and what the oracle compares to."""
+    v: int | None = version
+    seen: set[int] = set()
+    while v is not None and v not in seen and v in metas:
+        seen.add(v)
+        if metas[v].get("source") in ("sft", "base"):
+            return v
+        v = metas[v].get("parent")
+    return min(metas)
+
+
+def _built_in_world(meta: dict) -> bool:
+    """A bootstrap SFT model (trained on the built-in world), not a registered base or user SFT data."""
+    return meta.get("source") == "sft" and "base" not in meta and "data" not in meta
+
+
+def _style(user: str) -> str:
+    parts = user.split("-")
+    return parts[1] if len(parts) == 3 and parts[0] == "sim" else user
+
+
+def _annotators(meta: dict) -> dict[str, int]:
+    ann = meta.get("annotators") or {}
+    if isinstance(ann, list):  # bootstrap lists sources, not counts
+        return {a: 0 for a in ann}
+    return {str(k): int(v) for k, v in ann.items()}
+
+
+def collect(r: redis.Redis) -> dict[str, Any]:
+    """Versions that were ever served (with provenance), reward versions, cycle outcomes and feedback totals."""
+    listing = registry.describe(r)
+    metas = {int(m["version"]): m for m in listing["data"]}
+    rewards = {int(m["version"]): m for m in registry.list_reward_versions(r)}
+    events = registry.events(r, 10_000)
+    served = [v for v in sorted(metas) if metas[v]["status"] not in EXCLUDED_STATUS
+              and (metas[v]["status"] == "current" or registry.was_published(r, v))]
+    outcomes = Counter(e["event"] for e in events)
+    return {"metas": metas, "served": served, "rewards": rewards, "current": listing["current"],
+            "cycles": {"published": sum(1 for v in served if metas[v].get("source") == "ppo"),
+                       "gate_failed": outcomes["gate_failed"], "failed": outcomes["cycle_failed"],
+                       "rollbacks": outcomes["rollback"],
+                       "gate_failures": [{"cycle": e.get("cycle"), "reasons": e.get("reasons")}
+                                         for e in events if e["event"] == "gate_failed"][:20]},
+            "feedback_stats": feedback_stats(r)}
+
+
+# ------------------------------------------------------------------------------------------------ evaluating
+
+
+def _load(meta: dict, device: str):
+    from training.checkpoint import verify_checkpoint
+    from training.model import load_causal_lm
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per version is noise in a report run
+    verify_checkpoint(Path(meta["path"]))
+    return load_causal_lm(meta["path"], device)
+
+
+def _words_mean(samples) -> float:
+    return sum(len(text.split()) for _, text in samples) / max(len(samples), 1)
+
+
+def evaluate_versions(metas: dict[int, dict], versions: list[int], reference: int, cfg: ReportConfig
+                      ) -> tuple[dict[int, dict], dict[int, list[str]], dict[int, str]]:
+    """(metrics, responses on the evaluation tasks, load errors) per version, all on the same prompts, KL against
+    `reference`."""
+    import torch
+
+    from training.evaluate import EvalConfig, evaluate_policy
+
+    ecfg = EvalConfig(n_per_family=cfg.eval_per_family, max_new_tokens=cfg.max_new_tokens,
+                      batch_size=cfg.batch_size, seed=cfg.eval_seed)
+    metrics, responses, errors = {}, {}, {}
+    try:
+        ref_model, _ = _load(metas[reference], cfg.device)
+    except Exception as exc:
+        ref_model, errors[reference] = None, f"{type(exc).__name__}: {exc}"
+    for v in versions:
+        try:
+            model, tok = (_load(metas[v], cfg.device))
+        except Exception as exc:
+            errors[v] = f"{type(exc).__name__}: {exc}"
+            continue
+        with torch.no_grad():
+            m = evaluate_policy(model, tok, ecfg, reference=ref_model, return_samples=True)
+        samples = m.pop("samples")
+        m["words_mean"] = _words_mean(samples)
+        metrics[v], responses[v] = m, [text for _, text in samples]
+        del model
+    return metrics, responses, errors
+
+
+def oracle_figures(metas: dict[int, dict], final: int, baseline: int, cfg: ReportConfig,
+                   responses: dict[int, list[str]] | None = None) -> dict[str, Any]:
+    """Win rate of `final` over `baseline` on world.eval_tasks as judged by the noise-free oracle, with its 95 %
+    bootstrap CI; greedy responses come from `responses` (evaluation samples) or are generated here."""
+    from training.annotators import oracle_win_rate
+    from training.evaluate import generate_responses
+    from training.world import eval_tasks
+
+    tasks = eval_tasks(cfg.eval_per_family, seed=cfg.eval_seed)
+    got = dict(responses or {})
+    for v in (final, baseline):
+        if v not in got:
+            model, tok = _load(metas[v], cfg.device)
+            got[v] = generate_responses(model, tok, [t.prompt for t in tasks], max_new_tokens=cfg.max_new_tokens,
+                                        batch_size=cfg.batch_size)
+    result = oracle_win_rate(tasks, got[final], got[baseline])
+    return {**result, "final": final, "baseline": baseline, "tasks": "world.eval_tasks",
+            "eval_per_family": cfg.eval_per_family, "seed": cfg.eval_seed}
+
+
+# ------------------------------------------------------------------------------------------------ the report
+
+
+def _clean(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_clean(v) for v in x]
+    return x
+
+
+def _version_row(v: int, meta: dict, metrics: dict, source: str, rewards: dict[int, dict], cumulative: int) -> dict:
+    rv = meta.get("reward_version")
+    rmeta = rewards.get(int(rv)) if rv is not None else None
+    rm_acc = ((rmeta or {}).get("metrics") or {}).get("heldout_accuracy")
+    if rm_acc is None:
+        rm_acc = ((meta.get("reward") or {}).get("metrics") or {}).get("heldout_accuracy")
+    fb = meta.get("feedback") or {}
+    ann = _annotators(meta)
+    styles: Counter[str] = Counter()
+    for user, n in ann.items():
+        styles[_style(user)] += n
+    row = {"version": v, "label": f"v{v} {meta.get('source', '')}".strip(), "source": meta.get("source"),
+           "parent": meta.get("parent"), "status": meta.get("status"), "created": meta.get("created"),
+           "metrics_source": source, "reward_version": rv, "reward_heldout_accuracy": rm_acc,
+           "reward_pairs": (rmeta or {}).get("n_comparisons"),
+           "feedback_events": int(fb.get("events", 0) or 0), "feedback_by_type": fb.get("by_type", {}),
+           "feedback_cumulative": cumulative, "annotators": ann, "annotator_styles": dict(styles),
+           "live_win_rate": meta.get("live_win_rate")}
+    for k in (*METRIC_KEYS, "words_mean"):
+        row[k] = metrics.get(k)
+    if row["kl_to_ref"] is None and meta.get("source") in ("sft", "base"):
+        row["kl_to_ref"] = 0.0  # the reference itself
+    return row
+
+
+def build_report(r: redis.Redis, out: Path, cfg: ReportConfig = ReportConfig(), *, run: dict | None = None,
+                 compare: dict | None = None) -> dict[str, Any]:
+    """Collect, evaluate, plot; writes out/report.html, out/report.json and the PNGs; returns the JSON."""
+    out.mkdir(parents=True, exist_ok=True)
+    data = collect(r)
+    metas, served = data["metas"], data["served"]
+    if not served:
+        raise ValueError("no published policy version: run `alignd bootstrap` first")
+    final = data["current"] if data["current"] in served else served[-1]
+    baseline = _lineage_reference(metas, final)
+    versions = [v for v in served if v == baseline or v >= baseline]
+    metrics: dict[int, dict] = {}
+    responses: dict[int, list[str]] = {}
+    errors: dict[int, str] = {}
+    if cfg.evaluate:
+        metrics, responses, errors = evaluate_versions(metas, versions, baseline, cfg)
+    rows, cumulative = [], 0
+    for v in versions:
+        cumulative += int((metas[v].get("feedback") or {}).get("events", 0) or 0)
+        source = "evaluated" if v in metrics else "registry"
+        rows.append(_version_row(v, metas[v], metrics.get(v) or metas[v].get("metrics") or {}, source,
+                                 data["rewards"], cumulative))
+    use_oracle = cfg.oracle if cfg.oracle is not None else _built_in_world(metas[baseline])
+    oracle: dict[str, Any] | None = None
+    if use_oracle:
+        try:
+            oracle = oracle_figures(metas, final, baseline, cfg, responses)
+        except Exception as exc:  # a checkpoint that will not load: say so instead of failing the whole report
+            oracle = {"error": f"{type(exc).__name__}: {exc}"}
+    by_v = {row["version"]: row for row in rows}
+    before, after = by_v[baseline], by_v[final]
+    before_after = {k: {"before": before.get(k), "after": after.get(k),
+                        "delta": (after[k] - before[k]) if isinstance(after.get(k), (int, float))
+                        and isinstance(before.get(k), (int, float)) else None}
+                    for k in ("score/mean", "heldout_score", "over_caution", "harmful_compliance",
+                              "jailbreak_compliance", "length_mean", "words_mean", "kl_to_ref",
+                              "reward_heldout_accuracy", "oracle_utility")}
+    report: dict[str, Any] = {
+        "object": "alignd.report", "generated": time.time(), "run": run or {},
+        "warnings": warnings(before, after, oracle),
+        "final_version": final, "baseline_version": baseline, "versions": rows,
+        "before_after": before_after, "oracle": oracle, "targets": targets(before, after, oracle),
+        "cycles": data["cycles"], "evaluation": {**asdict(cfg), "load_errors": errors},
+        "feedback": {k: data["feedback_stats"][k] for k in ("events", "votes", "unconsumed", "imported")},
+    }
+    if compare is not None:
+        report["compare"] = compare_runs(report, compare)
+    report["figures"] = plot(report, out)
+    report = _clean(report)
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "report.html").write_text(render_html(report))
+    return report
+
+
+def warnings(before: dict, after: dict, oracle: dict | None) -> list[str]:
+    """Readings of the numbers that a headline win rate would hide."""
+    out = []
+    sb, sa = before.get("score/mean"), after.get("score/mean")
+    if isinstance(sb, float) and sb < WEAK_SFT_SCORE:
+        out.append(f"the SFT version answers only {sb:.0%} of the tasks correctly (over-caution "
+                   f"{_fmt(before.get('over_caution'))}): the bootstrap was too short or starved of CPU, and win "
+                   f"rates against it compare near-useless models")
+    if oracle and "win_rate" in oracle and oracle["win_rate"] > 0.5 and isinstance(sa, float) \
+            and isinstance(sb, float) and sa <= sb:
+        out.append(f"the oracle prefers v{oracle['final']} although it answers no more tasks correctly "
+                   f"({sb:.3f} → {sa:.3f}): the win comes from style (length, wording), not from correctness")
+    return out
+
+
+def targets(before: dict, after: dict, oracle: dict | None) -> dict[str, Any]:
+    """The issue's bars for the demo, each with the numbers it was judged on (None where not measurable)."""
+    out: dict[str, Any] = {}
+    if oracle and "win_rate" in oracle:
+        out["oracle_win_rate>=0.6"] = {"value": oracle["win_rate"], "met": oracle["win_rate"] >= TARGET_WIN_RATE}
+        out["oracle_ci_low>0.5"] = {"value": oracle["ci_low"], "met": oracle["ci_low"] > 0.5}
+    else:
+        out["oracle_win_rate>=0.6"] = out["oracle_ci_low>0.5"] = {"value": None, "met": None}
+    oc_b, oc_a = before.get("over_caution"), after.get("over_caution")
+    hc_b, hc_a = before.get("harmful_compliance"), after.get("harmful_compliance")
+    out["over_caution_down"] = {"before": oc_b, "after": oc_a,
+                                "met": None if oc_a is None or oc_b is None else oc_a < oc_b}
+    out["harmful_compliance_not_up"] = {"before": hc_b, "after": hc_a,
+                                        "met": None if hc_a is None or hc_b is None else hc_a <= hc_b}
+    return out
+
+
+def compare_runs(this: dict, other: dict) -> dict[str, Any]:
+    """Whose values? The final versions of two runs (e.g. a brevity pool and a detail pool) side by side."""
+    def summary(rep: dict) -> dict:
+        rows = {row["version"]: row for row in rep["versions"]}
+        final = rows[rep["final_version"]]
+        styles: Counter[str] = Counter()
+        for row in rep["versions"]:
+            styles.update(row.get("annotator_styles") or {})
+        label = (rep.get("run") or {}).get("annotators") or ",".join(s for s, n in styles.most_common() if n)
+        return {"label": label or "run", "final_version": rep["final_version"],
+                "final": {k: final.get(k) for k in STYLE_KEYS},
+                "trajectory": {k: [row.get(k) for row in rep["versions"]] for k in ("length_mean", "words_mean")},
+                "annotator_styles": dict(styles)}
+
+    a, b = summary(this), summary(other)
+    return {"this": a, "other": b,
+            "difference": {k: (a["final"][k] - b["final"][k]) if isinstance(a["final"][k], (int, float))
+                           and isinstance(b["final"][k], (int, float)) else None for k in STYLE_KEYS}}
+
+
+# ------------------------------------------------------------------------------------------------ plotting
+
+
+def plot(report: dict, out: Path) -> dict[str, Any]:
+    """Render one PNG per figure; returns {figure key: {"file", "title", "series"}} (the data plotted)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["versions"]
+    labels = [row["label"] for row in rows]
+    x = list(range(len(rows)))
+    series = lambda key: [row.get(key) for row in rows]  # noqa: E731
+    figures: dict[str, Any] = {}
+
+    def save(key: str, fig, data: dict) -> None:
+        file, title = FIGURES[key]
+        fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(out / file, dpi=90)
+        plt.close(fig)
+        figures[key] = {"file": file, "title": title, "versions": [row["version"] for row in rows], "series": data}
+
+    def lines(key: str, keys: list[str], ylabel: str, ylim=None, names=None) -> None:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        data = {}
+        for k, name in zip(keys, names or keys):
+            ys = [float("nan") if y is None else y for y in series(k)]
+            ax.plot(x, ys, marker="o", label=name, linestyle="--" if k.endswith(HELDOUT_FAMILY) else "-")
+            data[k] = series(k)
+        ax.set_xticks(x, labels, rotation=20)
+        ax.set_ylabel(ylabel)
+        if ylim:
+            ax.set_ylim(*ylim)
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend(fontsize=7, ncol=2)
+        save(key, fig, data)
+
+    def bars(key: str, k: str, ylabel: str, ylim=None) -> None:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ys = series(k)
+        ax.bar(x, [0 if y is None else y for y in ys], color="tab:blue")
+        for xi, y in zip(x, ys):
+            ax.annotate("n/a" if y is None else f"{y:.3g}", (xi, 0 if y is None else y), ha="center",
+                        va="bottom", fontsize=8)
+        ax.set_xticks(x, labels, rotation=20)
+        ax.set_ylabel(ylabel)
+        if ylim:
+            ax.set_ylim(*ylim)
+        save(key, fig, {k: ys})
+
+    lines("scores_by_family", [f"score/{f}" for f in TASK_FAMILIES] + ["score/mean"], "share correct", (0, 1.05),
+          [*(f if f != HELDOUT_FAMILY else f"{f} (held out)" for f in TASK_FAMILIES), "mean (trained families)"])
+    bars("heldout_score", "heldout_score", "share correct", (0, 1.05))
+    bars("over_caution", "over_caution", "share of benign requests refused", (0, 1.05))
+    lines("harmful_compliance", list(SAFETY_KEYS), "share of harmful requests answered", (-0.02, 1.05),
+          ["plain", "any jailbreak", *JAILBREAK_STYLES])
+    bars("reward_heldout_accuracy", "reward_heldout_accuracy", "held-out pair accuracy", (0, 1.05))
+    bars("kl_to_ref", "kl_to_ref", "nats per response")
+    bars("length_mean", "length_mean", "tokens")
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    styles = sorted({s for row in rows for s, n in (row.get("annotator_styles") or {}).items() if n})
+    bottom = [0] * len(rows)
+    data = {}
+    for s in styles:
+        counts = [int((row.get("annotator_styles") or {}).get(s, 0)) for row in rows]
+        ax.bar(x, counts, bottom=bottom, label=s)
+        bottom = [b + c for b, c in zip(bottom, counts)]
+        data[s] = counts
+    ax.plot(x, series("feedback_cumulative"), color="black", marker="o", label="cumulative events")
+    ax.set_xticks(x, labels, rotation=20)
+    ax.set_ylabel("feedback events")
+    if styles:
+        ax.legend(fontsize=7)
+    save("feedback", fig, {"by_style": data, "events": series("feedback_events"),
+                           "cumulative": series("feedback_cumulative"),
+                           "annotators": [row.get("annotators") for row in rows]})
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    oracle = report.get("oracle") or {}
+    if "win_rate" in oracle:
+        w = oracle["win_rate"]
+        ax.bar([0], [w], yerr=[[w - oracle["ci_low"]], [oracle["ci_high"] - w]], capsize=8, color="tab:green")
+        ax.set_xticks([0], [f"v{oracle['final']} vs v{oracle['baseline']} (n={oracle['n']})"])
+        ax.annotate(f"{w:.1%} [{oracle['ci_low']:.1%}, {oracle['ci_high']:.1%}]", (0, w), xytext=(12, 4),
+                    textcoords="offset points", ha="left", va="bottom")
+    else:
+        ax.text(0.5, 0.5, oracle.get("error", "no oracle for this deployment (not a built-in-world model)"),
+                ha="center", va="center", wrap=True, fontsize=8, transform=ax.transAxes)
+    ax.axhline(0.5, color="grey", linestyle="--", label="no better than SFT")
+    ax.axhline(TARGET_WIN_RATE, color="tab:red", linestyle=":", label="target")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    save("oracle_win_rate", fig, {k: oracle.get(k) for k in ("win_rate", "ci_low", "ci_high", "n", "final",
+                                                             "baseline", "error")})
+
+    if report.get("compare"):
+        cmp = report["compare"]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+        for side in ("this", "other"):
+            traj = cmp[side]["trajectory"]["length_mean"]
+            ax1.plot(range(len(traj)), [float("nan") if y is None else y for y in traj], marker="o",
+                     label=cmp[side]["label"])
+        ax1.set_xlabel("version index in run")
+        ax1.set_ylabel("mean response length (tokens)")
+        ax1.legend(fontsize=7)
+        keys = [k for k in STYLE_KEYS if k not in ("length_mean", "words_mean")]
+        width = 0.4
+        for i, side in enumerate(("this", "other")):
+            ax2.bar([j + i * width for j in range(len(keys))],
+                    [cmp[side]["final"].get(k) or 0 for k in keys], width, label=cmp[side]["label"])
+        ax2.set_xticks([j + width / 2 for j in range(len(keys))], keys, rotation=20, fontsize=7)
+        ax2.legend(fontsize=7)
+        file, title = "compare.png", "Whose values? Two annotator pools"
+        fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(out / file, dpi=90)
+        plt.close(fig)
+        figures["compare"] = {"file": file, "title": title, "series": cmp}
+    return figures
+
+
+# ------------------------------------------------------------------------------------------------ HTML
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return html.escape(str(v))
+
+
+def render_html(report: dict) -> str:
+    e = html.escape
+    rows = report["versions"]
+    cols = ["score/mean", "heldout_score", "over_caution", "harmful_compliance", "jailbreak_compliance",
+            "reward_heldout_accuracy", "kl_to_ref", "length_mean", "feedback_events", "feedback_cumulative"]
+    head = "".join(f"<th>{e(c)}</th>" for c in ["version", "source", "metrics", *cols, "annotators"])
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_fmt(x)}</td>" for x in [row["version"], row["source"], row["metrics_source"],
+                                                          *(row.get(c) for c in cols)])
+        + f"<td>{e(', '.join(f'{a} ({n})' if n else a for a, n in (row.get('annotators') or {}).items()))}</td></tr>"
+        for row in rows)
+    ba = "".join(f"<tr><td>{e(k)}</td><td>{_fmt(v['before'])}</td><td>{_fmt(v['after'])}</td>"
+                 f"<td>{_fmt(v['delta'])}</td></tr>" for k, v in report["before_after"].items())
+    tg = "".join(f"<tr><td>{e(k)}</td><td>{_fmt(v.get('value', v.get('after')))}</td><td>{_fmt(v['met'])}</td></tr>"
+                 for k, v in report["targets"].items())
+    oracle = report.get("oracle") or {}
+    oracle_line = (f"v{oracle['final']} beats v{oracle['baseline']} in {oracle['win_rate']:.1%} of {oracle['n']} "
+                   f"held-out prompts (95 % CI {oracle['ci_low']:.1%} – {oracle['ci_high']:.1%}), judged by the "
+                   f"noise-free oracle" if "win_rate" in oracle else e(oracle.get("error", "no oracle figures: "
+                                                                          "not a built-in-world deployment")))
+    figs = "".join(f"<figure><img src='{e(f['file'])}' alt='{e(f['title'])}'><figcaption>{e(f['title'])}"
+                   f"</figcaption></figure>" for f in report["figures"].values())
+    cyc = report["cycles"]
+    gate = "".join(f"<li>cycle {_fmt(g['cycle'])}: {e('; '.join(g.get('reasons') or []))}</li>"
+                   for g in cyc.get("gate_failures", []))
+    fb = report.get("feedback") or {}
+    events = fb.get("events") or {}
+    fb_rows = "".join(f"<tr><td>{e(k)}</td><td>{_fmt(n)}</td></tr>" for k, n in
+                      [*(("type " + t, n) for t, n in (events.get("by_type") or {}).items()),
+                       *(("user " + u, n) for u, n in sorted((events.get("by_user") or {}).items()))])
+    run = report.get("run") or {}
+    run_line = e(", ".join(f"{k}: {v}" for k, v in run.items() if not isinstance(v, dict | list)))
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>alignd alignment report</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;
+margin:1em 0}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right;font-size:13px}}
+figure{{display:inline-block;margin:8px}}img{{max-width:560px}}</style></head><body>
+<h1>alignd alignment report</h1>
+<p>Final version v{report['final_version']} against the SFT version v{report['baseline_version']}.
+Cycles published: {cyc['published']}, gate failures: {cyc['gate_failed']}, failed: {cyc['failed']},
+rollbacks: {cyc['rollbacks']}. {run_line}</p>
+{''.join(f"<p style='color:#b00'><b>warning:</b> {e(w)}</p>" for w in report.get('warnings', []))}
+<h2>Oracle win rate</h2><p>{oracle_line}</p>
+<h2>Targets</h2><table><tr><th>target</th><th>value</th><th>met</th></tr>{tg}</table>
+<h2>Before / after</h2><table><tr><th>metric</th><th>SFT</th><th>final</th><th>change</th></tr>{ba}</table>
+<h2>Versions</h2><table><tr>{head}</tr>{body}</table>
+<h2>Figures</h2>{figs}
+<h2>Feedback log</h2><p>{_fmt(events.get('total'))} events accepted, {_fmt(fb.get('unconsumed'))} not yet trained
+on, {_fmt(fb.get('imported'))} imported preference items.</p>
+<table><tr><th>by</th><th>events</th></tr>{fb_rows}</table>
+<h2>Gate failures</h2><ul>{gate or '<li>none</li>'}</ul>
+</body></html>
+"""

@@ -1,0 +1,126 @@
+"""Simulated users against a live server (real HTTP, real Redis) and the alignment report from a real registry."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from alignd.config import Settings
+from alignd.report import FIGURES, ReportConfig, build_report
+from alignd.runtime import publish_version
+from alignd.simulate import SimConfig, api_keys_setting, assign_keys, read_keys_file, sim_api_keys, simulate, \
+    simulated_users
+from service.app import create_app
+from service.engine import Engine
+from service.loader import load_version
+from store import keys, registry
+from store.client import connect
+from store.stats import feedback_stats
+from tests.conftest import LiveServer
+from tests.utils.serving import publish_tiny
+from tests.utils.tiny import tiny_model, tiny_tokenizer
+from training.world import HELDOUT_FAMILY, TASK_FAMILIES, task_from_prompt
+
+ADMIN = "sk-test-admin"
+
+
+def sim_settings(home, users) -> Settings:
+    return Settings(home=home, api_keys=api_keys_setting(sim_api_keys(users)), admin_key=ADMIN)
+
+
+def test_simulated_users_give_all_three_kinds_of_feedback(tmp_path, redis_url, r):
+    users = simulated_users(4, "balanced,brevity,detail,strict", noise=0.25)
+    settings = sim_settings(tmp_path, users)
+    version = publish_tiny(redis_url, settings)
+    engine = Engine(load_version(r, settings, version), max_batch_size=settings.max_batch_size)
+    cfg = SimConfig(users=4, seconds=6.0, max_tokens=6, concurrency=4, seed=1)
+    with LiveServer(create_app(settings, redis_url, engine)) as server:
+        cfg.url = server.url
+        t0 = time.monotonic()
+        counts = simulate(cfg, settings.user_keys())
+        elapsed = time.monotonic() - t0
+    assert elapsed < cfg.seconds + 30
+    assert counts["errors"]["total"] == 0, counts["errors"]
+    assert all(counts["feedback"][k] > 0 for k in ("thumbs", "pairwise", "rank")), counts
+    stats = feedback_stats(r)
+    # what the simulator says it sent is exactly what Redis accepted, by type and by user
+    assert stats["events"]["total"] == counts["feedback"]["total"]
+    assert stats["events"]["by_type"] == {k: counts["feedback"][k] for k in ("thumbs", "pairwise", "rank")}
+    assert stats["events"]["by_user"] == counts["by_user"]
+    assert set(stats["events"]["by_user"]) == {u.name for u in users}  # one identity per simulated user
+    assert counts["served_versions"] == {str(version): counts["requests"]}
+    # prompts come from the world without the held-out family
+    prompts = [json.loads(f["messages"])[-1]["content"] for _, f in r.xrange(keys.prompts_stream())]
+    assert len(prompts) == counts["requests"]
+    for p in prompts:
+        task = task_from_prompt(p)
+        assert task is not None and task.family != HELDOUT_FAMILY
+
+
+def test_keys_are_one_per_user_and_read_from_files(tmp_path):
+    users = simulated_users(5, "brevity,detail")
+    assert [u.name for u in users] == ["sim-brevity-1", "sim-detail-1", "sim-brevity-2", "sim-detail-2",
+                                       "sim-brevity-3"]
+    ring = sim_api_keys(users)
+    (tmp_path / "keys.json").write_text(json.dumps({"users": ring, "admin_key": "x"}))
+    (tmp_path / "keys.txt").write_text(api_keys_setting(ring).replace(",", "\n"))
+    assert read_keys_file(tmp_path / "keys.json") == ring == read_keys_file(tmp_path / "keys.txt")
+    assigned = assign_keys(users, ring)
+    assert all(ring[assigned[u.name]] == u.name for u in users)
+    other = {"k1": "alice", "k2": "bob", "k3": "carol", "k4": "dan", "k5": "eve"}
+    assert len(set(assign_keys(users, other).values())) == 5
+    with pytest.raises(ValueError, match="distinct API keys"):
+        assign_keys(users, {"k1": "alice"})
+
+
+def publish_child(redis_url, settings, parent: int, reward_version: int, seed: int) -> int:
+    model, tok = tiny_model("gpt2", seed=seed), tiny_tokenizer()
+    meta = {"source": "ppo", "parent": parent, "reward_version": reward_version, "metrics": {},
+            "feedback": {"events": 30, "by_type": {"pairwise": 20, "rank": 10}},
+            "annotators": {"sim-brevity-1": 18, "sim-detail-1": 12}}
+    return publish_version(connect(redis_url), settings, lambda d: (model.save_pretrained(d), tok.save_pretrained(d)),
+                           meta)
+
+
+def test_report_has_every_figure(tmp_path, redis_url, r):
+    settings = Settings(home=tmp_path / "home", api_keys="k:u", admin_key=ADMIN)
+    v1 = publish_tiny(redis_url, settings)
+    registry.add_reward_version(r, 1, {"path": "unused", "metrics": {"heldout_accuracy": 0.75}, "n_comparisons": 40})
+    v2 = publish_child(redis_url, settings, v1, 1, seed=3)
+    out = tmp_path / "report"
+    cfg = ReportConfig(eval_per_family=2, max_new_tokens=6, oracle=True)
+    report = build_report(r, out, cfg, run={"annotators": "brevity,detail"})
+
+    assert (out / "report.html").is_file() and (out / "report.json").is_file()
+    assert json.loads((out / "report.json").read_text())["final_version"] == v2
+    assert set(FIGURES) <= set(report["figures"])
+    for fig in report["figures"].values():
+        png = out / fig["file"]
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert fig["file"] in (out / "report.html").read_text()
+    rows = {row["version"]: row for row in report["versions"]}
+    assert set(rows) == {v1, v2}
+    for row in rows.values():
+        assert row["metrics_source"] == "evaluated"
+        for key in [*(f"score/{f}" for f in TASK_FAMILIES), "heldout_score", "over_caution", "harmful_compliance",
+                    "jailbreak_compliance", "length_mean", "kl_to_ref"]:
+            assert isinstance(row[key], float), (key, row[key])
+    assert rows[v1]["kl_to_ref"] == pytest.approx(0.0, abs=1e-4)
+    assert rows[v2]["reward_heldout_accuracy"] == 0.75 and rows[v1]["reward_heldout_accuracy"] is None
+    assert rows[v2]["annotators"] == {"sim-brevity-1": 18, "sim-detail-1": 12}
+    assert rows[v2]["annotator_styles"] == {"brevity": 18, "detail": 12} and rows[v2]["feedback_cumulative"] == 30
+    oracle = report["oracle"]
+    assert oracle["final"] == v2 and oracle["baseline"] == v1 and oracle["n"] == 13 * 2
+    assert 0.0 <= oracle["ci_low"] <= oracle["win_rate"] <= oracle["ci_high"] <= 1.0
+    assert set(report["targets"]) == {"oracle_win_rate>=0.6", "oracle_ci_low>0.5", "over_caution_down",
+                                      "harmful_compliance_not_up"}
+
+    # whose values: a second report compared against the first shows both runs' style metrics
+    other = build_report(r, tmp_path / "report2", ReportConfig(evaluate=False, oracle=False),
+                         compare=report)
+    assert other["versions"][0]["metrics_source"] == "registry" and other["oracle"] is None
+    assert (tmp_path / "report2" / "compare.png").is_file()
+    assert other["compare"]["other"]["label"] == "brevity,detail"
+    assert set(other["compare"]["this"]["final"]) >= {"length_mean", "over_caution"}

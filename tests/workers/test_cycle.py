@@ -1,0 +1,138 @@
+"""workers/cycle.py without Celery: a cycle publishes a traceable version, the gate refuses, the feedback is used
+exactly once even when a cycle dies at the worst moment, and PPO state resumes across cycles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from store import feedback as fb
+from store import keys, registry
+from store.lock import FencedLock
+from tests.workers.helpers import TINY_CYCLE, make_settings, publish_tiny, seed_feedback
+from training.checkpoint import verify_checkpoint
+from workers.cycle import CycleConfig, gate, is_degenerate, run_cycle
+
+
+@pytest.fixture
+def home(r, redis_url, tmp_path):
+    settings = make_settings(tmp_path / "home", redis_url)
+    publish_tiny(r, settings)
+    return settings
+
+
+def tiny(**kw) -> CycleConfig:
+    return CycleConfig.from_dict({**TINY_CYCLE, **kw})
+
+
+def test_cycle_publishes_with_provenance_acks_and_resumes(r, home):
+    events = seed_feedback(r, 24)
+    assert run_cycle(r, home, tiny(), min_events=25)["status"] == "skipped"
+    assert fb.unconsumed_count(r) == 24  # a skipped cycle takes nothing
+
+    report = run_cycle(r, home, tiny(), min_events=24)
+    assert report["status"] == "published" and registry.current_version(r) == 2
+    meta = registry.get_version(r, 2)
+    assert meta["parent"] == 1 and meta["source"] == "ppo" and meta["reference_version"] == 1
+    assert meta["feedback"]["events"] == 24 and meta["feedback"]["new_comparisons"] == 24
+    assert meta["feedback"]["first_id"] == events[0].stream_id and meta["feedback"]["last_id"] == events[-1].stream_id
+    assert meta["annotators"] == {"alice": 12, "bob": 12}
+    for key in ("score/mean", "heldout_score", "over_caution", "kl_to_ref", "reward_mean", "degenerate_share"):
+        assert key in meta["metrics"], key
+    assert meta["metrics"]["gate"]["parent_reward_mean"] is not None
+    manifest = verify_checkpoint(Path(meta["path"]))
+    assert manifest["parent"] == 1 and manifest["feedback"]["events"] == 24
+    rm = registry.get_reward_version(r, meta["reward_version"])
+    assert registry.current_reward_version(r) == 1 and verify_checkpoint(Path(rm["path"]))["kind"] == "reward_model"
+    assert fb.unconsumed_count(r) == 0 and fb.pending_count(r) == 0
+    assert json.loads(r.get(keys.ppo_state()))["version"] == 2
+
+    seed_feedback(r, 6, seed=1)
+    second = run_cycle(r, home, tiny(reward_tolerance=-1.0))  # demand +100 % accuracy: the new RM must be refused
+    assert second["status"] == "published" and second["version"] == 3
+    assert second["ppo"]["resumed"] and second["ppo"]["total_steps"] == 2 * TINY_CYCLE["ppo_steps"]
+    assert not second["reward"]["accepted"] and "regresses" in second["reward"]["reason"]
+    assert registry.current_reward_version(r) == 1 and registry.get_version(r, 3)["reward_version"] == 1
+    assert registry.get_version(r, 3)["feedback"]["events"] == 6
+
+
+def test_failed_gate_is_recorded_and_the_current_version_stays(r, home):
+    seed_feedback(r, 12)
+    report = run_cycle(r, home, tiny(min_reward_gain=1e9))
+    assert report["status"] == "gate_failed" and "did not improve" in report["reasons"][0]
+    assert registry.current_version(r) == 1 and [m["version"] for m in registry.list_versions(r)] == [1]
+    failed = registry.find_events(r, event="gate_failed")
+    assert failed and failed[0]["cycle"] == report["cycle"] and failed[0]["feedback"]["events"] == 12
+    assert fb.unconsumed_count(r) == 0  # accounted for by the recorded failure
+
+
+def test_events_of_a_run_that_died_after_publishing_are_not_used_again(r, home):
+    seed_feedback(r, 8)
+    dead = FencedLock(r, "train", ttl_ms=60_000, heartbeat_s=3600)
+    dead.acquire()
+    taken = fb.read_new(r, f"cycle-{dead.token}", 100)
+    r.hset(keys.train_inflight(), str(dead.token), json.dumps({"ids": [e.stream_id for e in taken]}))
+    publish_tiny(r, home, source="ppo", parent=1, cycle=dead.token, expected=1, fencing_token=dead.token)
+    r.delete(keys.lock("train"))  # the worker died right after publishing, before acknowledging
+    assert fb.pending_count(r) == 8
+
+    seed_feedback(r, 3, seed=5)
+    report = run_cycle(r, home, tiny())
+    assert report["recovered"] == {"acked": 8, "released": 0}
+    assert report["status"] == "published" and report["feedback"]["events"] == 3  # only the new ones
+    assert fb.unconsumed_count(r) == 0 and r.hlen(keys.train_inflight()) == 0
+
+
+def test_events_of_a_run_that_died_before_publishing_are_reclaimed(r, home):
+    seed_feedback(r, 8)
+    dead = FencedLock(r, "train", ttl_ms=60_000, heartbeat_s=3600)
+    dead.acquire()
+    taken = fb.read_new(r, f"cycle-{dead.token}", 100)
+    r.hset(keys.train_inflight(), str(dead.token), json.dumps({"ids": [e.stream_id for e in taken]}))
+    r.delete(keys.lock("train"))
+    report = run_cycle(r, home, tiny())
+    assert report["recovered"] == {"acked": 0, "released": 8}
+    assert report["status"] == "published" and report["feedback"]["events"] == 8
+    assert fb.unconsumed_count(r) == 0
+
+
+def _metrics(**kw) -> dict:
+    return {"reward_mean": 0.0, "kl_to_ref": 1.0, "degenerate_share": 0.0, "length_mean": 10.0} | kw
+
+
+@pytest.mark.parametrize("candidate, reason", [
+    (_metrics(reward_mean=-0.1), "did not improve"),
+    (_metrics(reward_mean=0.5, kl_to_ref=50.0), "KL"),
+    (_metrics(reward_mean=0.5, degenerate_share=0.5), "empty or repetitive"),
+    (_metrics(reward_mean=0.5, length_mean=30.0), "length"),
+])
+def test_gate_names_each_failure(candidate, reason):
+    passed, reasons, _ = gate(candidate, _metrics(), CycleConfig())
+    assert not passed and len(reasons) == 1 and reason in reasons[0]
+    assert gate(_metrics(reward_mean=0.5), _metrics(), CycleConfig())[0]
+
+
+def test_degenerate_responses():
+    assert is_degenerate("") and is_degenerate("   ") and is_degenerate("the the the the the the the")
+    assert is_degenerate("!!!!!!!!!!!!!!!!")
+    assert not is_degenerate("The answer is 5.") and not is_degenerate("Paris is the capital of France.")
+
+
+def test_a_run_whose_lock_was_taken_over_publishes_nothing_and_leaves_its_events(r, home):
+    seed_feedback(r, 6)
+    thief = FencedLock(r, "train", ttl_ms=60_000)
+
+    def take_over(stage: str, info: dict) -> None:
+        if stage == "gate":  # the run's lock expired (a long pause) and another run took it before the publish
+            r.delete(keys.lock("train"))
+            thief.acquire()
+
+    report = run_cycle(r, home, tiny(), progress=take_over)
+    assert report["status"] == "conflict" and "lock was lost" in report["reason"]
+    assert registry.current_version(r) == 1 and [m["version"] for m in registry.list_versions(r)] == [1]
+    assert fb.unconsumed_count(r) == 6  # not acknowledged: the next cycle trains on them
+    thief.release()
+    again = run_cycle(r, home, tiny())
+    assert again["status"] == "published" and again["feedback"]["events"] == 6 and fb.unconsumed_count(r) == 0

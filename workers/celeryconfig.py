@@ -1,0 +1,72 @@
+"""Celery configuration of alignd (loaded by `workers/celery_app.py` with `config_from_object`).
+
+Routing, time limits, delivery guarantees and the beat schedule live here, not in the tasks.
+
+- Two queues: `train` (the training cycle; run it on a worker with `--concurrency 1`, prefetch 1, ideally a GPU
+  machine) and `default` (light periodic tasks that must not wait behind a training run).
+- acks_late + reject_on_worker_lost: a task is acknowledged when it finishes, so a worker that dies mid-cycle leaves
+  the message to be delivered again; the tasks are idempotent (a finished task id returns its stored result) and
+  count their deliveries in Redis, giving up after `alignd_max_deliveries` (a task that kills its worker every
+  time, e.g. out of memory, must not loop forever).
+- The Redis transport redelivers an unacknowledged message after `visibility_timeout`; it is longer than the hard
+  time limit, so a long training run still in progress is never handed to a second worker.
+"""
+
+from __future__ import annotations
+
+from kombu import Queue
+
+from alignd.config import get_settings
+from alignd.redis_server import EmbeddedRedis
+
+_settings = get_settings()
+
+
+def resolve_redis_url() -> str:
+    """ALIGND_REDIS_URL, or the embedded Redis that `alignd up` / `alignd worker` started under ALIGND_HOME."""
+    if _settings.redis_url:
+        return _settings.redis_url
+    url = EmbeddedRedis(_settings.home / "redis").running_url()
+    if url is None:
+        raise RuntimeError("no Redis for Celery: set ALIGND_REDIS_URL, or start workers with `alignd worker` / "
+                           "`alignd up`, which start the embedded Redis under ALIGND_HOME")
+    return url
+
+
+broker_url = resolve_redis_url()
+result_backend = broker_url
+broker_connection_retry_on_startup = True
+
+TRAIN_SOFT_LIMIT_S = 20 * 60  # a cycle is ~2 min on 2 cores; far beyond that something is wrong: stop it cleanly
+TRAIN_HARD_LIMIT_S = 25 * 60  # then kill it (the cycle's lock TTL and feedback accounting make that safe)
+VISIBILITY_TIMEOUT_S = 2 * 60 * 60  # > hard limit: an unacked message is redelivered only when its worker is gone
+LIGHT_SOFT_LIMIT_S, LIGHT_HARD_LIMIT_S = 30, 60  # maybe_train / arena_watch read a few keys
+
+task_default_queue = "default"
+task_queues = (Queue("default"), Queue("train"))
+task_routes = {"alignd.train_cycle": {"queue": "train"}}
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1  # a training worker must not reserve a second cycle while running one
+task_soft_time_limit = TRAIN_SOFT_LIMIT_S
+task_time_limit = TRAIN_HARD_LIMIT_S
+task_annotations = {name: {"soft_time_limit": LIGHT_SOFT_LIMIT_S, "time_limit": LIGHT_HARD_LIMIT_S}
+                    for name in ("alignd.maybe_train", "alignd.arena_watch")}
+broker_transport_options = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
+result_backend_transport_options = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
+result_expires = 7 * 24 * 3600
+task_serializer = result_serializer = "json"
+accept_content = ["json"]
+timezone = "UTC"
+worker_send_task_events = True  # Flower shows tasks live
+task_send_sent_event = True
+
+alignd_max_deliveries = 3  # deliveries of one task id before it is abandoned (recorded as a registry event)
+
+ARENA_WATCH_S = min(60, _settings.cycle_seconds)  # rolling back a bad version should not wait a whole cycle
+beat_schedule = {
+    "maybe-train": {"task": "alignd.maybe_train", "schedule": float(_settings.cycle_seconds),
+                    "options": {"expires": float(_settings.cycle_seconds)}},  # a stale check is worthless
+    "arena-watch": {"task": "alignd.arena_watch", "schedule": float(ARENA_WATCH_S),
+                    "options": {"expires": float(ARENA_WATCH_S)}},
+}
