@@ -61,6 +61,7 @@ def bootstrap(
     seconds: Annotated[float, typer.Option(help="SFT wall-clock budget")] = 180.0,
     base: Annotated[Optional[Path], typer.Option(help="register this local HF causal-LM folder instead")] = None,
     force: Annotated[bool, typer.Option(help="publish a new SFT version even if one exists")] = False,
+    eval_per_family: Annotated[int, typer.Option(help="held-out evaluation prompts per task family")] = 20,
     as_json: JsonOpt = False,
 ):
     """Build the SFT assistant (or register --base) as the first policy version and print its checker scores."""
@@ -94,9 +95,10 @@ def bootstrap(
         meta = {"source": "base", "base": str(base), "parent": None, "metrics": {}}
     else:
         from training.bootstrap import BootstrapConfig, bootstrap as run_bootstrap
+        from training.evaluate import EvalConfig
         from training.sft import SFTConfig
 
-        cfg = BootstrapConfig(sft=SFTConfig(max_seconds=seconds))
+        cfg = BootstrapConfig(sft=SFTConfig(max_seconds=seconds), eval=EvalConfig(n_per_family=eval_per_family))
         bar = tqdm(total=int(seconds), desc="SFT", unit="s", disable=as_json)
 
         def progress(step: int, m: dict) -> None:
