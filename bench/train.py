@@ -1,15 +1,17 @@
 """Training benchmark: reward model and PPO on the built-in world, from noisy simulated feedback. Prints JSON.
 
-1. The SFT policy answers world prompts twice (sampling); a pool of simulated annotators with 25% label noise
-   (AlpacaFarm's figure) compares each pair → comparisons. Held-out prompts are also labelled by the noise-free oracle.
+1. The SFT policy answers world prompts four times (greedy + 3 samples); an annotator of a pool with 25% label noise
+   (AlpacaFarm's figure) ranks the four → 6 comparisons per prompt. Held-out prompts are ranked the same way and
+   every pair is judged by the noise-free oracle.
 2. The reward model (initialised from the SFT trunk) trains on the noisy comparisons; we report its held-out accuracy
-   against the noise-free oracle and its throughput (pairs/s).
+   against the noise-free oracle (all decided pairs, and those where exactly one response is correct) and its
+   throughput (pairs/s).
 3. PPO optimises the SFT policy against it for a fixed budget; we report samples/s, the share of PPO time spent
    generating, and the policy before/after: checker scores, over-caution, harmful compliance, KL, length, and the
    oracle win rate of after vs before on held-out evaluation prompts (95% bootstrap CI).
 
     python bench/train.py --model ~/.alignd/checkpoints/v1            # any built-in-world SFT checkpoint
-    python bench/train.py --model PATH --pairs 2000 --ppo-steps 40
+    python bench/train.py --model PATH --prompts 2000 --rm-seconds 120 --ppo-steps 40
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def comparisons_from_policy(model, tok, n_prompts: int, k: int, seed: int, noise
     for i, t in enumerate(tasks):
         responses = [col[i] for col in columns]
         judge = pool[i % len(pool)]
-        order = [responses[j] for j in judge.rank(t, responses, rng)]  # best first
+        order = [responses[j] for j in judge.rank(t, responses, rng)]  # best first, adjacent swaps = noise
         for a in range(k):
             for b in range(a + 1, k):
                 x, y = order[a], order[b]
@@ -95,13 +97,13 @@ def oracle_accuracy(rm, tok, triples) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, required=True, help="SFT policy folder (e.g. ALIGND_HOME/checkpoints/v1)")
-    ap.add_argument("--prompts", type=int, default=500, help="labelled prompts; each gives k(k-1)/2 comparisons")
+    ap.add_argument("--prompts", type=int, default=1000, help="labelled prompts; each gives k(k-1)/2 comparisons")
     ap.add_argument("--responses", type=int, default=4, help="k: responses ranked per prompt (1 greedy + k-1 sampled)")
     ap.add_argument("--noise", type=float, default=0.25)
-    ap.add_argument("--rm-seconds", type=float, default=RewardConfig.max_seconds)
+    ap.add_argument("--rm-seconds", type=float, default=60.0)
     ap.add_argument("--reward-model", type=Path, help="use this trained reward model instead of training one")
     ap.add_argument("--save-reward-model", type=Path, help="write the trained reward model here")
-    ap.add_argument("--ppo-steps", type=int, default=40)
+    ap.add_argument("--ppo-steps", type=int, default=30)
     ap.add_argument("--ppo-lr", type=float, default=PPOConfig.lr)
     ap.add_argument("--kl-coef", type=float, default=PPOConfig.kl_coef)
     ap.add_argument("--eval-per-family", type=int, default=20)

@@ -57,15 +57,16 @@ MISSING_EOS_MODES = ("replace", "add")
 @dataclass
 class PPOConfig:
     # rollouts
-    batch_size: int = 16  # rollouts per PPO iteration (one prompt each)
-    mini_batch_size: int = 4  # rollouts per optimiser step: batch_size / mini_batch_size updates per epoch
+    batch_size: int = 32  # rollouts per PPO iteration (one prompt each); 16 gives the 2 M model too noisy a gradient
+    mini_batch_size: int = 8  # rollouts per optimiser step: batch_size / mini_batch_size updates per epoch
     ppo_epochs: int = 4  # passes over each batch (Huang et al.); more reuses data but drifts off-policy
     max_new_tokens: int = 64  # response budget; responses cut here have no EOS and get missing_eos_penalty
     temperature: float = 1.0  # sample from the policy itself, so logprobs are those of the sampling distribution
     top_k: int = 0  # 0 disables; truncated sampling would make the rollout policy differ from the trained one
     top_p: float = 1.0  # 1.0 disables, for the same reason
     # reward
-    kl_coef: float = 0.05  # initial beta of the per-token penalty -beta * (logp - ref_logp); keeps the SFT style
+    kl_coef: float = 0.1  # beta of the per-token penalty -beta * (logp - ref_logp); 0.05 let the 2 M policy drift
+    # 2-4 nats in 30 steps, where the reward model is exploited (its reward rises, the oracle's utility falls)
     kl_target: float | None = None  # None: fixed beta; a number: Ziegler et al.'s adaptive controller aims at it
     kl_horizon: int = 10_000  # adaptive controller's horizon in rollouts (Ziegler et al. use 10k)
     kl_estimator: str = "k1"  # k1 is unbiased per token and what Ziegler et al./Huang et al. put in the reward
@@ -84,8 +85,9 @@ class PPOConfig:
     entropy_coef: float = 0.0  # no entropy bonus: the KL penalty already keeps the policy from collapsing
     loss_reduction: str = "token_mean"  # "token_mean" | "seq_mean" over response tokens
     # optimisation
-    lr: float = 1e-5  # policy AdamW; Huang et al. use 1.41e-5 for GPT-2 sizes
-    critic_lr: float = 1e-5  # critic AdamW (own optimiser, so the critic cannot disturb the policy's moments)
+    lr: float = 3e-5  # policy AdamW; Huang et al. use 1.41e-5 for GPT-2 sizes; on the 2 M model 1e-4 and above
+    # drift several nats in 30 steps and lower the checker scores, 3e-5 stays within ~1 nat
+    critic_lr: float = 1e-4  # critic AdamW (own optimiser); its fresh head must fit the returns within a few steps
     adam_eps: float = 1e-5  # Huang et al.: TF-style Adam epsilon
     weight_decay: float = 0.0  # short online runs from a good SFT start: no decay toward 0
     max_grad_norm: float = 1.0  # per model, per minibatch

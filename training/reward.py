@@ -18,11 +18,13 @@ Losses, per kind of feedback (see `training/data.py`):
   `RewardConfig.pointwise_weight` (0 disables it) because a lone thumb says less than a comparison.
 A batch's loss is the weighted mean over its items (pairs weigh 1, rated responses `pointwise_weight`).
 
-Pairs of one rank or one completion (same `group`) stay together in one batch. The held-out split is by prompt (a
-prompt's pairs are all in train or all held out), chosen by a seeded hash of `prompt_key`, so a prompt keeps its
-side as the feedback log grows. After training, reference responses (samples of the SFT policy, or the compared
-responses) are scored and an affine normalisation makes them mean 0, std 1 (Ziegler et al. 2019); it is stored in
-the model config (`alignd_reward_mean`, `alignd_reward_std`), survives `save_pretrained`, and `score` applies it.
+Pairs of one rank or one completion (same `group`) stay together in one batch, and a text shared by several pairs
+is scored once (a ranking of K responses costs K forwards, not K(K-1)). Ties between identical responses carry no
+gradient and are skipped in training. The held-out split is by prompt (a prompt's pairs are all in train or all
+held out), chosen by a seeded hash of `prompt_key`, so a prompt keeps its side as the feedback log grows. After
+training, reference responses (samples of the SFT policy, or the compared responses) are scored and an affine
+normalisation makes them mean 0, std 1 (Ziegler et al. 2019); it is stored in the model config
+(`alignd_reward_mean`, `alignd_reward_std`), survives `save_pretrained`, and `score` applies it.
 
     python -m pytest tests/training/test_reward.py -q
 """
@@ -54,11 +56,11 @@ MEAN_KEY, STD_KEY = "alignd_reward_mean", "alignd_reward_std"
 
 @dataclass
 class RewardConfig:
-    lr: float = 3e-4  # AdamW; a 2 M-param SFT trunk: 1e-4 under-fits a 60 s budget, 1e-3 over-fits noisy labels
+    lr: float = 3e-4  # AdamW; on the 2 M SFT trunk 1e-4 under-fits a 60 s budget, 1e-3 was worse even on clean labels
     weight_decay: float = 0.0  # one or two epochs over noisy labels: early stopping is the regulariser
-    batch_size: int = 16  # pairs per step; small batches give the many steps a 60 s CPU budget needs (32 was worse)
-    epochs: int | None = 2  # InstructGPT stops after one; two passes help the tiny model on ~3k pairs, a third over-fits
-    max_seconds: float | None = 60.0  # wall-clock budget for the training loop (the online loop runs in slices)
+    batch_size: int = 16  # pairs per step; a 60 s CPU budget needs many small steps (32 learned less)
+    epochs: int | None = 2  # InstructGPT stops after one; 2 passes over ~4k pairs fit 60 s on 2 cores
+    max_seconds: float | None = None  # wall-clock budget for the loop; ~60 s fits 2 epochs of 4k pairs on 2 cores
     max_length: int = 512  # tokens per input; longer conversations keep their end (where the score is read)
     max_grad_norm: float = 1.0  # standard clipping; protects the trunk from a few huge-margin pairs
     heldout_fraction: float = 0.1  # share of *prompts* held out to measure generalisation to new prompts

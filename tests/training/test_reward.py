@@ -184,3 +184,32 @@ def test_a_budget_is_required_and_max_seconds_stops_training():
     cfg = RewardConfig(epochs=None, max_seconds=1.0, batch_size=4)
     _, metrics = train_reward_model(cfg, good_bad_comparisons(20), base=tiny_model(), tokenizer=tok)
     assert time.perf_counter() - t0 < 6 and metrics["epochs"] >= 1
+
+
+def test_a_ranking_scores_each_shared_response_once_with_the_same_loss():
+    """The pairs of one ranking share responses; batch_loss scores each text once, and the loss is unchanged."""
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    rm = build_reward_model(tiny_model(), tok).eval()
+    p = [{"role": "user", "content": "Rank these."}]
+    ranked = ["best answer", "a fine answer", "worse", "worst of all"]
+    pairs = [Comparison(prompt=p, chosen=ranked[i], rejected=ranked[j], group="r")
+             for i in range(4) for j in range(i + 1, 4)]
+    calls = []
+    hook = rm.register_forward_hook(lambda module, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]),
+                                    with_kwargs=True)
+    loss, stats = batch_loss(rm, tok, pairs, RewardConfig())
+    hook.remove()
+    assert calls == [4] and stats["n_pref"] == 6
+    separate = [batch_loss(rm, tok, [c], RewardConfig())[0].item() for c in pairs]
+    assert loss.item() == pytest.approx(sum(separate) / len(separate), abs=1e-5)
+
+
+def test_identical_ties_are_skipped_in_training():
+    """A tie between two identical responses has zero gradient; training leaves it out of n_train."""
+    tok = tiny_tokenizer()
+    data = good_bad_comparisons(20)
+    same = [Comparison(prompt=c.prompt, chosen="same", rejected="same", label="tie") for c in data]
+    cfg = RewardConfig(epochs=1, heldout_fraction=0.0, batch_size=8)
+    _, metrics = train_reward_model(cfg, data + same, base=tiny_model(), tokenizer=tok)
+    assert metrics["n_train"] == len(data)
