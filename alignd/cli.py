@@ -141,6 +141,9 @@ def serve(
     if version is None:
         console.print("[red]no policy version is registered: run `alignd bootstrap` (or `alignd up`) first")
         raise typer.Exit(2)
+    # The engine thread must get the GIL back as soon as a torch op returns; with the default 5 ms switch interval
+    # the event loop's threads hold it for whole intervals and single-stream decoding runs ~2x slower (bench/serve.py).
+    sys.setswitchinterval(0.0005)
     policy = load_version(r, settings, version)
     engine = Engine(policy, max_batch_size=settings.max_batch_size)
     application = create_app(settings, url, engine)

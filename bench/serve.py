@@ -1,4 +1,4 @@
-"""Serving benchmark: alignd's engine over real HTTP at 1, 4 and 16 concurrent clients against baselines on the same
+"""Serving benchmark: alignd's engine over real HTTP (`alignd serve` in its own process) at 1, 4 and 16 concurrent clients against baselines on the same
 model in the same run — one-request-at-a-time Hugging Face `generate`, and transformers' own continuous batching
 (`generate_batch`). Prints JSON.
 
@@ -14,21 +14,22 @@ import json
 import os
 import statistics
 import sys
+import socket
+import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import torch
-import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from alignd.config import Settings  # noqa: E402
 from alignd.redis_server import EmbeddedRedis  # noqa: E402
-from service.app import create_app  # noqa: E402
+from alignd.runtime import publish_version  # noqa: E402
 from service.engine import Engine, Policy  # noqa: E402
+from store.client import connect  # noqa: E402
 from training import world  # noqa: E402
 from training.model import build_model, tiny_config  # noqa: E402
 from training.tokenizer import train_tokenizer  # noqa: E402
@@ -41,6 +42,12 @@ def default_policy() -> Policy:
     cfg = tiny_config("gpt2", len(tok), context=512, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id)
     return Policy(version=1, model=build_model(cfg).eval(), tokenizer=tok, context=512)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def prompts(n: int) -> list[str]:
@@ -73,6 +80,22 @@ def hf_sequential(policy: Policy, texts: list[str], max_tokens: int) -> dict:
     return {"requests": len(texts), "tokens": tokens, "tokens_per_s": tokens / wall,
             "tokens_per_s_median": tokens / len(texts) / pct(lat, 50),
             "latency_p50_s": pct(lat, 50), "latency_p99_s": pct(lat, 99)}
+
+
+@torch.inference_mode()
+def hf_static_batch(policy: Policy, texts: list[str], max_tokens: int) -> dict:
+    """All requests as one padded batch through HF `generate`: the ceiling of plain static batching."""
+    tok = policy.tokenizer
+    rendered = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
+                for t in texts]
+    enc = tok(rendered, return_tensors="pt", padding=True, add_special_tokens=False)
+    start = time.perf_counter()
+    out = policy.model.generate(**enc, max_new_tokens=max_tokens, do_sample=True, top_k=0,
+                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    wall = time.perf_counter() - start
+    new = out[:, enc["input_ids"].shape[1]:]
+    tokens = int((new != tok.pad_token_id).sum())
+    return {"requests": len(texts), "tokens": tokens, "tokens_per_s": tokens / wall, "wall_s": wall}
 
 
 def hf_continuous_batching(policy: Policy, texts: list[str], max_tokens: int) -> dict:
@@ -166,31 +189,47 @@ def main() -> None:
     hf_sequential(policy, texts[:2], 8)  # warm-up: the first generate call pays one-off setup costs
     result["baseline_hf_generate_sequential"] = hf_sequential(policy, texts[: args.baseline_requests],
                                                               args.max_tokens)
-    result["offline_16_requests"] = {
-        "hf_continuous_batching": hf_continuous_batching(policy, texts[:16], args.max_tokens),
-        "alignd_engine": engine_offline(policy, texts[:16], args.max_tokens),
-    }
 
     with tempfile.TemporaryDirectory() as home:
+        # the product path in its own process: `alignd serve` on a published copy of the same model
         redis = EmbeddedRedis(Path(home) / "redis")
         redis_url = redis.start()
-        settings = Settings(home=Path(home), api_keys=f"{KEY}:bench", admin_key="sk-bench-admin",
-                            chat_rate_per_minute=10**6, max_new_tokens=max(256, args.max_tokens))
-        app = create_app(settings, redis_url, Engine(policy, max_batch_size=settings.max_batch_size))
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        while not server.started:
-            time.sleep(0.05)
-        port = server.servers[0].sockets[0].getsockname()[1]
+        env = {**os.environ, "ALIGND_HOME": home, "ALIGND_REDIS_URL": redis_url, "ALIGND_API_KEYS": f"{KEY}:bench",
+               "ALIGND_ADMIN_KEY": "sk-bench-admin", "ALIGND_CHAT_RATE_PER_MINUTE": str(10**6),
+               "ALIGND_MAX_NEW_TOKENS": str(max(256, args.max_tokens)), "ALIGND_TORCH_THREADS": str(args.threads)}
+        settings = Settings(home=Path(home), redis_url=redis_url)
+        tok, model = policy.tokenizer, policy.model
+        publish_version(connect(redis_url), settings, lambda d: (model.save_pretrained(d), tok.save_pretrained(d)),
+                        {"source": "bench", "parent": None, "metrics": {}})
+        port = free_port()
+        server = subprocess.Popen([sys.executable, "-m", "alignd.cli", "serve", "--port", str(port)], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"
-        levels = []
-        for c in (1, 4, 16):
-            levels.append(asyncio.run(http_clients(url, c, args.requests_per_client, args.max_tokens, texts)))
-        server.should_exit = True
-        thread.join(timeout=20)
-        redis.stop()
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("alignd serve did not become ready")
+                time.sleep(0.2)
+            asyncio.run(http_clients(url, 1, 1, 8, texts))  # warm-up
+            levels = [asyncio.run(http_clients(url, c, args.requests_per_client, args.max_tokens, texts))
+                      for c in (1, 4, 16)]
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+            redis.stop()
     result["alignd_http"] = levels
+    # last: transformers' continuous-batching manager can leave a worker thread behind that would slow later runs
+    result["offline_16_requests"] = {
+        "alignd_engine": engine_offline(policy, texts[:16], args.max_tokens),
+        "hf_generate_static_batch": hf_static_batch(policy, texts[:16], args.max_tokens),
+        "hf_continuous_batching": hf_continuous_batching(policy, texts[:16], args.max_tokens),
+    }
     baseline = result["baseline_hf_generate_sequential"]
     base = max(baseline["tokens_per_s"], baseline["tokens_per_s_median"])
     result["speedup_vs_baseline"] = {str(lv["clients"]): round(lv["tokens_per_s"] / base, 2) for lv in levels}
