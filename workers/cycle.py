@@ -381,8 +381,8 @@ def _train_and_publish(r: redis.Redis, settings: Settings, cfg: CycleConfig, loc
     # --- PPO increment from the current policy
     ref_model, _ = load_causal_lm(ref_path, device)
     pcfg = PPOConfig(batch_size=cfg.ppo_batch_size, mini_batch_size=cfg.ppo_mini_batch_size, ppo_epochs=cfg.ppo_epochs,
-                     max_new_tokens=cfg.ppo_max_new_tokens, lr=cfg.ppo_lr, critic_lr=cfg.critic_lr, kl_coef=cfg.kl_coef,
-                     seed=cfg.seed)
+                     max_new_tokens=cfg.ppo_max_new_tokens, lr=cfg.ppo_lr, critic_lr=cfg.critic_lr,
+                     kl_coef=cfg.kl_coef, seed=cfg.seed)
     state = json.loads(r.get(keys.ppo_state()) or "null")
     resumed = bool(state and state.get("version") == start_version and Path(state["path"]).is_dir())
     if resumed:

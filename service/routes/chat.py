@@ -69,7 +69,8 @@ async def chat_completions(req: ChatCompletionRequest, caller: CallerDep, state:
         raise APIError(503, "no policy is loaded yet: run `alignd bootstrap` or wait for the server to start",
                        "no_policy")
     await enforce(state.aredis, "chat", caller.user, settings.chat_rate_per_minute, 60, "chat requests per minute")
-    max_tokens = req.max_completion_tokens or req.max_tokens or min(settings.default_max_tokens, settings.max_new_tokens)
+    default_tokens = min(settings.default_max_tokens, settings.max_new_tokens)
+    max_tokens = req.max_completion_tokens or req.max_tokens or default_tokens
     if max_tokens > settings.max_new_tokens:
         raise APIError(422, f"max_tokens must be at most {settings.max_new_tokens}", "invalid_value", "max_tokens")
     messages = [m.model_dump() for m in req.messages]

@@ -1,4 +1,4 @@
-"""Build a served alignd app around a tiny random model, through the same publish → verify → load path as production."""
+"""Build a served alignd app around a tiny random model, through the production path: publish → verify → load."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ def publish_tiny(redis_url: str, settings: Settings, arch: str = "gpt2", seed: i
                  expected: int | None | str = "any") -> int:
     model, tok = tiny_model(arch, seed=seed), tiny_tokenizer()
     return publish_version(connect(redis_url), settings, lambda d: (model.save_pretrained(d), tok.save_pretrained(d)),
-                           {"source": "test", "arch": arch, "parent": parent, "metrics": {}}, expected_current=expected)
+                           {"source": "test", "arch": arch, "parent": parent, "metrics": {}},
+                           expected_current=expected)
 
 
 def served_app(redis_url: str, settings: Settings, arch: str = "gpt2"):
