@@ -34,12 +34,6 @@ console = Console(stderr=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
 
 
-def _threads(settings) -> None:
-    import torch
-
-    torch.set_num_threads(settings.torch_threads or os.cpu_count() or 1)
-
-
 def _redis(settings):
     from alignd.runtime import open_redis
 
@@ -71,7 +65,7 @@ def bootstrap(
     from store import registry
 
     settings = get_settings()
-    _threads(settings)
+    settings.apply_torch_threads()
     _, r, _ = _redis(settings)
     current = registry.current_version(r)
     if current is not None and not force:
@@ -135,7 +129,7 @@ def serve(
     from store import registry
 
     settings = get_settings()
-    _threads(settings)
+    settings.apply_torch_threads()
     url, r, _ = _redis(settings)
     version = registry.current_version(r)
     if version is None:
@@ -244,7 +238,7 @@ def train_sft_cmd(
     from training.sft import SFTConfig, train_sft
 
     settings = get_settings()
-    _threads(settings)
+    settings.apply_torch_threads()
     conversations, bad = [], []
     for n, line in enumerate(data.read_text().splitlines(), 1):
         if not line.strip():
@@ -384,7 +378,7 @@ def report(
     from alignd.report import ReportConfig, build_report
 
     settings = get_settings()
-    _threads(settings)
+    settings.apply_torch_threads()
     _, r, _ = _redis(settings)
     other = json.loads(compare.read_text()) if compare else None
     cfg = ReportConfig(evaluate=evaluate, oracle=oracle, eval_per_family=eval_per_family,

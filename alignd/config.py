@@ -7,6 +7,7 @@ The README's configuration table lists these fields.
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -87,6 +88,11 @@ class Settings(BaseSettings):
     @property
     def checkpoints_dir(self) -> Path:
         return self.home / "checkpoints"
+
+    def apply_torch_threads(self) -> None:
+        import torch
+
+        torch.set_num_threads(self.torch_threads or os.cpu_count() or 1)
 
     def torch_device(self) -> str:
         if self.device != "auto":

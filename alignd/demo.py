@@ -18,7 +18,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from typing import Any
 import httpx
 
 from alignd.config import get_settings
-from alignd.redis_server import EmbeddedRedis
+from alignd.redis_server import EmbeddedRedis, free_port
 from alignd.report import ReportConfig, build_report
 from alignd.simulate import BackgroundSimulation, SimConfig, api_keys_setting, sim_api_keys, simulated_users
 from store import keys, registry
@@ -66,12 +65,6 @@ class DemoConfig:
     seed: int = 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Services:
     """The processes of one demo run: Redis (ours), bootstrap, then `alignd up` (API, workers, beat, Flower)."""
 
@@ -82,7 +75,7 @@ class Services:
         self.users = simulated_users(cfg.users, cfg.annotators, cfg.noise)
         self.user_keys = sim_api_keys(self.users)
         self.admin_key = f"sk-admin-{secrets.token_urlsafe(12)}"
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.up: subprocess.Popen | None = None
         self.redis_url: str | None = None
@@ -91,7 +84,7 @@ class Services:
         env = dict(os.environ)  # the operator's other ALIGND_* settings (device, limits …) still apply
         env.update({"ALIGND_HOME": str(self.home), "ALIGND_REDIS_URL": self.redis_url,
                     "ALIGND_API_KEYS": api_keys_setting(self.user_keys), "ALIGND_ADMIN_KEY": self.admin_key,
-                    "ALIGND_PORT": str(self.port), "ALIGND_FLOWER_PORT": str(_free_port()),
+                    "ALIGND_PORT": str(self.port), "ALIGND_FLOWER_PORT": str(free_port()),
                     # the demo triggers cycles itself; beat's periodic check stays out of the way
                     "ALIGND_CYCLE_SECONDS": "3600", "ALIGND_MIN_NEW_FEEDBACK": str(self.cfg.min_feedback),
                     "ALIGND_POLL_SECONDS": "0.5"})

@@ -34,7 +34,8 @@ def redis_server_binary() -> str:
         return found
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for the embedded Redis, the demo's services, tests, benches)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -73,7 +74,7 @@ class EmbeddedRedis:
         existing = self.running_url()
         if existing:
             return existing
-        self.port = self.port or _free_port()
+        self.port = self.port or free_port()
         args = [
             redis_server_binary(),
             "--bind", "127.0.0.1",

@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import redis
 import redis.asyncio as aredis
 
 from alignd.config import Settings
-from alignd.redis_server import EmbeddedRedis
+from alignd.redis_server import EmbeddedRedis, free_port
 from service.app import create_app
 from service.deps import CallerDep
 from store import feedback as fb
@@ -42,12 +41,6 @@ API_KEY = "bench-key"
 N_COMPLETIONS = 2000  # votes spread over many completions, so most are first votes and some are revisions
 LEVELS = (1, 8, 32)
 WARMUP_S = 1.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def app_factory():

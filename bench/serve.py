@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import sys
-import socket
 import subprocess
 import tempfile
 import time
@@ -26,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from alignd.config import Settings  # noqa: E402
-from alignd.redis_server import EmbeddedRedis  # noqa: E402
+from alignd.redis_server import EmbeddedRedis, free_port  # noqa: E402
+from bench.common import wait_ready  # noqa: E402
 from alignd.runtime import publish_version  # noqa: E402
 from service.engine import Engine, Policy  # noqa: E402
 from store.client import connect  # noqa: E402
@@ -42,12 +42,6 @@ def default_policy() -> Policy:
     cfg = tiny_config("gpt2", len(tok), context=512, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id)
     return Policy(version=1, model=build_model(cfg).eval(), tokenizer=tok, context=512)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prompts(n: int) -> list[str]:
@@ -206,16 +200,7 @@ def main() -> None:
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("alignd serve did not become ready")
-                time.sleep(0.2)
+            wait_ready(url, server)
             asyncio.run(http_clients(url, 1, 1, 8, texts))  # warm-up
             levels = [asyncio.run(http_clients(url, c, args.requests_per_client, args.max_tokens, texts))
                       for c in (1, 4, 16)]

@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from alignd.config import Settings  # noqa: E402
-from alignd.redis_server import EmbeddedRedis  # noqa: E402
+from alignd.redis_server import EmbeddedRedis, free_port  # noqa: E402
+from bench.common import wait_ready  # noqa: E402
 from alignd.runtime import checkpoint_path, publish_version  # noqa: E402
 from store import registry  # noqa: E402
 from store.client import connect  # noqa: E402
@@ -40,12 +40,6 @@ from training.checkpoint import write_checkpoint  # noqa: E402
 
 ADMIN = "sk-bench-admin"
 USER = "sk-bench-user"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -115,17 +109,8 @@ def main() -> None:
     stop = threading.Event()
     try:
         bases = [f"http://127.0.0.1:{p}" for p in ports]
-        for base in bases:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{base} did not start")
-                time.sleep(0.2)
+        for base, proc in zip(bases, procs):
+            wait_ready(base, proc)
 
         def client(base: str, i: int) -> None:
             body = {"messages": [{"role": "user", "content": "Say a number."}], "max_tokens": args.max_tokens,

@@ -4,7 +4,6 @@ HTTP server (uvicorn on a free port in a thread)."""
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 
@@ -13,7 +12,7 @@ import pytest
 import torch
 import uvicorn
 
-from alignd.redis_server import EmbeddedRedis
+from alignd.redis_server import EmbeddedRedis, free_port
 from store.client import connect
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -34,12 +33,6 @@ def r(redis_url):
     client.flushdb()
     yield client
     client.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LiveServer:

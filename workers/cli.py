@@ -163,7 +163,7 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
         from workers.cycle import CycleError, load_cycle_config, run_cycle
 
         settings = get_settings()
-        _threads(settings)
+        settings.apply_torch_threads()
         try:
             report = run_cycle(r, settings, load_cycle_config(settings, overrides), trigger="cli",
                                min_events=min_events)
@@ -184,7 +184,7 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
         from workers.cycle import CycleError, load_cycle_config, train_reward
 
         settings = get_settings()
-        _threads(settings)
+        settings.apply_torch_threads()
         _, r, _ = _open_redis()
         cfg = load_cycle_config(settings, json.loads(config) if config else None)
         items = None
@@ -210,7 +210,7 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
         from workers.cycle import CycleError, load_cycle_config, run_ppo
 
         settings = get_settings()
-        _threads(settings)
+        settings.apply_torch_threads()
         _, r, _ = _open_redis()
         cfg = load_cycle_config(settings, {**(json.loads(config) if config else {}), "ppo_steps": steps,
                                            "ppo_seconds": float("inf")})
@@ -262,7 +262,3 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
         console.print(f"[green]version {out['current']} is current again (was {out['previous']})")
 
 
-def _threads(settings) -> None:
-    import torch
-
-    torch.set_num_threads(settings.torch_threads or os.cpu_count() or 1)
