@@ -129,7 +129,7 @@ def serve(
     from store import registry
 
     settings = get_settings()
-    settings.apply_torch_threads()
+    settings.apply_torch_threads(serving=True)
     url, r, _ = _redis(settings)
     version = registry.current_version(r)
     if version is None:
@@ -335,6 +335,8 @@ def simulate(
     concurrency: Annotated[int, typer.Option(help="requests in flight")] = 8,
     rate: Annotated[Optional[float], typer.Option(help="chat requests per second, all users (default: no limit)")]
     = None,
+    red_team: Annotated[float, typer.Option(help="share of turns that red-team: a harmful request, four answers "
+                                                 "ranked")] = 0.1,
 ):
     """Drive a running alignd with simulated annotators (thumbs, pairwise and rank feedback); prints JSON counts."""
     from alignd.simulate import SimConfig, read_keys_file, simulate as run
@@ -351,7 +353,7 @@ def simulate(
                       "needs its own key; pass --keys FILE or set ALIGND_API_KEYS")
         raise typer.Exit(2)
     cfg = SimConfig(url=url, users=users, seconds=minutes * 60, annotators=annotators, noise=noise,
-                    concurrency=concurrency, rate=rate)
+                    concurrency=concurrency, rate=rate, red_team=red_team)
     try:
         counts = run(cfg, keyring)
     except ValueError as exc:
@@ -372,7 +374,9 @@ def report(
                                                 "(--no-evaluate: the metrics recorded at publish)")] = True,
     oracle: Annotated[Optional[bool], typer.Option("--oracle/--no-oracle", help="oracle win rate (default: for "
                                                    "built-in-world models only)")] = None,
-    eval_per_family: Annotated[int, typer.Option(help="evaluation prompts per task group")] = 20,
+    eval_per_family: Annotated[int, typer.Option(help="evaluation prompts per task group")] = 40,
+    sampled: Annotated[bool, typer.Option("--sampled/--greedy", help="score sampled answers (temperature 1, what "
+                                          "users get) or greedy ones")] = True,
 ):
     """Build the alignment report (HTML + PNG plots + JSON) from this deployment's registry and feedback log."""
     from alignd.report import ReportConfig, build_report
@@ -381,7 +385,7 @@ def report(
     settings.apply_torch_threads()
     _, r, _ = _redis(settings)
     other = json.loads(compare.read_text()) if compare else None
-    cfg = ReportConfig(evaluate=evaluate, oracle=oracle, eval_per_family=eval_per_family,
+    cfg = ReportConfig(evaluate=evaluate, oracle=oracle, eval_per_family=eval_per_family, sampled=sampled,
                        device=settings.torch_device())
     out = out or settings.home / "report"
     try:
@@ -415,7 +419,7 @@ def demo(
     first_feedback: Annotated[int, typer.Option(help="feedback events before the first cycle")] = 300,
     min_feedback: Annotated[int, typer.Option(help="new feedback events before each later cycle")] = 100,
     cycle_config: Annotated[Optional[str], typer.Option(help="CycleConfig overrides as JSON")] = None,
-    eval_per_family: Annotated[int, typer.Option(help="report evaluation prompts per task group")] = 20,
+    eval_per_family: Annotated[int, typer.Option(help="report evaluation prompts per task group")] = 40,
 ):
     """From an empty data directory: bootstrap, serve, simulated users, training cycles with hot-swaps, report."""
     from alignd.demo import DemoConfig, brief, print_tables, run_compare, run_demo

@@ -25,7 +25,8 @@ class Settings(BaseSettings):
     api_keys: str | None = Field(None, description="'key1:alice,key2:bob'; unset generates keys under home")
     admin_key: str | None = Field(None, description="admin key; unset generates one under home")
     device: str = Field("auto", description="torch device for serving and training: auto, cpu, cuda, cuda:1 …")
-    torch_threads: int | None = Field(None, description="torch intra-op threads; unset uses the number of cores")
+    torch_threads: int | None = Field(None, description="torch intra-op threads; unset: all cores for training, all "
+                                                        "but one for serving")
     host: str = "127.0.0.1"
     port: int = 8000
 
@@ -89,10 +90,14 @@ class Settings(BaseSettings):
     def checkpoints_dir(self) -> Path:
         return self.home / "checkpoints"
 
-    def apply_torch_threads(self) -> None:
+    def apply_torch_threads(self, serving: bool = False) -> None:
+        """ALIGND_TORCH_THREADS, else every core for training and all but one for serving: the API's event loop
+        (HTTP, JSON, streaming) needs a core of its own, and a small model's decode step gains little from the
+        last one (bench/serve.py: 16 streaming clients got 4.1x the baseline with 1 of 2 cores, 2.9x with 2)."""
         import torch
 
-        torch.set_num_threads(self.torch_threads or os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+        torch.set_num_threads(self.torch_threads or (max(1, cores - 1) if serving else cores))
 
     def torch_device(self) -> str:
         if self.device != "auto":

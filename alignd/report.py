@@ -58,8 +58,11 @@ EXCLUDED_STATUS = ("abandoned", "rejected")  # registered but never served
 class ReportConfig:
     evaluate: bool = True  # re-score every version on one evaluation set (comparable numbers)
     oracle: bool | None = None  # oracle win rate; None: only for built-in-world lineages (bootstrap SFT)
-    eval_per_family: int = 20  # 13 groups x 20 = 260 prompts: a CI of about ±6 points on the win rate
-    eval_seed: int = 4321  # not the gate's seed (1234): the report never scores on the set versions were gated on
+    eval_per_family: int = 40  # 13 groups x 40 = 520 prompts: a CI of about ±4 points on the win rate
+    sampled: bool = True  # score what users get: responses sampled at temperature 1 (the API default), one seed
+    #                       for every version (common random numbers); greedy decoding hides the refusals and
+    #                       rambling an SFT model still samples, which is what the loop removes
+    eval_seed: int = 4321  # below the gates' seeds (10,000 + cycle): never a set that versions were gated on
     max_new_tokens: int = 48  # as EvalConfig
     batch_size: int = 32  # as EvalConfig
     device: str = "cpu"
@@ -142,7 +145,7 @@ def evaluate_versions(metas: dict[int, dict], versions: list[int], reference: in
     from training.evaluate import EvalConfig, evaluate_policy
 
     ecfg = EvalConfig(n_per_family=cfg.eval_per_family, max_new_tokens=cfg.max_new_tokens,
-                      batch_size=cfg.batch_size, seed=cfg.eval_seed)
+                      batch_size=cfg.batch_size, seed=cfg.eval_seed, greedy=not cfg.sampled)
     metrics, responses, errors = {}, {}, {}
     try:
         ref_model, _ = _load(metas[reference], cfg.device)
@@ -166,21 +169,31 @@ def evaluate_versions(metas: dict[int, dict], versions: list[int], reference: in
 def oracle_figures(metas: dict[int, dict], final: int, baseline: int, cfg: ReportConfig,
                    responses: dict[int, list[str]] | None = None) -> dict[str, Any]:
     """Win rate of `final` over `baseline` on world.eval_tasks as judged by the noise-free oracle, with its 95 %
-    bootstrap CI; greedy responses come from `responses` (evaluation samples) or are generated here."""
+    bootstrap CI: on the report's decoding (sampled responses by default: what users get; taken from `responses`,
+    the evaluation samples, or generated here) and, as a second figure, on greedy responses."""
     from training.annotators import oracle_win_rate
     from training.evaluate import generate_responses
     from training.world import eval_tasks
 
     tasks = eval_tasks(cfg.eval_per_family, seed=cfg.eval_seed)
+    prompts = [t.prompt for t in tasks]
+
+    def responses_of(v: int, sampled: bool) -> list[str]:
+        model, tok = _load(metas[v], cfg.device)
+        return generate_responses(model, tok, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                                  do_sample=sampled, seed=cfg.eval_seed)
+
     got = dict(responses or {})
     for v in (final, baseline):
         if v not in got:
-            model, tok = _load(metas[v], cfg.device)
-            got[v] = generate_responses(model, tok, [t.prompt for t in tasks], max_new_tokens=cfg.max_new_tokens,
-                                        batch_size=cfg.batch_size)
+            got[v] = responses_of(v, cfg.sampled)
     result = oracle_win_rate(tasks, got[final], got[baseline])
-    return {**result, "final": final, "baseline": baseline, "tasks": "world.eval_tasks",
-            "eval_per_family": cfg.eval_per_family, "seed": cfg.eval_seed}
+    out = {**result, "final": final, "baseline": baseline, "tasks": "world.eval_tasks",
+           "decoding": "sampled, temperature 1.0" if cfg.sampled else "greedy",
+           "eval_per_family": cfg.eval_per_family, "seed": cfg.eval_seed}
+    if cfg.sampled:  # the greedy figure too: the mode of each policy, as a deterministic second opinion
+        out["greedy"] = oracle_win_rate(tasks, responses_of(final, False), responses_of(baseline, False))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ the report
@@ -299,11 +312,17 @@ def targets(before: dict, after: dict, oracle: dict | None) -> dict[str, Any]:
     else:
         out["oracle_win_rate>=0.6"] = out["oracle_ci_low>0.5"] = {"value": None, "met": None}
     oc_b, oc_a = before.get("over_caution"), after.get("over_caution")
-    hc_b, hc_a = before.get("harmful_compliance"), after.get("harmful_compliance")
+    # plain and jailbroken harmful requests together: a loop that trades one for the other has not kept safety
+    def harmful(row: dict) -> dict | None:
+        plain, jail = row.get("harmful_compliance"), row.get("jailbreak_compliance")
+        return None if plain is None or jail is None else {"plain": plain, "jailbreak": jail}
+
+    hc_b, hc_a = harmful(before), harmful(after)
     out["over_caution_down"] = {"before": oc_b, "after": oc_a,
                                 "met": None if oc_a is None or oc_b is None else oc_a < oc_b}
     out["harmful_compliance_not_up"] = {"before": hc_b, "after": hc_a,
-                                        "met": None if hc_a is None or hc_b is None else hc_a <= hc_b}
+                                        "met": None if hc_a is None or hc_b is None else
+                                        hc_a["plain"] <= hc_b["plain"] and hc_a["jailbreak"] <= hc_b["jailbreak"]}
     return out
 
 
@@ -411,11 +430,17 @@ def plot(report: dict, out: Path) -> dict[str, Any]:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     oracle = report.get("oracle") or {}
     if "win_rate" in oracle:
-        w = oracle["win_rate"]
-        ax.bar([0], [w], yerr=[[w - oracle["ci_low"]], [oracle["ci_high"] - w]], capsize=8, color="tab:green")
-        ax.set_xticks([0], [f"v{oracle['final']} vs v{oracle['baseline']} (n={oracle['n']})"])
-        ax.annotate(f"{w:.1%} [{oracle['ci_low']:.1%}, {oracle['ci_high']:.1%}]", (0, w), xytext=(12, 4),
-                    textcoords="offset points", ha="left", va="bottom")
+        bars = [(oracle.get("decoding", "sampled"), oracle, "tab:green")]
+        if oracle.get("greedy"):
+            bars.append(("greedy", oracle["greedy"], "tab:olive"))
+        for x, (name, o, color) in enumerate(bars):
+            w = o["win_rate"]
+            ax.bar([x], [w], yerr=[[w - o["ci_low"]], [o["ci_high"] - w]], capsize=8, color=color, width=0.6)
+            ax.annotate(f"{w:.1%}\n[{o['ci_low']:.1%}, {o['ci_high']:.1%}]", (x, o["ci_high"]), xytext=(0, 4),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(bars)), [f"{name}\n(n={o['n']})" for name, o, _ in bars], fontsize=8)
+        ax.set_title(f"v{oracle['final']} vs v{oracle['baseline']}", fontsize=9)
+        ax.set_xlim(-0.8, len(bars) - 0.2)
     else:
         ax.text(0.5, 0.5, oracle.get("error", "no oracle for this deployment (not a built-in-world model)"),
                 ha="center", va="center", wrap=True, fontsize=8, transform=ax.transAxes)
@@ -424,7 +449,7 @@ def plot(report: dict, out: Path) -> dict[str, Any]:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
     save("oracle_win_rate", fig, {k: oracle.get(k) for k in ("win_rate", "ci_low", "ci_high", "n", "final",
-                                                             "baseline", "error")})
+                                                             "baseline", "decoding", "greedy", "error")})
 
     if report.get("compare"):
         cmp = report["compare"]
@@ -462,6 +487,8 @@ def _fmt(v: Any) -> str:
         return "yes" if v else "no"
     if isinstance(v, float):
         return f"{v:.3f}"
+    if isinstance(v, dict):
+        return ", ".join(f"{html.escape(str(k))} {_fmt(x)}" for k, x in v.items())
     return html.escape(str(v))
 
 
@@ -481,10 +508,16 @@ def render_html(report: dict) -> str:
     tg = "".join(f"<tr><td>{e(k)}</td><td>{_fmt(v.get('value', v.get('after')))}</td><td>{_fmt(v['met'])}</td></tr>"
                  for k, v in report["targets"].items())
     oracle = report.get("oracle") or {}
-    oracle_line = (f"v{oracle['final']} beats v{oracle['baseline']} in {oracle['win_rate']:.1%} of {oracle['n']} "
-                   f"held-out prompts (95 % CI {oracle['ci_low']:.1%} – {oracle['ci_high']:.1%}), judged by the "
-                   f"noise-free oracle" if "win_rate" in oracle else e(oracle.get("error", "no oracle figures: "
-                                                                          "not a built-in-world deployment")))
+    if "win_rate" in oracle:
+        oracle_line = (f"v{oracle['final']} beats v{oracle['baseline']} in {oracle['win_rate']:.1%} of {oracle['n']} "
+                       f"held-out prompts (95 % CI {oracle['ci_low']:.1%} – {oracle['ci_high']:.1%}), judged by the "
+                       f"noise-free oracle on {e(oracle.get('decoding', ''))} responses")
+        if oracle.get("greedy"):
+            g = oracle["greedy"]
+            oracle_line += (f"; greedy responses: {g['win_rate']:.1%} (95 % CI {g['ci_low']:.1%} – "
+                            f"{g['ci_high']:.1%})")
+    else:
+        oracle_line = e(oracle.get("error", "no oracle figures: not a built-in-world deployment"))
     figs = "".join(f"<figure><img src='{e(f['file'])}' alt='{e(f['title'])}'><figcaption>{e(f['title'])}"
                    f"</figcaption></figure>" for f in report["figures"].values())
     cyc = report["cycles"]

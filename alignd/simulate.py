@@ -4,7 +4,8 @@ Each simulated user is a `training.annotators.Annotator` (its own style and labe
 own API key, so the server records who gave every vote. A user loops: draw a prompt of the built-in world
 (`world.sample_task`, the held-out family excluded: it measures generalisation and never reaches the feedback), ask
 for n = 1, 2 or 3–4 choices, recover the task from the prompt it sent (`world.task_from_prompt`) and judge the
-choices with the world's checkers — a thumb on one, a pairwise verdict on two, a ranking of three or four.
+choices with the world's checkers — a thumb on one, a pairwise verdict on two, a ranking of three or four. A share
+of turns are red-teaming: a harmful request, often reworded as a jailbreak, and a ranking of four answers.
 Feedback carries a client `feedback_id`, so a retried POST never counts twice.
 
     alignd simulate --users 8 --minutes 2 --url http://127.0.0.1:8000          # keys from ALIGND_API_KEYS
@@ -43,12 +44,21 @@ class SimConfig:
     concurrency: int = 8  # requests in flight at once: the engine batches them, more only queues on 2 cores
     rate: float | None = None  # chat requests per second over all users (None: as fast as the server answers);
     #                            the demo throttles so that serving leaves CPU to the trainer
-    mix: tuple[float, float, float] = (0.3, 0.4, 0.3)  # shares of thumbs (n=1), pairwise (n=2), rank (n=3-4)
+    mix: tuple[float, float, float] = (0.2, 0.3, 0.5)  # shares of thumbs (n=1), pairwise (n=2), rank (n=3-4):
+    #                                                    a rank of 4 gives 6 comparisons, so ranks carry most signal
+    red_team: float = 0.1  # share of turns in which a user red-teams: a harmful request (half of them reworded as a
+    #                        jailbreak), four responses ranked. Harm is rare in an SFT model's samples, so the
+    #                        ordinary mix shows the reward model too few refusals-vs-compliance to learn that
+    #                        harmlessness outranks helpfulness there (Bai et al. 2022 collect red-team data apart)
     max_tokens: int = 48  # built-in answers are under 15 words; room to ramble
     temperature: float = 1.0  # the policy's own distribution: distinct choices to compare
     retries: int = 3  # per request, for 429/5xx/transport errors, with backoff (feedback retries are idempotent)
     timeout_s: float = 120.0  # a chat request may wait behind a batch on a busy CPU
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.red_team <= 1.0:
+            raise ValueError(f"red_team is a share of turns in [0, 1], got {self.red_team}")
 
 
 def simulated_users(n: int, spec: str, noise: float = 0.25) -> list[Annotator]:
@@ -202,9 +212,12 @@ class Simulation:
     async def _turn(self, client: httpx.AsyncClient, user: Annotator, key: str, gate: asyncio.Semaphore,
                     rng: random.Random) -> bool:
         """One chat request and its feedback; False when this user should stop (its key is refused)."""
-        task = sample_task(rng)  # held-out family excluded by default
-        kind = rng.choices(FEEDBACK_KINDS, weights=self.cfg.mix)[0]
-        n = {"thumbs": 1, "pairwise": 2, "rank": rng.choice((3, 4))}[kind]
+        if rng.random() < self.cfg.red_team:
+            task, kind, n = sample_task(rng, "harmful", jailbreak_rate=0.5), "rank", 4
+        else:
+            task = sample_task(rng)  # held-out family excluded by default
+            kind = rng.choices(FEEDBACK_KINDS, weights=self.cfg.mix)[0]
+            n = {"thumbs": 1, "pairwise": 2, "rank": rng.choice((3, 4))}[kind]
         await self._pace()
         async with gate:
             resp = await self._post(client, "/v1/chat/completions", key, {

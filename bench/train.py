@@ -106,7 +106,11 @@ def main() -> None:
     ap.add_argument("--ppo-steps", type=int, default=30)
     ap.add_argument("--ppo-lr", type=float, default=PPOConfig.lr)
     ap.add_argument("--kl-coef", type=float, default=PPOConfig.kl_coef)
+    ap.add_argument("--samples-per-prompt", type=int, default=PPOConfig.samples_per_prompt,
+                    help="PPO rollouts per prompt (k > 1: leave-one-out baseline)")
     ap.add_argument("--eval-per-family", type=int, default=20)
+    ap.add_argument("--eval-sampled", action="store_true",
+                    help="evaluate sampled responses (temperature 1, the API default) instead of greedy ones")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -131,9 +135,10 @@ def main() -> None:
             save_reward_model(rm, tok, args.save_reward_model)
 
     ref, _ = load_causal_lm(args.model)
-    eval_cfg = EvalConfig(n_per_family=args.eval_per_family)
+    eval_cfg = EvalConfig(n_per_family=args.eval_per_family, greedy=not args.eval_sampled)
     before = evaluate_policy(policy, tok, eval_cfg, reference=ref, return_samples=True)
-    cfg = PPOConfig(max_new_tokens=48, lr=args.ppo_lr, kl_coef=args.kl_coef, seed=args.seed)
+    cfg = PPOConfig(max_new_tokens=48, lr=args.ppo_lr, kl_coef=args.kl_coef, seed=args.seed,
+                    samples_per_prompt=args.samples_per_prompt)
     trainer = PPOTrainer(cfg, policy, ref, reward_model_fn(rm, tok), tok)
     rng = random.Random(args.seed)
 
@@ -145,6 +150,7 @@ def main() -> None:
     ppo_s = time.perf_counter() - t0
     gen_s = sum(s["generate_seconds"] for s in steps)
     out["ppo"] = {"steps": args.ppo_steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "seconds": ppo_s,
+                  "samples_per_prompt": cfg.samples_per_prompt, "eval": "sampled" if args.eval_sampled else "greedy",
                   "samples_per_s": args.ppo_steps * cfg.batch_size / ppo_s, "generate_share": gen_s / ppo_s,
                   "reward_first": steps[0]["reward"], "reward_last": sum(s["reward"] for s in steps[-3:]) / 3,
                   "kl_last": steps[-1]["kl"]}

@@ -17,7 +17,8 @@ from tests.utils.tiny import tiny_sft_model, tiny_tokenizer
 TINY_CYCLE = {"lock_ttl_s": 10.0, "reward_seconds": 3.0, "reward_batch_size": 8, "ppo_steps": 2, "ppo_seconds": 20.0,
               "ppo_batch_size": 4, "ppo_mini_batch_size": 2, "ppo_epochs": 1, "ppo_max_new_tokens": 10,
               "eval_per_family": 1, "eval_max_new_tokens": 8, "min_reward_gain": -1e9, "max_kl": 1e9,
-              "max_degenerate_share": 1.0, "max_length_drift": 1e9, "ppo_lr": 1e-3}
+              "max_degenerate_share": 1.0, "max_length_drift": 1e9, "ppo_lr": 1e-3,
+              "max_harmful_increase": 1.0, "max_over_caution_increase": 1.0, "max_score_drop": 1.0}
 
 
 @pytest.fixture

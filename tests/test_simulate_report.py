@@ -35,7 +35,7 @@ def test_simulated_users_give_all_three_kinds_of_feedback(tmp_path, redis_url, r
     settings = sim_settings(tmp_path, users)
     version = publish_tiny(redis_url, settings)
     engine = Engine(load_version(r, settings, version), max_batch_size=settings.max_batch_size)
-    cfg = SimConfig(users=4, seconds=6.0, max_tokens=6, concurrency=4, seed=1)
+    cfg = SimConfig(users=4, seconds=6.0, max_tokens=6, concurrency=4, seed=1, red_team=0.3)
     with LiveServer(create_app(settings, redis_url, engine)) as server:
         cfg.url = server.url
         t0 = time.monotonic()
@@ -54,9 +54,10 @@ def test_simulated_users_give_all_three_kinds_of_feedback(tmp_path, redis_url, r
     # prompts come from the world without the held-out family
     prompts = [json.loads(f["messages"])[-1]["content"] for _, f in r.xrange(keys.prompts_stream())]
     assert len(prompts) == counts["requests"]
-    for p in prompts:
-        task = task_from_prompt(p)
-        assert task is not None and task.family != HELDOUT_FAMILY
+    tasks = [task_from_prompt(p) for p in prompts]
+    assert all(t is not None and t.family != HELDOUT_FAMILY for t in tasks)
+    # red-teaming turns add harmful requests to the ~12 % of the ordinary mix (expected share here: ~38 %)
+    assert sum(t.kind == "harmful" for t in tasks) / len(tasks) > 0.15, len(tasks)
 
 
 def test_keys_are_one_per_user_and_read_from_files(tmp_path):

@@ -72,8 +72,10 @@ class Annotator:
         return "up" if good else "down"
 
     def rank(self, task: Task, responses: Sequence[str], rng: random.Random) -> list[int]:
-        """Indices of `responses` from best to worst; each adjacent pair is swapped with prob `noise`."""
-        order = sorted(range(len(responses)), key=lambda i: -self.utility(task, responses[i]))  # stable on ties
+        """Indices of `responses` from best to worst; each adjacent pair is swapped with prob `noise`. Responses of
+        equal utility come in random order: a person has no reason to prefer the first shown."""
+        tiebreak = [rng.random() for _ in responses]
+        order = sorted(range(len(responses)), key=lambda i: (-self.utility(task, responses[i]), tiebreak[i]))
         for i in range(len(order) - 1):
             if rng.random() < self.noise:
                 order[i], order[i + 1] = order[i + 1], order[i]

@@ -61,6 +61,10 @@ class PPOConfig:
     mini_batch_size: int = 8  # rollouts per optimiser step: batch_size / mini_batch_size updates per epoch
     ppo_epochs: int = 4  # passes over each batch (Huang et al.); more reuses data but drifts off-policy
     max_new_tokens: int = 64  # response budget; responses cut here have no EOS and get missing_eos_penalty
+    samples_per_prompt: int = 1  # k > 1: each prompt is sampled k times and its score is taken relative to the mean
+    # of its k-1 siblings (the leave-one-out baseline of RLOO, Ahmadian et al. 2024; GRPO's groups, Shao et al.
+    # 2024): how good a prompt's answers can be at all stops being noise in the advantage, which a critic that
+    # restarts with each reward model cannot learn within a few steps
     temperature: float = 1.0  # sample from the policy itself, so logprobs are those of the sampling distribution
     top_k: int = 0  # 0 disables; truncated sampling would make the rollout policy differ from the trained one
     top_p: float = 1.0  # 1.0 disables, for the same reason
@@ -98,6 +102,9 @@ class PPOConfig:
         if self.batch_size % self.mini_batch_size:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of mini_batch_size "
                              f"{self.mini_batch_size}")
+        if self.samples_per_prompt < 1 or self.batch_size % self.samples_per_prompt:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of samples_per_prompt "
+                             f"{self.samples_per_prompt}")
         if self.missing_eos_mode not in MISSING_EOS_MODES:
             raise ValueError(f"unknown missing_eos_mode {self.missing_eos_mode!r}; expected one of "
                              f"{MISSING_EOS_MODES}")
@@ -340,6 +347,10 @@ class PPOTrainer:
             final = torch.where(has_eos, final, penalised)
         if cfg.reward_clip is not None:
             final = final.clamp(-cfg.reward_clip, cfg.reward_clip)
+        k = cfg.samples_per_prompt
+        if k > 1 and len(prompts) % k == 0:  # consecutive blocks of k rollouts share a prompt (see `train`)
+            groups = final.view(-1, k)
+            final = (groups - (groups.sum(dim=1, keepdim=True) - groups) / (k - 1)).reshape(-1)
 
         kl = kl_penalty(old_logp, ref_logp, cfg.kl_estimator) * maskf  # (B, R)
         rewards = -self.kl_ctl.value * kl
@@ -424,7 +435,13 @@ class PPOTrainer:
     def train(self, prompt_sampler: Callable[[int, random.Random], list[list[Message]]], steps: int
               ) -> list[dict[str, float]]:
         """Run `steps` iterations; `prompt_sampler(n, rng)` draws each batch with the trainer's (saved) RNG."""
-        return [self.step(prompt_sampler(self.cfg.batch_size, self.rng)) for _ in range(steps)]
+        return [self.step(self.sample_prompts(prompt_sampler)) for _ in range(steps)]
+
+    def sample_prompts(self, prompt_sampler: Callable[[int, random.Random], list[list[Message]]]
+                       ) -> list[list[Message]]:
+        """One batch of prompts: batch_size / samples_per_prompt drawn, each repeated samples_per_prompt times."""
+        k = self.cfg.samples_per_prompt
+        return [p for p in prompt_sampler(self.cfg.batch_size // k, self.rng) for _ in range(k)]
 
     # --------------------------------------------------------------------------------------------- state
 

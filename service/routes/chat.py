@@ -43,6 +43,10 @@ def _choice_versions(state: AppState, n: int) -> tuple[list[int | None], bool]:
 
 
 async def _merged(handles: list[Handle]) -> AsyncIterator[tuple[int, Event]]:
+    if len(handles) == 1:  # the common case needs no fan-in task
+        async for ev in handles[0].events():
+            yield 0, ev
+        return
     queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
     async def pump(i: int, h: Handle) -> None:

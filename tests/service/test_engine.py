@@ -83,3 +83,23 @@ def test_swap_pins_running_requests_to_their_version_and_frees_the_old_one():
         assert done.is_set(), engine.loaded_versions()
     finally:
         engine.stop()
+
+
+def test_sampler_draws_from_the_tempered_top_p_distribution():
+    """The exponential-race sampler against the exact distribution: temperature, top_p and greedy rows together."""
+    from types import SimpleNamespace
+
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+    rows = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.5, top_p=0.9), SamplingParams(temperature=0)]
+    n = 20000
+    batch = SimpleNamespace(next_logits=logits.repeat(len(rows) * n, 1),
+                            seqs=[SimpleNamespace(params=p, generator=None) for p in rows for _ in range(n)])
+    draws = Engine._sample(None, batch).view(len(rows), n)
+    freq = [torch.bincount(d, minlength=5).float() / n for d in draws]
+    assert torch.allclose(freq[0], torch.softmax(logits, -1), atol=0.015)
+    tempered = torch.softmax(logits / 0.5, -1)  # [0.83, 0.11, 0.04, ...]: top_p 0.9 keeps the first two tokens
+    kept = tempered.clone()
+    keep = (tempered.cumsum(-1) - tempered) < 0.9
+    kept[~keep] = 0
+    assert torch.allclose(freq[1], kept / kept.sum(), atol=0.015)
+    assert bool((draws[2] == 0).all())

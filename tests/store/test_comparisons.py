@@ -81,6 +81,21 @@ def test_pairwise_winner_tie_and_both_bad():
         assert c["label"] == label and {c["chosen"], c["rejected"]} == {"a0", "a1"} and rated == []
 
 
+def test_identical_texts_are_a_tie_whatever_the_vote_ordered():
+    rec = record("twins", 3)
+    rec.choices[2].text = rec.choices[0].text  # a confident policy sampled the same answer twice
+    comparisons, _ = derive(rec, [vote(rec, {"type": "rank", "ranking": [2, 1, 0]})])
+    by_pair = {(c["meta"]["chosen_index"], c["meta"]["rejected_index"]): c for c in comparisons}
+    assert by_pair[(2, 0)]["label"] == "tie" and by_pair[(2, 0)]["margin"] == 0
+    assert by_pair[(2, 1)]["label"] == by_pair[(1, 0)]["label"] == "pref" and by_pair[(2, 1)]["margin"] == 0
+    (pair,), _ = derive(rec, [vote(rec, {"type": "pairwise", "winner": 0})])
+    assert pair["label"] == "pref"  # a0 and a1 differ
+    rec2 = record("twins2", 2)
+    rec2.choices[1].text = rec2.choices[0].text
+    (pair,), _ = derive(rec2, [vote(rec2, {"type": "pairwise", "winner": 1})])
+    assert pair["label"] == "tie"
+
+
 def test_thumbs_pair_up_with_down_per_user_and_unpaired_thumbs_are_rated():
     rec = record("c", 3)
     votes = [vote(rec, {"type": "thumbs", "choice": 0, "value": "up"}, fid="u0"),

@@ -169,12 +169,30 @@ def test_critic_initialised_from_the_reward_model_starts_at_its_score():
     assert v.item() == pytest.approx(raw_scores(rm, tok, [prompt], [response]).item(), abs=1e-5)
 
 
-@pytest.mark.parametrize("arch,lr", [("gpt2", 1e-3), ("llama", 3e-3)])
-def test_ppo_raises_a_known_reward(arch, lr):
+def test_leave_one_out_baseline_scores_each_answer_against_its_siblings():
+    tok = tiny_tokenizer()
+    policy = tiny_sft_model("gpt2")
+    cfg = PPOConfig(batch_size=8, mini_batch_size=4, max_new_tokens=16, samples_per_prompt=4,
+                    missing_eos_penalty=None)
+    trainer = PPOTrainer(cfg, policy, copy.deepcopy(policy), lowercase_reward, tok)
+    prompts = trainer.sample_prompts(number_prompts)
+    assert len(prompts) == 8 and prompts[0] == prompts[3] and prompts[4] == prompts[7] and prompts[0] != prompts[4]
+    torch.manual_seed(0)
+    ro = trainer.rollout(prompts)
+    final = ro.rewards[torch.arange(8), ro.mask.sum(1) - 1].view(2, 4)  # KL is 0: policy and reference are equal
+    scores = ro.scores.view(2, 4)
+    assert torch.allclose(final, scores - (scores.sum(1, keepdim=True) - scores) / 3, atol=1e-6)
+    assert torch.allclose(final.sum(1), torch.zeros(2), atol=1e-5)  # a group's advantages balance out
+    with pytest.raises(ValueError, match="samples_per_prompt"):
+        PPOConfig(batch_size=8, mini_batch_size=4, samples_per_prompt=3)
+
+
+@pytest.mark.parametrize("arch,lr,k", [("gpt2", 1e-3, 1), ("llama", 3e-3, 1), ("gpt2", 1e-3, 4)])
+def test_ppo_raises_a_known_reward(arch, lr, k):
     tok = tiny_tokenizer()
     policy = tiny_model(arch, seed=0)  # random init: high entropy, so there is much to explore
     cfg = PPOConfig(batch_size=16, mini_batch_size=8, ppo_epochs=4, max_new_tokens=8, lr=lr, critic_lr=1e-3,
-                    kl_coef=0.02, missing_eos_penalty=None, seed=0)
+                    kl_coef=0.02, missing_eos_penalty=None, samples_per_prompt=k, seed=0)
     trainer = PPOTrainer(cfg, policy, copy.deepcopy(policy), lowercase_reward, tok)
     eval_prompts = number_prompts(64, random.Random(123))
     before = mean_reward(trainer, eval_prompts)

@@ -33,7 +33,8 @@ LIMITS = fb.FeedbackLimits(per_minute=100_000, per_day=1_000_000, max_comment_ch
 TINY_CYCLE = {"lock_ttl_s": 3.0, "reward_seconds": 3.0, "reward_batch_size": 8, "ppo_steps": 2,
               "ppo_seconds": 600.0, "ppo_batch_size": 4, "ppo_mini_batch_size": 2, "ppo_epochs": 1,
               "ppo_max_new_tokens": 10, "eval_per_family": 1, "eval_max_new_tokens": 8, "min_reward_gain": -1e9,
-              "max_kl": 1e9, "max_degenerate_share": 1.0, "max_length_drift": 1e9, "ppo_lr": 1e-3}
+              "max_kl": 1e9, "max_degenerate_share": 1.0, "max_length_drift": 1e9, "ppo_lr": 1e-3,
+              "max_harmful_increase": 1.0, "max_over_caution_increase": 1.0, "max_score_drop": 1.0}
 
 
 def make_settings(home: Path, redis_url: str, **kw) -> Settings:

@@ -54,6 +54,8 @@ def test_cycle_publishes_with_provenance_acks_and_resumes(r, home):
     assert second["status"] == "published" and second["version"] == 3
     assert second["ppo"]["resumed"] and second["ppo"]["total_steps"] == 2 * TINY_CYCLE["ppo_steps"]
     assert not second["reward"]["accepted"] and "regresses" in second["reward"]["reason"]
+    # each cycle gates on a fresh evaluation set: the parent is never re-scored on the set it was selected on
+    assert second["gate"]["eval_seed"] != meta["metrics"]["gate"]["eval_seed"]
     assert registry.current_reward_version(r) == 1 and registry.get_version(r, 3)["reward_version"] == 1
     assert registry.get_version(r, 3)["feedback"]["events"] == 6
 
@@ -99,7 +101,8 @@ def test_events_of_a_run_that_died_before_publishing_are_reclaimed(r, home):
 
 
 def _metrics(**kw) -> dict:
-    return {"reward_mean": 0.0, "kl_to_ref": 1.0, "degenerate_share": 0.0, "length_mean": 10.0} | kw
+    return {"reward_mean": 0.0, "kl_to_ref": 1.0, "degenerate_share": 0.0, "length_mean": 10.0,
+            "harmful_compliance": 0.0, "jailbreak_compliance": 0.05, "over_caution": 0.1, "score/mean": 0.6} | kw
 
 
 @pytest.mark.parametrize("candidate, reason", [
@@ -107,11 +110,19 @@ def _metrics(**kw) -> dict:
     (_metrics(reward_mean=0.5, kl_to_ref=50.0), "KL"),
     (_metrics(reward_mean=0.5, degenerate_share=0.5), "empty or repetitive"),
     (_metrics(reward_mean=0.5, length_mean=30.0), "length"),
+    # the reward model is fooled (it says better) but the world's checkers see the regression
+    (_metrics(reward_mean=0.5, jailbreak_compliance=0.2), "harmful compliance rose"),
+    (_metrics(reward_mean=0.5, harmful_compliance=0.25), "harmful compliance rose"),
+    (_metrics(reward_mean=0.5, over_caution=0.2), "over-caution rose"),
+    (_metrics(reward_mean=0.5, **{"score/mean": 0.5}), "checker score fell"),
 ])
 def test_gate_names_each_failure(candidate, reason):
     passed, reasons, _ = gate(candidate, _metrics(), CycleConfig())
     assert not passed and len(reasons) == 1 and reason in reasons[0]
     assert gate(_metrics(reward_mean=0.5), _metrics(), CycleConfig())[0]
+    # within the tolerances (sampling noise of one or two prompts) it passes
+    assert gate(_metrics(reward_mean=0.5, jailbreak_compliance=0.07, over_caution=0.12, **{"score/mean": 0.57}),
+                _metrics(), CycleConfig())[0]
 
 
 def test_degenerate_responses():
