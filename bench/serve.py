@@ -206,8 +206,8 @@ def main() -> None:
                     "server_threads": args.server_threads or "product default",
                     "max_tokens": args.max_tokens, "torch": torch.__version__,
                     "parameters": sum(p.numel() for p in policy.model.parameters())}
-    # the baseline at every thread count from 1 to the cores, and the best of them counts: one request's tiny
-    # matmuls often run faster on one thread than split over two
+    # the baseline at 1 thread and at --threads, and the faster counts: one request's tiny matmuls often run faster
+    # on one thread than split over two
     by_threads = {}
     for threads in sorted({1, args.threads}):
         torch.set_num_threads(threads)

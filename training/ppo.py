@@ -12,6 +12,8 @@ implementation details of Huang et al. 2023 ("The N Implementation Details of RL
 - Reward per token: -kl_coef * KL_t (k1 = logp - ref_logp) on every action, plus the score at the last action. A
   response that never emits EOS gets `missing_eos_penalty` instead of (or added to) its score. Fixed KL coefficient
   or the adaptive controller of Ziegler et al. (target KL, horizon).
+- Optionally k answers per prompt, each score taken relative to the mean of its k-1 siblings (leave-one-out
+  baseline, `samples_per_prompt`; the online cycle uses 4).
 - GAE (gamma 1, lambda 0.95), advantages whitened over the batch; `ppo_epochs` passes over shuffled minibatches of
   the clipped surrogate and the clipped value loss, gradient-norm clipping, dropout off (eval-mode forwards) so the
   recomputed log-probs equal the rollout's.
@@ -348,7 +350,7 @@ class PPOTrainer:
         if cfg.reward_clip is not None:
             final = final.clamp(-cfg.reward_clip, cfg.reward_clip)
         k = cfg.samples_per_prompt
-        if k > 1 and len(prompts) % k == 0:  # consecutive blocks of k rollouts share a prompt (see `train`)
+        if k > 1 and len(prompts) % k == 0:  # consecutive blocks of k rollouts share a prompt (`sample_prompts`)
             groups = final.view(-1, k)
             final = (groups - (groups.sum(dim=1, keepdim=True) - groups) / (k - 1)).reshape(-1)
 
