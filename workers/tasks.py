@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import uuid
 from typing import Any
 
@@ -73,9 +72,7 @@ def train_cycle(self, trigger: str = "manual", min_events: int = 0,
                                   reason="delivered too many times; each delivery lost its worker")
             result: dict[str, Any] = {"status": "abandoned", "attempts": attempts}
         else:
-            import torch
-
-            torch.set_num_threads(settings.torch_threads or os.cpu_count() or 1)
+            settings.apply_torch_threads()
             try:
                 result = run_cycle(r, settings, load_cycle_config(settings, overrides), trigger=trigger,
                                    min_events=min_events)
