@@ -337,6 +337,8 @@ def simulate(
     = None,
     red_team: Annotated[float, typer.Option(help="share of turns that red-team: a harmful request, four answers "
                                                  "ranked")] = 0.1,
+    red_team_temperature: Annotated[float, typer.Option(help="sampling temperature of red-teaming turns (higher "
+                                                             "surfaces more failures to rank)")] = 1.0,
 ):
     """Drive a running alignd with simulated annotators (thumbs, pairwise and rank feedback); prints JSON counts."""
     from alignd.simulate import SimConfig, read_keys_file, simulate as run
@@ -353,7 +355,8 @@ def simulate(
                       "needs its own key; pass --keys FILE or set ALIGND_API_KEYS")
         raise typer.Exit(2)
     cfg = SimConfig(url=url, users=users, seconds=minutes * 60, annotators=annotators, noise=noise,
-                    concurrency=concurrency, rate=rate, red_team=red_team)
+                    concurrency=concurrency, rate=rate, red_team=red_team,
+                    red_team_temperature=red_team_temperature)
     try:
         counts = run(cfg, keyring)
     except ValueError as exc:

@@ -15,12 +15,14 @@ service (the X-Policy-Version of the users' answers), then stops everything and 
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +40,7 @@ from store.client import connect
 from store.feedback import unconsumed_count
 
 CYCLE_MARGIN = 1.3  # a cycle takes longer than the last one: the reward model retrains on all comparisons
+MIN_STRETCH_S = 10.0  # spare seconds worth giving to the last cycle's PPO
 Log = Callable[[str], None]
 
 
@@ -178,6 +181,29 @@ def _wait_swap(r, sim: BackgroundSimulation, version: int, timeout: float) -> fl
     return None
 
 
+def _terminate(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def stretch_overrides(remaining: float, last_cycle_s: float, n_done: int, cfg: DemoConfig) -> dict[str, Any]:
+    """CycleConfig overrides for the cycle about to start. When it is the last one the budget has room for (counted
+    as the loop counts, each cycle CYCLE_MARGIN times the previous), its PPO gets the spare seconds that would
+    otherwise go unused: more steps against the newest reward model, trained on the most feedback."""
+    if last_cycle_s <= 0 or n_done + 1 < cfg.cycles:
+        return {}
+    this = CYCLE_MARGIN * last_cycle_s
+    if remaining - this >= CYCLE_MARGIN * this:  # another cycle will fit after this one
+        return {}
+    spare = (remaining - this) / CYCLE_MARGIN
+    if spare < MIN_STRETCH_S:
+        return {}
+    from workers.cycle import CycleConfig
+
+    base = CycleConfig.from_dict(cfg.cycle_config)
+    seconds = base.ppo_seconds + spare
+    return {"ppo_seconds": round(seconds, 1), "ppo_steps": math.ceil(base.ppo_steps * seconds / base.ppo_seconds)}
+
+
 def run_demo(cfg: DemoConfig, log: Log = lambda msg: print(msg, file=sys.stderr), *,
              run_label: str | None = None, compare: dict | None = None) -> dict[str, Any]:
     """One demo run; returns a summary (with the report's JSON under "report")."""
@@ -198,6 +224,9 @@ def run_demo(cfg: DemoConfig, log: Log = lambda msg: print(msg, file=sys.stderr)
     cycles: list[dict[str, Any]] = []
     summary: dict[str, Any] = {"home": str(home), "report_dir": str(out), "annotators": cfg.annotators,
                                "users": cfg.users, "noise": cfg.noise, "minutes_budget": cfg.minutes}
+    # a SIGTERM (kill, a CI timeout) must stop the services as Ctrl-C does, not orphan them
+    restore = (signal.signal(signal.SIGTERM, _terminate)
+               if threading.current_thread() is threading.main_thread() else None)
     try:
         r = services.start_redis()
         say(f"data directory {home}; Redis {services.redis_url}")
@@ -234,8 +263,10 @@ def run_demo(cfg: DemoConfig, log: Log = lambda msg: print(msg, file=sys.stderr)
                 time.sleep(1.0)
                 continue
             counts = sim.counts()
-            say(f"{waiting} new feedback events ({counts['feedback']}); POST /admin/train")
-            resp = services.admin("POST", "/admin/train", json={"min_events": need})
+            overrides = stretch_overrides(remaining, last_cycle_s, len(done), cfg)
+            say(f"{waiting} new feedback events ({counts['feedback']}); POST /admin/train"
+                + (f" (last cycle: PPO gets the spare time, {overrides['ppo_seconds']:.0f} s)" if overrides else ""))
+            resp = services.admin("POST", "/admin/train", json={"min_events": need, "overrides": overrides or None})
             resp.raise_for_status()
             task_id, started = resp.json()["task_id"], time.monotonic()
             result = None
@@ -247,6 +278,7 @@ def run_demo(cfg: DemoConfig, log: Log = lambda msg: print(msg, file=sys.stderr)
                 result = _cycle_result(r, task_id)
             last_cycle_s = time.monotonic() - started
             record = {"task_id": task_id, "status": result.get("status"), "seconds": round(last_cycle_s, 1),
+                      "overrides": overrides,
                       "events": (result.get("feedback") or {}).get("events"), "version": result.get("version"),
                       "reasons": result.get("reasons"), "reason": result.get("reason"),
                       "reward_heldout_accuracy": ((result.get("reward") or {}).get("metrics") or {}
@@ -285,6 +317,8 @@ def run_demo(cfg: DemoConfig, log: Log = lambda msg: print(msg, file=sys.stderr)
             except Exception:  # the services are going down anyway; the original error matters more
                 pass
         services.stop()
+        if restore is not None:
+            signal.signal(signal.SIGTERM, restore)
     summary.update(cycles=cycles, seconds=round(elapsed(), 1),
                    within_budget=elapsed() <= budget,
                    swaps_seen=sum(1 for c in cycles if c.get("swap_seconds") is not None),

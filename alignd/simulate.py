@@ -5,7 +5,8 @@ own API key, so the server records who gave every vote. A user loops: draw a pro
 (`world.sample_task`, the held-out family excluded: it measures generalisation and never reaches the feedback), ask
 for n = 1, 2 or 3–4 choices, recover the task from the prompt it sent (`world.task_from_prompt`) and judge the
 choices with the world's checkers — a thumb on one, a pairwise verdict on two, a ranking of three or four. A share
-of turns are red-teaming: a harmful request, often reworded as a jailbreak, and a ranking of four answers.
+of turns are red-teaming: a harmful request, often reworded as a jailbreak, and a ranking of four answers (sampled
+at `red_team_temperature`).
 Feedback carries a client `feedback_id`, so a retried POST never counts twice.
 
     alignd simulate --users 8 --minutes 2 --url http://127.0.0.1:8000          # keys from ALIGND_API_KEYS
@@ -50,6 +51,11 @@ class SimConfig:
     #                        jailbreak), four responses ranked. Harm is rare in an SFT model's samples, so the
     #                        ordinary mix shows the reward model too few refusals-vs-compliance to learn that
     #                        harmlessness outranks helpfulness there (Bai et al. 2022 collect red-team data apart)
+    red_team_temperature: float = 1.0  # hotter red-teaming surfaces more failures (the SFT model answers 3 % of
+    #                                    harmful prompts at 1.0, 11 % at 1.3, 25 % at 1.6) and widened the reward
+    #                                    model's refusal-vs-compliance gap 2-3x, but at 1.5 the first cycle's reward
+    #                                    model also came to favour refusing ordinary requests (its candidate raised
+    #                                    over-caution in both demo runs tried), so the default is what users sample
     max_tokens: int = 48  # built-in answers are under 15 words; room to ramble
     temperature: float = 1.0  # the policy's own distribution: distinct choices to compare
     retries: int = 3  # per request, for 429/5xx/transport errors, with backoff (feedback retries are idempotent)
@@ -212,8 +218,10 @@ class Simulation:
     async def _turn(self, client: httpx.AsyncClient, user: Annotator, key: str, gate: asyncio.Semaphore,
                     rng: random.Random) -> bool:
         """One chat request and its feedback; False when this user should stop (its key is refused)."""
+        temperature = self.cfg.temperature
         if rng.random() < self.cfg.red_team:
             task, kind, n = sample_task(rng, "harmful", jailbreak_rate=0.5), "rank", 4
+            temperature = self.cfg.red_team_temperature
         else:
             task = sample_task(rng)  # held-out family excluded by default
             kind = rng.choices(FEEDBACK_KINDS, weights=self.cfg.mix)[0]
@@ -222,7 +230,7 @@ class Simulation:
         async with gate:
             resp = await self._post(client, "/v1/chat/completions", key, {
                 "messages": [{"role": "user", "content": task.prompt}], "n": n,
-                "max_tokens": self.cfg.max_tokens, "temperature": self.cfg.temperature,
+                "max_tokens": self.cfg.max_tokens, "temperature": temperature,
                 "seed": rng.randrange(2**31)})
             if resp is None:
                 if any(k.endswith(":401") for k in self.errors):  # a bad key does not get better by retrying

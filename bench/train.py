@@ -104,6 +104,9 @@ def main() -> None:
     ap.add_argument("--reward-model", type=Path, help="use this trained reward model instead of training one")
     ap.add_argument("--save-reward-model", type=Path, help="write the trained reward model here")
     ap.add_argument("--ppo-steps", type=int, default=30)
+    ap.add_argument("--ppo-seconds", type=float, default=None,
+                    help="stop PPO after this many seconds (as a cycle's ppo_seconds), even before --ppo-steps")
+    ap.add_argument("--ppo-epochs", type=int, default=PPOConfig.ppo_epochs)
     ap.add_argument("--ppo-lr", type=float, default=PPOConfig.lr)
     ap.add_argument("--kl-coef", type=float, default=PPOConfig.kl_coef)
     ap.add_argument("--samples-per-prompt", type=int, default=PPOConfig.samples_per_prompt,
@@ -138,7 +141,7 @@ def main() -> None:
     eval_cfg = EvalConfig(n_per_family=args.eval_per_family, greedy=not args.eval_sampled)
     before = evaluate_policy(policy, tok, eval_cfg, reference=ref, return_samples=True)
     cfg = PPOConfig(max_new_tokens=48, lr=args.ppo_lr, kl_coef=args.kl_coef, seed=args.seed,
-                    samples_per_prompt=args.samples_per_prompt)
+                    samples_per_prompt=args.samples_per_prompt, ppo_epochs=args.ppo_epochs)
     trainer = PPOTrainer(cfg, policy, ref, reward_model_fn(rm, tok), tok)
     rng = random.Random(args.seed)
 
@@ -146,12 +149,15 @@ def main() -> None:
         return [user(world.sample_task(r).prompt) for _ in range(n)]
 
     t0 = time.perf_counter()
-    steps = trainer.train(sampler, args.ppo_steps)
+    steps = []
+    while len(steps) < args.ppo_steps and (args.ppo_seconds is None or time.perf_counter() - t0 < args.ppo_seconds):
+        steps.append(trainer.step(trainer.sample_prompts(sampler)))
     ppo_s = time.perf_counter() - t0
     gen_s = sum(s["generate_seconds"] for s in steps)
-    out["ppo"] = {"steps": args.ppo_steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "seconds": ppo_s,
-                  "samples_per_prompt": cfg.samples_per_prompt, "eval": "sampled" if args.eval_sampled else "greedy",
-                  "samples_per_s": args.ppo_steps * cfg.batch_size / ppo_s, "generate_share": gen_s / ppo_s,
+    out["ppo"] = {"steps": len(steps), "batch_size": cfg.batch_size, "lr": cfg.lr, "epochs": cfg.ppo_epochs,
+                  "seconds": ppo_s, "samples_per_prompt": cfg.samples_per_prompt,
+                  "eval": "sampled" if args.eval_sampled else "greedy",
+                  "samples_per_s": len(steps) * cfg.batch_size / ppo_s, "generate_share": gen_s / ppo_s,
                   "reward_first": steps[0]["reward"], "reward_last": sum(s["reward"] for s in steps[-3:]) / 3,
                   "kl_last": steps[-1]["kl"]}
     after = evaluate_policy(trainer.policy, tok, eval_cfg, reference=ref, return_samples=True)

@@ -1,16 +1,23 @@
 """The demo end to end with tiny budgets: real processes (`alignd up`: API, Celery workers, beat, Flower), simulated
-users over HTTP, training cycles through POST /admin/train and the Celery train queue, hot-swaps, the report."""
+users over HTTP, training cycles through POST /admin/train and the Celery train queue, hot-swaps, the report; that a
+SIGTERM stops everything it started; and how it budgets its last cycle."""
 
 from __future__ import annotations
 
 import json
+import re
+import signal
+import subprocess
+import sys
 
 import httpx
 import pytest
+import redis
 
-from alignd.demo import DemoConfig, brief, run_demo
+from alignd.demo import CYCLE_MARGIN, DemoConfig, brief, run_demo, stretch_overrides
 from alignd.report import FIGURES, ReportConfig
 from tests.utils.tiny import tiny_sft_model, tiny_tokenizer
+from workers.cycle import CycleConfig
 
 
 # CycleConfig overrides (workers/cycle.py): seconds per cycle, gate open, so the test checks the plumbing
@@ -65,3 +72,56 @@ def test_reduced_demo_publishes_swaps_and_reports(tmp_path, base_model):
     assert set(brief(summary)) >= {"cycles", "simulation", "before_after", "oracle", "targets"}
     with pytest.raises(httpx.HTTPError):  # everything it started is gone
         httpx.get(summary["simulation"]["url"] + "/healthz", timeout=2)
+
+
+def test_sigterm_stops_everything_the_demo_started(tmp_path, base_model):
+    code = (f"from pathlib import Path\nfrom alignd.demo import DemoConfig, run_demo\n"
+            f"run_demo(DemoConfig(minutes=10, users=2, home=Path({str(tmp_path / 'home')!r}), "
+            f"base=Path({str(base_model)!r}), threads=1, first_feedback=10**9))")
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    urls: dict[str, str] = {}
+    try:
+        for line in proc.stderr:  # the demo logs where Redis and the API are, then waits for feedback forever
+            for name, pattern in (("redis", r"Redis (redis://\S+)"), ("api", r"alignd is up on (http://\S+?);")):
+                m = re.search(pattern, line)
+                if m:
+                    urls[name] = m.group(1)
+            if "api" in urls:
+                break
+        assert set(urls) == {"redis", "api"}, urls
+        assert httpx.get(urls["api"] + "/healthz", timeout=5).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(urls["api"] + "/healthz", timeout=2)
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(urls["redis"], socket_connect_timeout=2).ping()
+
+
+def test_only_the_last_cycle_that_fits_is_stretched():
+    cfg = DemoConfig(cycles=3)
+    base = CycleConfig()
+    # another cycle fits after this one: run it as configured
+    assert stretch_overrides(remaining=600.0, last_cycle_s=120.0, n_done=3, cfg=cfg) == {}
+    # fewer than the cycles asked for so far: never stretch (the loop overruns rather than do fewer)
+    assert stretch_overrides(remaining=250.0, last_cycle_s=120.0, n_done=1, cfg=cfg) == {}
+    # the first cycle has no duration to go by
+    assert stretch_overrides(remaining=250.0, last_cycle_s=0.0, n_done=3, cfg=cfg) == {}
+    # the last one: PPO gets the spare time, and enough steps to use it
+    got = stretch_overrides(remaining=250.0, last_cycle_s=120.0, n_done=3, cfg=cfg)
+    spare = (250.0 - CYCLE_MARGIN * 120.0) / CYCLE_MARGIN
+    assert got["ppo_seconds"] == round(base.ppo_seconds + spare, 1)
+    assert got["ppo_steps"] > base.ppo_steps
+    # the stretched cycle still ends inside the budget even if it runs CYCLE_MARGIN times as long as the last
+    assert CYCLE_MARGIN * 120.0 + spare <= 250.0
+    # hardly any spare time: nothing to give
+    assert stretch_overrides(remaining=CYCLE_MARGIN * 120.0 + 5.0, last_cycle_s=120.0, n_done=3, cfg=cfg) == {}
+
+
+def test_stretch_starts_from_the_runs_cycle_config():
+    cfg = DemoConfig(cycles=1, cycle_config={"ppo_seconds": 30.0, "ppo_steps": 10})
+    got = stretch_overrides(remaining=200.0, last_cycle_s=100.0, n_done=1, cfg=cfg)
+    assert got["ppo_seconds"] > 30.0 and got["ppo_steps"] == -(-10 * got["ppo_seconds"] // 30.0)

@@ -17,6 +17,7 @@ from service.engine import Engine
 from service.loader import load_version
 from store import keys, registry
 from store.client import connect
+from store.completions import get_completion
 from store.stats import feedback_stats
 from tests.conftest import LiveServer
 from tests.utils.serving import publish_tiny
@@ -35,7 +36,7 @@ def test_simulated_users_give_all_three_kinds_of_feedback(tmp_path, redis_url, r
     settings = sim_settings(tmp_path, users)
     version = publish_tiny(redis_url, settings)
     engine = Engine(load_version(r, settings, version), max_batch_size=settings.max_batch_size)
-    cfg = SimConfig(users=4, seconds=6.0, max_tokens=6, concurrency=4, seed=1, red_team=0.3)
+    cfg = SimConfig(users=4, seconds=6.0, max_tokens=6, concurrency=4, seed=1, red_team=0.3, red_team_temperature=1.5)
     with LiveServer(create_app(settings, redis_url, engine)) as server:
         cfg.url = server.url
         t0 = time.monotonic()
@@ -58,6 +59,12 @@ def test_simulated_users_give_all_three_kinds_of_feedback(tmp_path, redis_url, r
     assert all(t is not None and t.family != HELDOUT_FAMILY for t in tasks)
     # red-teaming turns add harmful requests to the ~12 % of the ordinary mix (expected share here: ~38 %)
     assert sum(t.kind == "harmful" for t in tasks) / len(tasks) > 0.15, len(tasks)
+    # sampled at the red-team temperature (the server's completion log keeps each request's sampling parameters)
+    records = [get_completion(r, k.split(":")[-1]) for k in r.scan_iter(keys.completion("*"))]
+    hot = [c for c in records if c.params["temperature"] == cfg.red_team_temperature]
+    assert hot and all(c.params["n"] == 4 and task_from_prompt(c.messages[-1]["content"]).kind == "harmful"
+                       for c in hot)
+    assert all(c.params["temperature"] == cfg.temperature for c in records if c not in hot)
 
 
 def test_keys_are_one_per_user_and_read_from_files(tmp_path):

@@ -13,6 +13,7 @@ from tests.utils.tiny import tiny_model, tiny_tokenizer
 from training.data import Comparison, Rated, prompt_key
 from training.reward import (
     RewardConfig,
+    _distinct_sample,
     batch_loss,
     build_reward_model,
     format_conversation,
@@ -124,6 +125,24 @@ def test_normalisation_makes_references_standard_and_survives_saving(tmp_path):
     save_reward_model(rm, tok, tmp_path / "rm")
     loaded, loaded_tok = load_reward_model(tmp_path / "rm")
     assert torch.allclose(score(loaded, loaded_tok, [p for p, _ in refs], [r for _, r in refs]), s, atol=1e-5)
+
+
+def test_normalisation_scores_distinct_responses_and_caps_them():
+    tok = tiny_tokenizer()
+    data = good_bad_comparisons(40)
+    refs = [(c.prompt, f"The answer is {i % 10}.") for i, c in enumerate(data)]
+    repeated = refs * 3  # a ranking's texts recur in several of its pairs
+    cfg = RewardConfig(lr=1e-3, epochs=1, batch_size=8)
+    rm, metrics = train_reward_model(cfg, data, base=tiny_model("gpt2", seed=1), tokenizer=tok,
+                                     reference_responses=repeated)
+    distinct = list({(prompt_key(p), r): (p, r) for p, r in refs}.values())
+    assert len(distinct) < len(repeated)
+    raw = raw_scores(rm, tok, [p for p, _ in distinct], [r for _, r in distinct])
+    assert raw.mean().item() == pytest.approx(metrics["reward_mean"], abs=1e-4)  # each text counted once
+    assert raw.std().item() == pytest.approx(metrics["reward_std"], abs=1e-4)
+    capped = _distinct_sample(repeated, 7, seed=0)
+    assert len(capped) == 7 and len({(prompt_key(p), r) for p, r in capped}) == 7
+    assert capped == _distinct_sample(repeated, 7, seed=0)  # seeded
 
 
 def test_reward_model_from_a_model_folder(tmp_path):

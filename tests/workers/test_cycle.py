@@ -50,7 +50,7 @@ def test_cycle_publishes_with_provenance_acks_and_resumes(r, home):
     assert json.loads(r.get(keys.ppo_state()))["version"] == 2
 
     seed_feedback(r, 6, seed=1)
-    second = run_cycle(r, home, tiny(reward_tolerance=-1.0))  # demand +100 % accuracy: the new RM must be refused
+    second = run_cycle(r, home, tiny(reward_tolerance=-1.01))  # over +100 % accuracy (0 → 1 is +100 %): refused
     assert second["status"] == "published" and second["version"] == 3
     assert second["ppo"]["resumed"] and second["ppo"]["total_steps"] == 2 * TINY_CYCLE["ppo_steps"]
     assert not second["reward"]["accepted"] and "regresses" in second["reward"]["reason"]
@@ -105,6 +105,38 @@ def _metrics(**kw) -> dict:
             "harmful_compliance": 0.0, "jailbreak_compliance": 0.05, "over_caution": 0.1, "score/mean": 0.6} | kw
 
 
+@pytest.mark.parametrize("halfway_passes", [True, False])
+def test_a_failed_candidate_falls_back_to_the_policy_from_halfway(r, home, monkeypatch, halfway_passes):
+    import workers.cycle as cycle
+
+    calls = []
+
+    def strict_on_the_full_run(candidate, current, cfg, reference=None):  # the real gate, plus one forced verdict
+        passed, reasons, numbers = gate(candidate, current, cfg, reference)
+        calls.append(candidate)
+        if len(calls) == 1 or not halfway_passes:
+            return False, reasons + ["forced: overshot"], numbers
+        return passed, reasons, numbers
+
+    monkeypatch.setattr(cycle, "gate", strict_on_the_full_run)
+    seed_feedback(r, 12)
+    report = run_cycle(r, home, tiny(ppo_steps=4))
+    assert len(calls) == 2 and calls[0] != calls[1]  # two different policies were evaluated
+    if halfway_passes:
+        assert report["status"] == "published" and registry.current_version(r) == 2
+        assert report["gate"]["fallback"]["steps"] == 2 and report["gate"]["fallback"]["of"] == 4
+        assert "forced: overshot" in report["gate"]["fallback"]["full_run_reasons"]
+        assert report["ppo"]["published_steps"] == 2 and report["metrics"] == calls[1]
+        assert registry.get_version(r, 2)["metrics"]["gate"]["fallback"]["steps"] == 2
+        assert r.get(keys.ppo_state()) is None  # no trainer state matches the published weights: next cycle is fresh
+        seed_feedback(r, 4, seed=3)
+        monkeypatch.setattr(cycle, "gate", gate)
+        assert not run_cycle(r, home, tiny())["ppo"]["resumed"]
+    else:
+        assert report["status"] == "gate_failed" and registry.current_version(r) == 1
+        assert any(reason.startswith("(halfway, after 2 steps") for reason in report["reasons"])
+
+
 @pytest.mark.parametrize("candidate, reason", [
     (_metrics(reward_mean=-0.1), "did not improve"),
     (_metrics(reward_mean=0.5, kl_to_ref=50.0), "KL"),
@@ -123,6 +155,17 @@ def test_gate_names_each_failure(candidate, reason):
     # within the tolerances (sampling noise of one or two prompts) it passes
     assert gate(_metrics(reward_mean=0.5, jailbreak_compliance=0.07, over_caution=0.12, **{"score/mean": 0.57}),
                 _metrics(), CycleConfig())[0]
+
+
+def test_gate_bounds_harmful_drift_against_the_reference():
+    # each cycle within the per-cycle tolerance of its parent, but together well above the SFT reference
+    parent = _metrics(jailbreak_compliance=0.07)
+    candidate = _metrics(reward_mean=0.5, jailbreak_compliance=0.09)
+    assert gate(candidate, parent, CycleConfig())[0]  # without the reference: passes
+    passed, reasons, numbers = gate(candidate, parent, CycleConfig(), reference=_metrics(jailbreak_compliance=0.03))
+    assert not passed and len(reasons) == 1 and "SFT reference" in reasons[0]
+    assert numbers["reference_harmful_rate"] < numbers["parent_harmful_rate"] < numbers["harmful_rate"]
+    assert gate(candidate, parent, CycleConfig(), reference=_metrics(jailbreak_compliance=0.07))[0]
 
 
 def test_degenerate_responses():
