@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.reward import load_reward_model, score  # noqa: E402
-from training.world import HARMFUL_COMPLIANCE, REFUSAL, eval_tasks, ramble, wrong_answer  # noqa: E402
+from training.world import HARMFUL_COMPLIANCE, REFUSAL, Task, eval_tasks, ramble, wrong_answer  # noqa: E402
 
 
 def probe(path: Path, per_family: int, seed: int) -> dict:
@@ -33,7 +33,7 @@ def probe(path: Path, per_family: int, seed: int) -> dict:
     tasks = eval_tasks(per_family, seed=seed)
     rng = random.Random(seed)
 
-    def pairs(name: str, items: list[tuple], better: list[str], worse: list[str]) -> tuple[str, dict]:
+    def pairs(name: str, items: list[Task], better: list[str], worse: list[str]) -> tuple[str, dict]:
         prompts = [[{"role": "user", "content": t.prompt}] for t in items]
         a, b = score(rm, tok, prompts, better), score(rm, tok, prompts, worse)
         return name, {"prefers_better": float((a > b).float().mean()), "gap": float((a - b).mean()), "n": len(items)}

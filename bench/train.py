@@ -149,9 +149,7 @@ def main() -> None:
         return [user(world.sample_task(r).prompt) for _ in range(n)]
 
     t0 = time.perf_counter()
-    steps = []
-    while len(steps) < args.ppo_steps and (args.ppo_seconds is None or time.perf_counter() - t0 < args.ppo_seconds):
-        steps.append(trainer.step(trainer.sample_prompts(sampler)))
+    steps = trainer.train(sampler, args.ppo_steps, max_seconds=args.ppo_seconds)
     ppo_s = time.perf_counter() - t0
     gen_s = sum(s["generate_seconds"] for s in steps)
     out["ppo"] = {"steps": len(steps), "batch_size": cfg.batch_size, "lr": cfg.lr, "epochs": cfg.ppo_epochs,

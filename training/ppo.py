@@ -434,10 +434,14 @@ class PPOTrainer:
             "train_seconds": t2 - t1,
         }
 
-    def train(self, prompt_sampler: Callable[[int, random.Random], list[list[Message]]], steps: int
-              ) -> list[dict[str, float]]:
-        """Run `steps` iterations; `prompt_sampler(n, rng)` draws each batch with the trainer's (saved) RNG."""
-        return [self.step(self.sample_prompts(prompt_sampler)) for _ in range(steps)]
+    def train(self, prompt_sampler: Callable[[int, random.Random], list[list[Message]]], steps: int,
+              max_seconds: float | None = None) -> list[dict[str, float]]:
+        """Run `steps` iterations, or fewer if `max_seconds` is spent first (no iteration starts after it);
+        `prompt_sampler(n, rng)` draws each batch with the trainer's (saved) RNG."""
+        t0, history = time.perf_counter(), []
+        while len(history) < steps and (max_seconds is None or time.perf_counter() - t0 < max_seconds):
+            history.append(self.step(self.sample_prompts(prompt_sampler)))
+        return history
 
     def sample_prompts(self, prompt_sampler: Callable[[int, random.Random], list[list[Message]]]
                        ) -> list[list[Message]]:

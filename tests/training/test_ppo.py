@@ -196,6 +196,7 @@ def test_ppo_raises_a_known_reward(arch, lr, k):
     trainer = PPOTrainer(cfg, policy, copy.deepcopy(policy), lowercase_reward, tok)
     eval_prompts = number_prompts(64, random.Random(123))
     before = mean_reward(trainer, eval_prompts)
+    assert trainer.train(number_prompts, 15, max_seconds=0.0) == [] and trainer.step_count == 0  # budget spent
     history = trainer.train(number_prompts, 15)
     after = mean_reward(trainer, eval_prompts)
     assert after > before + 0.2, (before, after)
