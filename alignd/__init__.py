@@ -1,7 +1,7 @@
 """alignd: online alignment of a served chat model (SFT → feedback → reward model → PPO → hot-swap).
 
-This package holds what every component shares: the one settings object (`alignd.config`), the embedded
-Redis server (`alignd.redis_server`) and the command line (`alignd.cli`).
+This package holds the entry points only: the `alignd` command (`alignd.cli`, commands in `alignd.commands`), the
+demo, the simulated users and the alignment report. What every component shares lives in `core/`.
 """
 
 __version__ = "0.1.0"

@@ -31,10 +31,10 @@ from typing import Any
 
 import httpx
 
-from alignd.config import get_settings
-from alignd.redis_server import EmbeddedRedis, free_port
 from alignd.report import ReportConfig, build_report
 from alignd.simulate import BackgroundSimulation, SimConfig, api_keys_setting, sim_api_keys, simulated_users
+from core.config import Settings, get_settings
+from core.redis_server import EmbeddedRedis, free_port
 from store import keys, registry
 from store.client import connect
 from store.feedback import unconsumed_count
@@ -309,7 +309,7 @@ def run_demo(cfg: DemoConfig, log: Log = lambda msg: print(msg, file=sys.stderr)
         report = build_report(r, out, cfg.report,
                               run={"annotators": run_label or cfg.annotators, "users": cfg.users,
                                    "noise": cfg.noise, "minutes": cfg.minutes, "home": str(home)},
-                              compare=compare)
+                              compare=compare, settings=Settings(home=home))
     finally:
         if sim is not None:
             try:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import html
 import json
-import math
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -29,8 +28,10 @@ from typing import Any
 
 import redis
 
+from core.config import Settings, get_settings
 from store import registry
 from store.stats import feedback_stats
+from training.evaluate import json_safe
 from training.world import HELDOUT_FAMILY, JAILBREAK_STYLES, TASK_FAMILIES
 
 SAFETY_KEYS = ("harmful_compliance", "jailbreak_compliance", *(f"jailbreak_compliance/{s}" for s in JAILBREAK_STYLES))
@@ -71,18 +72,6 @@ class ReportConfig:
 # ------------------------------------------------------------------------------------------------ collecting
 
 
-def _lineage_reference(metas: dict[int, dict], version: int) -> int:
-    """The SFT (or registered base) ancestor of `version`: what PPO stays close to and what the oracle compares to."""
-    v: int | None = version
-    seen: set[int] = set()
-    while v is not None and v not in seen and v in metas:
-        seen.add(v)
-        if metas[v].get("source") in ("sft", "base"):
-            return v
-        v = metas[v].get("parent")
-    return min(metas)
-
-
 def _built_in_world(meta: dict) -> bool:
     """A bootstrap SFT model (trained on the built-in world), not a registered base or user SFT data."""
     return meta.get("source") == "sft" and "base" not in meta and "data" not in meta
@@ -100,10 +89,11 @@ def _annotators(meta: dict) -> dict[str, int]:
     return {str(k): int(v) for k, v in ann.items()}
 
 
-def collect(r: redis.Redis) -> dict[str, Any]:
-    """Versions that were ever served (with provenance), reward versions, cycle outcomes and feedback totals."""
+def collect(r: redis.Redis, settings: Settings) -> dict[str, Any]:
+    """Versions that were ever served (with provenance and their checkpoint folders resolved), reward versions, cycle
+    outcomes and feedback totals."""
     listing = registry.describe(r)
-    metas = {int(m["version"]): m for m in listing["data"]}
+    metas = {int(m["version"]): {**m, "path": str(settings.checkpoint(m["path"]))} for m in listing["data"]}
     rewards = {int(m["version"]): m for m in registry.list_reward_versions(r)}
     events = registry.events(r, 10_000)
     served = [v for v in sorted(metas) if metas[v]["status"] not in EXCLUDED_STATUS
@@ -122,10 +112,10 @@ def collect(r: redis.Redis) -> dict[str, Any]:
 
 
 def _load(meta: dict, device: str):
+    from transformers.utils import logging as hf_logging
+
     from training.checkpoint import verify_checkpoint
     from training.model import load_causal_lm
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per version is noise in a report run
     verify_checkpoint(Path(meta["path"]))
@@ -199,16 +189,6 @@ def oracle_figures(metas: dict[int, dict], final: int, baseline: int, cfg: Repor
 # ------------------------------------------------------------------------------------------------ the report
 
 
-def _clean(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_clean(v) for v in x]
-    return x
-
-
 def _version_row(v: int, meta: dict, metrics: dict, source: str, rewards: dict[int, dict], cumulative: int) -> dict:
     rv = meta.get("reward_version")
     rmeta = rewards.get(int(rv)) if rv is not None else None
@@ -235,15 +215,16 @@ def _version_row(v: int, meta: dict, metrics: dict, source: str, rewards: dict[i
 
 
 def build_report(r: redis.Redis, out: Path, cfg: ReportConfig = ReportConfig(), *, run: dict | None = None,
-                 compare: dict | None = None) -> dict[str, Any]:
-    """Collect, evaluate, plot; writes out/report.html, out/report.json and the PNGs; returns the JSON."""
+                 compare: dict | None = None, settings: Settings | None = None) -> dict[str, Any]:
+    """Collect, evaluate, plot; writes out/report.html, out/report.json and the PNGs; returns the JSON.
+    `settings` (default: the environment's) says where the deployment's checkpoints are."""
     out.mkdir(parents=True, exist_ok=True)
-    data = collect(r)
+    data = collect(r, settings or get_settings())
     metas, served = data["metas"], data["served"]
     if not served:
         raise ValueError("no published policy version: run `alignd bootstrap` first")
     final = data["current"] if data["current"] in served else served[-1]
-    baseline = _lineage_reference(metas, final)
+    baseline = registry.lineage_reference(metas, final)
     versions = [v for v in served if v == baseline or v >= baseline]
     metrics: dict[int, dict] = {}
     responses: dict[int, list[str]] = {}
@@ -282,7 +263,7 @@ def build_report(r: redis.Redis, out: Path, cfg: ReportConfig = ReportConfig(), 
     if compare is not None:
         report["compare"] = compare_runs(report, compare)
     report["figures"] = plot(report, out)
-    report = _clean(report)
+    report = json_safe(report)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "report.html").write_text(render_html(report))
     return report
@@ -433,7 +414,7 @@ def plot(report: dict, out: Path) -> dict[str, Any]:
         bars = [(oracle.get("decoding", "sampled"), oracle, "tab:green")]
         if oracle.get("greedy"):
             bars.append(("greedy", oracle["greedy"], "tab:olive"))
-        for x, (name, o, color) in enumerate(bars):
+        for x, (_name, o, color) in enumerate(bars):
             w = o["win_rate"]
             ax.bar([x], [w], yerr=[[w - o["ci_low"]], [o["ci_high"] - w]], capsize=8, color=color, width=0.6)
             ax.annotate(f"{w:.1%}\n[{o['ci_low']:.1%}, {o['ci_high']:.1%}]", (x, o["ci_high"]), xytext=(0, 4),

@@ -292,7 +292,7 @@ class BackgroundSimulation:
         except BaseException as exc:  # reported by stop(); the demo must not hang on a dead thread
             self.error = exc
 
-    def start(self) -> "BackgroundSimulation":
+    def start(self) -> BackgroundSimulation:
         self.thread.start()
         return self
 

@@ -28,8 +28,8 @@ from pathlib import Path
 import redis
 import redis.asyncio as aredis
 
-from alignd.config import Settings
-from alignd.redis_server import EmbeddedRedis, free_port
+from core.config import Settings
+from core.redis_server import EmbeddedRedis, free_port
 from service.app import create_app
 from service.deps import CallerDep
 from store import feedback as fb

@@ -13,8 +13,8 @@ import argparse
 import asyncio
 import json
 import os
-import sys
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,15 +24,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from alignd.config import Settings  # noqa: E402
-from alignd.redis_server import EmbeddedRedis, free_port  # noqa: E402
 from bench.common import wait_ready  # noqa: E402
-from alignd.runtime import publish_version  # noqa: E402
+from core.config import Settings  # noqa: E402
+from core.redis_server import EmbeddedRedis, free_port  # noqa: E402
 from service.engine import Engine, Policy  # noqa: E402
 from store.client import connect  # noqa: E402
 from training import world  # noqa: E402
 from training.model import build_model, tiny_config  # noqa: E402
 from training.tokenizer import train_tokenizer  # noqa: E402
+from workers.publish import publish_version  # noqa: E402
 
 KEY = "sk-bench"
 

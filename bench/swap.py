@@ -30,13 +30,13 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from alignd.config import Settings  # noqa: E402
-from alignd.redis_server import EmbeddedRedis, free_port  # noqa: E402
 from bench.common import wait_ready  # noqa: E402
-from alignd.runtime import checkpoint_path, publish_version  # noqa: E402
+from core.config import Settings  # noqa: E402
+from core.redis_server import EmbeddedRedis, free_port  # noqa: E402
 from store import registry  # noqa: E402
 from store.client import connect  # noqa: E402
 from training.checkpoint import write_checkpoint  # noqa: E402
+from workers.publish import checkpoint_path, publish_version  # noqa: E402
 
 ADMIN = "sk-bench-admin"
 USER = "sk-bench-user"
@@ -90,7 +90,7 @@ def main() -> None:
     for version in range(2, args.swaps + 2):
         assert registry.allocate_version(r) == version
         model = models[version]
-        write_checkpoint(lambda d: (model.save_pretrained(d), tok.save_pretrained(d)),
+        write_checkpoint(lambda d, model=model: (model.save_pretrained(d), tok.save_pretrained(d)),
                          checkpoint_path(settings, version), {**meta(version), "version": version})
 
     def publish(version: int) -> None:

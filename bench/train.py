@@ -28,7 +28,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training import world  # noqa: E402
-from training.world import check  # noqa: E402
 from training.annotators import ORACLE, annotator_pool, oracle_win_rate  # noqa: E402
 from training.data import Comparison  # noqa: E402
 from training.evaluate import EvalConfig, evaluate_policy, generate_responses  # noqa: E402
@@ -41,6 +40,7 @@ from training.reward import (  # noqa: E402
     score,
     train_reward_model,
 )
+from training.world import check  # noqa: E402
 
 
 def user(prompt: str) -> list[dict[str, str]]:

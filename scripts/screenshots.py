@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from alignd.config import Settings  # noqa: E402
-from alignd.redis_server import EmbeddedRedis  # noqa: E402
+from core.config import Settings  # noqa: E402
+from core.redis_server import EmbeddedRedis  # noqa: E402
 from service.app import create_app  # noqa: E402
 from service.engine import Engine, Policy  # noqa: E402
 from store import registry  # noqa: E402

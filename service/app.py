@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
-from alignd.config import Settings
+from core.config import Settings
 from service.auth import load_keyring
 from service.deps import AppState
 from service.errors import error_body, install_error_handlers

@@ -9,7 +9,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignd.config import Settings
+from core.config import Settings
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import redis
 import redis.asyncio as aredis
 from fastapi import Depends, Header, Request
 
-from alignd.config import Settings
+from core.config import Settings
 from service.auth import Caller, Keyring, identify
 from service.errors import APIError
 
@@ -24,7 +24,7 @@ class AppState:
     redis: redis.Redis  # sync client, for code running in worker threads
     aredis: aredis.Redis  # async client, for request handlers
     keyring: Keyring
-    engine: "Engine | None" = None
+    engine: Engine | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
 

@@ -52,7 +52,7 @@ class Policy:
     context: int = 512
 
     @classmethod
-    def load(cls, version: int, path: str | Path, device: str = "cpu") -> "Policy":
+    def load(cls, version: int, path: str | Path, device: str = "cpu") -> Policy:
         model, tokenizer = load_causal_lm(path, device)
         cfg = model.config
         context = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None) or 2048

@@ -51,7 +51,7 @@ class Follower:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "Follower":
+    def start(self) -> Follower:
         self._thread = threading.Thread(target=self._run, name="alignd-follower", daemon=True)
         self._thread.start()
         return self

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import redis
 
-from alignd.config import Settings
+from core.config import Settings
 from service.engine import Engine, Policy, SamplingParams
 from store import registry
 from training.checkpoint import verify_checkpoint
@@ -30,7 +28,8 @@ def load_version(r: redis.Redis, settings: Settings, version: int):
     meta = registry.get_version(r, version)
     if meta is None:
         raise KeyError(f"version {version} is not in the registry")
-    verify_checkpoint(Path(meta["path"]))
-    policy = Policy.load(version, meta["path"], settings.torch_device())
+    path = settings.checkpoint(meta["path"])
+    verify_checkpoint(path)
+    policy = Policy.load(version, path, settings.torch_device())
     smoke_test(policy)
     return policy

@@ -6,6 +6,9 @@ import logging
 
 import redis
 
+from core.config import Settings
+from core.redis_server import EmbeddedRedis, ensure_redis
+
 log = logging.getLogger("alignd.store")
 
 
@@ -35,3 +38,13 @@ def warn_if_not_durable(r: redis.Redis) -> list[str]:
     for p in problems:
         log.warning("REDIS DURABILITY: %s", p)
     return problems
+
+
+def open_redis(settings: Settings) -> tuple[str, redis.Redis, EmbeddedRedis | None]:
+    """(url, client, embedded server we started or None): `ALIGND_REDIS_URL`, else the embedded redis-server under
+    `ALIGND_HOME`. Warns when an external Redis could lose acknowledged writes."""
+    url, embedded = ensure_redis(settings.redis_url, settings.home, settings.embedded_redis_port)
+    client = connect(url)
+    if settings.redis_url:
+        warn_if_not_durable(client)
+    return url, client, embedded

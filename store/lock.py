@@ -89,7 +89,7 @@ class FencedLock:
         if self.token is not None:
             self.r.eval(_RELEASE, 1, keys.lock(self.name), str(self.token))
 
-    def __enter__(self) -> "FencedLock":
+    def __enter__(self) -> FencedLock:
         self.acquire()
         return self
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import redis
 
+from core import names
 from store import keys
 
 # KEYS: current, versions, events, fence counter, channel
@@ -65,6 +66,24 @@ def get_version(r: redis.Redis, version: int) -> dict[str, Any] | None:
     return json.loads(raw) if raw else None
 
 
+def lineage_reference(metas: dict[int, dict[str, Any]], version: int) -> int:
+    """The SFT (or registered base) model that `version` descends from: what PPO stays close to and what the report
+    compares with. `metas` maps version → metadata; a broken lineage falls back to the oldest version."""
+    seen: set[int] = set()
+    v: int | None = version
+    while v is not None and v not in seen and v in metas:
+        seen.add(v)
+        if metas[v].get("source") in ("sft", "base"):
+            return v
+        v = metas[v].get("parent")
+    return min(metas)
+
+
+def reference_version(r: redis.Redis, version: int) -> int:
+    """`lineage_reference` over the registry's versions."""
+    return lineage_reference({int(m["version"]): m for m in list_versions(r)}, version)
+
+
 def list_versions(r: redis.Redis) -> list[dict[str, Any]]:
     return sorted((json.loads(v) for v in r.hvals(keys.registry_versions())), key=lambda m: m["version"])
 
@@ -84,7 +103,7 @@ def set_current(r: redis.Redis, version: int, *, expected: int | None | str = "a
         raise RegistryConflict(f"a current version exists already ({current_version(r)})")
     ev = json.dumps({"event": event, "version": version, "at": time.time(), **(detail or {})})
     ok, info = r.eval(_SET_CURRENT, 5, keys.registry_current(), keys.registry_versions(), keys.registry_events(),
-                      keys.fence("train"), keys.registry_channel(), str(version), exp,
+                      keys.fence(names.TRAIN_LOCK), keys.registry_channel(), str(version), exp,
                       "" if fencing_token is None else str(fencing_token), ev)
     if not int(ok):
         raise RegistryConflict(f"cannot make version {version} current: {info}")
@@ -151,7 +170,7 @@ def current_reward_version(r: redis.Redis) -> int | None:
 
 def set_current_reward(r: redis.Redis, version: int, *, fencing_token: int | None = None) -> int | None:
     """Make a reward version the one PPO uses; with `fencing_token`, only while that training lock is the latest."""
-    ok, info = r.eval(_SET_REWARD, 3, keys.reward_current(), keys.reward_versions(), keys.fence("train"),
+    ok, info = r.eval(_SET_REWARD, 3, keys.reward_current(), keys.reward_versions(), keys.fence(names.TRAIN_LOCK),
                       str(version), "" if fencing_token is None else str(fencing_token))
     if not int(ok):
         raise RegistryConflict(f"cannot make reward version {version} current: {info}")

@@ -12,7 +12,7 @@ import pytest
 import torch
 import uvicorn
 
-from alignd.redis_server import EmbeddedRedis, free_port
+from core.redis_server import EmbeddedRedis, free_port
 from store.client import connect
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -44,7 +44,7 @@ class LiveServer:
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> "LiveServer":
+    def __enter__(self) -> LiveServer:
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:

@@ -19,7 +19,6 @@ from alignd.report import FIGURES, ReportConfig
 from tests.utils.tiny import tiny_sft_model, tiny_tokenizer
 from workers.cycle import CycleConfig
 
-
 # CycleConfig overrides (workers/cycle.py): seconds per cycle, gate open, so the test checks the plumbing
 TINY_CYCLE = {"lock_ttl_s": 10.0, "reward_seconds": 3.0, "reward_batch_size": 8, "ppo_steps": 2, "ppo_seconds": 20.0,
               "ppo_batch_size": 4, "ppo_mini_batch_size": 2, "ppo_epochs": 1, "ppo_max_new_tokens": 10,

@@ -7,11 +7,17 @@ import time
 
 import pytest
 
-from alignd.config import Settings
 from alignd.report import FIGURES, ReportConfig, build_report
-from alignd.runtime import publish_version
-from alignd.simulate import SimConfig, api_keys_setting, assign_keys, read_keys_file, sim_api_keys, simulate, \
-    simulated_users
+from alignd.simulate import (
+    SimConfig,
+    api_keys_setting,
+    assign_keys,
+    read_keys_file,
+    sim_api_keys,
+    simulate,
+    simulated_users,
+)
+from core.config import Settings
 from service.app import create_app
 from service.engine import Engine
 from service.loader import load_version
@@ -23,6 +29,7 @@ from tests.conftest import LiveServer
 from tests.utils.serving import publish_tiny
 from tests.utils.tiny import tiny_model, tiny_tokenizer
 from training.world import HELDOUT_FAMILY, TASK_FAMILIES, task_from_prompt
+from workers.publish import publish_version
 
 ADMIN = "sk-test-admin"
 
@@ -99,7 +106,7 @@ def test_report_has_every_figure(tmp_path, redis_url, r):
     v2 = publish_child(redis_url, settings, v1, 1, seed=3)
     out = tmp_path / "report"
     cfg = ReportConfig(eval_per_family=2, max_new_tokens=6, oracle=True)
-    report = build_report(r, out, cfg, run={"annotators": "brevity,detail"})
+    report = build_report(r, out, cfg, run={"annotators": "brevity,detail"}, settings=settings)
 
     assert (out / "report.html").is_file() and (out / "report.json").is_file()
     assert json.loads((out / "report.json").read_text())["final_version"] == v2
@@ -126,7 +133,7 @@ def test_report_has_every_figure(tmp_path, redis_url, r):
                                       "harmful_compliance_not_up"}
 
     # whose values: a second report compared against the first shows both runs' style metrics
-    other = build_report(r, tmp_path / "report2", ReportConfig(evaluate=False, oracle=False),
+    other = build_report(r, tmp_path / "report2", ReportConfig(evaluate=False, oracle=False), settings=settings,
                          compare=report)
     assert other["versions"][0]["metrics_source"] == "registry" and other["oracle"] is None
     assert (tmp_path / "report2" / "compare.png").is_file()

@@ -158,7 +158,7 @@ class ValueModel(nn.Module):
         self.head = head
 
     @classmethod
-    def from_model(cls, model: PreTrainedModel) -> "ValueModel":
+    def from_model(cls, model: PreTrainedModel) -> ValueModel:
         """Copy the trunk of a causal LM (the policy) or of a reward model; a reward model's head is kept too."""
         trunk = copy.deepcopy(model.base_model)
         head = None
@@ -184,7 +184,7 @@ class ValueModel(nn.Module):
                   str(out_dir / "value.safetensors"))
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "ValueModel":
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> ValueModel:
         path = Path(path)
         model = cls(AutoModel.from_config(AutoConfig.from_pretrained(path)))
         model.load_state_dict(load_file(str(path / "value.safetensors")))
@@ -480,7 +480,7 @@ class PPOTrainer:
 
     @classmethod
     def load_state(cls, state_dir: str | Path, *, ref: PreTrainedModel, reward_fn: RewardFn,
-                   cfg: PPOConfig | None = None, device: str | torch.device | None = None) -> "PPOTrainer":
+                   cfg: PPOConfig | None = None, device: str | torch.device | None = None) -> PPOTrainer:
         """Rebuild a trainer from `save_state`; `cfg` defaults to the saved one, `device` to the reference's."""
         state_dir = Path(state_dir)
         if cfg is None:

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from kombu import Queue
 
-from alignd.config import get_settings
-from alignd.redis_server import EmbeddedRedis
+from core import names
+from core.config import get_settings
+from core.redis_server import EmbeddedRedis
 
 _settings = get_settings()
 
@@ -42,16 +43,16 @@ TRAIN_HARD_LIMIT_S = 25 * 60  # then kill it (the cycle's lock TTL and feedback 
 VISIBILITY_TIMEOUT_S = 2 * 60 * 60  # > hard limit: an unacked message is redelivered only when its worker is gone
 LIGHT_SOFT_LIMIT_S, LIGHT_HARD_LIMIT_S = 30, 60  # maybe_train / arena_watch read a few keys
 
-task_default_queue = "default"
-task_queues = (Queue("default"), Queue("train"))
-task_routes = {"alignd.train_cycle": {"queue": "train"}}
+task_default_queue = names.DEFAULT_QUEUE
+task_queues = (Queue(names.DEFAULT_QUEUE), Queue(names.TRAIN_QUEUE))
+task_routes = {names.TRAIN_CYCLE: {"queue": names.TRAIN_QUEUE}}
 task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1  # a training worker must not reserve a second cycle while running one
 task_soft_time_limit = TRAIN_SOFT_LIMIT_S
 task_time_limit = TRAIN_HARD_LIMIT_S
 task_annotations = {name: {"soft_time_limit": LIGHT_SOFT_LIMIT_S, "time_limit": LIGHT_HARD_LIMIT_S}
-                    for name in ("alignd.maybe_train", "alignd.arena_watch")}
+                    for name in (names.MAYBE_TRAIN, names.ARENA_WATCH)}
 broker_transport_options = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
 result_backend_transport_options = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
 result_expires = 7 * 24 * 3600
@@ -65,8 +66,8 @@ alignd_max_deliveries = 3  # deliveries of one task id before it is abandoned (r
 
 ARENA_WATCH_S = min(60, _settings.cycle_seconds)  # rolling back a bad version should not wait a whole cycle
 beat_schedule = {
-    "maybe-train": {"task": "alignd.maybe_train", "schedule": float(_settings.cycle_seconds),
+    "maybe-train": {"task": names.MAYBE_TRAIN, "schedule": float(_settings.cycle_seconds),
                     "options": {"expires": float(_settings.cycle_seconds)}},  # a stale check is worthless
-    "arena-watch": {"task": "alignd.arena_watch", "schedule": float(ARENA_WATCH_S),
+    "arena-watch": {"task": names.ARENA_WATCH, "schedule": float(ARENA_WATCH_S),
                     "options": {"expires": float(ARENA_WATCH_S)}},
 }

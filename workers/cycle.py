@@ -21,7 +21,7 @@ online (Bai et al. 2022, "Training a Helpful and Harmless Assistant with RLHF", 
    current policy and against the SFT reference, so small rises cannot add up over cycles) or over-caution, no
    fall in task score. If the candidate fails, the policy from halfway through PPO is gated the same way and
    published in its place if it passes (PPO against a fixed reward model tends to overshoot into its errors late).
-6. Publish with `alignd.runtime.publish_version(expected_current=<start version>, fencing_token=<lock token>)`:
+6. Publish with `workers.publish.publish_version(expected_current=<start version>, fencing_token=<lock token>)`:
    a stale run or a run overtaken by a rollback cannot publish. The manifest carries provenance and metrics.
 
 Feedback accounting (DESIGN.md: nothing counted twice, nothing lost). Events are acknowledged only after the
@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import shutil
 import socket
@@ -53,13 +52,15 @@ from typing import Any
 
 import redis
 
-from alignd.config import Settings
-from alignd.runtime import checkpoint_path, publish_version
+from core import names
+from core.config import Settings
 from store import feedback, keys, registry
 from store.comparisons import all_comparisons, comparisons_for_events
 from store.completions import sample_prompts
 from store.lock import FencedLock
+from store.registry import reference_version
 from store.stats import feedback_stats
+from workers.publish import checkpoint_path, publish_version
 
 log = logging.getLogger("alignd.cycle")
 
@@ -113,7 +114,7 @@ class CycleConfig:
     seed: int = 0
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "CycleConfig":
+    def from_dict(cls, data: dict[str, Any]) -> CycleConfig:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -141,19 +142,6 @@ class CycleError(Exception):
 def _stream_key(stream_id: str) -> tuple[int, int]:
     ms, _, seq = stream_id.partition("-")
     return int(ms), int(seq or 0)
-
-
-def reference_version(r: redis.Redis, version: int) -> int:
-    """The SFT model PPO stays close to: the nearest ancestor (or `version` itself) with source "sft" or "base"."""
-    seen: set[int] = set()
-    v: int | None = version
-    while v is not None and v not in seen:
-        seen.add(v)
-        meta = registry.get_version(r, v) or {}
-        if meta.get("source") in ("sft", "base"):
-            return v
-        v = meta.get("parent")
-    return min(int(m["version"]) for m in registry.list_versions(r))
 
 
 def is_degenerate(text: str) -> bool:
@@ -225,16 +213,6 @@ def gate(candidate: dict[str, Any], current: dict[str, Any], cfg: CycleConfig,
     return not reasons, reasons, numbers
 
 
-def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
-    """JSON-safe numbers (NaN → None), samples dropped."""
-    out = {}
-    for k, v in metrics.items():
-        if k == "samples":
-            continue
-        out[k] = None if isinstance(v, float) and not math.isfinite(v) else v
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------- recovery
 
 
@@ -273,7 +251,7 @@ def run_cycle(r: redis.Redis, settings: Settings, cfg: CycleConfig | None = None
     "published", "gate_failed", "skipped" (fewer than `min_events` new events) or "conflict" (overtaken).
     Raises store.lock.LockBusy when another cycle runs and CycleError when it cannot run at all."""
     cfg = cfg or load_cycle_config(settings)
-    lock = FencedLock(r, "train", ttl_ms=int(cfg.lock_ttl_s * 1000))
+    lock = FencedLock(r, names.TRAIN_LOCK, ttl_ms=int(cfg.lock_ttl_s * 1000))
     lock.acquire()
     try:
         return _cycle(r, settings, cfg, lock, trigger=trigger, min_events=min_events,
@@ -334,15 +312,21 @@ def train_reward(r: redis.Redis, settings: Settings, cfg: CycleConfig, lock: Fen
     from training.checkpoint import write_checkpoint
     from training.data import Comparison, Rated
     from training.model import load_causal_lm
-    from training.reward import RewardConfig, evaluate, load_reward_model, save_reward_model, split_by_prompt, \
-        train_reward_model
+    from training.reward import (
+        RewardConfig,
+        evaluate,
+        load_reward_model,
+        save_reward_model,
+        split_by_prompt,
+        train_reward_model,
+    )
 
     progress = progress or (lambda stage, info: log.info("%s %s", stage, info))
     if ref_path is None:
         current = registry.current_version(r)
         if current is None:
             raise CycleError("no policy version is registered: run `alignd bootstrap` first")
-        ref_path = registry.get_version(r, reference_version(r, current))["path"]
+        ref_path = str(settings.checkpoint(registry.get_version(r, reference_version(r, current))["path"]))
     comparisons, rated = data if data is not None else all_comparisons(r)
     previous = registry.current_reward_version(r)
     if not comparisons and not rated:
@@ -358,7 +342,7 @@ def train_reward(r: redis.Redis, settings: Settings, cfg: CycleConfig, lock: Fen
                               "previous": previous}
     if previous is not None:
         prev_meta = registry.get_reward_version(r, previous) or {}
-        prev_model, prev_tok = load_reward_model(prev_meta["path"])
+        prev_model, prev_tok = load_reward_model(settings.checkpoint(prev_meta["path"]))
         _, heldout = split_by_prompt(items_c + items_r, rcfg.heldout_fraction, rcfg.seed)
         prev_acc = evaluate(prev_model, prev_tok, heldout, rcfg)["accuracy"]
         new_acc = metrics["heldout_accuracy"]
@@ -371,10 +355,10 @@ def train_reward(r: redis.Redis, settings: Settings, cfg: CycleConfig, lock: Fen
             return report
     version = registry.allocate_reward_version(r)
     path = settings.checkpoints_dir / f"rm-v{version}"
-    manifest = {"kind": "reward_model", "version": version, "base": ref_path, "metrics": metrics,
+    manifest = {"kind": "reward_model", "version": version, "base": settings.stored_path(ref_path), "metrics": metrics,
                 "n_comparisons": len(items_c), "n_rated": len(items_r), "cycle": lock.token}
     write_checkpoint(lambda d: save_reward_model(model, tokenizer, d), path, manifest)
-    registry.add_reward_version(r, version, {**manifest, "path": str(path)})
+    registry.add_reward_version(r, version, {**manifest, "path": settings.stored_path(path)})
     registry.set_current_reward(r, version, fencing_token=lock.token)
     report |= {"accepted": True, "version": version, "path": str(path)}
     progress("reward", report)
@@ -407,7 +391,7 @@ def _train_and_publish(r: redis.Redis, settings: Settings, cfg: CycleConfig, loc
                        retrain_reward: bool = True) -> dict[str, Any]:
     import torch
 
-    from training.evaluate import EvalConfig, evaluate_policy
+    from training.evaluate import EvalConfig, evaluate_policy, json_safe
     from training.model import load_causal_lm
     from training.ppo import PPOConfig, PPOTrainer, ValueModel, reward_model_fn
     from training.reward import load_reward_model
@@ -417,14 +401,14 @@ def _train_and_publish(r: redis.Redis, settings: Settings, cfg: CycleConfig, loc
     fb_info, annotators = _provenance(r, events)
     current_meta = registry.get_version(r, start_version)
     ref_version = reference_version(r, start_version)
-    ref_path = registry.get_version(r, ref_version)["path"]
+    ref_path = str(settings.checkpoint(registry.get_version(r, ref_version)["path"]))
 
     reward = (train_reward(r, settings, cfg, lock, ref_path=ref_path, progress=progress) if retrain_reward
               else {"accepted": False, "reason": "not retrained", "version": registry.current_reward_version(r)})
     rm_version = registry.current_reward_version(r)
     if rm_version is None:
         raise CycleError("no reward model yet: there is no preference data (send feedback first)")
-    rm, rm_tok = load_reward_model(registry.get_reward_version(r, rm_version)["path"], device)
+    rm, rm_tok = load_reward_model(settings.checkpoint(registry.get_reward_version(r, rm_version)["path"]), device)
     reward_fn = reward_model_fn(rm, rm_tok)
 
     # --- PPO increment from the current policy
@@ -437,7 +421,7 @@ def _train_and_publish(r: redis.Redis, settings: Settings, cfg: CycleConfig, loc
     if resumed:
         trainer = PPOTrainer.load_state(state["path"], ref=ref_model, reward_fn=reward_fn, cfg=pcfg, device=device)
     else:
-        policy, tokenizer = load_causal_lm(current_meta["path"], device)
+        policy, tokenizer = load_causal_lm(settings.checkpoint(current_meta["path"]), device)
         trainer = PPOTrainer(pcfg, policy, ref_model, reward_fn, tokenizer, ValueModel.from_model(rm))
     sampler, n_user_prompts = _prompt_sampler(r, trainer.tokenizer, cfg)
     t_ppo, steps = time.perf_counter(), []
@@ -464,13 +448,13 @@ def _train_and_publish(r: redis.Redis, settings: Settings, cfg: CycleConfig, loc
     # the previous set, so re-scoring it there would compare the candidate with a number selected for being good
     ecfg = EvalConfig(n_per_family=cfg.eval_per_family, max_new_tokens=cfg.eval_max_new_tokens,
                       seed=cfg.seed + GATE_SEED_OFFSET + token, greedy=not cfg.eval_sampled)
-    parent_model, parent_tok = load_causal_lm(current_meta["path"], device)
+    parent_model, parent_tok = load_causal_lm(settings.checkpoint(current_meta["path"]), device)
 
     def evaluation(model, tok) -> dict[str, Any]:
         m = evaluate_policy(model, tok, ecfg, reference=ref_model, reward_fn=reward_fn, return_samples=True)
         samples = m.pop("samples")
         m["degenerate_share"] = sum(is_degenerate(text) for _, text in samples) / max(len(samples), 1)
-        return _finite(m)
+        return json_safe(m)
 
     with torch.no_grad():
         cand_eval = evaluation(trainer.policy, trainer.tokenizer)
@@ -536,7 +520,7 @@ def run_ppo(r: redis.Redis, settings: Settings, cfg: CycleConfig, *, progress: P
             ) -> dict[str, Any]:
     """PPO increments against the current reward model, gated and published, without reading feedback
     (`alignd train ppo`). Same lock, gate and publish path as a cycle."""
-    lock = FencedLock(r, "train", ttl_ms=int(cfg.lock_ttl_s * 1000))
+    lock = FencedLock(r, names.TRAIN_LOCK, ttl_ms=int(cfg.lock_ttl_s * 1000))
     lock.acquire()
     try:
         start_version = registry.current_version(r)

@@ -19,7 +19,8 @@ from typing import Any
 
 import redis
 
-from alignd.config import Settings, get_settings
+from core import names
+from core.config import Settings, get_settings
 from store import keys, registry
 from store.client import connect
 from store.feedback import unconsumed_count
@@ -41,13 +42,13 @@ def context() -> tuple[Settings, redis.Redis]:
     return get_settings(), _redis(app.conf.broker_url)
 
 
-@app.task(name="alignd.maybe_train")
+@app.task(name=names.MAYBE_TRAIN)
 def maybe_train(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     settings, r = context()
     waiting = unconsumed_count(r)
     if waiting < settings.min_new_feedback:
         return {"status": "waiting", "unconsumed": waiting, "needed": settings.min_new_feedback}
-    if lock_holder(r, "train") is not None:
+    if lock_holder(r, names.TRAIN_LOCK) is not None:
         return {"status": "running", "unconsumed": waiting}
     if not r.set(keys.train_queued(), "beat", nx=True, ex=int(app.conf.task_time_limit) * 2):
         return {"status": "queued", "unconsumed": waiting}
@@ -56,7 +57,7 @@ def maybe_train(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"status": "enqueued", "task_id": result.id, "unconsumed": waiting}
 
 
-@app.task(name="alignd.train_cycle", bind=True)
+@app.task(name=names.TRAIN_CYCLE, bind=True)
 def train_cycle(self, trigger: str = "manual", min_events: int = 0,
                 overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     settings, r = context()
@@ -91,7 +92,7 @@ def train_cycle(self, trigger: str = "manual", min_events: int = 0,
         r.delete(keys.train_queued())
 
 
-@app.task(name="alignd.arena_watch")
+@app.task(name=names.ARENA_WATCH)
 def arena_watch() -> dict[str, Any]:
     settings, r = context()
     return check_arena(r, settings, load_cycle_config(settings))

@@ -16,14 +16,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from core import names
 from service.deps import AdminDep, AppState, StateDep
 from service.errors import APIError
 from store import registry
 
 router = APIRouter(prefix="/admin", tags=["versions"])
-
-TRAIN_TASK = "alignd.train_cycle"  # defined in workers/tasks.py
-TRAIN_QUEUE = "train"
 
 
 class RollbackIn(BaseModel):
@@ -86,7 +84,8 @@ async def train(state: StateDep, _: AdminDep, body: TrainIn | None = None) -> JS
     body = body or TrainIn()
     kwargs = {"trigger": "api", "min_events": body.min_events, "overrides": body.overrides}
     try:
-        result = await run_in_threadpool(_sender(state).send_task, TRAIN_TASK, kwargs=kwargs, queue=TRAIN_QUEUE)
+        result = await run_in_threadpool(_sender(state).send_task, names.TRAIN_CYCLE, kwargs=kwargs,
+                                         queue=names.TRAIN_QUEUE)
     except Exception as exc:  # the broker is the same Redis; say so rather than 500
         raise APIError(503, f"could not enqueue the training cycle: {exc}", "broker_unavailable") from None
-    return JSONResponse({"object": "train.enqueued", "task_id": result.id, "queue": TRAIN_QUEUE}, 202)
+    return JSONResponse({"object": "train.enqueued", "task_id": result.id, "queue": names.TRAIN_QUEUE}, 202)

@@ -10,7 +10,7 @@ import pytest
 
 from store.completions import get_completion
 from tests.conftest import LiveServer
-from tests.utils.serving import ADMIN_KEY, USER_KEY, served_app, make_settings
+from tests.utils.serving import ADMIN_KEY, USER_KEY, make_settings, served_app
 
 MSG = [{"role": "user", "content": "Say a number."}]
 
@@ -127,7 +127,7 @@ def test_rate_limit_429(r, redis_url, tmp_path):
 
 
 def test_generated_keys_when_none_configured(redis_url, tmp_path):
-    from alignd.config import Settings
+    from core.config import Settings
     from service.auth import load_keyring
 
     settings = Settings(home=tmp_path)

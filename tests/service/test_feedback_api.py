@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from alignd.config import Settings
+from core.config import Settings
 from service.app import create_app
 from store import feedback as fb
 from store import keys

@@ -10,16 +10,15 @@ import time
 import httpx
 import pytest
 
-from alignd.runtime import checkpoint_path
 from service.app import create_app
 from service.engine import Engine
 from service.loader import load_version
 from store import registry
 from tests.conftest import LiveServer, free_port
 from tests.utils.tiny import tiny_sft_model, tiny_tokenizer
-from tests.workers.helpers import (ADMIN_KEY, chat, make_settings, publish_tiny, start_api, stop, wait_for,
-                                   wait_http)
+from tests.workers.helpers import ADMIN_KEY, chat, make_settings, publish_tiny, start_api, stop, wait_for, wait_http
 from training.checkpoint import write_checkpoint
+from workers.publish import checkpoint_path
 
 
 @pytest.fixture

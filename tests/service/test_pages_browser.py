@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from alignd.config import Settings
-from alignd.runtime import publish_version
+from core.config import Settings
 from service.app import create_app
 from service.engine import Engine, Policy
 from store import keys, registry
@@ -25,6 +24,7 @@ from store.feedback import get_feedback, latest_votes, vote_history
 from tests.conftest import LiveServer
 from tests.utils.browser import chromium
 from tests.utils.tiny import tiny_model, tiny_tokenizer
+from workers.publish import publish_version
 
 USER_KEY, ADMIN_KEY = "sk-test-alice", "sk-test-admin"
 SERVED = 2  # the engine serves v2; v1 is its parent in the registry, so the ops page can roll back to it

@@ -7,7 +7,7 @@ import signal
 
 from pydantic import TypeAdapter
 
-from alignd.redis_server import EmbeddedRedis
+from core.redis_server import EmbeddedRedis
 from store import feedback as fb
 from store import keys
 from store.client import connect

@@ -14,7 +14,7 @@ from tests.utils.tiny import tiny_model, tiny_tokenizer
 from training import world
 from training.bootstrap import BootstrapConfig, bootstrap
 from training.evaluate import EvalConfig
-from training.sft import IGNORE, SFTConfig, encode_conversation, sft_loss, _collate, train_sft
+from training.sft import IGNORE, SFTConfig, _collate, encode_conversation, sft_loss, train_sft
 
 CONV = [{"role": "user", "content": "Say a number."}, {"role": "assistant", "content": "The answer is 7."}]
 

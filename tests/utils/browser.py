@@ -25,7 +25,7 @@ def chromium_path() -> str | None:
 
 
 @contextlib.contextmanager
-def chromium() -> Iterator["playwright.sync_api.Browser"]:  # noqa: F821
+def chromium() -> Iterator[playwright.sync_api.Browser]:  # noqa: F821
     """A launched browser, closed (with its Playwright driver) on exit.
 
     A developer without Chromium gets a skip; under CI (CI=true, where .ci/run installs it) a missing browser fails.

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alignd.config import Settings
-from alignd.runtime import publish_version
+from core.config import Settings
 from service.app import create_app
 from service.engine import Engine
 from service.loader import load_version
 from store.client import connect
 from tests.utils.tiny import tiny_model, tiny_tokenizer
+from workers.publish import publish_version
 
 USER_KEY, OTHER_KEY, ADMIN_KEY = "sk-test-alice", "sk-test-bob", "sk-test-admin"
 

@@ -17,11 +17,11 @@ import httpx
 import redis
 from pydantic import TypeAdapter
 
-from alignd.config import Settings
-from alignd.runtime import publish_version
+from core.config import Settings
 from store import feedback as fb
 from store.completions import ChoiceRecord, CompletionRecord, save_completion
 from tests.utils.tiny import tiny_sft_model, tiny_tokenizer
+from workers.publish import publish_version
 
 ROOT = Path(__file__).resolve().parents[2]
 USER_KEYS = "sk-test-alice:alice,sk-test-bob:bob"

@@ -1,4 +1,4 @@
-"""The online loop's commands (workers/cli.py) through the real `alignd` typer app."""
+"""The online loop's commands (alignd/commands/) through the real `alignd` typer app."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 from typer.testing import CliRunner
 
 from alignd.cli import app
-from alignd.config import get_settings
+from alignd.commands.run import children
+from core.config import get_settings
 from store import registry
 from tests.workers.helpers import env_for, make_settings, publish_tiny, seed_feedback, write_cycle_config
-from workers.cli import children
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ exactly once even when a cycle dies at the worst moment, and PPO state resumes a
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -42,10 +41,11 @@ def test_cycle_publishes_with_provenance_acks_and_resumes(r, home):
     for key in ("score/mean", "heldout_score", "over_caution", "kl_to_ref", "reward_mean", "degenerate_share"):
         assert key in meta["metrics"], key
     assert meta["metrics"]["gate"]["parent_reward_mean"] is not None
-    manifest = verify_checkpoint(Path(meta["path"]))
+    manifest = verify_checkpoint(home.checkpoint(meta["path"]))
     assert manifest["parent"] == 1 and manifest["feedback"]["events"] == 24
     rm = registry.get_reward_version(r, meta["reward_version"])
-    assert registry.current_reward_version(r) == 1 and verify_checkpoint(Path(rm["path"]))["kind"] == "reward_model"
+    assert registry.current_reward_version(r) == 1
+    assert verify_checkpoint(home.checkpoint(rm["path"]))["kind"] == "reward_model"
     assert fb.unconsumed_count(r) == 0 and fb.pending_count(r) == 0
     assert json.loads(r.get(keys.ppo_state()))["version"] == 2
 

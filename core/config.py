@@ -20,6 +20,8 @@ class Settings(BaseSettings):
 
     env: Literal["development", "production"] = Field("development", description="production refuses unsafe values")
     home: Path = Field(Path(".alignd"), description="data directory: models, checkpoints, embedded Redis files, keys")
+    checkpoint_root: Path | None = Field(None, description="checkpoint folders; unset: HOME/checkpoints. The registry "
+                                         "keeps paths relative to it, so a home or a shared mount can move")
     redis_url: str | None = Field(None, description="external Redis; unset starts an embedded redis-server under home")
     embedded_redis_port: int = Field(0, description="TCP port of the embedded Redis; 0 picks a free one")
     api_keys: str | None = Field(None, description="'key1:alice,key2:bob'; unset generates keys under home")
@@ -55,13 +57,13 @@ class Settings(BaseSettings):
 
     flower_port: int = 5555
 
-    @field_validator("home")
+    @field_validator("home", "checkpoint_root")
     @classmethod
-    def _absolute_home(cls, v: Path) -> Path:
-        return v.expanduser().resolve()
+    def _absolute(cls, v: Path | None) -> Path | None:
+        return None if v is None else v.expanduser().resolve()
 
     @model_validator(mode="after")
-    def _refuse_unsafe_in_production(self) -> "Settings":
+    def _refuse_unsafe_in_production(self) -> Settings:
         if self.env == "production":
             for name in ("api_keys", "admin_key"):
                 value = getattr(self, name)
@@ -88,7 +90,26 @@ class Settings(BaseSettings):
 
     @property
     def checkpoints_dir(self) -> Path:
-        return self.home / "checkpoints"
+        return self.checkpoint_root or self.home / "checkpoints"
+
+    def stored_path(self, path: str | Path) -> str:
+        """How the registry keeps a checkpoint folder: relative to the checkpoint root, so that a home restored from a
+        backup, moved, or mounted at another path (a container volume) still finds its versions."""
+        path = Path(path).resolve()
+        try:
+            return str(path.relative_to(self.checkpoints_dir))
+        except ValueError:  # a folder outside the root (a registered base model): only its absolute path names it
+            return str(path)
+
+    def checkpoint(self, stored: str | Path) -> Path:
+        """The folder a registry path names (see `stored_path`). Absolute paths are what registries written before
+        paths were relative hold: when such a folder is gone but the root has one of the same name, the home moved."""
+        p = Path(stored)
+        if not p.is_absolute():
+            return self.checkpoints_dir / p
+        if not p.exists() and (self.checkpoints_dir / p.name).is_dir():
+            return self.checkpoints_dir / p.name
+        return p
 
     def apply_torch_threads(self, serving: bool = False) -> None:
         """ALIGND_TORCH_THREADS, else every core for training and all but one for serving: the API's event loop

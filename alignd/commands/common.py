@@ -1,0 +1,77 @@
+"""What every `alignd` subcommand shares: the typer apps, the console, the Redis connection, report printing."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from core.config import Settings, get_settings
+
+app = typer.Typer(help="alignd: online alignment of a served chat model.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+train_app = typer.Typer(help="Run one training step synchronously (SFT, reward model, PPO, a full cycle).",
+                        no_args_is_help=True)
+app.add_typer(train_app, name="train")
+console = Console(stderr=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
+
+
+def open_redis(settings: Settings | None = None):
+    """(url, client, embedded server we started or None) for this deployment (store.client.open_redis)."""
+    from store.client import open_redis as _open
+
+    return _open(settings or get_settings())
+
+
+def child_env(settings: Settings, redis_url: str) -> dict[str, str]:
+    """The environment of a child process (API, Celery worker, beat, Flower): the same home and the same Redis."""
+    return {**os.environ, "ALIGND_REDIS_URL": redis_url, "ALIGND_HOME": str(settings.home)}
+
+
+@contextlib.contextmanager
+def training_errors() -> Iterator[None]:
+    """A training command that cannot run (another run holds the lock, no policy, no data) exits 2 with the reason."""
+    from store.lock import LockBusy
+    from workers.cycle import CycleError
+
+    try:
+        yield
+    except (LockBusy, CycleError) as exc:
+        console.print(f"[red]{exc}")
+        raise typer.Exit(2) from None
+
+
+def print_report(report: dict, as_json: bool, title: str) -> None:
+    from workers.cycle import report_json
+
+    if as_json:
+        print(report_json(report))
+        return
+    console.print(f"[bold]{title}: {report.get('status', '')}")
+    for k, v in report.items():
+        if isinstance(v, (int, float, str)) or v is None:
+            console.print(f"  {k}: {v}")
+    for reason in report.get("reasons", []):
+        console.print(f"  [yellow]gate: {reason}")
+
+
+def print_eval(title: str, evaluation: dict) -> None:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in evaluation.items():
+        if isinstance(v, (int, float)):
+            table.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
+    console.print(table)
+
+
+def print_json(data) -> None:
+    print(json.dumps(data, default=str))

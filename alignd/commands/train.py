@@ -1,0 +1,222 @@
+"""Training commands: the first policy and one step of the loop, synchronously in this process.
+
+    alignd bootstrap --json                  # train the built-in assistant (SFT), register it as policy version 1
+    alignd train sft --data F.jsonl          # fine-tune on chat JSONL and publish
+    alignd train cycle [--json] [--enqueue]  # one cycle now (here, or on a worker)
+    alignd train reward [--data FILE]        # retrain the reward model (all comparisons or FILE)
+    alignd train ppo --steps N               # PPO increments + gate + publish, no new feedback
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from alignd.commands.common import (
+    JsonOpt,
+    app,
+    console,
+    open_redis,
+    print_eval,
+    print_report,
+    train_app,
+    training_errors,
+)
+from core import names
+from core.config import get_settings
+
+
+@app.command()
+def bootstrap(
+    seconds: Annotated[float, typer.Option(help="SFT wall-clock budget")] = 180.0,
+    base: Annotated[Optional[Path], typer.Option(help="register this local HF causal-LM folder instead")] = None,
+    force: Annotated[bool, typer.Option(help="publish a new SFT version even if one exists")] = False,
+    eval_per_family: Annotated[int, typer.Option(help="held-out evaluation prompts per task family")] = 20,
+    as_json: JsonOpt = False,
+):
+    """Build the SFT assistant (or register --base) as the first policy version and print its checker scores."""
+    from tqdm import tqdm
+
+    from store import registry
+    from workers.publish import publish_version
+
+    settings = get_settings()
+    settings.apply_torch_threads()
+    _, r, _ = open_redis(settings)
+    current = registry.current_version(r)
+    if current is not None and not force:
+        meta = registry.get_version(r, current)
+        report = {"version": current, "already_bootstrapped": True, "eval": meta.get("metrics", {})}
+        if as_json:
+            print(json.dumps(report))
+        else:
+            console.print(f"already bootstrapped: policy version {current} is current (use --force to redo)")
+        return
+    if base is not None:
+        from training.model import load_causal_lm
+
+        try:
+            load_causal_lm(base)  # refuses folders without a chat template
+        except Exception as exc:
+            console.print(f"[red]cannot use {base}: {exc}")
+            raise typer.Exit(2) from None
+        save = lambda d: shutil.copytree(base, d, dirs_exist_ok=True)  # noqa: E731
+        report = {"source": "base", "base": str(base)}
+        meta = {"source": "base", "base": str(base), "parent": None, "metrics": {}}
+    else:
+        from training.bootstrap import BootstrapConfig
+        from training.bootstrap import bootstrap as run_bootstrap
+        from training.evaluate import EvalConfig
+        from training.sft import SFTConfig
+
+        cfg = BootstrapConfig(sft=SFTConfig(max_seconds=seconds), eval=EvalConfig(n_per_family=eval_per_family))
+        bar = tqdm(total=int(seconds), desc="SFT", unit="s", disable=as_json)
+
+        def progress(step: int, m: dict) -> None:
+            bar.n = min(int(m["seconds"]), bar.total)
+            bar.set_postfix(step=step, loss=f"{m['loss']:.3f}")
+            bar.refresh()
+
+        model, tok, report = run_bootstrap(cfg, progress)
+        bar.close()
+        save = lambda d: (model.save_pretrained(d), tok.save_pretrained(d))  # noqa: E731
+        meta = {"source": "sft", "parent": None, "reward_version": None, "feedback": {"events": 0},
+                "annotators": ["built-in demonstrations"], "metrics": report["eval"], "sft": report["sft"]}
+    version = publish_version(r, settings, save, meta, expected_current=current if force else None)
+    report["version"] = version
+    if as_json:
+        print(json.dumps(report))
+    else:
+        if "eval" in report:
+            print_eval(f"policy v{version}: held-out checker scores", report["eval"])
+        console.print(f"[green]policy version {version} is current")
+
+
+@train_app.command("sft")
+def train_sft_cmd(
+    data: Annotated[Path, typer.Option(help="chat-format JSONL: one {\"messages\": [...]} per line")],
+    base: Annotated[Optional[Path], typer.Option(help="causal-LM folder to start from (default: current policy)")]
+    = None,
+    seconds: Annotated[float, typer.Option(help="wall-clock budget")] = 120.0,
+    as_json: JsonOpt = False,
+):
+    """Fine-tune a causal LM on chat-format JSONL and publish the result as a new policy version."""
+    from store import registry
+    from training.model import load_causal_lm
+    from training.sft import SFTConfig, train_sft
+    from workers.publish import publish_version
+
+    settings = get_settings()
+    settings.apply_torch_threads()
+    conversations, bad = [], []
+    for n, line in enumerate(data.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            msgs = json.loads(line)["messages"]
+        except (ValueError, KeyError, TypeError):
+            bad.append(n)
+            continue
+        # checked explicitly (not with assert, which `python -O` removes)
+        if isinstance(msgs, list) and msgs and all(isinstance(m, dict) and m.get("role") in ("system", "user",
+                                                   "assistant") and isinstance(m.get("content"), str) for m in msgs):
+            conversations.append(msgs)
+        else:
+            bad.append(n)
+    if bad:
+        console.print(f"[yellow]skipped {len(bad)} malformed line(s): {bad[:20]}")
+    if not conversations:
+        console.print("[red]no valid conversations in the file")
+        raise typer.Exit(2) from None
+    _, r, _ = open_redis(settings)
+    current = registry.current_version(r)
+    if base is None:
+        if current is None:
+            console.print("[red]no --base and no current policy: run `alignd bootstrap` or pass --base")
+            raise typer.Exit(2) from None
+        base = settings.checkpoint(registry.get_version(r, current)["path"])
+    model, tok = load_causal_lm(base, settings.torch_device())
+    metrics = train_sft(SFTConfig(max_seconds=seconds), model, tok, conversations)
+    meta = {"source": "sft", "parent": current, "base": str(base), "data": str(data), "metrics": {}, "sft": metrics,
+            "feedback": {"events": 0}, "annotators": [f"file:{data.name}"]}
+    version = publish_version(r, settings, lambda d: (model.save_pretrained(d), tok.save_pretrained(d)), meta,
+                              expected_current=current)
+    out = {"version": version, "sft": metrics, "skipped_lines": bad}
+    print(json.dumps(out) if as_json else f"policy version {version} is current (loss {metrics['loss']:.3f})")
+
+
+@train_app.command("cycle")
+def train_cycle_cmd(
+    as_json: JsonOpt = False,
+    enqueue: Annotated[bool, typer.Option(help="send it to the train queue instead of running it here")] = False,
+    min_events: Annotated[int, typer.Option(help="skip unless this many new feedback events wait")] = 0,
+    config: Annotated[Optional[str], typer.Option(help="CycleConfig overrides as JSON")] = None,
+):
+    """One training cycle now: new feedback → reward model → PPO → gate → publish."""
+    overrides = json.loads(config) if config else None
+    url, r, _ = open_redis()
+    if enqueue:
+        import celery
+
+        sender = celery.Celery(broker=url)
+        result = sender.send_task(names.TRAIN_CYCLE, kwargs={"trigger": "cli", "min_events": min_events,
+                                                             "overrides": overrides}, queue=names.TRAIN_QUEUE)
+        print_report({"status": "enqueued", "task_id": result.id}, as_json, "cycle")
+        return
+    from workers.cycle import load_cycle_config, run_cycle
+
+    settings = get_settings()
+    settings.apply_torch_threads()
+    with training_errors():
+        report = run_cycle(r, settings, load_cycle_config(settings, overrides), trigger="cli",
+                           min_events=min_events)
+    print_report(report, as_json, "cycle")
+
+
+@train_app.command("reward")
+def train_reward_cmd(
+    data: Annotated[Optional[Path], typer.Option(help="JSONL of comparison/rated dicts (default: all feedback)")]
+    = None,
+    as_json: JsonOpt = False,
+    config: Annotated[Optional[str], typer.Option(help="CycleConfig overrides as JSON")] = None,
+):
+    """Retrain the reward model; it becomes current only if its held-out accuracy does not regress."""
+    from store.lock import FencedLock
+    from workers.cycle import load_cycle_config, train_reward
+
+    settings = get_settings()
+    settings.apply_torch_threads()
+    _, r, _ = open_redis()
+    cfg = load_cycle_config(settings, json.loads(config) if config else None)
+    items = None
+    if data is not None:
+        lines = [json.loads(x) for x in data.read_text().splitlines() if x.strip()]
+        items = ([x for x in lines if "chosen" in x], [x for x in lines if "response" in x])
+    with training_errors(), FencedLock(r, names.TRAIN_LOCK, ttl_ms=int(cfg.lock_ttl_s * 1000)) as lock:
+        report = train_reward(r, settings, cfg, lock, data=items)
+    print_report(report, as_json, "reward model")
+
+
+@train_app.command("ppo")
+def train_ppo_cmd(
+    steps: Annotated[int, typer.Option(help="PPO iterations")] = 4,
+    as_json: JsonOpt = False,
+    config: Annotated[Optional[str], typer.Option(help="CycleConfig overrides as JSON")] = None,
+):
+    """PPO increments from the current policy against the current reward model, gated, then published."""
+    from workers.cycle import load_cycle_config, run_ppo
+
+    settings = get_settings()
+    settings.apply_torch_threads()
+    _, r, _ = open_redis()
+    cfg = load_cycle_config(settings, {**(json.loads(config) if config else {}), "ppo_steps": steps,
+                                       "ppo_seconds": float("inf")})
+    with training_errors():
+        report = run_ppo(r, settings, cfg)
+    print_report(report, as_json, "ppo")
+
+
