@@ -37,6 +37,17 @@ def registry_events() -> str:
     return f"{PREFIX}:registry:events"
 
 
+def registry_published() -> str:
+    """Set of every version that was ever current: history that does not depend on the trimmed events stream."""
+    return f"{PREFIX}:registry:published"
+
+
+def registry_cycle_events() -> str:
+    """Hash: 'cycle token:event' → the event's JSON, for events about one training cycle (gate_failed, conflict …);
+    kept for good, so a cycle's outcome can be found however many events came after it."""
+    return f"{PREFIX}:registry:cycle_events"
+
+
 def registry_channel() -> str:
     """Pub/sub channel announcing a new current version (a hint; polling `registry_current` is the truth)."""
     return f"{PREFIX}:registry:changed"

@@ -17,7 +17,7 @@ import redis
 from core import names
 from store import keys
 
-# KEYS: current, versions, events, fence counter, channel
+# KEYS: current, versions, events, fence counter, channel, published set
 # ARGV: version, expected current ("" = don't check), fencing token ("" = don't check), event JSON
 _SET_CURRENT = """
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then return {0, 'unknown version'} end
@@ -30,6 +30,7 @@ if ARGV[3] ~= '' then
   end
 end
 redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[6], ARGV[1])
 redis.call('XADD', KEYS[3], '*', 'event', ARGV[4])
 redis.call('PUBLISH', KEYS[5], ARGV[1])
 return {1, cur}
@@ -102,8 +103,9 @@ def set_current(r: redis.Redis, version: int, *, expected: int | None | str = "a
     if expected is None and r.exists(keys.registry_current()):
         raise RegistryConflict(f"a current version exists already ({current_version(r)})")
     ev = json.dumps({"event": event, "version": version, "at": time.time(), **(detail or {})})
-    ok, info = r.eval(_SET_CURRENT, 5, keys.registry_current(), keys.registry_versions(), keys.registry_events(),
-                      keys.fence(names.TRAIN_LOCK), keys.registry_channel(), str(version), exp,
+    ok, info = r.eval(_SET_CURRENT, 6, keys.registry_current(), keys.registry_versions(), keys.registry_events(),
+                      keys.fence(names.TRAIN_LOCK), keys.registry_channel(), keys.registry_published(), str(version),
+                      exp,
                       "" if fencing_token is None else str(fencing_token), ev)
     if not int(ok):
         raise RegistryConflict(f"cannot make version {version} current: {info}")
@@ -111,8 +113,19 @@ def set_current(r: redis.Redis, version: int, *, expected: int | None | str = "a
 
 
 def record_event(r: redis.Redis, event: str, **detail: Any) -> None:
-    r.xadd(keys.registry_events(), {"event": json.dumps({"event": event, "at": time.time(), **detail})},
-           maxlen=10_000, approximate=True)
+    """Append to the (trimmed) events stream; an event about a training cycle is also kept by cycle token."""
+    body = json.dumps({"event": event, "at": time.time(), **detail})
+    pipe = r.pipeline(transaction=True)
+    pipe.xadd(keys.registry_events(), {"event": body}, maxlen=10_000, approximate=True)
+    if detail.get("cycle") is not None:
+        pipe.hset(keys.registry_cycle_events(), f"{detail['cycle']}:{event}", body)
+    pipe.execute()
+
+
+def cycle_event(r: redis.Redis, cycle: int, event: str) -> dict[str, Any] | None:
+    """The `event` (e.g. "gate_failed") recorded for training cycle `cycle`, or None; not bounded by the stream."""
+    raw = r.hget(keys.registry_cycle_events(), f"{cycle}:{event}")
+    return json.loads(raw) if raw else None
 
 
 def events(r: redis.Redis, count: int = 100) -> list[dict[str, Any]]:
@@ -129,7 +142,10 @@ def find_events(r: redis.Redis, count: int = 10_000, **match: Any) -> list[dict[
 
 def was_published(r: redis.Redis, version: int) -> bool:
     """Whether `version` ever became current (its "published" event is written by the same script as the switch)."""
-    return current_version(r) == version or bool(find_events(r, event="published", version=version))
+    if r.sismember(keys.registry_published(), str(version)) or current_version(r) == version:
+        return True
+    # registries written before the published set existed: their recent history is in the events stream
+    return not r.exists(keys.registry_published()) and bool(find_events(r, event="published", version=version))
 
 
 # KEYS: current reward version, reward versions, fence counter; ARGV: version, fencing token ("" = don't check)

@@ -230,7 +230,7 @@ def recover(r: redis.Redis, token: int) -> dict[str, int]:
         record = json.loads(raw)
         theirs = [int(m["version"]) for m in versions if m.get("cycle") == t]
         used = (any(registry.was_published(r, v) for v in theirs)
-                or bool(registry.find_events(r, event="gate_failed", cycle=t)))
+                or registry.cycle_event(r, t, "gate_failed") is not None)
         if used:
             out["acked"] += feedback.ack(r, record["ids"])
         else:
