@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (
@@ -49,6 +50,7 @@ from transformers import (
 )
 
 from training.data import Message
+from training.lora import LoRAConfig, is_adapted, reference_mode
 from training.losses import PolicyLoss, ValueLoss, compute_gae, kl_penalty, masked_mean, masked_whiten
 from training.reward import score
 
@@ -160,6 +162,9 @@ class ValueModel(nn.Module):
     @classmethod
     def from_model(cls, model: PreTrainedModel) -> ValueModel:
         """Copy the trunk of a causal LM (the policy) or of a reward model; a reward model's head is kept too."""
+        if is_adapted(model):  # its modules carry the adapter's layers: a copy would train or drop them silently
+            raise ValueError("ValueModel.from_model needs a plain model: build the critic of a LoRA policy from the "
+                             "reward model or the base, then .with_lora(...)")
         trunk = copy.deepcopy(model.base_model)
         head = None
         score = getattr(model, "score", None)
@@ -169,6 +174,13 @@ class ValueModel(nn.Module):
                 head.weight.copy_(score.weight)
                 head.bias.copy_(score.bias if score.bias is not None else torch.zeros(1))
         return cls(trunk, head)
+
+    def with_lora(self, cfg: LoRAConfig) -> ValueModel:
+        """Freeze the trunk and train a LoRA adapter on it (the head stays fully trainable): a critic without
+        optimiser states for a whole model, for real-size policies."""
+        self.trunk = get_peft_model(self.trunk, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                                            target_modules=cfg.target_modules))
+        return self
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
                 ) -> torch.Tensor:
@@ -265,17 +277,22 @@ class Rollout:
 class PPOTrainer:
     """One `step` = sample a batch of rollouts, score them, then `ppo_epochs` of minibatch updates."""
 
-    def __init__(self, cfg: PPOConfig, policy: PreTrainedModel, ref: PreTrainedModel, reward_fn: RewardFn,
+    def __init__(self, cfg: PPOConfig, policy: PreTrainedModel, ref: PreTrainedModel | None, reward_fn: RewardFn,
                  tokenizer: PreTrainedTokenizerBase, value_model: ValueModel | None = None):
+        """`ref` is a frozen copy of the SFT model, or None when `policy` is a LoRA-adapted model
+        (training/lora.py): then the reference is the policy with its adapter switched off, with no second copy."""
         if policy is ref:
             raise ValueError("policy and ref are the same object; pass a frozen copy of the SFT model as ref")
+        if ref is None and not is_adapted(policy):
+            raise ValueError("ref=None needs a LoRA policy (training.lora.add_adapter): a full fine-tune needs a "
+                             "frozen copy of the SFT model as its reference")
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer needs pad and eos tokens (set tokenizer.pad_token = tokenizer.eos_token)")
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.device = next(policy.parameters()).device
         self.policy = policy.eval()  # eval: dropout off, so training forwards match the rollout's log-probs
-        self.ref = ref.eval().requires_grad_(False)
+        self.ref = ref.eval().requires_grad_(False) if ref is not None else None
         self.reward_fn = reward_fn
         self.value_model = (value_model or ValueModel.from_model(policy)).to(self.device).eval()
         self.policy_opt = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad], lr=cfg.lr,
@@ -328,7 +345,7 @@ class PPOTrainer:
         def forwards(s: slice) -> tuple[torch.Tensor, ...]:
             ids, am = input_ids[s], attention_mask[s]
             logp, entropy = sequence_logprobs(self.policy, ids, am, R, cfg.temperature, with_entropy=True)
-            ref_logp, _ = sequence_logprobs(self.ref, ids, am, R, cfg.temperature)
+            ref_logp = self.ref_logprobs(ids, am, R)
             values = self.value_model(ids, am, position_ids_from(am))[:, -R - 1:-1]  # value of the state before
             return logp, ref_logp, values, entropy
 
@@ -365,6 +382,13 @@ class PPOTrainer:
             advantages = masked_whiten(advantages, mask)
         return Rollout(prompts, texts, input_ids, attention_mask, mask, has_eos, old_logp, ref_logp, values,
                        entropy, scores, rewards, advantages, returns)
+
+    def ref_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_response: int) -> torch.Tensor:
+        """Log-probs of the response under the reference, (B, R): the frozen copy, or the LoRA policy's base."""
+        if self.ref is not None:
+            return sequence_logprobs(self.ref, input_ids, attention_mask, n_response, self.cfg.temperature)[0]
+        with reference_mode(self.policy):
+            return sequence_logprobs(self.policy, input_ids, attention_mask, n_response, self.cfg.temperature)[0]
 
     # --------------------------------------------------------------------------------------------- updates
 
@@ -452,7 +476,11 @@ class PPOTrainer:
     # --------------------------------------------------------------------------------------------- state
 
     def save_state(self, state_dir: str | Path) -> Path:
-        """Write everything needed to continue exactly; replaces `state_dir` atomically (a crash leaves the old)."""
+        """Write everything needed to continue exactly; replaces `state_dir` atomically (a crash leaves the old).
+        LoRA trainers are not saved: their adapter is published with the version, and a cycle starts PPO afresh."""
+        if self.ref is None:
+            raise ValueError("save_state: a LoRA trainer (ref=None) is not resumable; start PPO afresh from the "
+                             "published adapter")
         state_dir = Path(state_dir)
         tmp = state_dir.with_name(f"{state_dir.name}.tmp-{self.step_count}")
         shutil.rmtree(tmp, ignore_errors=True)

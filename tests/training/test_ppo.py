@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.utils.tiny import tiny_model, tiny_sft_model, tiny_tokenizer
+from training.lora import LoRAConfig, add_adapter, reference_mode
 from training.ppo import (
     AdaptiveKLController,
     PPOConfig,
@@ -236,3 +237,43 @@ def test_two_plus_two_steps_after_resume_equal_four_steps(arch, tmp_path):
         assert {k: v for k, v in a.items() if "seconds" not in k} == {k: v for k, v in b.items() if "seconds" not in k}
     assert (tmp_path / "state" / "policy" / "model.safetensors").exists()
     assert (tmp_path / "state" / "policy" / "tokenizer.json").exists()
+
+
+def sevens_reward(prompts, responses) -> torch.Tensor:
+    """A known reward an adapter can learn on the tiny SFT model: how many 7s its number has."""
+    return torch.tensor([float(r.count("7")) for r in responses])
+
+
+def say_a_number(n: int, rng: random.Random) -> list[list[dict[str, str]]]:
+    return [[{"role": "user", "content": "Say a number."}] for _ in range(n)]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lora_ppo_trains_only_adapters_against_the_base_as_reference(arch):
+    """LoRA policy, reference = the same model with the adapter off, LoRA critic: the base weights never move, the
+    reference's log-probs stay the base's, and a known reward still rises. (A LoRA without the output head barely
+    moves a random-init tiny model's token distribution, so this starts from the tiny SFT model.)"""
+    tok = tiny_tokenizer()
+    base = tiny_sft_model(arch)
+    frozen = copy.deepcopy(base)
+    policy = add_adapter(base, LoRAConfig(rank=8, alpha=16))
+    cfg = PPOConfig(batch_size=16, mini_batch_size=8, ppo_epochs=4, max_new_tokens=10, lr=1e-2, critic_lr=1e-3,
+                    kl_coef=0.02, missing_eos_penalty=None, samples_per_prompt=4, seed=0)
+    critic = ValueModel.from_model(frozen).with_lora(LoRAConfig(rank=8, alpha=16))
+    trainer = PPOTrainer(cfg, policy, None, sevens_reward, tok, critic)
+    base_before = {k: v.clone() for k, v in policy.named_parameters() if "lora_" not in k}
+    eval_prompts = say_a_number(64, random.Random(0))
+    before = mean_reward(trainer, eval_prompts)
+    history = trainer.train(say_a_number, 10)
+    after = mean_reward(trainer, eval_prompts)
+    assert after > before + 0.1, (before, after)
+    assert history[-1]["kl"] > 0
+    assert all(torch.equal(v, base_before[k]) for k, v in policy.named_parameters() if "lora_" not in k)
+    assert not any(p.requires_grad for n, p in critic.trunk.named_parameters() if "lora_" not in n)
+    ids = torch.tensor(prompt_ids(tok, eval_prompts[:1]))
+    with torch.no_grad(), reference_mode(policy):
+        torch.testing.assert_close(policy(input_ids=ids).logits, frozen(input_ids=ids).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="LoRA"):
+        PPOTrainer(cfg, tiny_model(arch), None, sevens_reward, tok)
+    with pytest.raises(ValueError, match="LoRA"):
+        ValueModel.from_model(policy)
