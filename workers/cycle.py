@@ -150,7 +150,9 @@ def run_cycle(r: redis.Redis, settings: Settings, cfg: CycleConfig | None = None
     events) or "conflict" (overtaken). Raises store.lock.LockBusy when another cycle runs and CycleError when it
     cannot run at all."""
     cfg = cfg or load_cycle_config(settings)
-    failpoints.parse(settings.failpoints)  # a misspelt failpoint fails here, before any feedback is taken
+    if failpoints.parse(settings.failpoints):  # a misspelt failpoint fails here, before any feedback is taken
+        log.warning("failpoints armed (ALIGND_FAILPOINTS=%r): this cycle will be faulted on purpose",
+                    settings.failpoints)
     lock = FencedLock(r, names.TRAIN_LOCK, ttl_ms=int(cfg.lock_ttl_s * 1000))
     lock.acquire()
     try:

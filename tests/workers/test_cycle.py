@@ -47,8 +47,11 @@ def test_cycle_publishes_with_provenance_acks_and_resumes(r, home):
     assert registry.current_reward_version(r) == 1
     assert verify_checkpoint(home.checkpoint(rm["path"]))["kind"] == "reward_model"
     assert fb.unconsumed_count(r) == 0 and fb.pending_count(r) == 0
-    assert json.loads(r.get(keys.ppo_state()))["version"] == 2
+    assert json.loads(r.get(keys.ppo_state())) == {"version": 2, "path": "ppo/state-v2"}  # relative to the home
 
+    moved = home.home.parent / "moved"  # a home restored elsewhere (a new volume mount): PPO still resumes there
+    home.home.rename(moved)
+    home = home.model_copy(update={"home": moved})
     seed_feedback(r, 6, seed=1)
     # a new reward model must beat the old by over +100 % accuracy (0 → 1 is +100 %): refused
     second = run_cycle(r, home, tiny(**{"gate.reward_tolerance": -1.01}))
