@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from training.reward import RewardConfig
 
 CYCLE_FILE = "cycle.json"  # optional CycleConfig overrides under ALIGND_HOME (operators, tests)
-GATE_SEED_OFFSET = 10_000  # gate evaluation seeds start here, never the report's (alignd/report.py uses 0-1234)
+GATE_SEED_OFFSET = 10_000  # gate evaluation seeds start here, above the report's (alignd/report.py: 4321)
 SECTIONS = ("reward", "update", "ppo", "eval", "gate")
 # the flat names of CycleConfig before it was a tree, for a helpful error
 RENAMED = {
