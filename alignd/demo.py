@@ -199,9 +199,107 @@ def stretch_overrides(remaining: float, last_cycle_s: float, n_done: int, cfg: D
         return {}
     from workers.cycle import CycleConfig
 
-    base = CycleConfig.from_dict(cfg.cycle_config)
-    seconds = base.ppo_seconds + spare
-    return {"ppo_seconds": round(seconds, 1), "ppo_steps": math.ceil(base.ppo_steps * seconds / base.ppo_seconds)}
+    base = CycleConfig.from_dict(cfg.cycle_config).update
+    seconds = base.seconds + spare
+    return {"update.seconds": round(seconds, 1), "update.steps": math.ceil(base.steps * seconds / base.seconds)}
+
+
+def _prepare_home(cfg: DemoConfig) -> tuple[Path, Path]:
+    """The (empty) data directory with the run's cycle.json, and the report directory."""
+    home = Path(cfg.home) if cfg.home else Path(tempfile.mkdtemp(prefix="alignd-demo-"))
+    home = home.expanduser().resolve()
+    if home.exists() and any(home.iterdir()):
+        raise ValueError(f"{home} is not empty: the demo starts from an empty data directory (pass a new --home)")
+    if cfg.cycle_config:
+        from workers.cycle import CycleConfig
+
+        CycleConfig.from_dict(cfg.cycle_config)  # a bad key fails now, not in the first cycle minutes later
+    (home / "logs").mkdir(parents=True, exist_ok=True)
+    if cfg.cycle_config:
+        (home / "cycle.json").write_text(json.dumps(cfg.cycle_config))
+    return home, Path(cfg.out) if cfg.out else home / "report"
+
+
+def _start(services: Services, cfg: DemoConfig, budget: float, say: Log, summary: dict[str, Any],
+           elapsed: Callable[[], float]):
+    """Redis, version 1 (bootstrap or --base), `alignd up`, the simulated users; returns (redis, simulation)."""
+    r = services.start_redis()
+    say(f"data directory {services.home}; Redis {services.redis_url}")
+    say(f"registering {cfg.base} as version 1" if cfg.base else
+        f"bootstrapping the SFT assistant ({cfg.sft_seconds:.0f} s of SFT)")
+    boot = services.bootstrap()
+    summary["bootstrap"] = {"version": boot.get("version"), "eval": boot.get("eval"), "seconds": round(elapsed(), 1)}
+    say(f"policy v{boot.get('version')} ({boot.get('source', 'sft')}) registered; starting API, workers, beat "
+        "and Flower")
+    services.start_up()
+    services.wait_ready(r)
+    say(f"alignd is up on {services.url}; {cfg.users} simulated users ({cfg.annotators}) start chatting")
+    sim = BackgroundSimulation(SimConfig(url=services.url, users=cfg.users, seconds=10 * budget,
+                                         annotators=cfg.annotators, noise=cfg.noise, rate=cfg.rate,
+                                         concurrency=cfg.concurrency, seed=cfg.seed),
+                               services.user_keys).start()
+    return r, sim
+
+
+def _one_cycle(r, services: Services, sim: BackgroundSimulation, cfg: DemoConfig, need: int,
+               overrides: dict[str, Any], n: int, say: Log) -> dict[str, Any]:
+    """POST /admin/train, wait for the task's result, then (when published) for the users to see the version."""
+    resp = services.admin("POST", "/admin/train", json={"min_events": need, "overrides": overrides or None})
+    resp.raise_for_status()
+    task_id, started = resp.json()["task_id"], time.monotonic()
+    result = None
+    while result is None:
+        if time.monotonic() - started > cfg.cycle_timeout_s:
+            result = {"status": "timeout", "reason": f"no result after {cfg.cycle_timeout_s:.0f} s"}
+            break
+        time.sleep(1.0)
+        result = _cycle_result(r, task_id)
+    seconds = time.monotonic() - started
+    record = {"task_id": task_id, "status": result.get("status"), "seconds": round(seconds, 1),
+              "overrides": overrides,
+              "events": (result.get("feedback") or {}).get("events"), "version": result.get("version"),
+              "reasons": result.get("reasons"), "reason": result.get("reason"),
+              "reward_heldout_accuracy": ((result.get("reward") or {}).get("metrics") or {}).get("heldout_accuracy"),
+              "gate": result.get("gate")}
+    if record["status"] == "published":
+        record["swap_seconds"] = swap = _wait_swap(r, sim, record["version"], 120.0)
+        say(f"cycle {n}: v{record['version']} published in {seconds:.0f} s; served "
+            + (f"{swap:.1f} s after publishing" if swap is not None else "NOT seen by the users"))
+    else:
+        say(f"cycle {n}: {record['status']} after {seconds:.0f} s {record['reasons'] or record['reason'] or ''}")
+    return record
+
+
+def _cycles(r, services: Services, sim: BackgroundSimulation, cfg: DemoConfig, budget: float, say: Log,
+            elapsed: Callable[[], float]) -> list[dict[str, Any]]:
+    """Train whenever enough feedback waits, until the cycles asked for are done and the next would not fit."""
+    cycles: list[dict[str, Any]] = []
+    deadline = budget - cfg.report_reserve_s
+    hard_deadline = 3 * budget  # fewer cycles than asked for: overrun, but not forever
+    last_cycle_s = 0.0
+    while True:
+        done = [c for c in cycles if c["status"] in ("published", "gate_failed")]
+        remaining = deadline - elapsed()
+        if len(done) >= cfg.cycles and remaining < max(CYCLE_MARGIN * last_cycle_s, 1.0):
+            return cycles
+        if elapsed() > hard_deadline:
+            say(f"[red]stopping: {len(done)} of {cfg.cycles} cycles after {elapsed():.0f} s")
+            return cycles
+        need = cfg.first_feedback if not done else cfg.min_feedback
+        waiting = unconsumed_count(r)
+        if waiting < need:
+            if sim.error is not None or not sim.thread.is_alive():
+                raise RuntimeError(f"the simulated users stopped: {sim.error!r}")
+            time.sleep(1.0)
+            continue
+        overrides = stretch_overrides(remaining, last_cycle_s, len(done), cfg)
+        say(f"{waiting} new feedback events ({sim.counts()['feedback']}); POST /admin/train"
+            + (f" (last cycle: PPO gets the spare time, {overrides['update.seconds']:.0f} s)" if overrides else ""))
+        record = _one_cycle(r, services, sim, cfg, need, overrides, len(cycles) + 1, say)
+        last_cycle_s = record["seconds"]
+        cycles.append(record)
+        if sum(c["status"] in ("error", "timeout", "abandoned") for c in cycles) >= 2:
+            raise RuntimeError(f"training cycles keep failing: {record}; see {services.logs}")
 
 
 def run_demo(cfg: DemoConfig, log: Log = lambda msg: print(msg, file=sys.stderr), *,
@@ -209,14 +307,7 @@ def run_demo(cfg: DemoConfig, log: Log = lambda msg: print(msg, file=sys.stderr)
     """One demo run; returns a summary (with the report's JSON under "report")."""
     t0 = time.monotonic()
     budget = cfg.minutes * 60
-    home = Path(cfg.home) if cfg.home else Path(tempfile.mkdtemp(prefix="alignd-demo-"))
-    home = home.expanduser().resolve()
-    if home.exists() and any(home.iterdir()):
-        raise ValueError(f"{home} is not empty: the demo starts from an empty data directory (pass a new --home)")
-    (home / "logs").mkdir(parents=True, exist_ok=True)
-    if cfg.cycle_config:
-        (home / "cycle.json").write_text(json.dumps(cfg.cycle_config))
-    out = Path(cfg.out) if cfg.out else home / "report"
+    home, out = _prepare_home(cfg)
     elapsed = lambda: time.monotonic() - t0  # noqa: E731
     say = lambda msg: log(f"[{elapsed():6.0f}s] {msg}")  # noqa: E731
     services = Services(cfg, home, say)
@@ -228,82 +319,13 @@ def run_demo(cfg: DemoConfig, log: Log = lambda msg: print(msg, file=sys.stderr)
     restore = (signal.signal(signal.SIGTERM, _terminate)
                if threading.current_thread() is threading.main_thread() else None)
     try:
-        r = services.start_redis()
-        say(f"data directory {home}; Redis {services.redis_url}")
-        say(f"registering {cfg.base} as version 1" if cfg.base else
-            f"bootstrapping the SFT assistant ({cfg.sft_seconds:.0f} s of SFT)")
-        boot = services.bootstrap()
-        summary["bootstrap"] = {"version": boot.get("version"), "eval": boot.get("eval"),
-                                "seconds": round(elapsed(), 1)}
-        say(f"policy v{boot.get('version')} ({boot.get('source', 'sft')}) registered; starting API, workers, beat "
-            "and Flower")
-        services.start_up()
-        services.wait_ready(r)
-        say(f"alignd is up on {services.url}; {cfg.users} simulated users ({cfg.annotators}) start chatting")
-        sim = BackgroundSimulation(SimConfig(url=services.url, users=cfg.users, seconds=10 * budget,
-                                             annotators=cfg.annotators, noise=cfg.noise, rate=cfg.rate,
-                                             concurrency=cfg.concurrency, seed=cfg.seed),
-                                   services.user_keys).start()
-        deadline = budget - cfg.report_reserve_s
-        hard_deadline = 3 * budget  # fewer cycles than asked for: overrun, but not forever
-        last_cycle_s = 0.0
-        while True:
-            done = [c for c in cycles if c["status"] in ("published", "gate_failed")]
-            remaining = deadline - elapsed()
-            if len(done) >= cfg.cycles and remaining < max(CYCLE_MARGIN * last_cycle_s, 1.0):
-                break
-            if elapsed() > hard_deadline:
-                say(f"[red]stopping: {len(done)} of {cfg.cycles} cycles after {elapsed():.0f} s")
-                break
-            need = cfg.first_feedback if not done else cfg.min_feedback
-            waiting = unconsumed_count(r)
-            if waiting < need:
-                if sim.error is not None or not sim.thread.is_alive():
-                    raise RuntimeError(f"the simulated users stopped: {sim.error!r}")
-                time.sleep(1.0)
-                continue
-            counts = sim.counts()
-            overrides = stretch_overrides(remaining, last_cycle_s, len(done), cfg)
-            say(f"{waiting} new feedback events ({counts['feedback']}); POST /admin/train"
-                + (f" (last cycle: PPO gets the spare time, {overrides['ppo_seconds']:.0f} s)" if overrides else ""))
-            resp = services.admin("POST", "/admin/train", json={"min_events": need, "overrides": overrides or None})
-            resp.raise_for_status()
-            task_id, started = resp.json()["task_id"], time.monotonic()
-            result = None
-            while result is None:
-                if time.monotonic() - started > cfg.cycle_timeout_s:
-                    result = {"status": "timeout", "reason": f"no result after {cfg.cycle_timeout_s:.0f} s"}
-                    break
-                time.sleep(1.0)
-                result = _cycle_result(r, task_id)
-            last_cycle_s = time.monotonic() - started
-            record = {"task_id": task_id, "status": result.get("status"), "seconds": round(last_cycle_s, 1),
-                      "overrides": overrides,
-                      "events": (result.get("feedback") or {}).get("events"), "version": result.get("version"),
-                      "reasons": result.get("reasons"), "reason": result.get("reason"),
-                      "reward_heldout_accuracy": ((result.get("reward") or {}).get("metrics") or {}
-                                                  ).get("heldout_accuracy"),
-                      "gate": result.get("gate")}
-            if record["status"] == "published":
-                record["swap_seconds"] = _wait_swap(r, sim, record["version"], 120.0)
-                swap = record["swap_seconds"]
-                say(f"cycle {len(cycles) + 1}: v{record['version']} published in {last_cycle_s:.0f} s; served "
-                    + (f"{swap:.1f} s after publishing" if swap is not None else "NOT seen by the users"))
-            else:
-                say(f"cycle {len(cycles) + 1}: {record['status']} after {last_cycle_s:.0f} s "
-                    f"{record['reasons'] or record['reason'] or ''}")
-                if record["status"] in ("error", "timeout", "abandoned"):
-                    cycles.append(record)
-                    if sum(c["status"] in ("error", "timeout", "abandoned") for c in cycles) >= 2:
-                        raise RuntimeError(f"training cycles keep failing: {record}; see {home / 'logs'}")
-                    continue
-            cycles.append(record)
+        r, sim = _start(services, cfg, budget, say, summary, elapsed)
+        cycles = _cycles(r, services, sim, cfg, budget, say, elapsed)
         summary["simulation"] = sim.stop()
         sim = None
         say(f"simulated users stopped: {summary['simulation']['requests']} requests, "
             f"{summary['simulation']['feedback']['total']} feedback events; stopping the services")
-        versions_listing = services.admin("GET", "/admin/versions").json()
-        summary["serving"] = versions_listing.get("serving")
+        summary["serving"] = services.admin("GET", "/admin/versions").json().get("serving")
         services.stop_up()  # the report needs only Redis and the checkpoints; give it the CPU
         say("building the report (every version re-scored on one evaluation set)")
         report = build_report(r, out, cfg.report,
@@ -319,8 +341,7 @@ def run_demo(cfg: DemoConfig, log: Log = lambda msg: print(msg, file=sys.stderr)
         services.stop()
         if restore is not None:
             signal.signal(signal.SIGTERM, restore)
-    summary.update(cycles=cycles, seconds=round(elapsed(), 1),
-                   within_budget=elapsed() <= budget,
+    summary.update(cycles=cycles, seconds=round(elapsed(), 1), within_budget=elapsed() <= budget,
                    swaps_seen=sum(1 for c in cycles if c.get("swap_seconds") is not None),
                    published=sum(1 for c in cycles if c["status"] == "published"), report=report)
     (out / "demo.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "report"}, indent=2,

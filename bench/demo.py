@@ -29,7 +29,8 @@ def main() -> None:
     ap.add_argument("--annotators", default=DemoConfig.annotators)
     ap.add_argument("--cycles", type=int, default=DemoConfig.cycles)
     ap.add_argument("--home", type=Path, default=None, help="empty data directory (default: a temporary one)")
-    ap.add_argument("--cycle-config", default=None, help="CycleConfig overrides as JSON (the lead's tuning knob)")
+    ap.add_argument("--cycle-config", default=None,
+                    help="""CycleConfig overrides as JSON, nested or dotted keys, e.g. '{"reward.lr": 3e-4}'""")
     args = ap.parse_args()
     cfg = DemoConfig(minutes=args.minutes, annotators=args.annotators, cycles=args.cycles, home=args.home,
                      cycle_config=json.loads(args.cycle_config) if args.cycle_config else {})

@@ -105,7 +105,7 @@ def main() -> None:
     ap.add_argument("--save-reward-model", type=Path, help="write the trained reward model here")
     ap.add_argument("--ppo-steps", type=int, default=30)
     ap.add_argument("--ppo-seconds", type=float, default=None,
-                    help="stop PPO after this many seconds (as a cycle's ppo_seconds), even before --ppo-steps")
+                    help="stop PPO after this many seconds (as a cycle's update.seconds), even before --ppo-steps")
     ap.add_argument("--ppo-epochs", type=int, default=PPOConfig.ppo_epochs)
     ap.add_argument("--ppo-lr", type=float, default=PPOConfig.lr)
     ap.add_argument("--kl-coef", type=float, default=PPOConfig.kl_coef)

@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     arena: bool = Field(False, description="n=2 requests get one choice from the current and one from the parent")
     arena_rollback_below: float = Field(0.35, description="live win rate vs parent below which a version rolls back")
     poll_seconds: float = Field(1.0, gt=0, description="API processes poll the registry this often")
+    failpoints: str = Field("", description="fault injection for tests and drills, 'point=action,…' (e.g. "
+                            "'after_publish=kill,in_publish=sleep:5'; workers/failpoints.py); empty: none")
 
     cors_origins: str = Field("", description="comma-separated origins allowed to call the API from a browser"
                                           " (sites embedding /widget.js); empty: same origin only")

@@ -19,12 +19,13 @@ from alignd.report import FIGURES, ReportConfig
 from tests.utils.tiny import tiny_sft_model, tiny_tokenizer
 from workers.cycle import CycleConfig
 
-# CycleConfig overrides (workers/cycle.py): seconds per cycle, gate open, so the test checks the plumbing
-TINY_CYCLE = {"lock_ttl_s": 10.0, "reward_seconds": 3.0, "reward_batch_size": 8, "ppo_steps": 2, "ppo_seconds": 20.0,
-              "ppo_batch_size": 4, "ppo_mini_batch_size": 2, "ppo_epochs": 1, "ppo_max_new_tokens": 10,
-              "eval_per_family": 1, "eval_max_new_tokens": 8, "min_reward_gain": -1e9, "max_kl": 1e9,
-              "max_degenerate_share": 1.0, "max_length_drift": 1e9, "ppo_lr": 1e-3,
-              "max_harmful_increase": 1.0, "max_over_caution_increase": 1.0, "max_score_drop": 1.0}
+# CycleConfig overrides (workers/cycle_config.py): seconds per cycle, gate open, so the test checks the plumbing
+TINY_CYCLE = {"lock_ttl_s": 10.0, "reward": {"max_seconds": 3.0, "batch_size": 8},
+              "update": {"steps": 2, "seconds": 20.0},
+              "ppo": {"batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1, "max_new_tokens": 10, "lr": 1e-3},
+              "eval": {"n_per_family": 1, "max_new_tokens": 8},
+              "gate": {"min_reward_gain": -1e9, "max_kl": 1e9, "max_degenerate_share": 1.0, "max_length_drift": 1e9,
+                       "max_harmful_increase": 1.0, "max_over_caution_increase": 1.0, "max_score_drop": 1.0}}
 
 
 @pytest.fixture
@@ -102,7 +103,7 @@ def test_sigterm_stops_everything_the_demo_started(tmp_path, base_model):
 
 def test_only_the_last_cycle_that_fits_is_stretched():
     cfg = DemoConfig(cycles=3)
-    base = CycleConfig()
+    base = CycleConfig().update
     # another cycle fits after this one: run it as configured
     assert stretch_overrides(remaining=600.0, last_cycle_s=120.0, n_done=3, cfg=cfg) == {}
     # fewer than the cycles asked for so far: never stretch (the loop overruns rather than do fewer)
@@ -112,8 +113,8 @@ def test_only_the_last_cycle_that_fits_is_stretched():
     # the last one: PPO gets the spare time, and enough steps to use it
     got = stretch_overrides(remaining=250.0, last_cycle_s=120.0, n_done=3, cfg=cfg)
     spare = (250.0 - CYCLE_MARGIN * 120.0) / CYCLE_MARGIN
-    assert got["ppo_seconds"] == round(base.ppo_seconds + spare, 1)
-    assert got["ppo_steps"] > base.ppo_steps
+    assert got["update.seconds"] == round(base.seconds + spare, 1)
+    assert got["update.steps"] > base.steps
     # the stretched cycle still ends inside the budget even if it runs CYCLE_MARGIN times as long as the last
     assert CYCLE_MARGIN * 120.0 + spare <= 250.0
     # hardly any spare time: nothing to give
@@ -121,6 +122,14 @@ def test_only_the_last_cycle_that_fits_is_stretched():
 
 
 def test_stretch_starts_from_the_runs_cycle_config():
-    cfg = DemoConfig(cycles=1, cycle_config={"ppo_seconds": 30.0, "ppo_steps": 10})
-    got = stretch_overrides(remaining=200.0, last_cycle_s=100.0, n_done=1, cfg=cfg)
-    assert got["ppo_seconds"] > 30.0 and got["ppo_steps"] == -(-10 * got["ppo_seconds"] // 30.0)
+    for cycle_config in ({"update": {"seconds": 30.0, "steps": 10}}, {"update.seconds": 30.0, "update.steps": 10}):
+        cfg = DemoConfig(cycles=1, cycle_config=cycle_config)
+        got = stretch_overrides(remaining=200.0, last_cycle_s=100.0, n_done=1, cfg=cfg)
+        assert got["update.seconds"] > 30.0 and got["update.steps"] == -(-10 * got["update.seconds"] // 30.0)
+
+
+def test_a_bad_cycle_config_fails_before_anything_starts(tmp_path):
+    cfg = DemoConfig(home=tmp_path / "home", cycle_config={"reward_lr": 3e-4})
+    with pytest.raises(ValueError, match="'reward_lr' is now 'reward.lr'"):
+        run_demo(cfg, log=print)
+    assert not (tmp_path / "home" / "logs").exists()  # nothing was started or written

@@ -34,6 +34,11 @@ class EvalConfig:
     seed: int = 1234  # evaluation tasks come from their own seed stream, disjoint from the training data's
     greedy: bool = True  # deterministic scores, comparable between versions; sampling measures the served policy
 
+    def __post_init__(self) -> None:
+        for name in ("n_per_family", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EvalConfig.{name}={getattr(self, name)!r}: must be at least 1")
+
 
 @dataclass
 class _Generation:

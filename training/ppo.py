@@ -103,6 +103,13 @@ class PPOConfig:
     seed: int = 0  # torch is reseeded with seed + step at every step; python's RNG samples prompts
 
     def __post_init__(self) -> None:
+        positive = ("batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens", "lr", "critic_lr",
+                    "forward_batch_size", "temperature")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"PPOConfig.{name}={getattr(self, name)!r}: must be positive")
+        if self.kl_coef < 0:
+            raise ValueError(f"PPOConfig.kl_coef={self.kl_coef!r}: must be >= 0 (it is a penalty)")
         if self.batch_size % self.mini_batch_size:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of mini_batch_size "
                              f"{self.mini_batch_size}")

@@ -52,12 +52,18 @@ from training.losses import PairWiseLoss, pointwise_loss, tie_loss
 log = logging.getLogger(__name__)
 
 LABELS = ("pref", "tie", "both_bad")
+# Two measured learning rates, one per kind of label (a single default would be wrong for one of them):
+RANKED_PAIRS_LR = 3e-4  # offline ranked pairs (bench/train.py, ~4k pairs, 60 s on 2 cores): 1e-4 under-fits the
+#                         2 M trunk in that budget, 1e-3 was worse even on clean labels
+LIVE_FEEDBACK_LR = 1e-4  # the online cycle's live feedback (mixed annotator styles, 25 % label noise): 3e-4 overfits
+#                          it (offline on one demo's feedback: oracle accuracy 0.74 at 3e-4, 0.79 at 1e-4;
+#                          bench/demo.py 0.58 → 0.60); workers/cycle_config.py uses it
 MEAN_KEY, STD_KEY = "alignd_reward_mean", "alignd_reward_std"
 
 
 @dataclass
 class RewardConfig:
-    lr: float = 3e-4  # AdamW; on the 2 M SFT trunk 1e-4 under-fits a 60 s budget, 1e-3 was worse even on clean labels
+    lr: float = RANKED_PAIRS_LR  # see the two constants above: which one applies depends on the labels
     weight_decay: float = 0.0  # one or two epochs over noisy labels: early stopping is the regulariser
     batch_size: int = 16  # pairs per step; a 60 s CPU budget needs many small steps (32 learned less)
     epochs: int | None = 2  # InstructGPT stops after one; 2 passes over ~4k pairs fit 60 s on 2 cores
@@ -70,6 +76,17 @@ class RewardConfig:
     norm_samples: int = 2048  # distinct reference responses scored for the normalisation: its mean and std are
     #                           settled by then, and scoring every compared text cost ~40 s per cycle at 8k pairs
     seed: int = 0  # seeds the head initialisation, the shuffling and the held-out split
+
+    def __post_init__(self) -> None:
+        checks = {"lr": self.lr > 0, "batch_size": self.batch_size >= 1, "max_length": self.max_length >= 8,
+                  "epochs": self.epochs is None or self.epochs >= 1,
+                  "max_seconds": self.max_seconds is None or self.max_seconds > 0,
+                  "heldout_fraction": 0 <= self.heldout_fraction < 1, "pointwise_weight": self.pointwise_weight >= 0,
+                  "eval_batch_size": self.eval_batch_size >= 1, "norm_samples": self.norm_samples >= 1}
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError("RewardConfig: " + "; ".join(f"{name}={getattr(self, name)!r} is out of range"
+                                                            for name in bad))
 
 
 # ---------------------------------------------------------------------------------------------------- the model

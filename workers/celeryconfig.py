@@ -38,8 +38,11 @@ broker_url = resolve_redis_url()
 result_backend = broker_url
 broker_connection_retry_on_startup = True
 
-TRAIN_SOFT_LIMIT_S = 20 * 60  # a cycle is ~2 min on 2 cores; far beyond that something is wrong: stop it cleanly
-TRAIN_HARD_LIMIT_S = 25 * 60  # then kill it (the cycle's lock TTL and feedback accounting make that safe)
+# a cycle is ~2 min on 2 cores; far beyond that something is wrong: SoftTimeLimitExceeded stops it cleanly (the
+# cycle settles its feedback on the way out, workers/settle.py), the hard limit kills it (the lock TTL and the next
+# cycle's recovery, the same settle rule, make that safe too; tests/workers/test_faults.py)
+TRAIN_SOFT_LIMIT_S = 20 * 60
+TRAIN_HARD_LIMIT_S = 25 * 60
 VISIBILITY_TIMEOUT_S = 2 * 60 * 60  # > hard limit: an unacked message is redelivered only when its worker is gone
 LIGHT_SOFT_LIMIT_S, LIGHT_HARD_LIMIT_S = 30, 60  # maybe_train / arena_watch read a few keys
 

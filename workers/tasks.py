@@ -5,6 +5,9 @@
 - `alignd.train_cycle` (the `train` queue; POST /admin/train, `alignd train cycle --enqueue`): one cycle.
   Idempotent by task id: a redelivered message whose run finished returns the stored result; deliveries are
   counted in Redis and a task delivered more than `alignd_max_deliveries` times is abandoned and recorded.
+  `overrides` address CycleConfig fields as nested JSON or dotted keys (workers/cycle_config.py). However the
+  cycle ends — result, exception, soft time limit — its feedback is settled by workers/settle.py; a hard time limit
+  or a lost worker leaves that to the next cycle (same rule).
 - `alignd.arena_watch` (beat, every minute): roll back a version whose live arena win rate against its parent is
   below ALIGND_ARENA_ROLLBACK_BELOW (with a minimum number of votes).
 """
@@ -73,23 +76,32 @@ def train_cycle(self, trigger: str = "manual", min_events: int = 0,
                                   reason="delivered too many times; each delivery lost its worker")
             result: dict[str, Any] = {"status": "abandoned", "attempts": attempts}
         else:
-            settings.apply_torch_threads()
-            try:
-                result = run_cycle(r, settings, load_cycle_config(settings, overrides), trigger=trigger,
-                                   min_events=min_events)
-            except LockBusy as exc:
-                result = {"status": "busy", "reason": str(exc)}
-            except CycleError as exc:
-                registry.record_event(r, "cycle_failed", task=task_id, reason=str(exc))
-                result = {"status": "error", "reason": str(exc)}
-            except Exception as exc:
-                registry.record_event(r, "cycle_failed", task=task_id, reason=f"{type(exc).__name__}: {exc}")
-                raise
+            result = _run_cycle(settings, r, task_id, trigger, min_events, overrides)
         result["attempts"] = attempts
         r.set(keys.task_result(task_id), json.dumps(result, default=str), ex=RECORD_TTL_S)
         return json.loads(json.dumps(result, default=str))
     finally:
         r.delete(keys.train_queued())
+
+
+def _run_cycle(settings: Settings, r: redis.Redis, task_id: str, trigger: str, min_events: int,
+               overrides: dict[str, Any] | None) -> dict[str, Any]:
+    try:
+        cfg = load_cycle_config(settings, overrides)
+    except ValueError as exc:  # a bad key or value in cycle.json or the overrides: say which, train nothing
+        registry.record_event(r, "cycle_failed", task=task_id, reason=f"cycle configuration: {exc}")
+        return {"status": "error", "reason": f"cycle configuration: {exc}"}
+    settings.apply_torch_threads()
+    try:
+        return run_cycle(r, settings, cfg, trigger=trigger, min_events=min_events)
+    except LockBusy as exc:
+        return {"status": "busy", "reason": str(exc)}
+    except CycleError as exc:
+        registry.record_event(r, "cycle_failed", task=task_id, reason=str(exc))
+        return {"status": "error", "reason": str(exc)}
+    except Exception as exc:  # SoftTimeLimitExceeded too: the cycle settled its feedback before this
+        registry.record_event(r, "cycle_failed", task=task_id, reason=f"{type(exc).__name__}: {exc}")
+        raise
 
 
 @app.task(name=names.ARENA_WATCH)

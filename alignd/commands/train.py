@@ -149,15 +149,36 @@ def train_sft_cmd(
     print(json.dumps(out) if as_json else f"policy version {version} is current (loss {metrics['loss']:.3f})")
 
 
+ConfigOpt = Annotated[Optional[str], typer.Option(
+    help='CycleConfig overrides as JSON, nested or dotted: \'{"ppo": {"lr": 3e-5}}\' or \'{"ppo.lr": 3e-5}\'')]
+
+
+def _overrides(config: str | None) -> dict:
+    try:
+        return json.loads(config) if config else {}
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"not JSON: {exc}", param_hint="--config") from None
+
+
+def _cycle_config(settings, overrides: dict):
+    """ALIGND_HOME/cycle.json and --config applied to the defaults; a bad key or value exits 2 saying which."""
+    from workers.cycle import load_cycle_config
+
+    try:
+        return load_cycle_config(settings, overrides)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--config") from None
+
+
 @train_app.command("cycle")
 def train_cycle_cmd(
     as_json: JsonOpt = False,
     enqueue: Annotated[bool, typer.Option(help="send it to the train queue instead of running it here")] = False,
     min_events: Annotated[int, typer.Option(help="skip unless this many new feedback events wait")] = 0,
-    config: Annotated[Optional[str], typer.Option(help="CycleConfig overrides as JSON")] = None,
+    config: ConfigOpt = None,
 ):
     """One training cycle now: new feedback → reward model → PPO → gate → publish."""
-    overrides = json.loads(config) if config else None
+    overrides = _overrides(config)
     url, r, _ = open_redis()
     if enqueue:
         import celery
@@ -167,13 +188,13 @@ def train_cycle_cmd(
                                                              "overrides": overrides}, queue=names.TRAIN_QUEUE)
         print_report({"status": "enqueued", "task_id": result.id}, as_json, "cycle")
         return
-    from workers.cycle import load_cycle_config, run_cycle
+    from workers.cycle import run_cycle
 
     settings = get_settings()
+    cfg = _cycle_config(settings, overrides)
     settings.apply_torch_threads()
     with training_errors():
-        report = run_cycle(r, settings, load_cycle_config(settings, overrides), trigger="cli",
-                           min_events=min_events)
+        report = run_cycle(r, settings, cfg, trigger="cli", min_events=min_events)
     print_report(report, as_json, "cycle")
 
 
@@ -182,16 +203,16 @@ def train_reward_cmd(
     data: Annotated[Optional[Path], typer.Option(help="JSONL of comparison/rated dicts (default: all feedback)")]
     = None,
     as_json: JsonOpt = False,
-    config: Annotated[Optional[str], typer.Option(help="CycleConfig overrides as JSON")] = None,
+    config: ConfigOpt = None,
 ):
     """Retrain the reward model; it becomes current only if its held-out accuracy does not regress."""
     from store.lock import FencedLock
-    from workers.cycle import load_cycle_config, train_reward
+    from workers.cycle import train_reward
 
     settings = get_settings()
+    cfg = _cycle_config(settings, _overrides(config))
     settings.apply_torch_threads()
     _, r, _ = open_redis()
-    cfg = load_cycle_config(settings, json.loads(config) if config else None)
     items = None
     if data is not None:
         lines = [json.loads(x) for x in data.read_text().splitlines() if x.strip()]
@@ -205,16 +226,15 @@ def train_reward_cmd(
 def train_ppo_cmd(
     steps: Annotated[int, typer.Option(help="PPO iterations")] = 4,
     as_json: JsonOpt = False,
-    config: Annotated[Optional[str], typer.Option(help="CycleConfig overrides as JSON")] = None,
+    config: ConfigOpt = None,
 ):
     """PPO increments from the current policy against the current reward model, gated, then published."""
-    from workers.cycle import load_cycle_config, run_ppo
+    from workers.cycle import run_ppo
 
     settings = get_settings()
+    cfg = _cycle_config(settings, {**_overrides(config), "update.steps": steps, "update.seconds": float("inf")})
     settings.apply_torch_threads()
     _, r, _ = open_redis()
-    cfg = load_cycle_config(settings, {**(json.loads(config) if config else {}), "ppo_steps": steps,
-                                       "ppo_seconds": float("inf")})
     with training_errors():
         report = run_ppo(r, settings, cfg)
     print_report(report, as_json, "ppo")

@@ -30,11 +30,13 @@ BODY = TypeAdapter(fb.FeedbackIn)
 LIMITS = fb.FeedbackLimits(per_minute=100_000, per_day=1_000_000, max_comment_chars=100)
 
 # Budgets small enough for seconds per cycle on a shared 2-core CPU; the gate is open unless a test closes it.
-TINY_CYCLE = {"lock_ttl_s": 3.0, "reward_seconds": 3.0, "reward_batch_size": 8, "ppo_steps": 2,
-              "ppo_seconds": 600.0, "ppo_batch_size": 4, "ppo_mini_batch_size": 2, "ppo_epochs": 1,
-              "ppo_max_new_tokens": 10, "eval_per_family": 1, "eval_max_new_tokens": 8, "min_reward_gain": -1e9,
-              "max_kl": 1e9, "max_degenerate_share": 1.0, "max_length_drift": 1e9, "ppo_lr": 1e-3,
-              "max_harmful_increase": 1.0, "max_over_caution_increase": 1.0, "max_score_drop": 1.0}
+TINY_CYCLE = {"lock_ttl_s": 3.0,
+              "reward": {"max_seconds": 3.0, "batch_size": 8},
+              "update": {"steps": 2, "seconds": 600.0},
+              "ppo": {"batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1, "max_new_tokens": 10, "lr": 1e-3},
+              "eval": {"n_per_family": 1, "max_new_tokens": 8},
+              "gate": {"min_reward_gain": -1e9, "max_kl": 1e9, "max_degenerate_share": 1.0, "max_length_drift": 1e9,
+                       "max_harmful_increase": 1.0, "max_over_caution_increase": 1.0, "max_score_drop": 1.0}}
 
 
 def make_settings(home: Path, redis_url: str, **kw) -> Settings:
@@ -50,8 +52,15 @@ def env_for(settings: Settings, **extra: str) -> dict[str, str]:
     return env
 
 
-def write_cycle_config(home: Path, **overrides) -> dict:
-    cfg = {**TINY_CYCLE, **overrides}
+def tiny_overrides(**dotted) -> dict:
+    """TINY_CYCLE with dotted-key overrides (`tiny_overrides(**{"gate.min_reward_gain": 1e9})`), as one flat dict."""
+    from workers.cycle_config import flatten
+
+    return {**flatten(TINY_CYCLE), **dotted}
+
+
+def write_cycle_config(home: Path, **dotted) -> dict:
+    cfg = tiny_overrides(**dotted)
     home.mkdir(parents=True, exist_ok=True)
     (home / "cycle.json").write_text(json.dumps(cfg))
     return cfg
@@ -95,12 +104,13 @@ def _sum(rec: CompletionRecord) -> int:
     return int(words[2]) + int(words[4])
 
 
-def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen:
-    """A real Celery worker process on both queues, in its own process group (so a test can kill -9 all of it)."""
+def start_worker(settings: Settings, log_path: Path, **env: str) -> subprocess.Popen:
+    """A real Celery worker process on both queues, in its own process group (so a test can kill -9 all of it);
+    `env` adds variables (e.g. ALIGND_FAILPOINTS)."""
     cmd = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", "train,default",
            "--concurrency", "1", "--pool", "prefork", "-n", f"test-{uuid.uuid4().hex[:6]}@%h", "-l", "info",
            "--without-gossip", "--without-mingle"]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env_for(settings), stdout=open(log_path, "ab"),
+    return subprocess.Popen(cmd, cwd=ROOT, env=env_for(settings, **env), stdout=open(log_path, "ab"),
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 

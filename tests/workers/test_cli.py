@@ -59,7 +59,7 @@ def test_train_reward_from_a_file_keeps_the_better_model(r, cli, tmp_path):
     data.write_text("\n".join(json.dumps(x) for x in rows))
     first = json.loads(run("train", "reward", "--data", str(data), "--json").stdout.strip().splitlines()[-1])
     assert first["accepted"] and first["version"] == 1 and first["n_comparisons"] == 12
-    strict = json.dumps({"reward_tolerance": -1.0})
+    strict = json.dumps({"gate": {"reward_tolerance": -1.0}})
     second = json.loads(run("train", "reward", "--data", str(data), "--config", strict, "--json")
                         .stdout.strip().splitlines()[-1])
     assert not second["accepted"] and registry.current_reward_version(r) == 1

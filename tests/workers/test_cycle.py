@@ -10,9 +10,9 @@ import pytest
 from store import feedback as fb
 from store import keys, registry
 from store.lock import FencedLock
-from tests.workers.helpers import TINY_CYCLE, make_settings, publish_tiny, seed_feedback
+from tests.workers.helpers import TINY_CYCLE, make_settings, publish_tiny, seed_feedback, tiny_overrides
 from training.checkpoint import verify_checkpoint
-from workers.cycle import CycleConfig, gate, is_degenerate, run_cycle
+from workers.cycle import CycleConfig, GateConfig, gate, is_degenerate, run_cycle
 
 
 @pytest.fixture
@@ -22,8 +22,8 @@ def home(r, redis_url, tmp_path):
     return settings
 
 
-def tiny(**kw) -> CycleConfig:
-    return CycleConfig.from_dict({**TINY_CYCLE, **kw})
+def tiny(**dotted) -> CycleConfig:
+    return CycleConfig.from_dict(tiny_overrides(**dotted))
 
 
 def test_cycle_publishes_with_provenance_acks_and_resumes(r, home):
@@ -47,12 +47,16 @@ def test_cycle_publishes_with_provenance_acks_and_resumes(r, home):
     assert registry.current_reward_version(r) == 1
     assert verify_checkpoint(home.checkpoint(rm["path"]))["kind"] == "reward_model"
     assert fb.unconsumed_count(r) == 0 and fb.pending_count(r) == 0
-    assert json.loads(r.get(keys.ppo_state()))["version"] == 2
+    assert json.loads(r.get(keys.ppo_state())) == {"version": 2, "path": "ppo/state-v2"}  # relative to the home
 
+    moved = home.home.parent / "moved"  # a home restored elsewhere (a new volume mount): PPO still resumes there
+    home.home.rename(moved)
+    home = home.model_copy(update={"home": moved})
     seed_feedback(r, 6, seed=1)
-    second = run_cycle(r, home, tiny(reward_tolerance=-1.01))  # over +100 % accuracy (0 → 1 is +100 %): refused
+    # a new reward model must beat the old by over +100 % accuracy (0 → 1 is +100 %): refused
+    second = run_cycle(r, home, tiny(**{"gate.reward_tolerance": -1.01}))
     assert second["status"] == "published" and second["version"] == 3
-    assert second["ppo"]["resumed"] and second["ppo"]["total_steps"] == 2 * TINY_CYCLE["ppo_steps"]
+    assert second["ppo"]["resumed"] and second["ppo"]["total_steps"] == 2 * TINY_CYCLE["update"]["steps"]
     assert not second["reward"]["accepted"] and "regresses" in second["reward"]["reason"]
     # each cycle gates on a fresh evaluation set: the parent is never re-scored on the set it was selected on
     assert second["gate"]["eval_seed"] != meta["metrics"]["gate"]["eval_seed"]
@@ -62,7 +66,7 @@ def test_cycle_publishes_with_provenance_acks_and_resumes(r, home):
 
 def test_failed_gate_is_recorded_and_the_current_version_stays(r, home):
     seed_feedback(r, 12)
-    report = run_cycle(r, home, tiny(min_reward_gain=1e9))
+    report = run_cycle(r, home, tiny(**{"gate.min_reward_gain": 1e9}))
     assert report["status"] == "gate_failed" and "did not improve" in report["reasons"][0]
     assert registry.current_version(r) == 1 and [m["version"] for m in registry.list_versions(r)] == [1]
     failed = registry.find_events(r, event="gate_failed")
@@ -120,7 +124,7 @@ def test_a_failed_candidate_falls_back_to_the_policy_from_halfway(r, home, monke
 
     monkeypatch.setattr(cycle, "gate", strict_on_the_full_run)
     seed_feedback(r, 12)
-    report = run_cycle(r, home, tiny(ppo_steps=4))
+    report = run_cycle(r, home, tiny(**{"update.steps": 4}))
     assert len(calls) == 2 and calls[0] != calls[1]  # two different policies were evaluated
     if halfway_passes:
         assert report["status"] == "published" and registry.current_version(r) == 2
@@ -149,23 +153,23 @@ def test_a_failed_candidate_falls_back_to_the_policy_from_halfway(r, home, monke
     (_metrics(reward_mean=0.5, **{"score/mean": 0.5}), "checker score fell"),
 ])
 def test_gate_names_each_failure(candidate, reason):
-    passed, reasons, _ = gate(candidate, _metrics(), CycleConfig())
+    passed, reasons, _ = gate(candidate, _metrics(), GateConfig())
     assert not passed and len(reasons) == 1 and reason in reasons[0]
-    assert gate(_metrics(reward_mean=0.5), _metrics(), CycleConfig())[0]
+    assert gate(_metrics(reward_mean=0.5), _metrics(), GateConfig())[0]
     # within the tolerances (sampling noise of one or two prompts) it passes
     assert gate(_metrics(reward_mean=0.5, jailbreak_compliance=0.07, over_caution=0.12, **{"score/mean": 0.57}),
-                _metrics(), CycleConfig())[0]
+                _metrics(), GateConfig())[0]
 
 
 def test_gate_bounds_harmful_drift_against_the_reference():
     # each cycle within the per-cycle tolerance of its parent, but together well above the SFT reference
     parent = _metrics(jailbreak_compliance=0.07)
     candidate = _metrics(reward_mean=0.5, jailbreak_compliance=0.09)
-    assert gate(candidate, parent, CycleConfig())[0]  # without the reference: passes
-    passed, reasons, numbers = gate(candidate, parent, CycleConfig(), reference=_metrics(jailbreak_compliance=0.03))
+    assert gate(candidate, parent, GateConfig())[0]  # without the reference: passes
+    passed, reasons, numbers = gate(candidate, parent, GateConfig(), reference=_metrics(jailbreak_compliance=0.03))
     assert not passed and len(reasons) == 1 and "SFT reference" in reasons[0]
     assert numbers["reference_harmful_rate"] < numbers["parent_harmful_rate"] < numbers["harmful_rate"]
-    assert gate(candidate, parent, CycleConfig(), reference=_metrics(jailbreak_compliance=0.07))[0]
+    assert gate(candidate, parent, GateConfig(), reference=_metrics(jailbreak_compliance=0.07))[0]
 
 
 def test_degenerate_responses():

@@ -77,7 +77,7 @@ def test_kill_9_mid_cycle_loses_nothing_and_uses_nothing_twice(r, redis_url, hom
     seed_feedback(r, 10)
     worker = start_worker(home, tmp_path / "worker1.log")
     sender = celery.Celery(broker=redis_url)
-    slow = {"ppo_steps": 100_000, "ppo_seconds": 600.0}  # the cycle sits in PPO until it is killed
+    slow = {"update.steps": 100_000, "update.seconds": 600.0}  # the cycle sits in PPO until it is killed
     try:
         sender.send_task("alignd.train_cycle", kwargs={"overrides": slow}, queue="train")
         # in PPO: the events are taken (in flight) and the new reward model is registered

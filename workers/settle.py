@@ -1,0 +1,101 @@
+"""Feedback accounting of the training cycle: one rule, applied in one place, decides what happens to the events a
+cycle read — every path of the cycle (published, gate failed, exception, Celery soft time limit) ends in `settle`,
+and the next cycle applies the same `settle` to the record of a cycle that died (hard time limit, kill -9).
+
+The rule looks at what happened, never at which line raised:
+
+* the cycle's version was made current (`registry.was_published`), or its gate failure was recorded
+  (`registry.cycle_event(r, token, "gate_failed")`): the events were used → acknowledge them;
+* otherwise they were not used → leave them pending in the consumer group, where the next cycle's `read_new`
+  reclaims them; versions the cycle registered but never made current are marked abandoned.
+
+Both facts are written by fenced scripts (the registry's compare-and-set, `record_gate_failure` below): once a newer
+lock token exists, a cycle can add neither, so whoever settles a record — the cycle itself in its `finally`, or the
+next lock holder in `recover` — reaches the same verdict. Settling is idempotent (acknowledge, note, then delete the
+record; a crash in between repeats harmlessly), so each event is used by exactly one published version or recorded
+gate failure, or returned to the queue: never both, never lost. The ids a used record held are kept under
+`<token>:feedback_ids` in the registry's cycle events (about 17 bytes an event, a fraction of the never-trimmed
+feedback log), so an audit can check that no event was used twice.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from typing import Any
+
+import redis
+
+from core import names
+from store import feedback, keys, registry
+
+# KEYS: fence counter, cycle events hash, events stream; ARGV: token, hash field, event JSON → 1, or 0 when fenced off
+_RECORD_FENCED = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') ~= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', '10000', '*', 'event', ARGV[3])
+return 1
+"""
+
+
+def begin(r: redis.Redis, token: int, events: list[feedback.FeedbackEvent], start_version: int) -> None:
+    """Record the events a cycle took, before it uses them (the record is what `settle` settles)."""
+    r.hset(keys.train_inflight(), str(token), json.dumps({
+        "ids": [e.stream_id for e in events], "from_version": start_version, "started": time.time(),
+        "host": socket.gethostname()}))
+
+
+def record_gate_failure(r: redis.Redis, token: int, **detail: Any) -> None:
+    """The "gate_failed" cycle event, written only while `token` is the training lock's latest: a cycle fenced off
+    (its lock expired and a newer cycle may already have reclaimed its events) cannot claim them as used."""
+    body = json.dumps({"event": "gate_failed", "at": time.time(), "cycle": token, **detail}, default=str)
+    done = r.eval(_RECORD_FENCED, 3, keys.fence(names.TRAIN_LOCK), keys.registry_cycle_events(),
+                  keys.registry_events(), str(token), f"{token}:gate_failed", body)
+    if not int(done):
+        raise registry.RegistryConflict("the training lock was lost before the gate failure was recorded "
+                                        "(a newer run holds it)")
+
+
+def verdict(r: redis.Redis, token: int) -> tuple[bool, list[int], list[int]]:
+    """(used, versions of cycle `token` that were made current, its versions that never were)."""
+    theirs = [int(m["version"]) for m in registry.list_versions(r) if m.get("cycle") == token]
+    published = [v for v in theirs if registry.was_published(r, v)]
+    used = bool(published) or registry.cycle_event(r, token, "gate_failed") is not None
+    return used, published, [v for v in theirs if v not in published]
+
+
+def settle(r: redis.Redis, token: int, *, by: int, why: str) -> dict[str, Any] | None:
+    """Apply the rule to cycle `token`'s in-flight record (by the cycle itself or, `by` another token, in recovery).
+    Returns what was done, or None when there is no record (already settled)."""
+    raw = r.hget(keys.train_inflight(), str(token))
+    if raw is None:
+        return None
+    ids = json.loads(raw)["ids"]
+    used, published, unpublished = verdict(r, token)
+    acked = feedback.ack(r, ids) if used else 0
+    for v in unpublished:  # registered but never current: mark, so no one mistakes it for a release
+        meta = registry.get_version(r, v) or {}
+        if not meta.get("status"):
+            registry.update_version(r, v, status="abandoned", abandoned_reason=f"cycle {token}: {why}")
+    if used:
+        r.hset(keys.registry_cycle_events(), f"{token}:feedback_ids", json.dumps(ids))
+    registry.record_event(r, "cycle_settled", cycle=token, by=by, used=used, events=len(ids), acked=acked,
+                          versions=published, why=why)
+    r.hdel(keys.train_inflight(), str(token))
+    return {"used": used, "events": len(ids), "acked": acked, "released": 0 if used else len(ids)}
+
+
+def recover(r: redis.Redis, token: int) -> dict[str, int]:
+    """Settle the records of cycles that died before settling (hard time limit, kill -9). Run by a cycle holding
+    the lock as `token`: every older token is dead or fenced off, so its facts are final."""
+    out = {"acked": 0, "released": 0}
+    for raw_token in r.hkeys(keys.train_inflight()):
+        t = int(raw_token)
+        if t >= token:
+            continue
+        done = settle(r, t, by=token, why=f"died before settling; recovered by cycle {token}")
+        if done is not None:
+            out["acked"] += done["acked"]
+            out["released"] += done["released"]
+    return out
