@@ -16,12 +16,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import PreTrainedModel
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what peft's save_pretrained writes
@@ -71,6 +72,18 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def parameter_count(path: str | Path) -> int:
+    """Parameters of a model folder, from its safetensors headers (no weights are read)."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in Path(path).glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                total += math.prod(st.get_slice(key).get_shape())
+    return total
+
+
 def folder_digest(path: str | Path) -> str:
     """A digest that names a model folder's weights: the sha256 of its alignd manifest's file list when it has one
     (already hashed at publish), else of its weight files. Adapters record it to refuse a mismatched base."""
@@ -108,15 +121,70 @@ class BaseMismatch(Exception):
     """An adapter was trained on another base than the one offered."""
 
 
-def apply_adapter(base: PreTrainedModel, adapter_dir: str | Path, base_dir: str | Path, *,
-                  merge: bool) -> PreTrainedModel:
-    """The base with the adapter at `adapter_dir` applied: merged into the weights (`merge=True`: plain HF model,
-    decoding speed of the base) or kept as a PeftModel. Refuses an adapter whose recorded base digest differs."""
+def _check_base(adapter_dir: str | Path, base_dir: str | Path) -> None:
     want = (adapter_base(adapter_dir) or {}).get("digest")
     have = folder_digest(base_dir)
     if want != have:
         raise BaseMismatch(f"{adapter_dir}: adapter was trained on a base with digest {str(want)[:12]}…, "
                            f"{base_dir} has {have[:12]}…")
+
+
+def apply_adapter(base: PreTrainedModel, adapter_dir: str | Path, base_dir: str | Path, *,
+                  merge: bool) -> PreTrainedModel:
+    """The base with the adapter at `adapter_dir` applied: merged into the weights (`merge=True`: plain HF model,
+    decoding speed of the base) or kept as a PeftModel. Refuses an adapter whose recorded base digest differs."""
+    _check_base(adapter_dir, base_dir)
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     model.eval()
     return model.merge_and_unload() if merge else model
+
+
+def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    """A copy of the adapter's weights alone (a few MB): what a halfway snapshot or a parent needs to keep."""
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
+    set_peft_model_state_dict(model, state)
+
+
+class ReferenceView(torch.nn.Module):
+    """The base of a LoRA model as a model of its own (forward and generate with the adapter off), for code that
+    takes a reference model as an argument (training/evaluate.py). Shares every weight with the adapted model."""
+
+    def __init__(self, model: PeftModel):
+        super().__init__()
+        self.adapted = model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.adapted.parameters()).device
+
+    def forward(self, *args, **kwargs):
+        with reference_mode(self.adapted):
+            return self.adapted(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        with reference_mode(self.adapted):
+            return self.adapted.generate(*args, **kwargs)
+
+
+def load_policy(path: str | Path, device: str = "cpu", *, resolve_base=Path, trainable: bool = False,
+                merge: bool = True):
+    """(model, tokenizer) of a policy folder, full or adapter. An adapter folder is applied to its base, found with
+    `resolve_base(recorded base)` (the registry's path rule) and checked against the recorded digest; the base's
+    tokenizer is the adapter's. `trainable` keeps the adapter as a trainable PeftModel (a cycle continuing it);
+    otherwise `merge` folds it into the base weights (serving at the base's speed)."""
+    from training.model import load_causal_lm
+
+    info = adapter_base(path)
+    if info is None:
+        return load_causal_lm(path, device)
+    base_dir = Path(resolve_base(info["base"]))
+    base, tokenizer = load_causal_lm(base_dir, device)
+    _check_base(path, base_dir)
+    if trainable:
+        return PeftModel.from_pretrained(base, str(path), is_trainable=True), tokenizer
+    model = PeftModel.from_pretrained(base, str(path))
+    model.eval()
+    return (model.merge_and_unload() if merge else model), tokenizer

@@ -104,7 +104,9 @@ class CycleRun:
     reward: dict[str, Any] = field(default_factory=dict)
     rm_version: int | None = None
     reward_fn: Any = None
-    ref_model: Any = None
+    ref_model: Any = None  # the SFT reference: a frozen copy, or the LoRA policy's base (training.lora.ReferenceView)
+    lora: bool = False  # the policy update trains a LoRA adapter on the frozen reference (CycleConfig.update.adapter)
+    parent_adapter: dict[str, Any] | None = None  # LoRA: the current version's adapter weights, for the gate
     value_init: Any = None  # the reward model, whose trunk initialises a fresh critic
     # policy stage
     trainer: Any = None
@@ -231,7 +233,26 @@ def _stage_reward(run: CycleRun, retrain: bool) -> None:
     rm_meta = registry.get_reward_version(r, run.rm_version)
     rm, rm_tok = load_reward_model(settings.checkpoint(rm_meta["path"]), device)
     run.reward_fn, run.value_init = reward_model_fn(rm, rm_tok), rm
-    run.ref_model, _ = load_causal_lm(run.ref_path, device)
+    run.lora = _use_lora(run)
+    if not run.lora:  # LoRA: the reference is the policy's own base, loaded once in the policy stage
+        run.ref_model, _ = load_causal_lm(run.ref_path, device)
+
+
+def _use_lora(run: CycleRun) -> bool:
+    """LoRA or full fine-tuning for this cycle's policy update (CycleConfig.update.adapter). LoRA continues an
+    adapter version, or starts one on the reference itself; a version fully fine-tuned from it cannot be expressed
+    as the reference plus an adapter, so it is updated in full."""
+    from training.lora import adapter_base, parameter_count
+
+    mode, update = run.cfg.update.adapter, run.cfg.update
+    if mode == "full":
+        return False
+    current = run.settings.checkpoint(registry.get_version(run.r, run.start_version)["path"])
+    if adapter_base(current) is None and run.start_version != run.ref_version:
+        log.info("cycle %s: v%s is a full fine-tune of v%s; this update is full too", run.token, run.start_version,
+                 run.ref_version)
+        return False
+    return mode == "lora" or parameter_count(run.ref_path) >= update.lora_min_parameters
 
 
 def _ppo_state_dir(settings: Settings, stored: str) -> Path:
@@ -247,7 +268,7 @@ def _ppo_state_dir(settings: Settings, stored: str) -> Path:
 
 def _stage_policy(run: CycleRun) -> None:
     """PPO increments from the current policy (resuming the trainer state when it belongs to it)."""
-    from training.model import load_causal_lm
+    from training.lora import load_policy
     from training.ppo import PPOTrainer, ValueModel
 
     r, settings, cfg, update = run.r, run.settings, run.cfg, run.cfg.update
@@ -255,12 +276,14 @@ def _stage_policy(run: CycleRun) -> None:
     state = json.loads(r.get(keys.ppo_state()) or "null")
     state_dir = _ppo_state_dir(settings, state["path"]) if state else None
     resumed = bool(state and state.get("version") == run.start_version and state_dir.is_dir())
-    if resumed:
+    current_path = settings.checkpoint(registry.get_version(r, run.start_version)["path"])
+    if run.lora:
+        resumed, trainer = False, _lora_trainer(run, current_path)  # a few-MB adapter: no state worth resuming
+    elif resumed:
         trainer = PPOTrainer.load_state(state_dir, ref=run.ref_model, reward_fn=run.reward_fn, cfg=cfg.ppo,
                                         device=device)
     else:
-        current_path = settings.checkpoint(registry.get_version(r, run.start_version)["path"])
-        policy, tokenizer = load_causal_lm(current_path, device)
+        policy, tokenizer = load_policy(current_path, device, resolve_base=settings.checkpoint)
         trainer = PPOTrainer(cfg.ppo, policy, run.ref_model, run.reward_fn, tokenizer,
                              ValueModel.from_model(run.value_init))
     run.trainer = trainer
@@ -276,12 +299,50 @@ def _stage_policy(run: CycleRun) -> None:
         run.progress("ppo", steps[-1])
         if cfg.gate.fallback and run.halfway is None and (2 * len(steps) >= update.steps
                                                           or 2 * (time.perf_counter() - t_ppo) >= update.seconds):
-            run.halfway = len(steps), {k: v.detach().clone() for k, v in trainer.policy.state_dict().items()}
+            run.halfway = len(steps), _snapshot(trainer.policy)
     run.ppo_info = {"steps": len(steps), "total_steps": trainer.step_count, "resumed": resumed,
                     "seconds": time.perf_counter() - t_ppo, "user_prompt_pool": n_user_prompts,
                     "last": steps[-1] if steps else {},
                     "reward_first": steps[0]["reward"] if steps else None,
                     "reward_last": steps[-1]["reward"] if steps else None}
+
+
+def _lora_trainer(run: CycleRun, current_path: Path):
+    """A PPO trainer on a LoRA adapter over the frozen reference: the current version's adapter continued, or a
+    fresh one on the reference itself; the reference is the same base with the adapter off, the critic the reward
+    model's trunk with an adapter of its own. One copy of the base in memory instead of three."""
+    from training.lora import ReferenceView, adapter_state, add_adapter, load_policy
+    from training.model import load_causal_lm
+    from training.ppo import PPOTrainer, ValueModel
+
+    settings, device = run.settings, run.settings.torch_device()
+    if run.start_version == run.ref_version:
+        base, tokenizer = load_causal_lm(run.ref_path, device)
+        policy = add_adapter(base, run.cfg.lora)
+    else:
+        policy, tokenizer = load_policy(current_path, device, resolve_base=settings.checkpoint, trainable=True)
+    run.parent_adapter = adapter_state(policy)
+    run.ref_model = ReferenceView(policy)
+    critic = ValueModel.from_model(run.value_init).with_lora(run.cfg.lora)
+    return PPOTrainer(run.cfg.ppo, policy, None, run.reward_fn, tokenizer, critic)
+
+
+def _snapshot(policy) -> dict[str, Any]:
+    """The trainable state of a policy: its adapter (a few MB) or every weight."""
+    from training.lora import adapter_state, is_adapted
+
+    if is_adapted(policy):
+        return adapter_state(policy)
+    return {k: v.detach().clone() for k, v in policy.state_dict().items()}
+
+
+def _restore(policy, snapshot: dict[str, Any]) -> None:
+    from training.lora import is_adapted, load_adapter_state
+
+    if is_adapted(policy):
+        load_adapter_state(policy, snapshot)
+    else:
+        policy.load_state_dict(snapshot)
 
 
 def _evaluation(run: CycleRun, model, tok, ecfg) -> dict[str, Any]:
@@ -297,23 +358,31 @@ def _stage_gate(run: CycleRun) -> None:
     """Candidate vs the current policy (and the SFT reference) on a fresh held-out set; halfway fallback."""
     import torch
 
-    from training.model import load_causal_lm
+    from training.lora import load_policy
 
     # a fresh evaluation set (and sampling seed) per cycle, shared by both policies (workers/cycle_config.py)
     ecfg = dataclass_replace(run.cfg.eval, seed=run.cfg.eval.seed + run.token)
-    current_path = run.settings.checkpoint(registry.get_version(run.r, run.start_version)["path"])
-    parent_model, parent_tok = load_causal_lm(current_path, run.settings.torch_device())
     trainer, steps = run.trainer, run.ppo_info["steps"]
     with torch.no_grad():
         run.cand_eval = _evaluation(run, trainer.policy, trainer.tokenizer, ecfg)
-        run.parent_eval = _evaluation(run, parent_model, parent_tok, ecfg)
+        parent_tok = trainer.tokenizer
+        if run.lora:  # the parent is the same base with the adapter it started from
+            candidate = _snapshot(trainer.policy)
+            _restore(trainer.policy, run.parent_adapter)
+            run.parent_eval = _evaluation(run, trainer.policy, parent_tok, ecfg)
+            _restore(trainer.policy, candidate)
+        else:
+            current_path = run.settings.checkpoint(registry.get_version(run.r, run.start_version)["path"])
+            parent_model, parent_tok = load_policy(current_path, run.settings.torch_device(),
+                                                   resolve_base=run.settings.checkpoint)
+            run.parent_eval = _evaluation(run, parent_model, parent_tok, ecfg)
         ref_eval = (run.parent_eval if run.ref_version == run.start_version
                     else _evaluation(run, run.ref_model, parent_tok, ecfg))
     passed, reasons, numbers = gate(run.cand_eval, run.parent_eval, run.cfg.gate, reference=ref_eval)
     if not passed and run.halfway is not None and run.halfway[0] < steps:
         # PPO against a fixed reward model can overshoot into its errors late in the run (harmful compliance rose in
         # a third of demo cycles); the policy from halfway through is a candidate too, checked by the same gate
-        trainer.policy.load_state_dict(run.halfway[1])
+        _restore(trainer.policy, run.halfway[1])
         with torch.no_grad():
             half_eval = _evaluation(run, trainer.policy, trainer.tokenizer, ecfg)
         half_passed, half_reasons, half_numbers = gate(half_eval, run.parent_eval, run.cfg.gate, reference=ref_eval)
@@ -334,6 +403,8 @@ def _stage_gate(run: CycleRun) -> None:
 
 def _stage_publish(run: CycleRun) -> dict[str, Any]:
     """Publish the candidate, or record the gate failure; either is what makes the events used (settle)."""
+    from training.lora import folder_digest, save_adapter
+
     run.check_lock("before publishing")
     base = run.provenance()
     if not run.passed:
@@ -346,10 +417,16 @@ def _stage_publish(run: CycleRun) -> dict[str, Any]:
             "reward": {k: run.reward.get(k) for k in ("accepted", "version", "previous", "metrics", "reason")},
             "ppo": run.ppo_info}
     policy, tok = run.trainer.policy, run.trainer.tokenizer
+    if run.lora:
+        meta["adapter"] = {"base_version": run.ref_version, **asdict(run.cfg.lora)}
 
     def save(d: Path) -> None:
         run.failpoint("in_checkpoint")
-        policy.save_pretrained(d)
+        if run.lora:  # the adapter alone, naming the base it was trained on (training/lora.py)
+            save_adapter(policy, d, base=run.settings.stored_path(run.ref_path),
+                         base_digest=folder_digest(run.ref_path))
+        else:
+            policy.save_pretrained(d)
         tok.save_pretrained(d)
         run.failpoint("in_publish")
 
@@ -391,7 +468,7 @@ def _save_ppo_state(run: CycleRun, version: int) -> None:
     """One state folder per version, so a rollback to an older version can never resume a newer version's state; a
     halfway fallback saves none (the trainer's optimisers and critic belong to the full run): the next cycle starts
     PPO afresh from this version."""
-    if run.fallback_steps is not None:
+    if run.fallback_steps is not None or run.lora:
         return
     home = run.settings.home
     state_dir = run.trainer.save_state(home / PPO_STATE_DIR / f"state-v{version}")

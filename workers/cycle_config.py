@@ -6,6 +6,7 @@
       ppo:    training.ppo.PPOConfig         the PPO hyper-parameters
       eval:   training.evaluate.EvalConfig   the gate's held-out evaluation
       gate:   GateConfig                     what a candidate must pass to be published
+      lora:   training.lora.LoRAConfig       the adapter, when the policy update trains one (update.adapter)
 
 Where the cycle wants a value other than the section's own default, the section is built with it below, next to
 the reason. Overrides come from `ALIGND_HOME/cycle.json`, `alignd train … --config`, the Celery task's `overrides`
@@ -25,12 +26,14 @@ from core.config import Settings
 
 if TYPE_CHECKING:
     from training.evaluate import EvalConfig
+    from training.lora import LoRAConfig
     from training.ppo import PPOConfig
     from training.reward import RewardConfig
 
 CYCLE_FILE = "cycle.json"  # optional CycleConfig overrides under ALIGND_HOME (operators, tests)
 GATE_SEED_OFFSET = 10_000  # gate evaluation seeds start here, above the report's (alignd/report.py: 4321)
-SECTIONS = ("reward", "update", "ppo", "eval", "gate")
+SECTIONS = ("reward", "update", "ppo", "eval", "gate", "lora")
+ADAPTER_MODES = ("auto", "full", "lora")
 # the flat names of CycleConfig before it was a tree, for a helpful error
 RENAMED = {
     "reward_seconds": "reward.max_seconds", "reward_epochs": "reward.epochs", "reward_batch_size": "reward.batch_size",
@@ -64,7 +67,15 @@ class UpdateConfig:
     #                                    response must fit the context); the API's own limit is another setting
     #                                    (Settings.max_prompt_tokens)
 
+    adapter: str = "auto"  # "full": every weight trains; "lora": an adapter on the frozen SFT base (the reference is
+    #                        the base with the adapter off, a version is published as its adapter); "auto": LoRA for
+    #                        bases of at least lora_min_parameters
+    lora_min_parameters: int = 50_000_000  # the built-in 2 M model's measured figures are all full fine-tuning; at
+    #                                        real sizes a full cycle holds policy, reference, critic and two optimisers
+
     def __post_init__(self) -> None:
+        if self.adapter not in ADAPTER_MODES:
+            raise ValueError(f"update.adapter={self.adapter!r}: expected one of {ADAPTER_MODES}")
         _check_ranges("update", {"steps": self.steps >= 1, "seconds": self.seconds > 0,
                                  "user_prompt_share": 0 <= self.user_prompt_share <= 1,
                                  "max_user_prompt_tokens": self.max_user_prompt_tokens >= 1}, self)
@@ -120,6 +131,12 @@ def _eval_default() -> EvalConfig:
     return EvalConfig(n_per_family=24, greedy=False, seed=GATE_SEED_OFFSET)
 
 
+def _lora_default() -> LoRAConfig:
+    from training.lora import LoRAConfig
+
+    return LoRAConfig()
+
+
 @dataclass
 class CycleConfig:
     max_events: int = 10_000  # events taken per cycle; the rest wait for the next one (bounds memory and time)
@@ -131,6 +148,7 @@ class CycleConfig:
     ppo: PPOConfig = field(default_factory=_ppo_default)
     eval: EvalConfig = field(default_factory=_eval_default)
     gate: GateConfig = field(default_factory=GateConfig)
+    lora: LoRAConfig = field(default_factory=_lora_default)
 
     def __post_init__(self) -> None:
         for name in SECTIONS:
