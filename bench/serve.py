@@ -5,12 +5,18 @@ Prints JSON.
 
     python bench/serve.py                      # the default-size model (2 M-parameter GPT-2), untrained
     python bench/serve.py --model PATH         # any local HF causal-LM folder, e.g. a checkpoint under ALIGND_HOME
+    python bench/serve.py --disconnect-scenario  # only: 32 streaming clients hang up; how fast are their rows freed
+
+The disconnect scenario starts 32 long streaming generations, lets every client read a few chunks, closes all 32
+connections at once and polls /metrics until `alignd_engine_running_sequences` is 0, reporting the time and the
+decode steps (`alignd_engine_decode_steps`) that passed, next to the decode step time at that batch size.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -189,6 +195,94 @@ async def http_clients(url: str, concurrency: int, per_client: int, max_tokens: 
             "latency_p50_s": pct(lat, 50), "latency_p99_s": pct(lat, 99)}
 
 
+@contextlib.contextmanager
+def alignd_serve(policy: Policy, max_tokens: int, server_threads: int | None):
+    """`alignd serve` in its own process on a published copy of `policy`, with its own embedded Redis: yields
+    its URL."""
+    with tempfile.TemporaryDirectory() as home:
+        redis = EmbeddedRedis(Path(home) / "redis")
+        redis_url = redis.start()
+        env = {**os.environ, "ALIGND_HOME": home, "ALIGND_REDIS_URL": redis_url, "ALIGND_API_KEYS": f"{KEY}:bench",
+               "ALIGND_ADMIN_KEY": "sk-bench-admin", "ALIGND_CHAT_RATE_PER_MINUTE": str(10**6),
+               "ALIGND_MAX_NEW_TOKENS": str(max(256, max_tokens))}
+        env.pop("ALIGND_TORCH_THREADS", None)
+        if server_threads:
+            env["ALIGND_TORCH_THREADS"] = str(server_threads)
+        settings = Settings(home=Path(home), redis_url=redis_url)
+        tok, model = policy.tokenizer, policy.model
+        publish_version(connect(redis_url), settings, lambda d: (model.save_pretrained(d), tok.save_pretrained(d)),
+                        {"source": "bench", "parent": None, "metrics": {}})
+        port = free_port()
+        server = subprocess.Popen([sys.executable, "-m", "alignd.cli", "serve", "--port", str(port)], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(url, server)
+            yield url
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+            redis.stop()
+
+
+async def engine_gauges(http: httpx.AsyncClient) -> tuple[int, int]:
+    """(running sequences, decode steps so far) from the server's /metrics."""
+    values = {}
+    for line in (await http.get("/metrics")).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("alignd_engine_running_sequences", "alignd_engine_decode_steps"):
+            values[name] = int(float(value))
+    return values["alignd_engine_running_sequences"], values["alignd_engine_decode_steps"]
+
+
+async def disconnect_scenario(url: str, clients: int, max_tokens: int, texts: list[str], read_chunks: int = 4) -> dict:
+    """`clients` long streaming generations; once each has read `read_chunks` chunks, all hang up at once."""
+    hang_up = asyncio.Event()
+    ready = 0
+    all_ready = asyncio.Event()
+
+    async def client(i: int, http: httpx.AsyncClient) -> None:
+        nonlocal ready
+        body = {"messages": [{"role": "user", "content": texts[i % len(texts)]}], "max_tokens": max_tokens,
+                "stream": True}
+        async with http.stream("POST", "/v1/chat/completions", json=body) as resp:
+            # held, not `break`-ed out of: a dropped line iterator is finalised by closing the connection
+            lines, seen = resp.aiter_lines(), 0
+            with contextlib.suppress(StopAsyncIteration):
+                while seen < read_chunks:
+                    seen += (await anext(lines)).startswith("data: ")
+            ready += 1
+            if ready == clients:
+                all_ready.set()
+            await hang_up.wait()
+        # leaving the block unread closes the connection: the server sees the client gone
+
+    limits = httpx.Limits(max_connections=clients + 4)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300, limits=limits) as http, \
+            httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as probe:
+        tasks = [asyncio.create_task(client(i, http)) for i in range(clients)]
+        await asyncio.wait_for(all_ready.wait(), 300)
+        running0, steps_a = await engine_gauges(probe)
+        t_a = time.perf_counter()
+        await asyncio.sleep(0.5)  # the decode step time at this batch size, from the server's own step counter
+        running0, steps0 = await engine_gauges(probe)
+        step_ms = (time.perf_counter() - t_a) / max(1, steps0 - steps_a) * 1000
+        t0 = time.perf_counter()
+        hang_up.set()
+        await asyncio.gather(*tasks)
+        closed_s = time.perf_counter() - t0
+        while True:
+            running, steps = await engine_gauges(probe)
+            if running == 0 or time.perf_counter() - t0 > 60:
+                break
+        freed_s = time.perf_counter() - t0
+    return {"clients": clients, "max_tokens": max_tokens, "running_before_disconnect": running0,
+            "decode_step_ms_at_that_batch": round(step_ms, 2), "clients_closed_s": round(closed_s, 4),
+            "freed_s": round(freed_s, 4), "freed_decode_steps": steps - steps0, "running_after": running,
+            "target_within_one_decode_step": running == 0 and steps - steps0 <= 1}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, help="HF causal-LM folder (default: an untrained default-size model)")
@@ -198,10 +292,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the offline runs")
     ap.add_argument("--server-threads", type=int,
                     help="ALIGND_TORCH_THREADS for `alignd serve` (default: unset, the product's own choice)")
+    ap.add_argument("--disconnect-scenario", action="store_true",
+                    help="run only the scenario where 32 streaming clients disconnect mid-generation")
+    ap.add_argument("--disconnect-max-tokens", type=int, default=400)
     args = ap.parse_args()
 
     policy = Policy.load(1, args.model) if args.model else default_policy()
     texts = prompts(64)
+    if args.disconnect_scenario:
+        with alignd_serve(policy, args.disconnect_max_tokens, args.server_threads) as url:
+            result = asyncio.run(disconnect_scenario(url, 32, args.disconnect_max_tokens, texts))
+        print(json.dumps({"model": str(args.model or "default-size untrained gpt2"), **result}, indent=2))
+        return
     result: dict = {"model": str(args.model or "default-size untrained gpt2"), "threads": args.threads,
                     "server_threads": args.server_threads or "product default",
                     "max_tokens": args.max_tokens, "torch": torch.__version__,
@@ -219,33 +321,11 @@ def main() -> None:
                                                                 for t, r in by_threads.items()}}
     torch.set_num_threads(args.threads)
 
-    with tempfile.TemporaryDirectory() as home:
-        # the product path in its own process: `alignd serve` on a published copy of the same model
-        redis = EmbeddedRedis(Path(home) / "redis")
-        redis_url = redis.start()
-        env = {**os.environ, "ALIGND_HOME": home, "ALIGND_REDIS_URL": redis_url, "ALIGND_API_KEYS": f"{KEY}:bench",
-               "ALIGND_ADMIN_KEY": "sk-bench-admin", "ALIGND_CHAT_RATE_PER_MINUTE": str(10**6),
-               "ALIGND_MAX_NEW_TOKENS": str(max(256, args.max_tokens))}
-        env.pop("ALIGND_TORCH_THREADS", None)
-        if args.server_threads:
-            env["ALIGND_TORCH_THREADS"] = str(args.server_threads)
-        settings = Settings(home=Path(home), redis_url=redis_url)
-        tok, model = policy.tokenizer, policy.model
-        publish_version(connect(redis_url), settings, lambda d: (model.save_pretrained(d), tok.save_pretrained(d)),
-                        {"source": "bench", "parent": None, "metrics": {}})
-        port = free_port()
-        server = subprocess.Popen([sys.executable, "-m", "alignd.cli", "serve", "--port", str(port)], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_ready(url, server)
-            asyncio.run(http_clients(url, 1, 1, 8, texts))  # warm-up
-            levels = [asyncio.run(http_clients(url, c, args.requests_per_client, args.max_tokens, texts))
-                      for c in (1, 4, 16)]
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
-            redis.stop()
+    # the product path in its own process: `alignd serve` on a published copy of the same model
+    with alignd_serve(policy, args.max_tokens, args.server_threads) as url:
+        asyncio.run(http_clients(url, 1, 1, 8, texts))  # warm-up
+        levels = [asyncio.run(http_clients(url, c, args.requests_per_client, args.max_tokens, texts))
+                  for c in (1, 4, 16)]
     result["alignd_http"] = levels
     # last: transformers' continuous-batching manager can leave a worker thread behind that would slow later runs
     result["offline_16_requests"] = {

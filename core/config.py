@@ -59,6 +59,12 @@ class Settings(BaseSettings):
 
     flower_port: int = 5555
 
+    # --- serving fault bounds
+    request_timeout_s: float = Field(300.0, gt=0, description="a chat request not finished within this many seconds "
+                                     "is cancelled and answered 503 (engine_timeout); bounds every wait on the engine")
+    smoke_test_timeout_s: float = Field(60.0, gt=0, description="a loaded policy must answer its smoke test within "
+                                        "this many seconds, else it is refused like a corrupt checkpoint")
+
     @field_validator("home", "checkpoint_root")
     @classmethod
     def _absolute(cls, v: Path | None) -> Path | None:

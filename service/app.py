@@ -6,7 +6,6 @@ Run it with `alignd serve` (which resolves Redis, loads the current policy and s
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 
 import redis.asyncio as aredis
@@ -19,13 +18,13 @@ from service.auth import load_keyring
 from service.deps import AppState
 from service.errors import error_body, install_error_handlers
 from service.follower import start_follower
+from service.routes import admin, chat, feedback, pages, system, versions
 from store.client import connect
 
 log = logging.getLogger("alignd.service")
 
-# Routers are found by module name so that a router added by a later feature is one line here.
-ROUTERS = ("service.routes.chat", "service.routes.system", "service.routes.feedback", "service.routes.admin",
-           "service.routes.versions", "service.routes.pages")
+# Every router of the API, explicitly: a renamed or missing module fails at import, not by silently serving less.
+ROUTERS = (chat.router, system.router, feedback.router, admin.router, versions.router, pages.router)
 
 
 class BodyLimit:
@@ -73,12 +72,6 @@ def create_app(settings: Settings, redis_url: str, engine=None) -> FastAPI:
 
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
 
-    for name in ROUTERS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        app.include_router(module.router)
+    for router in ROUTERS:
+        app.include_router(router)
     return app

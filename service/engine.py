@@ -9,6 +9,12 @@ version's sequences drain, after which its weights are dropped.
 Why a scheduler of our own rather than transformers' continuous-batching API (`generate_batch` / paged attention):
 measured on these 2-core CPUs with alignd's model, see `bench/serve.py` (it runs both) and the README; ours also
 gives per-request seeds, stop strings, streaming and version pinning, which the HF manager does not expose together.
+
+Faults are contained per step: an exception in the prefill of a group of new sequences fails those sequences only,
+one in a version's sampling or decode step fails that version's running batch only (its KV cache may be half
+updated); each affected caller gets an "error" event and every other batch, and every later request, is served as
+before. `cancel(handle)` drops a sequence whose client went away before the next decode step (a queued one never
+starts), the way vLLM aborts requests, so a disconnected client stops costing forward passes at once.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from service import metrics
 from training.model import load_causal_lm
 
 log = logging.getLogger("alignd.engine")
@@ -71,8 +78,13 @@ class Policy:
 class Event:
     kind: str  # "delta" | "done" | "error"
     text: str = ""
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     tokens: int = 0
+    code: str = "engine_error"  # of an "error": what the API answers (engine_error, engine_timeout)
+
+
+class EngineError(RuntimeError):
+    """Generation of a sequence failed in the engine (its prefill, sampling or decode step raised)."""
 
 
 class Handle:
@@ -85,6 +97,7 @@ class Handle:
         self.version = 0
         self.prompt_tokens = 0
         self.first_token_at: float | None = None
+        self.cancelled = False  # set by Engine.cancel from any thread; read by the scheduler between steps
 
     def push(self, event: Event) -> None:
         if self.loop is not None:
@@ -120,15 +133,22 @@ class Handle:
             if event.kind != "delta":
                 return
 
-    def wait(self) -> tuple[str, str, int]:
-        """Block until done (sync callers): (text, finish_reason, completion_tokens)."""
+    def wait(self, timeout: float | None = None) -> tuple[str, str, int]:
+        """Block until done (sync callers): (text, finish_reason, completion_tokens). Raises EngineError when
+        generation failed and TimeoutError when it is not done within `timeout` seconds (the caller should then
+        `Engine.cancel` it)."""
         parts = []
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            event = self.squeue.get()
+            try:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                event = self.squeue.get(timeout=left)
+            except queue.Empty:
+                raise TimeoutError(f"generation did not finish within {timeout} s") from None
             if event.kind == "delta":
                 parts.append(event.text)
             elif event.kind == "error":
-                raise RuntimeError(event.text)
+                raise EngineError(event.text)
             else:
                 return "".join(parts), event.finish_reason or "stop", event.tokens
 
@@ -181,6 +201,9 @@ class Engine:
         self._running = False
         self.steps = 0
         self.tokens_generated = 0
+        self.cancelled = 0  # sequences dropped by `cancel` before they finished
+        self.failed = 0  # sequences failed by an exception in the engine
+        self._cancel_requested = threading.Event()  # a hint that rows may need dropping before the next step
         self.on_step = None  # optional callback(batch_size) for metrics
 
     # --- public API (any thread)
@@ -190,10 +213,10 @@ class Engine:
             self._thread = threading.Thread(target=self._loop, name="alignd-engine", daemon=True)
             self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
         self._running = False
         if self._thread is not None:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=timeout)  # a forward stuck in native code cannot be interrupted: give up on it
             self._thread = None
 
     @property
@@ -216,10 +239,26 @@ class Engine:
         self._pending.put(_Seq(handle, ids, params, policy))
         return handle
 
-    def generate(self, messages: list[dict[str, str]], params: SamplingParams, version: int | None = None
-                 ) -> tuple[str, str, int]:
-        """Synchronous convenience: (text, finish_reason, completion_tokens)."""
-        return self.submit(messages, params, version=version).wait()
+    def generate(self, messages: list[dict[str, str]], params: SamplingParams, version: int | None = None,
+                 timeout: float | None = None) -> tuple[str, str, int]:
+        """Synchronous convenience: (text, finish_reason, completion_tokens); raises EngineError or TimeoutError
+        (the sequence is cancelled then)."""
+        handle = self.submit(messages, params, version=version)
+        try:
+            return handle.wait(timeout)
+        except TimeoutError:
+            self.cancel(handle)
+            raise
+
+    def cancel(self, handle: Handle) -> None:
+        """Stop generating for `handle` (its client went away). Thread-safe and idempotent: the scheduler drops the
+        row before its next decode step, a queued sequence never starts, a finished one is not affected."""
+        handle.cancelled = True
+        self._cancel_requested.set()
+
+    def running(self) -> int:
+        """Sequences in a running batch now (queued ones not counted)."""
+        return sum(len(b.seqs) for b in list(self._batches.values()))
 
     def swap(self, policy: Policy) -> None:
         """Make `policy` current. Sequences already running finish on their version; new ones use this one."""
@@ -246,16 +285,43 @@ class Engine:
                 busy = any(b.seqs for b in self._batches.values())
                 self._admit(block=not busy)
                 for version in list(self._batches):
+                    self._drop_cancelled()  # between steps: a client that left stops costing forwards at once
                     batch = self._batches[version]
-                    if batch.seqs:
+                    if not batch.seqs:
+                        continue
+                    try:
                         self._decode_step(batch)
+                    except Exception as exc:  # the batch's cache may be half updated: fail this version's rows only
+                        self._fail(batch.seqs, exc, "decode")
+                        self._batches.pop(version, None)
                 self._release_drained()
-            except Exception as exc:  # never let one bad step kill serving: fail the sequences in flight
-                log.exception("engine step failed")
-                for batch in self._batches.values():
-                    for s in batch.seqs:
-                        s.handle.push(Event("error", f"generation failed: {type(exc).__name__}: {exc}"))
+            except Exception as exc:  # a bug outside one batch's step: fail what is in flight, keep serving
+                self._fail([s for b in self._batches.values() for s in b.seqs], exc, "scheduler")
                 self._batches.clear()
+
+    def _fail(self, seqs: list[_Seq], exc: Exception, stage: str) -> None:
+        log.error("engine %s failed for %d sequence(s): %s: %s", stage, len(seqs), type(exc).__name__, exc,
+                  exc_info=exc)
+        message = f"generation failed in the engine ({stage}): {type(exc).__name__}: {exc}"
+        Handle.push_all([(s.handle, Event("error", message)) for s in seqs])
+        self.failed += len(seqs)
+        metrics.ENGINE_FAILURES.labels(stage).inc(len(seqs))
+
+    def _drop_cancelled(self) -> None:
+        if not self._cancel_requested.is_set():
+            return
+        self._cancel_requested.clear()  # before the scan: a cancel arriving during it sets it again
+        for batch in self._batches.values():
+            keep = [i for i, s in enumerate(batch.seqs) if not s.handle.cancelled]
+            if len(keep) < len(batch.seqs):
+                self._count_cancelled([s for s in batch.seqs if s.handle.cancelled])
+                self._select(batch, keep)
+
+    def _count_cancelled(self, seqs: list[_Seq]) -> None:
+        # a "done" event ends any consumer still reading (a sync waiter that cancelled after its timeout)
+        Handle.push_all([(s.handle, Event("done", finish_reason="cancelled", tokens=len(s.out_ids))) for s in seqs])
+        self.cancelled += len(seqs)
+        metrics.CANCELLED.inc(len(seqs))
 
     def _admit(self, block: bool) -> None:
         new: list[_Seq] = []
@@ -267,6 +333,10 @@ class Engine:
                 new.append(self._pending.get_nowait())
         except queue.Empty:
             pass
+        gone = [s for s in new if s.handle.cancelled]
+        if gone:  # cancelled while queued: never started
+            self._count_cancelled(gone)
+            new = [s for s in new if not s.handle.cancelled]
         if not new:
             return
         by_version: dict[int, list[_Seq]] = {}
@@ -276,11 +346,21 @@ class Engine:
             batch = self._batches.get(version)
             if batch is None:
                 batch = self._batches[version] = _Batch(seqs[0].policy)
-            self._prefill(batch, seqs)
+            try:
+                prefilled = self._prefill(seqs)
+            except Exception as exc:  # only the new sequences have been touched: the running batch carries on
+                self._fail(seqs, exc, "prefill")
+                continue
+            try:
+                self._join(batch, seqs, *prefilled)
+            except Exception as exc:  # merging may have left the running cache half extended: fail both
+                self._fail(batch.seqs + seqs, exc, "prefill")
+                self._batches.pop(version, None)
 
     @torch.inference_mode()
-    def _prefill(self, batch: _Batch, seqs: list[_Seq]) -> None:
-        policy = batch.policy
+    def _prefill(self, seqs: list[_Seq]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One forward over the new sequences' prompts: (cache, mask, next positions, next-token logits)."""
+        policy = seqs[0].policy
         device = policy.device
         pad = policy.tokenizer.pad_token_id or 0
         width = max(len(s.prompt_ids) for s in seqs)
@@ -293,7 +373,11 @@ class Engine:
         cache = DynamicCache(config=policy.model.config)
         out = policy.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
         logits = out.logits[:, -1, :].float()  # (B, V)
-        next_pos = mask.sum(-1)  # (B,)
+        return cache, mask, mask.sum(-1), logits  # next positions: (B,)
+
+    @torch.inference_mode()
+    def _join(self, batch: _Batch, seqs: list[_Seq], cache: DynamicCache, mask: torch.Tensor,
+              next_pos: torch.Tensor, logits: torch.Tensor) -> None:
         if batch.cache is None:
             batch.cache, batch.mask, batch.positions, batch.next_logits = cache, mask, next_pos, logits
         else:

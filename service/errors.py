@@ -1,9 +1,14 @@
-"""Errors in the OpenAI shape: `{"error": {"message", "type", "code", "param"}}`, never a bare 500."""
+"""Errors in the OpenAI shape: `{"error": {"message", "type", "code", "param"}}`, never a bare 500.
+
+Redis being unreachable is not a bug of ours: any route that meets it answers 503 `redis_unavailable` with a
+Retry-After, and the clients' connection pools reconnect on their own once Redis is back.
+"""
 
 from __future__ import annotations
 
 import logging
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -27,6 +32,10 @@ def error_body(status: int, message: str, code: str | None = None, param: str | 
     return {"error": {"message": message, "type": _TYPES.get(status, "api_error"), "code": code, "param": param}}
 
 
+def redis_unavailable_message(exc: Exception) -> str:
+    return f"the data store (Redis) is unavailable ({type(exc).__name__}); retry in a few seconds"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError):
@@ -38,6 +47,13 @@ def install_error_handlers(app: FastAPI) -> None:
         loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         msg = f"{loc}: {first.get('msg', 'invalid request')}" if loc else first.get("msg", "invalid request")
         return JSONResponse(error_body(422, msg, "invalid_value", loc or None), 422)
+
+    @app.exception_handler(redis.ConnectionError)  # also BusyLoadingError: a restarted Redis replaying its AOF
+    @app.exception_handler(redis.TimeoutError)
+    async def _redis_down(_: Request, exc: redis.RedisError):
+        log.warning("Redis unavailable: %s: %s", type(exc).__name__, exc)
+        return JSONResponse(error_body(503, redis_unavailable_message(exc), "redis_unavailable"), 503,
+                            headers={"Retry-After": "1"})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):

@@ -3,11 +3,12 @@
 A background thread subscribes to the registry's pub/sub channel (a hint that wakes it at once) and reads the
 current version every `settings.poll_seconds` (the truth: a missed message, a Redis restart or a process started
 late all converge on the next poll). A new version is loaded in this thread — `service.loader.load_version`
-verifies the sha256 manifest and runs a smoke test — and only then handed to `Engine.swap`, which switches between
-batch steps: requests in flight finish on their version, new ones use the new one, the old weights are freed once
-drained. A corrupt or unloadable checkpoint is refused: logged, kept in `state.extras["refused"]` (shown by /readyz
-and /admin/versions), written to the version's registry entry and the events stream, and the old version keeps
-serving. This process does not retry a version it refused.
+verifies the sha256 manifest and runs a smoke test bounded by `settings.smoke_test_timeout_s`, so a policy whose
+forward fails or hangs cannot stop this thread following the registry — and only then handed to `Engine.swap`,
+which switches between batch steps: requests in flight finish on their version, new ones use the new one, the old
+weights are freed once drained. A corrupt or unloadable checkpoint, or one failing its smoke test, is refused:
+logged, kept in `state.extras["refused"]` (shown by /readyz and /admin/versions), written to the version's registry
+entry and the events stream, and the old version keeps serving. This process does not retry a version it refused.
 
 A request that read the old current version just before a swap still runs on it: the chat route hands the engine
 the `Policy` object it read, which keeps those weights alive until that request is done.

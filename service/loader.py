@@ -1,4 +1,8 @@
-"""Loading a registered policy version for serving: sha256 manifest check, then a smoke test, then it may serve."""
+"""Loading a registered policy version for serving: sha256 manifest check, then a smoke test, then it may serve.
+
+A policy whose smoke test raises or does not answer within `settings.smoke_test_timeout_s` is refused exactly like a
+corrupt checkpoint (`PolicyRejected`): the registry follower keeps serving the old version, `alignd serve` exits.
+"""
 
 from __future__ import annotations
 
@@ -9,27 +13,37 @@ from service.engine import Engine, Policy, SamplingParams
 from store import registry
 from training.checkpoint import verify_checkpoint
 
+SMOKE_PROMPT = [{"role": "user", "content": "Hello"}]
 
-def smoke_test(policy) -> None:
-    """A loaded policy must produce some text for a trivial prompt before it is served."""
+
+class PolicyRejected(RuntimeError):
+    """A policy loaded but failed its smoke test: it must not serve."""
+
+
+def smoke_test(policy: Policy, timeout_s: float = 60.0) -> None:
+    """A loaded policy must produce some text for a trivial prompt, within `timeout_s`, before it is served."""
     engine = Engine(policy, max_batch_size=1)
     engine.start()
     try:
-        text, _, n = engine.generate([{"role": "user", "content": "Hello"}], SamplingParams(temperature=0,
-                                                                                           max_tokens=4))
+        _, _, n = engine.generate(SMOKE_PROMPT, SamplingParams(temperature=0, max_tokens=4), timeout=timeout_s)
+    except TimeoutError:
+        raise PolicyRejected(f"smoke test: policy v{policy.version} produced no answer within {timeout_s} s") from None
+    except Exception as exc:  # the engine reports the forward's own error: keep its text for the refusal reason
+        raise PolicyRejected(f"smoke test: policy v{policy.version} failed to generate: {exc}") from None
     finally:
-        engine.stop()
+        engine.stop(timeout=1.0)  # a forward that hangs must not hang the caller too (the thread is a daemon)
     if n < 1:
-        raise RuntimeError("smoke test: the policy produced no tokens")
+        raise PolicyRejected(f"smoke test: policy v{policy.version} produced no tokens")
 
 
-def load_version(r: redis.Redis, settings: Settings, version: int):
-    """Verify and load a registered version for serving; raises on a corrupt or unloadable checkpoint."""
+def load_version(r: redis.Redis, settings: Settings, version: int) -> Policy:
+    """Verify and load a registered version for serving; raises on a corrupt or unloadable checkpoint or a failed
+    smoke test."""
     meta = registry.get_version(r, version)
     if meta is None:
         raise KeyError(f"version {version} is not in the registry")
     path = settings.checkpoint(meta["path"])
     verify_checkpoint(path)
     policy = Policy.load(version, path, settings.torch_device())
-    smoke_test(policy)
+    smoke_test(policy, settings.smoke_test_timeout_s)
     return policy

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the API process (served at GET /metrics)."""
+"""Prometheus metrics of the API process (served at GET /metrics). Gauges of engine state are set when scraped."""
 
 from __future__ import annotations
 
@@ -13,3 +13,8 @@ LATENCY = Histogram("alignd_request_seconds", "chat request latency",
 BATCH = Histogram("alignd_engine_batch_size", "sequences per decode step", buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 VERSION = Gauge("alignd_policy_version", "policy version currently served")
 FEEDBACK = Counter("alignd_feedback_total", "feedback events accepted", ["type"])
+CANCELLED = Counter("alignd_engine_cancelled_sequences_total", "sequences dropped because their client went away")
+ENGINE_FAILURES = Counter("alignd_engine_failed_sequences_total", "sequences failed by an exception in the engine",
+                          ["stage"])
+RUNNING = Gauge("alignd_engine_running_sequences", "sequences in a running batch of the engine")
+DECODE_STEPS = Gauge("alignd_engine_decode_steps", "decode steps run by this process's engine")

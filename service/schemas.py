@@ -1,4 +1,12 @@
-"""Request and response schemas of the chat API (the OpenAI Chat Completions shape)."""
+"""Request and response schemas of the chat API (the OpenAI Chat Completions shape, like FastChat's
+`protocol/openai_api_protocol.py` and vLLM's `entrypoints/openai/protocol.py`).
+
+The route builds its answers from these models and serialises them with `wire()`, so /openapi.json describes
+exactly what is sent. Fields the OpenAI wire format leaves out when empty (a delta's role or content, a chunk's
+usage) are optional here and never set, and `wire` drops unset fields; the ones it always sends even when null
+(finish_reason, logprobs) are required, so existing clients see the same JSON as before. Every field that is always
+sent is therefore required, even a constant like `object`.
+"""
 
 from __future__ import annotations
 
@@ -43,3 +51,83 @@ class ChatCompletionRequest(BaseModel):
         if len(stops) > 4 or any(not s or len(s) > 64 for s in stops):
             raise ValueError("stop takes at most 4 non-empty strings of at most 64 characters")
         return stops
+
+
+# --- responses
+
+
+def wire(model: BaseModel) -> str:
+    """The JSON sent for a response model: optional fields that were never set are left out."""
+    return model.model_dump_json(exclude_unset=True)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: FinishReason
+    logprobs: None  # alignd returns no log-probabilities; OpenAI clients expect the key
+
+
+class ChatCompletionResponse(BaseModel):
+    """The body of a non-streaming answer."""
+
+    id: str = Field(description="chatcmpl-…; feedback refers to it as completion_id")
+    object: Literal["chat.completion"]
+    created: int = Field(description="Unix time in seconds")
+    model: str = Field(description="alignd-v<version>")
+    system_fingerprint: str = Field(description="alignd-v<version>: the policy version that answered")
+    choices: list[Choice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    """What a chunk adds to a choice: the role once, in the first chunk, then content; empty in the finish chunk."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    finish_reason: FinishReason | None  # null until the choice's last chunk
+    logprobs: None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One `data:` line of a stream. The last one before `data: [DONE]` has no choices and carries the usage."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = Field(None, description="only in the last chunk")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: str | None
+    param: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer, and the last `data:` line of a stream that failed (no `[DONE]` follows it)."""
+
+    error: ErrorDetail

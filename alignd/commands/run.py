@@ -94,7 +94,13 @@ def serve(
     # The engine thread must get the GIL back as soon as a torch op returns; with the default 5 ms switch interval
     # the event loop's threads hold it for whole intervals and single-stream decoding runs ~2x slower (bench/serve.py).
     sys.setswitchinterval(0.0005)
-    policy = load_version(r, settings, version)
+    try:
+        policy = load_version(r, settings, version)
+    except Exception as exc:  # corrupt, unloadable or failing its smoke test: refuse to start rather than hang
+        console.print(f"[red]cannot serve policy v{version}: {type(exc).__name__}: {exc}\n"
+                      "roll back to a good version (`alignd rollback VERSION`) or publish a fixed one, then start "
+                      "again")
+        raise typer.Exit(3) from None
     engine = Engine(policy, max_batch_size=settings.max_batch_size)
     application = create_app(settings, url, engine)
     keyring = application.state.alignd.keyring

@@ -1,31 +1,58 @@
 """POST /v1/chat/completions — OpenAI-compatible chat, streaming (SSE) or not, n = 1…4 choices.
 
 Every completion is recorded in Redis (`store.completions`) before the client sees its end, so feedback can refer to
-its `id` at once. The policy version is in `system_fingerprint` and the `X-Policy-Version` header.
+its `id` at once. The policy version is in `system_fingerprint` and the `X-Policy-Version` header. Bodies are the
+models of service/schemas.py.
+
+Failures are bounded and answered, never left hanging: an engine error answers 503 `engine_error` (a stream ends
+with an OpenAI-style `{"error": {...}}` data line and no `[DONE]`), a request not done within
+`settings.request_timeout_s` is cancelled and answered 503 `engine_timeout`, Redis being away answers 503
+`redis_unavailable`. A client that disconnects has its sequences cancelled in the engine (the stream generator is
+closed by Starlette; a non-streaming request watches its connection while it waits).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
-from fastapi import APIRouter
+import redis
+from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from service import metrics
 from service.deps import AppState, CallerDep, StateDep
 from service.engine import Event, Handle, SamplingParams
-from service.errors import APIError
+from service.errors import APIError, error_body, redis_unavailable_message
 from service.ratelimit import enforce
-from service.schemas import ChatCompletionRequest
+from service.schemas import (
+    AssistantMessage,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    Choice,
+    ChunkChoice,
+    Delta,
+    ErrorResponse,
+    Usage,
+    wire,
+)
 from store.completions import ChoiceRecord, CompletionRecord, save_completion
 
 router = APIRouter(prefix="/v1", tags=["chat"])
+
+_RESPONSES = {
+    200: {"description": "The completion (`application/json`), or with `stream: true` a `text/event-stream` of "
+                         "`data: <ChatCompletionChunk>` lines ending with `data: [DONE]` (or with one "
+                         "`data: <ErrorResponse>` line when generation failed)",
+          "content": {"text/event-stream": {"schema": ChatCompletionChunk.model_json_schema(mode="serialization")}}},
+    503: {"model": ErrorResponse, "description": "engine_error, engine_timeout, redis_unavailable or no_policy"},
+}
 
 
 def fingerprint(version: int) -> str:
@@ -40,6 +67,74 @@ def _choice_versions(state: AppState, n: int) -> tuple[list[int | None], bool]:
         random.shuffle(versions)
         return versions, True
     return [None] * n, False
+
+
+@dataclass
+class _Call:
+    """One chat request in flight: what was asked, its engine handles and the deadline that bounds every wait."""
+
+    state: AppState
+    user: str
+    req: ChatCompletionRequest
+    messages: list[dict[str, str]]
+    prompt_ids: list[int]
+    max_tokens: int
+    served: int
+    arena: bool
+    handles: list[Handle] = field(default_factory=list)
+    finished: set[int] = field(default_factory=set)  # choices whose done/error event arrived
+    cid: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"X-Policy-Version": str(self.served)}
+
+    def cancel_unfinished(self) -> None:
+        """Free the engine rows of choices still generating (client gone, error in another choice, deadline)."""
+        for i, h in enumerate(self.handles):
+            if i not in self.finished:
+                self.state.engine.cancel(h)
+
+    def arm_deadline(self) -> asyncio.TimerHandle:
+        """At the deadline every unfinished choice gets an engine_timeout error event and is cancelled."""
+        timeout = self.state.settings.request_timeout_s
+
+        def expire() -> None:
+            for i, h in enumerate(self.handles):
+                if i not in self.finished:
+                    h.push(Event("error", f"the request did not finish within {timeout:g} s "
+                                          "(ALIGND_REQUEST_TIMEOUT_S); it was cancelled", code="engine_timeout"))
+            self.cancel_unfinished()
+
+        return asyncio.get_running_loop().call_at(asyncio.get_running_loop().time() + timeout, expire)
+
+    def record(self, texts: list[str], finishes: list[str], n_tokens: int) -> CompletionRecord:
+        req = self.req
+        return CompletionRecord(
+            id=self.cid, user=self.user, messages=self.messages, version=self.served, arena=self.arena,
+            choices=[ChoiceRecord(index=i, text=texts[i], finish_reason=finishes[i], version=h.version)
+                     for i, h in enumerate(self.handles)],
+            params={"temperature": req.temperature, "top_p": req.top_p, "max_tokens": self.max_tokens,
+                    "stop": req.stop, "seed": req.seed, "n": req.n, "stream": req.stream, "client_user": req.user},
+            usage={"prompt_tokens": len(self.prompt_ids), "completion_tokens": n_tokens,
+                   "total_tokens": len(self.prompt_ids) + n_tokens})
+
+    def observe(self, n_tokens: int) -> None:
+        metrics.REQUESTS.labels("ok").inc()
+        metrics.TOKENS.labels(str(self.served)).inc(n_tokens)
+        metrics.LATENCY.observe(time.monotonic() - self.started)
+        firsts = [h.first_token_at for h in self.handles if h.first_token_at]
+        if firsts:
+            metrics.TTFT.observe(min(firsts) - self.started)
+
+    async def events(self) -> AsyncIterator[tuple[int, Event]]:
+        """(choice index, event) from every handle until each has ended; marks the ended ones."""
+        async for i, ev in _merged(self.handles):
+            if ev.kind != "delta":
+                self.finished.add(i)
+            yield i, ev
 
 
 async def _merged(handles: list[Handle]) -> AsyncIterator[tuple[int, Event]]:
@@ -65,14 +160,23 @@ async def _merged(handles: list[Handle]) -> AsyncIterator[tuple[int, Event]]:
             t.cancel()
 
 
-@router.post("/chat/completions")
-async def chat_completions(req: ChatCompletionRequest, caller: CallerDep, state: StateDep):
-    settings = state.settings
-    engine = state.engine
+@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=_RESPONSES)
+async def chat_completions(req: ChatCompletionRequest, caller: CallerDep, state: StateDep, request: Request):
+    """Generate `n` answers to the conversation; see the module docstring for streaming, errors and cancellation."""
+    call = await _start(req, caller.user, state)
+    if req.stream:
+        return StreamingResponse(_stream(call), media_type="text/event-stream",
+                                 headers={**call.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await _complete(call, request)
+
+
+async def _start(req: ChatCompletionRequest, user: str, state: AppState) -> _Call:
+    """Check the request against the limits and submit its choices to the engine."""
+    settings, engine = state.settings, state.engine
     if engine is None:
         raise APIError(503, "no policy is loaded yet: run `alignd bootstrap` or wait for the server to start",
                        "no_policy")
-    await enforce(state.aredis, "chat", caller.user, settings.chat_rate_per_minute, 60, "chat requests per minute")
+    await enforce(state.aredis, "chat", user, settings.chat_rate_per_minute, 60, "chat requests per minute")
     default_tokens = min(settings.default_max_tokens, settings.max_new_tokens)
     max_tokens = req.max_completion_tokens or req.max_tokens or default_tokens
     if max_tokens > settings.max_new_tokens:
@@ -84,88 +188,104 @@ async def chat_completions(req: ChatCompletionRequest, caller: CallerDep, state:
         raise APIError(413, f"the prompt has {len(prompt_ids)} tokens; the limit is {settings.max_prompt_tokens}",
                        "prompt_too_long", "messages")
     versions, arena = _choice_versions(state, req.n)
+    call = _Call(state=state, user=user, req=req, messages=messages, prompt_ids=prompt_ids, max_tokens=max_tokens,
+                 served=policy.version, arena=arena)
     loop = asyncio.get_running_loop()
-    handles = []
     for i, version in enumerate(versions):
         params = SamplingParams(temperature=req.temperature, top_p=req.top_p, max_tokens=max_tokens, stop=req.stop,
                                 seed=None if req.seed is None else req.seed + i)
         if version is None or version == policy.version:  # the version read above, even if swapped out since
-            handles.append(engine.submit(messages, params, policy=policy, loop=loop, prompt_ids=prompt_ids))
+            call.handles.append(engine.submit(messages, params, policy=policy, loop=loop, prompt_ids=prompt_ids))
         else:
-            handles.append(engine.submit(messages, params, version=version, loop=loop))
-    served = policy.version
-    cid = f"chatcmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-    started = time.monotonic()
-    headers = {"X-Policy-Version": str(served)}
+            call.handles.append(engine.submit(messages, params, version=version, loop=loop))
+    return call
 
-    def record(texts: list[str], finishes: list[str], n_tokens: int) -> CompletionRecord:
-        return CompletionRecord(
-            id=cid, user=caller.user, messages=messages, version=served, arena=arena,
-            choices=[ChoiceRecord(index=i, text=texts[i], finish_reason=finishes[i], version=h.version)
-                     for i, h in enumerate(handles)],
-            params={"temperature": req.temperature, "top_p": req.top_p, "max_tokens": max_tokens, "stop": req.stop,
-                    "seed": req.seed, "n": req.n, "stream": req.stream, "client_user": req.user},
-            usage={"prompt_tokens": len(prompt_ids), "completion_tokens": n_tokens,
-                   "total_tokens": len(prompt_ids) + n_tokens})
 
-    def observe(n_tokens: int) -> None:
-        metrics.REQUESTS.labels("ok").inc()
-        metrics.TOKENS.labels(str(served)).inc(n_tokens)
-        metrics.LATENCY.observe(time.monotonic() - started)
-        firsts = [h.first_token_at for h in handles if h.first_token_at]
-        if firsts:
-            metrics.TTFT.observe(min(firsts) - started)
+async def _watch_disconnect(request: Request, call: _Call) -> None:
+    """Cancel the call's sequences when its client goes away. Waits on the ASGI receive channel, which has nothing
+    more to deliver after the body but `http.disconnect`, so the watch costs no polling."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    call.cancel_unfinished()
 
-    if not req.stream:
-        texts, finishes, n_tokens = [""] * len(handles), ["stop"] * len(handles), 0
-        async for i, ev in _merged(handles):
+
+async def _complete(call: _Call, request: Request) -> Response:
+    """A non-streaming answer: wait for every choice (bounded by the deadline, abandoned if the client leaves)."""
+    n = len(call.handles)
+    texts, finishes, n_tokens = [""] * n, ["stop"] * n, 0
+    deadline = call.arm_deadline()
+    watcher = asyncio.create_task(_watch_disconnect(request, call))
+    try:
+        async for i, ev in call.events():
             if ev.kind == "delta":
                 texts[i] += ev.text
             elif ev.kind == "error":
                 metrics.REQUESTS.labels("error").inc()
-                raise APIError(503, ev.text, "generation_failed")
+                raise APIError(503, ev.text, ev.code, headers={"Retry-After": "1"})
             else:
                 finishes[i], n_tokens = ev.finish_reason or "stop", n_tokens + ev.tokens
-        rec = record(texts, finishes, n_tokens)
-        await run_in_threadpool(save_completion, state.redis, rec)
-        observe(n_tokens)
-        body = {"id": cid, "object": "chat.completion", "created": created, "model": f"alignd-v{served}",
-                "system_fingerprint": fingerprint(served),
-                "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i]},
-                             "finish_reason": finishes[i], "logprobs": None} for i in range(len(handles))],
-                "usage": rec.usage}
-        return JSONResponse(body, headers=headers)
+    finally:
+        deadline.cancel()
+        watcher.cancel()
+        call.cancel_unfinished()  # an error in one choice ends the request: free the others' rows
+    if "cancelled" in finishes:  # the client went away: nobody to answer, nothing worth recording
+        metrics.REQUESTS.labels("cancelled").inc()
+        return Response(status_code=499)  # nginx's "client closed request"; no one reads it
+    rec = call.record(texts, finishes, n_tokens)
+    await run_in_threadpool(save_completion, call.state.redis, rec)
+    call.observe(n_tokens)
+    body = ChatCompletionResponse(
+        id=call.cid, object="chat.completion", created=call.created, model=fingerprint(call.served),
+        system_fingerprint=fingerprint(call.served), usage=Usage(**rec.usage),
+        choices=[Choice(index=i, message=AssistantMessage(role="assistant", content=texts[i]),
+                        finish_reason=finishes[i], logprobs=None) for i in range(n)])
+    return Response(wire(body), media_type="application/json", headers=call.headers)
 
-    async def sse() -> AsyncIterator[str]:
-        base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": f"alignd-v{served}",
-                "system_fingerprint": fingerprint(served)}
 
-        def chunk(i: int, delta: dict, finish: str | None = None) -> str:
-            body = {**base, "choices": [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}]}
-            return f"data: {json.dumps(body)}\n\n"
+def _error_line(message: str, code: str) -> str:
+    return f"data: {wire(ErrorResponse(**error_body(503, message, code)))}\n\n"
 
-        for i in range(len(handles)):
-            yield chunk(i, {"role": "assistant", "content": ""})
-        texts, finishes, n_tokens = [""] * len(handles), ["stop"] * len(handles), 0
-        async for i, ev in _merged(handles):
+
+async def _stream(call: _Call) -> AsyncIterator[str]:
+    """The SSE body. Starlette cancels this generator when the client disconnects: `finally` frees the rows."""
+    name = fingerprint(call.served)
+
+    def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
+        body = ChatCompletionChunk(id=call.cid, object="chat.completion.chunk", created=call.created, model=name,
+                                   system_fingerprint=name, choices=choices)
+        if usage is not None:
+            body.usage = usage  # set only here: the other chunks carry no usage key at all
+        return f"data: {wire(body)}\n\n"
+
+    def one(i: int, delta: Delta, finish: str | None = None) -> str:
+        return chunk([ChunkChoice(index=i, delta=delta, finish_reason=finish, logprobs=None)])
+
+    n = len(call.handles)
+    deadline = call.arm_deadline()
+    try:
+        for i in range(n):
+            yield one(i, Delta(role="assistant", content=""))
+        texts, finishes, n_tokens = [""] * n, ["stop"] * n, 0
+        async for i, ev in call.events():
             if ev.kind == "delta":
                 texts[i] += ev.text
-                yield chunk(i, {"content": ev.text})
+                yield one(i, Delta(content=ev.text))
             elif ev.kind == "error":
                 metrics.REQUESTS.labels("error").inc()
-                yield f"data: {json.dumps({'error': {'message': ev.text, 'type': 'service_unavailable'}})}\n\n"
+                yield _error_line(ev.text, ev.code)
                 return
             else:
                 finishes[i], n_tokens = ev.finish_reason or "stop", n_tokens + ev.tokens
-                last_finish = finishes[i]
-                pending_finish = (i, last_finish)
-                yield chunk(*pending_finish[:1], {}, pending_finish[1])
-        rec = record(texts, finishes, n_tokens)
-        await run_in_threadpool(save_completion, state.redis, rec)  # recorded before [DONE]: feedback may follow
-        observe(n_tokens)
-        yield f"data: {json.dumps({**base, 'choices': [], 'usage': rec.usage})}\n\n"
+                yield one(i, Delta(), finishes[i])
+        rec = call.record(texts, finishes, n_tokens)
+        try:  # recorded before [DONE]: feedback may follow at once
+            await run_in_threadpool(save_completion, call.state.redis, rec)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:  # headers are sent: the error goes in the stream
+            yield _error_line(redis_unavailable_message(exc), "redis_unavailable")
+            return
+        call.observe(n_tokens)
+        yield chunk([], Usage(**rec.usage))
         yield "data: [DONE]\n\n"
-
-    return StreamingResponse(sse(), media_type="text/event-stream",
-                             headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    finally:
+        deadline.cancel()
+        call.cancel_unfinished()

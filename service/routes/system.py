@@ -45,4 +45,6 @@ async def readyz(state: StateDep):
 async def prometheus_metrics(state: StateDep):
     if state.engine is not None:
         metrics.VERSION.set(state.engine.current_version)
+        metrics.RUNNING.set(state.engine.running())
+        metrics.DECODE_STEPS.set(state.engine.steps)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

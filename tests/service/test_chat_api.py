@@ -8,6 +8,7 @@ import httpx
 import openai
 import pytest
 
+from service.schemas import ChatCompletionChunk, ChatCompletionResponse
 from store.completions import get_completion
 from tests.conftest import LiveServer
 from tests.utils.serving import ADMIN_KEY, USER_KEY, make_settings, served_app
@@ -59,6 +60,27 @@ def test_sse_ends_with_done_and_version_header(server):
     assert lines[-1] == "data: [DONE]"
     assert all(line.startswith("data: ") for line in lines)
     json.loads(lines[0][6:])
+
+
+def test_openapi_describes_exactly_what_is_sent(server):
+    """The typed responses: real answers validate against the published schemas, with no key beyond them."""
+    with server.client(USER_KEY) as http:
+        spec = http.get("/openapi.json").json()
+        answers = spec["paths"]["/v1/chat/completions"]["post"]["responses"]
+        assert answers["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/ChatCompletionResponse")
+        assert "ChatCompletionChunk" in json.dumps(answers["200"]["content"]["text/event-stream"]["schema"])
+        assert answers["503"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+        whole = http.post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 4, "n": 2}).json()
+        with http.stream("POST", "/v1/chat/completions", json={"messages": MSG, "stream": True, "max_tokens": 4}) as s:
+            chunks = [json.loads(line[6:]) for line in s.iter_lines() if line and line != "data: [DONE]"]
+    schemas = spec["components"]["schemas"]
+    assert set(whole) == set(schemas["ChatCompletionResponse"]["properties"])
+    assert ChatCompletionResponse.model_validate(whole).choices[1].index == 1
+    for chunk in chunks:  # the wire format of OpenAI: no usage key but in the last chunk, deltas only what changed
+        typed = ChatCompletionChunk.model_validate(chunk)
+        assert ("usage" in chunk) == (typed.choices == [])
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-2]["choices"][0]["delta"] == {} and chunks[-2]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
 def test_models_health_ready_metrics(server):
