@@ -159,6 +159,9 @@ def test_a_checkpoint_carried_from_another_deployment_serves(tmp_path):
     assert "manifest.json" not in manifest["files"]
     with _Serving(home_b, tmp_path / "serve.log") as server:
         assert _served_version(server) == 1
+        with server.client(ADMIN_KEY) as admin:
+            listed = admin.get("/admin/versions").json()["data"]
+        assert [m["carried_from"]["version"] for m in listed] == [1] and listed[0]["source"] == "base"
 
 
 def _bash(script: str, **env: Path) -> None:
