@@ -16,9 +16,11 @@ import httpx
 import pytest
 
 from core.config import Settings
-from core.redis_server import EmbeddedRedis, ensure_redis, free_port
+from core.redis_server import EmbeddedRedis, ensure_redis, free_port, redis_server_binary
+from service.loader import load_version
 from store import registry
 from store.client import connect
+from store.stats import feedback_stats
 from tests.utils.tiny import tiny_sft_model, tiny_tokenizer
 from tests.workers.helpers import (
     ADMIN_KEY,
@@ -164,7 +166,7 @@ def test_a_checkpoint_carried_from_another_deployment_serves(tmp_path):
         assert [m["carried_from"]["version"] for m in listed] == [1] and listed[0]["source"] == "base"
 
 
-def _bash(script: str, **env: Path) -> None:
+def _bash(script: str, **env: Path | str | int) -> None:
     done = subprocess.run(["bash", "-c", script], env={**os.environ, **{k: str(v) for k, v in env.items()}},
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, f"{script}\n{done.stdout}\n{done.stderr}"
@@ -223,3 +225,38 @@ def test_a_copied_home_never_attaches_to_the_original_redis(tmp_path):
     finally:
         r.close()
         original.stop()
+
+
+@pytest.mark.slow
+def test_the_documented_backup_with_an_external_redis_restores_into_a_new_redis(tmp_path):
+    """deploy/README.md's external-Redis blocks: an RDB snapshot over the network plus the home, restored into a new
+    redis-server (AOF written from the snapshot) and a new home path; the restored deployment loads its current
+    version and has the feedback of the snapshot, not what came after."""
+    external = EmbeddedRedis(tmp_path / "external-redis")  # stands in for the deployment's Redis service
+    url = external.start()
+    r = connect(url)
+    new_dir, new_port = tmp_path / "new-redis", free_port()
+    restored = None
+    try:
+        settings = Settings(home=tmp_path / "home", redis_url=url)
+        publish_tiny(r, settings)
+        publish_tiny(r, settings, seed=1, source="ppo", parent=1, expected=1)
+        seed_feedback(r, 5)
+        before = feedback_stats(r)
+        _bash(_readme_block("backup-external"), ALIGND_REDIS_URL=url, ALIGND_HOME=settings.home, BACKUP=tmp_path / "b")
+        seed_feedback(r, 2, seed=1)
+        path = f"{Path(redis_server_binary()).parent}:{os.environ['PATH']}"  # redis-server, redis-cli
+        _bash(_readme_block("restore-external"), BACKUP=tmp_path / "b", REDIS_DIR=new_dir, REDIS_PORT=new_port,
+              NEW_HOME=tmp_path / "elsewhere" / "home", PATH=path)
+        restored = EmbeddedRedis(new_dir, new_port)  # started as usual: appendonly yes, on the restored AOF
+        r2 = connect(restored.start())
+        assert feedback_stats(r2) == before and feedback_stats(r)["events"]["total"] == 7
+        new_settings = Settings(home=tmp_path / "elsewhere" / "home", redis_url=restored.url, device="cpu")
+        assert registry.current_version(r2) == 2
+        assert load_version(r2, new_settings, 2).version == 2  # sha256 manifest, load and smoke test
+        assert r2.config_get("appendonly")["appendonly"] == "yes"
+    finally:
+        r.close()
+        external.stop()
+        if restored is not None:
+            restored.stop()
