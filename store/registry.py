@@ -2,11 +2,12 @@
 
 Versions are metadata (checkpoint path relative to the checkpoint root, parent, reward-model version, feedback
 provenance, evaluation metrics) that is written once; `update_version` adds status notes. Policy and reward-model
-versions live in two tables of the same shape (`_Table`). Every read-modify-write of a version or of "current" is
-one Lua script, so API followers, the arena watch and training cycles in other processes never lose each other's
-writes. The current version changes only by compare-and-set, which also checks the caller's fencing token against
-the training lock's latest token, so a stale or duplicated run can never publish over a newer version. Each policy
-switch is appended to an events stream and announced on a pub/sub channel.
+versions live in two tables of the same shape (`_Table`). Every write that depends on what was read is one Lua
+script, so API followers, the arena watch and training cycles in other processes never lose each other's writes: a
+status update replaces a version's body only if it is still the body the merge was made from (else it merges again),
+and the current version changes only by compare-and-set, which also checks the caller's fencing token against the
+training lock's latest token, so a stale or duplicated run can never publish over a newer version. Each policy switch
+is appended to an events stream and announced on a pub/sub channel.
 """
 
 from __future__ import annotations
@@ -49,14 +50,16 @@ end
 return {1, cur}
 """
 
-# KEYS: 1 versions; ARGV: 1 version, 2 the body read, 3 the merged body. The merge is done in Python: Redis's cjson
-# would re-encode the untouched fields lossily ([] becomes {}, floats keep 14 digits, big integers turn to floats).
+# KEYS: 1 versions; ARGV: 1 version, 2 the body read, 3 the merged body. Returns {1} when written, {0, body now}
+# when another update came first (the caller merges into that one), {-1} for an unknown version. The merge is done in
+# Python: Redis's cjson would re-encode the untouched fields lossily ([] becomes {}, floats keep 14 significant
+# digits, integers above 10^14 turn to floats).
 _REPLACE_IF_UNCHANGED = """
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
-if not raw then return -1 end
-if raw ~= ARGV[2] then return 0 end
+if not raw then return {-1} end
+if raw ~= ARGV[2] then return {0, raw} end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-return 1
+return {1}
 """
 
 UPDATE_ATTEMPTS = 1000  # each failed attempt means another writer's update landed: contention, never a livelock
@@ -99,16 +102,15 @@ class _Table:
         """Merge `fields` into the stored metadata; the write happens only if the body is still the one read, so a
         concurrent update of another field is never overwritten (the loser reads again and merges again)."""
         script = r.register_script(_REPLACE_IF_UNCHANGED)
+        raw = r.hget(self.versions, str(version))
         for _ in range(UPDATE_ATTEMPTS):
-            raw = r.hget(self.versions, str(version))
             if raw is None:
                 raise KeyError(f"{self.kind} {version} is not registered")
             merged = json.dumps({**json.loads(raw), **fields})
-            done = int(script(keys=[self.versions], args=[str(version), raw, merged]))
-            if done == 1:
+            answer = script(keys=[self.versions], args=[str(version), raw, merged])
+            if int(answer[0]) == 1:
                 return
-            if done == -1:
-                raise KeyError(f"{self.kind} {version} is not registered")
+            raw = answer[1] if int(answer[0]) == 0 else None
         raise RegistryConflict(f"{self.kind} {version}: {UPDATE_ATTEMPTS} concurrent updates in a row won over this "
                                "one; retry")
 
