@@ -14,6 +14,7 @@ WORKDIR /app
 RUN pip install --index-url ${TORCH_INDEX} "torch>=2.4,<2.15"
 COPY pyproject.toml README.md* ./
 COPY alignd ./alignd
+COPY core ./core
 COPY training ./training
 COPY store ./store
 COPY service ./service
@@ -22,7 +23,8 @@ RUN pip install .
 
 RUN useradd --create-home --uid 1000 alignd && mkdir -p /data && chown alignd /data
 USER alignd
-# checkpoints, reward models, PPO state and generated keys live here; share it between every container
+# checkpoints, reward models, PPO state and generated keys live here; share it between every container. The registry
+# names checkpoints relative to /data/checkpoints, so a backup of the volume restores under any path (deploy/README.md)
 # (declared after the chown: changes to a volume path after VOLUME are discarded)
 VOLUME /data
 EXPOSE 8000 5555

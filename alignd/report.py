@@ -330,111 +330,112 @@ def compare_runs(this: dict, other: dict) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ plotting
 
 
-def plot(report: dict, out: Path) -> dict[str, Any]:
-    """Render one PNG per figure; returns {figure key: {"file", "title", "series"}} (the data plotted)."""
-    import matplotlib
+class _Plotter:
+    """Draws the report's figures into `out`, one PNG each, and keeps the data of each in `figures`."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def __init__(self, report: dict, out: Path):
+        import matplotlib
 
-    rows = report["versions"]
-    labels = [row["label"] for row in rows]
-    x = list(range(len(rows)))
-    series = lambda key: [row.get(key) for row in rows]  # noqa: E731
-    figures: dict[str, Any] = {}
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
 
-    def save(key: str, fig, data: dict) -> None:
+        self.plt, self.report, self.out = plt, report, out
+        self.rows = report["versions"]
+        self.labels = [row["label"] for row in self.rows]
+        self.x = list(range(len(self.rows)))
+        self.figures: dict[str, Any] = {}
+
+    def series(self, key: str) -> list:
+        return [row.get(key) for row in self.rows]
+
+    def save(self, key: str, fig, data: dict) -> None:
         file, title = FIGURES[key]
         fig.suptitle(title)
         fig.tight_layout()
-        fig.savefig(out / file, dpi=90)
-        plt.close(fig)
-        figures[key] = {"file": file, "title": title, "versions": [row["version"] for row in rows], "series": data}
+        fig.savefig(self.out / file, dpi=90)
+        self.plt.close(fig)
+        self.figures[key] = {"file": file, "title": title, "versions": [row["version"] for row in self.rows],
+                             "series": data}
 
-    def lines(key: str, keys: list[str], ylabel: str, ylim=None, names=None) -> None:
-        fig, ax = plt.subplots(figsize=(7, 4))
+    def lines(self, key: str, keys: list[str], ylabel: str, ylim=None, names=None) -> None:
+        fig, ax = self.plt.subplots(figsize=(7, 4))
         data = {}
         for k, name in zip(keys, names or keys):
-            ys = [float("nan") if y is None else y for y in series(k)]
-            ax.plot(x, ys, marker="o", label=name, linestyle="--" if k.endswith(HELDOUT_FAMILY) else "-")
-            data[k] = series(k)
-        ax.set_xticks(x, labels, rotation=20)
+            ys = [float("nan") if y is None else y for y in self.series(k)]
+            ax.plot(self.x, ys, marker="o", label=name, linestyle="--" if k.endswith(HELDOUT_FAMILY) else "-")
+            data[k] = self.series(k)
+        ax.set_xticks(self.x, self.labels, rotation=20)
         ax.set_ylabel(ylabel)
         if ylim:
             ax.set_ylim(*ylim)
         ax.grid(alpha=0.3)
         if len(keys) > 1:
             ax.legend(fontsize=7, ncol=2)
-        save(key, fig, data)
+        self.save(key, fig, data)
 
-    def bars(key: str, k: str, ylabel: str, ylim=None) -> None:
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        ys = series(k)
-        ax.bar(x, [0 if y is None else y for y in ys], color="tab:blue")
-        for xi, y in zip(x, ys):
+    def bars(self, key: str, k: str, ylabel: str, ylim=None) -> None:
+        fig, ax = self.plt.subplots(figsize=(7, 3.5))
+        ys = self.series(k)
+        ax.bar(self.x, [0 if y is None else y for y in ys], color="tab:blue")
+        for xi, y in zip(self.x, ys):
             ax.annotate("n/a" if y is None else f"{y:.3g}", (xi, 0 if y is None else y), ha="center",
                         va="bottom", fontsize=8)
-        ax.set_xticks(x, labels, rotation=20)
+        ax.set_xticks(self.x, self.labels, rotation=20)
         ax.set_ylabel(ylabel)
         if ylim:
             ax.set_ylim(*ylim)
-        save(key, fig, {k: ys})
+        self.save(key, fig, {k: ys})
 
-    lines("scores_by_family", [f"score/{f}" for f in TASK_FAMILIES] + ["score/mean"], "share correct", (0, 1.05),
-          [*(f if f != HELDOUT_FAMILY else f"{f} (held out)" for f in TASK_FAMILIES), "mean (trained families)"])
-    bars("heldout_score", "heldout_score", "share correct", (0, 1.05))
-    bars("over_caution", "over_caution", "share of benign requests refused", (0, 1.05))
-    lines("harmful_compliance", list(SAFETY_KEYS), "share of harmful requests answered", (-0.02, 1.05),
-          ["plain", "any jailbreak", *JAILBREAK_STYLES])
-    bars("reward_heldout_accuracy", "reward_heldout_accuracy", "held-out pair accuracy", (0, 1.05))
-    bars("kl_to_ref", "kl_to_ref", "nats per response")
-    bars("length_mean", "length_mean", "tokens")
+    def feedback(self) -> None:
+        """Feedback events per version, stacked by annotator style, with the running total."""
+        fig, ax = self.plt.subplots(figsize=(7, 3.5))
+        rows = self.rows
+        styles = sorted({s for row in rows for s, n in (row.get("annotator_styles") or {}).items() if n})
+        bottom = [0] * len(rows)
+        data = {}
+        for s in styles:
+            counts = [int((row.get("annotator_styles") or {}).get(s, 0)) for row in rows]
+            ax.bar(self.x, counts, bottom=bottom, label=s)
+            bottom = [b + c for b, c in zip(bottom, counts)]
+            data[s] = counts
+        ax.plot(self.x, self.series("feedback_cumulative"), color="black", marker="o", label="cumulative events")
+        ax.set_xticks(self.x, self.labels, rotation=20)
+        ax.set_ylabel("feedback events")
+        if styles:
+            ax.legend(fontsize=7)
+        self.save("feedback", fig, {"by_style": data, "events": self.series("feedback_events"),
+                                    "cumulative": self.series("feedback_cumulative"),
+                                    "annotators": [row.get("annotators") for row in rows]})
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    styles = sorted({s for row in rows for s, n in (row.get("annotator_styles") or {}).items() if n})
-    bottom = [0] * len(rows)
-    data = {}
-    for s in styles:
-        counts = [int((row.get("annotator_styles") or {}).get(s, 0)) for row in rows]
-        ax.bar(x, counts, bottom=bottom, label=s)
-        bottom = [b + c for b, c in zip(bottom, counts)]
-        data[s] = counts
-    ax.plot(x, series("feedback_cumulative"), color="black", marker="o", label="cumulative events")
-    ax.set_xticks(x, labels, rotation=20)
-    ax.set_ylabel("feedback events")
-    if styles:
+    def oracle(self) -> None:
+        """The final version's oracle win rate against the baseline, with its confidence interval."""
+        fig, ax = self.plt.subplots(figsize=(5, 3.5))
+        oracle = self.report.get("oracle") or {}
+        if "win_rate" in oracle:
+            bars = [(oracle.get("decoding", "sampled"), oracle, "tab:green")]
+            if oracle.get("greedy"):
+                bars.append(("greedy", oracle["greedy"], "tab:olive"))
+            for x, (_name, o, color) in enumerate(bars):
+                w = o["win_rate"]
+                ax.bar([x], [w], yerr=[[w - o["ci_low"]], [o["ci_high"] - w]], capsize=8, color=color, width=0.6)
+                ax.annotate(f"{w:.1%}\n[{o['ci_low']:.1%}, {o['ci_high']:.1%}]", (x, o["ci_high"]), xytext=(0, 4),
+                            textcoords="offset points", ha="center", va="bottom", fontsize=8)
+            ax.set_xticks(range(len(bars)), [f"{name}\n(n={o['n']})" for name, o, _ in bars], fontsize=8)
+            ax.set_title(f"v{oracle['final']} vs v{oracle['baseline']}", fontsize=9)
+            ax.set_xlim(-0.8, len(bars) - 0.2)
+        else:
+            ax.text(0.5, 0.5, oracle.get("error", "no oracle for this deployment (not a built-in-world model)"),
+                    ha="center", va="center", wrap=True, fontsize=8, transform=ax.transAxes)
+        ax.axhline(0.5, color="grey", linestyle="--", label="no better than SFT")
+        ax.axhline(TARGET_WIN_RATE, color="tab:red", linestyle=":", label="target")
+        ax.set_ylim(0, 1)
         ax.legend(fontsize=7)
-    save("feedback", fig, {"by_style": data, "events": series("feedback_events"),
-                           "cumulative": series("feedback_cumulative"),
-                           "annotators": [row.get("annotators") for row in rows]})
+        self.save("oracle_win_rate", fig, {k: oracle.get(k) for k in ("win_rate", "ci_low", "ci_high", "n", "final",
+                                                                      "baseline", "decoding", "greedy", "error")})
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    oracle = report.get("oracle") or {}
-    if "win_rate" in oracle:
-        bars = [(oracle.get("decoding", "sampled"), oracle, "tab:green")]
-        if oracle.get("greedy"):
-            bars.append(("greedy", oracle["greedy"], "tab:olive"))
-        for x, (_name, o, color) in enumerate(bars):
-            w = o["win_rate"]
-            ax.bar([x], [w], yerr=[[w - o["ci_low"]], [o["ci_high"] - w]], capsize=8, color=color, width=0.6)
-            ax.annotate(f"{w:.1%}\n[{o['ci_low']:.1%}, {o['ci_high']:.1%}]", (x, o["ci_high"]), xytext=(0, 4),
-                        textcoords="offset points", ha="center", va="bottom", fontsize=8)
-        ax.set_xticks(range(len(bars)), [f"{name}\n(n={o['n']})" for name, o, _ in bars], fontsize=8)
-        ax.set_title(f"v{oracle['final']} vs v{oracle['baseline']}", fontsize=9)
-        ax.set_xlim(-0.8, len(bars) - 0.2)
-    else:
-        ax.text(0.5, 0.5, oracle.get("error", "no oracle for this deployment (not a built-in-world model)"),
-                ha="center", va="center", wrap=True, fontsize=8, transform=ax.transAxes)
-    ax.axhline(0.5, color="grey", linestyle="--", label="no better than SFT")
-    ax.axhline(TARGET_WIN_RATE, color="tab:red", linestyle=":", label="target")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7)
-    save("oracle_win_rate", fig, {k: oracle.get(k) for k in ("win_rate", "ci_low", "ci_high", "n", "final",
-                                                             "baseline", "decoding", "greedy", "error")})
-
-    if report.get("compare"):
-        cmp = report["compare"]
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    def compare(self, cmp: dict) -> None:
+        """This run against another (`compare_runs`): length over versions, and the final style measures."""
+        fig, (ax1, ax2) = self.plt.subplots(1, 2, figsize=(10, 3.8))
         for side in ("this", "other"):
             traj = cmp[side]["trajectory"]["length_mean"]
             ax1.plot(range(len(traj)), [float("nan") if y is None else y for y in traj], marker="o",
@@ -452,10 +453,28 @@ def plot(report: dict, out: Path) -> dict[str, Any]:
         file, title = "compare.png", "Whose values? Two annotator pools"
         fig.suptitle(title)
         fig.tight_layout()
-        fig.savefig(out / file, dpi=90)
-        plt.close(fig)
-        figures["compare"] = {"file": file, "title": title, "series": cmp}
-    return figures
+        fig.savefig(self.out / file, dpi=90)
+        self.plt.close(fig)
+        self.figures["compare"] = {"file": file, "title": title, "series": cmp}
+
+
+def plot(report: dict, out: Path) -> dict[str, Any]:
+    """Render one PNG per figure; returns {figure key: {"file", "title", "series"}} (the data plotted)."""
+    p = _Plotter(report, out)
+    p.lines("scores_by_family", [f"score/{f}" for f in TASK_FAMILIES] + ["score/mean"], "share correct", (0, 1.05),
+            [*(f if f != HELDOUT_FAMILY else f"{f} (held out)" for f in TASK_FAMILIES), "mean (trained families)"])
+    p.bars("heldout_score", "heldout_score", "share correct", (0, 1.05))
+    p.bars("over_caution", "over_caution", "share of benign requests refused", (0, 1.05))
+    p.lines("harmful_compliance", list(SAFETY_KEYS), "share of harmful requests answered", (-0.02, 1.05),
+            ["plain", "any jailbreak", *JAILBREAK_STYLES])
+    p.bars("reward_heldout_accuracy", "reward_heldout_accuracy", "held-out pair accuracy", (0, 1.05))
+    p.bars("kl_to_ref", "kl_to_ref", "nats per response")
+    p.bars("length_mean", "length_mean", "tokens")
+    p.feedback()
+    p.oracle()
+    if report.get("compare"):
+        p.compare(report["compare"])
+    return p.figures
 
 
 # ------------------------------------------------------------------------------------------------ HTML

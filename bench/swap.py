@@ -94,7 +94,8 @@ def main() -> None:
                          checkpoint_path(settings, version), {**meta(version), "version": version})
 
     def publish(version: int) -> None:
-        registry.add_version(r, version, {**meta(version), "path": str(checkpoint_path(settings, version))})
+        stored = settings.stored_path(checkpoint_path(settings, version))
+        registry.add_version(r, version, {**meta(version), "path": stored})
         registry.set_current(r, version, expected=version - 1)
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALIGND_")}
     env.update({"ALIGND_HOME": str(tmp), "ALIGND_REDIS_URL": url, "ALIGND_API_KEYS": f"{USER}:bench",

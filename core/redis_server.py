@@ -48,6 +48,14 @@ def _ping(url: str) -> bool:
         return False
 
 
+def _server_dir(url: str) -> Path | None:
+    try:
+        found = redis.Redis.from_url(url, socket_connect_timeout=0.5, decode_responses=True).config_get("dir")
+    except redis.RedisError:
+        return None
+    return Path(found["dir"]).resolve() if found.get("dir") else None
+
+
 class EmbeddedRedis:
     """A redis-server child process with AOF persistence under `directory`."""
 
@@ -62,10 +70,12 @@ class EmbeddedRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def running_url(self) -> str | None:
-        """URL of a live server for this directory started by another process, if any."""
+        """URL of a live server for this directory started by another process, if any. The server must run in this
+        very directory: a home copied from a running one (a backup restored on the same host) carries the original's
+        url file, and must start its own server on its own files instead of writing into the original's."""
         if self.url_file.exists():
             url = self.url_file.read_text().strip()
-            if _ping(url):
+            if _ping(url) and _server_dir(url) == self.directory.resolve():
                 return url
         return None
 

@@ -51,7 +51,7 @@ def seed_registry(r) -> None:
                    "over_caution": 0.14 - 0.02 * t, "kl_to_ref": 0.0 if v == 1 else 0.9 + 0.55 * t,
                    "length_mean": 9.0 + 0.4 * t, "harmful_compliance": 0.08 - 0.01 * t}
         meta = {"source": "sft" if v == 1 else "ppo", "parent": v - 1 or None, "reward_version": None if v == 1 else t,
-                "feedback": {"events": 0 if v == 1 else 150 * t}, "path": f".alignd/checkpoints/v{v}",
+                "feedback": {"events": 0 if v == 1 else 150 * t}, "path": f"v{v}",
                 "annotators": ["built-in demonstrations"] if v == 1 else ["alice", "bob"], "metrics": metrics}
         registry.add_version(r, v, meta)
         registry.set_current(r, v, detail={"parent": v - 1 or None})

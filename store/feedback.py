@@ -165,6 +165,11 @@ class FeedbackIdConflict(FeedbackError):
     code = "feedback_id_conflict"
 
 
+class FeedbackScriptError(RuntimeError):
+    """The acceptance script answered a status this module does not know: a server-side fault (HTTP 500), not a
+    refusal of the request."""
+
+
 class FeedbackRateLimited(FeedbackError):
     code = "rate_limit_exceeded"
 
@@ -337,38 +342,46 @@ def _script_call(body: ThumbsFeedback | PairwiseFeedback | RankFeedback, event: 
 
 def _outcome(result: list, body: ThumbsFeedback | PairwiseFeedback | RankFeedback, event_id: str,
              limits: FeedbackLimits, now: float) -> Accepted:
+    """The Accepted vote, or the FeedbackError for each refusal status ACCEPT_LUA returns."""
     status = result[0]
-    if status in ("accepted", "replay"):
-        event = FeedbackEvent.model_validate_json(result[1])
-        event.stream_id = result[2]
-        return Accepted(event=event, replayed=status == "replay")
     n = result[1] if len(result) > 1 else 0
-    if status == "not_found":
-        raise CompletionNotFound(f"no completion with id {body.completion_id!r}: send the id of a chat completion "
-                                 "this server returned", "completion_id")
-    if status == "forbidden":
-        raise NotYourCompletion("feedback on a completion is open to the user who received it (or the admin key)",
-                                "completion_id")
-    if status == "bad_choice":
-        raise InvalidFeedback(f"choice {body.choice} is out of range: the completion has {n} choice(s)", "choice")
-    if status == "bad_pairwise":
-        raise InvalidFeedback(f"pairwise feedback needs a completion with exactly 2 choices; this one has {n}"
-                              + ("; use rank" if n > 2 else "; use thumbs"), "type")
-    if status == "bad_rank":
-        raise InvalidFeedback(f"rank feedback needs at least 2 choices; this completion has {n}: use thumbs", "type")
-    if status == "bad_ranking":
-        raise InvalidFeedback(f"ranking must be a permutation of the choice indices 0..{n - 1}, best first; "
-                              f"got {body.ranking}", "ranking")
-    if status == "conflict":
-        raise FeedbackIdConflict(f"feedback_id {event_id!r} was already used for a different request: "
-                                 "use a new id for new feedback", "feedback_id")
-    if status == "rate_minute":
-        retry = int(MINUTE_S - now % MINUTE_S) + 1
-        raise FeedbackRateLimited(f"feedback rate limit: at most {limits.per_minute} events per minute; "
-                                  f"retry in {retry} s", retry)
-    retry = int(_seconds_to_utc_midnight(now)) + 1
-    raise FeedbackRateLimited(f"daily feedback cap reached: at most {limits.per_day} events per UTC day; "
-                              f"retry in {retry} s (after 00:00 UTC)", retry)
+    match status:
+        case "accepted" | "replay":
+            event = FeedbackEvent.model_validate_json(result[1])
+            event.stream_id = result[2]
+            return Accepted(event=event, replayed=status == "replay")
+        case "not_found":
+            raise CompletionNotFound(f"no completion with id {body.completion_id!r}: send the id of a chat "
+                                     "completion this server returned", "completion_id")
+        case "forbidden":
+            raise NotYourCompletion("feedback on a completion is open to the user who received it (or the admin "
+                                    "key)", "completion_id")
+        case "bad_choice":
+            raise InvalidFeedback(f"choice {body.choice} is out of range: the completion has {n} choice(s)", "choice")
+        case "bad_pairwise":
+            raise InvalidFeedback(f"pairwise feedback needs a completion with exactly 2 choices; this one has {n}"
+                                  + ("; use rank" if n > 2 else "; use thumbs"), "type")
+        case "bad_rank":
+            raise InvalidFeedback(f"rank feedback needs at least 2 choices; this completion has {n}: use thumbs",
+                                  "type")
+        case "bad_ranking":
+            raise InvalidFeedback(f"ranking must be a permutation of the choice indices 0..{n - 1}, best first; "
+                                  f"got {body.ranking}", "ranking")
+        case "conflict":
+            raise FeedbackIdConflict(f"feedback_id {event_id!r} was already used for a different request: "
+                                     "use a new id for new feedback", "feedback_id")
+        case "rate_minute":
+            retry = int(MINUTE_S - now % MINUTE_S) + 1
+            raise FeedbackRateLimited(f"feedback rate limit: at most {limits.per_minute} events per minute; "
+                                      f"retry in {retry} s", retry)
+        case "rate_day":
+            retry = int(_seconds_to_utc_midnight(now)) + 1
+            raise FeedbackRateLimited(f"daily feedback cap reached: at most {limits.per_day} events per UTC day; "
+                                      f"retry in {retry} s (after 00:00 UTC)", retry)
+    # the script and this function disagree (a bug, or a Redis holding another release's script): not the client's
+    # fault, so no 4xx; the API answers 500 and logs this message
+    raise FeedbackScriptError(f"the feedback acceptance script answered an unknown status {status!r} (whole answer "
+                              f"{result!r}); the vote was not recorded")
 
 
 def submit_feedback(r: redis.Redis, body: ThumbsFeedback | PairwiseFeedback | RankFeedback, *, user: str,

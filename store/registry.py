@@ -1,15 +1,20 @@
-"""The model registry: which policy versions exist, which one is current, and what happened to them.
+"""The model registry: which policy and reward-model versions exist, which one is current, and what happened to them.
 
-Versions are immutable metadata (checkpoint path, parent, reward-model version, feedback provenance, evaluation
-metrics). The current version changes only by compare-and-set in a Lua script, which also checks the caller's fencing
-token against the training lock's latest token, so a stale or duplicated run can never publish over a newer version.
-Each change is appended to an events stream and announced on a pub/sub channel.
+Versions are metadata (checkpoint path relative to the checkpoint root, parent, reward-model version, feedback
+provenance, evaluation metrics) that is written once; `update_version` adds status notes. Policy and reward-model
+versions live in two tables of the same shape (`_Table`). Every write that depends on what was read is one Lua
+script, so API followers, the arena watch and training cycles in other processes never lose each other's writes: a
+status update replaces a version's body only if it is still the body the merge was made from (else it merges again),
+and the current version changes only by compare-and-set, which also checks the caller's fencing token against the
+training lock's latest token, so a stale or duplicated run can never publish over a newer version. Each policy switch
+is appended to an events stream and announced on a pub/sub channel.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -17,54 +22,142 @@ import redis
 from core import names
 from store import keys
 
-# KEYS: current, versions, events, fence counter, channel, published set
-# ARGV: version, expected current ("" = don't check), fencing token ("" = don't check), event JSON
+EVENTS_MAXLEN = 10_000  # the events stream is recent history; `registry_published` and cycle events are kept for good
+
+# KEYS: 1 current, 2 versions, 3 fence counter, and for the policy table 4 events, 5 channel, 6 published set
+# ARGV: 1 version, 2 expected current ('*': don't check, '': no current yet), 3 fencing token ('': don't check),
+#       4 event JSON, 5 events stream length (policy table)
 _SET_CURRENT = """
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then return {0, 'unknown version'} end
 local cur = redis.call('GET', KEYS[1]) or ''
-if ARGV[2] ~= '' and cur ~= ARGV[2] then return {0, 'current is ' .. cur .. ', expected ' .. ARGV[2]} end
+if ARGV[2] ~= '*' and cur ~= ARGV[2] then
+  if ARGV[2] == '' then return {0, 'a current version exists already (' .. cur .. ')'} end
+  if cur == '' then return {0, 'no version is current, expected ' .. ARGV[2]} end
+  return {0, 'current is ' .. cur .. ', expected ' .. ARGV[2]}
+end
 if ARGV[3] ~= '' then
-  local latest = redis.call('GET', KEYS[4]) or '0'
+  local latest = redis.call('GET', KEYS[3]) or '0'
   if tonumber(ARGV[3]) ~= tonumber(latest) then
     return {0, 'stale fencing token ' .. ARGV[3] .. ' (latest ' .. latest .. ')'}
   end
 end
 redis.call('SET', KEYS[1], ARGV[1])
-redis.call('SADD', KEYS[6], ARGV[1])
-redis.call('XADD', KEYS[3], '*', 'event', ARGV[4])
-redis.call('PUBLISH', KEYS[5], ARGV[1])
+if #KEYS > 3 then
+  redis.call('SADD', KEYS[6], ARGV[1])
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[4])
+  redis.call('PUBLISH', KEYS[5], ARGV[1])
+end
 return {1, cur}
 """
+
+# KEYS: 1 versions; ARGV: 1 version, 2 the body read, 3 the merged body. Returns {1} when written, {0, body now}
+# when another update came first (the caller merges into that one), {-1} for an unknown version. The merge is done in
+# Python: Redis's cjson would re-encode the untouched fields lossily ([] becomes {}, floats keep 14 significant
+# digits, integers above 10^14 turn to floats).
+_REPLACE_IF_UNCHANGED = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return {-1} end
+if raw ~= ARGV[2] then return {0, raw} end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return {1}
+"""
+
+UPDATE_ATTEMPTS = 1000  # each failed attempt means another writer's update landed: contention, never a livelock
 
 
 class RegistryConflict(Exception):
     """The compare-and-set lost: another publish or rollback happened first, or the run's lock is stale."""
 
 
+@dataclass(frozen=True)
+class _Table:
+    """One kind of version (policy or reward model): a hash of version → JSON metadata, a counter, a current one."""
+
+    kind: str  # in messages: "version", "reward version"
+    versions: str
+    current_key: str
+    counter: str
+    history: bool  # policy switches are also written to the events stream, the published set and the channel
+
+    def allocate(self, r: redis.Redis) -> int:
+        return int(r.incr(self.counter))
+
+    def add(self, r: redis.Redis, version: int, meta: dict[str, Any]) -> None:
+        body = {**meta, "version": version, "created": meta.get("created", time.time())}
+        if not r.hsetnx(self.versions, str(version), json.dumps(body)):
+            raise RegistryConflict(f"{self.kind} {version} is already registered")
+
+    def get(self, r: redis.Redis, version: int) -> dict[str, Any] | None:
+        raw = r.hget(self.versions, str(version))
+        return json.loads(raw) if raw else None
+
+    def all(self, r: redis.Redis) -> list[dict[str, Any]]:
+        return sorted((json.loads(v) for v in r.hvals(self.versions)), key=lambda m: m["version"])
+
+    def current(self, r: redis.Redis) -> int | None:
+        raw = r.get(self.current_key)
+        return int(raw) if raw else None
+
+    def update(self, r: redis.Redis, version: int, fields: dict[str, Any]) -> None:
+        """Merge `fields` into the stored metadata; the write happens only if the body is still the one read, so a
+        concurrent update of another field is never overwritten (the loser reads again and merges again)."""
+        script = r.register_script(_REPLACE_IF_UNCHANGED)
+        raw = r.hget(self.versions, str(version))
+        for _ in range(UPDATE_ATTEMPTS):
+            if raw is None:
+                raise KeyError(f"{self.kind} {version} is not registered")
+            merged = json.dumps({**json.loads(raw), **fields})
+            answer = script(keys=[self.versions], args=[str(version), raw, merged])
+            if int(answer[0]) == 1:
+                return
+            raw = answer[1] if int(answer[0]) == 0 else None
+        raise RegistryConflict(f"{self.kind} {version}: {UPDATE_ATTEMPTS} concurrent updates in a row won over this "
+                               "one; retry")
+
+    def set_current(self, r: redis.Redis, version: int, *, expected: int | None | str, fencing_token: int | None,
+                    event: dict[str, Any] | None = None) -> int | None:
+        exp = "*" if expected == "any" else ("" if expected is None else str(int(expected)))
+        token = "" if fencing_token is None else str(fencing_token)
+        script_keys = [self.current_key, self.versions, keys.fence(names.TRAIN_LOCK)]
+        args = [str(version), exp, token]
+        if self.history:
+            script_keys += [keys.registry_events(), keys.registry_channel(), keys.registry_published()]
+            args += [json.dumps(event or {}), str(EVENTS_MAXLEN)]
+        ok, info = r.register_script(_SET_CURRENT)(keys=script_keys, args=args)
+        if not int(ok):
+            raise RegistryConflict(f"cannot make {self.kind} {version} current: {_text(info)}")
+        return int(info) if info else None
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+_POLICY = _Table("version", keys.registry_versions(), keys.registry_current(), keys.registry_counter(), history=True)
+_REWARD = _Table("reward version", keys.reward_versions(), keys.reward_current(), keys.reward_counter(),
+                 history=False)
+
+
+# --- policy versions
+
+
 def allocate_version(r: redis.Redis) -> int:
-    return int(r.incr(keys.registry_counter()))
+    return _POLICY.allocate(r)
 
 
 def add_version(r: redis.Redis, version: int, meta: dict[str, Any]) -> None:
     """Record a version's metadata (once: versions are immutable; `update_version` adds status notes)."""
-    body = {**meta, "version": version, "created": meta.get("created", time.time())}
-    if not r.hsetnx(keys.registry_versions(), str(version), json.dumps(body)):
-        raise RegistryConflict(f"version {version} is already registered")
+    _POLICY.add(r, version, meta)
 
 
 def update_version(r: redis.Redis, version: int, **fields: Any) -> None:
-    """Merge status fields (e.g. `refused`, `live_win_rate`) into a version's metadata."""
-    raw = r.hget(keys.registry_versions(), str(version))
-    if raw is None:
-        raise KeyError(version)
-    body = json.loads(raw)
-    body.update(fields)
-    r.hset(keys.registry_versions(), str(version), json.dumps(body))
+    """Merge status fields (e.g. `refused`, `live_win_rate`) into a version's metadata, atomically: concurrent
+    updates of other fields by other processes are kept. Raises KeyError for an unknown version."""
+    _POLICY.update(r, version, fields)
 
 
 def get_version(r: redis.Redis, version: int) -> dict[str, Any] | None:
-    raw = r.hget(keys.registry_versions(), str(version))
-    return json.loads(raw) if raw else None
+    return _POLICY.get(r, version)
 
 
 def lineage_reference(metas: dict[int, dict[str, Any]], version: int) -> int:
@@ -86,37 +179,27 @@ def reference_version(r: redis.Redis, version: int) -> int:
 
 
 def list_versions(r: redis.Redis) -> list[dict[str, Any]]:
-    return sorted((json.loads(v) for v in r.hvals(keys.registry_versions())), key=lambda m: m["version"])
+    return _POLICY.all(r)
 
 
 def current_version(r: redis.Redis) -> int | None:
-    raw = r.get(keys.registry_current())
-    return int(raw) if raw else None
+    return _POLICY.current(r)
 
 
 def set_current(r: redis.Redis, version: int, *, expected: int | None | str = "any", fencing_token: int | None = None,
                 event: str = "published", detail: dict[str, Any] | None = None) -> int | None:
     """Make `version` current if the current one is still `expected` (None: no current yet; "any": don't check)
-    and, with `fencing_token`, if no newer lock holder exists. Returns the previous version; raises
-    RegistryConflict."""
-    exp = "" if expected == "any" else ("" if expected is None else str(expected))
-    if expected is None and r.exists(keys.registry_current()):
-        raise RegistryConflict(f"a current version exists already ({current_version(r)})")
-    ev = json.dumps({"event": event, "version": version, "at": time.time(), **(detail or {})})
-    ok, info = r.eval(_SET_CURRENT, 6, keys.registry_current(), keys.registry_versions(), keys.registry_events(),
-                      keys.fence(names.TRAIN_LOCK), keys.registry_channel(), keys.registry_published(), str(version),
-                      exp,
-                      "" if fencing_token is None else str(fencing_token), ev)
-    if not int(ok):
-        raise RegistryConflict(f"cannot make version {version} current: {info}")
-    return int(info) if info else None
+    and, with `fencing_token`, if no newer lock holder exists; every check and the switch are one script. Returns
+    the previous version; raises RegistryConflict."""
+    body = {"event": event, "version": version, "at": time.time(), **(detail or {})}
+    return _POLICY.set_current(r, version, expected=expected, fencing_token=fencing_token, event=body)
 
 
 def record_event(r: redis.Redis, event: str, **detail: Any) -> None:
     """Append to the (trimmed) events stream; an event about a training cycle is also kept by cycle token."""
     body = json.dumps({"event": event, "at": time.time(), **detail})
     pipe = r.pipeline(transaction=True)
-    pipe.xadd(keys.registry_events(), {"event": body}, maxlen=10_000, approximate=True)
+    pipe.xadd(keys.registry_events(), {"event": body}, maxlen=EVENTS_MAXLEN, approximate=True)
     if detail.get("cycle") is not None:
         pipe.hset(keys.registry_cycle_events(), f"{detail['cycle']}:{event}", body)
     pipe.execute()
@@ -132,7 +215,7 @@ def events(r: redis.Redis, count: int = 100) -> list[dict[str, Any]]:
     return [json.loads(f["event"]) for _, f in r.xrevrange(keys.registry_events(), count=count)]
 
 
-# --- additions for the online loop: event lookup, reward-model versions
+# --- event lookup and publish history
 
 
 def find_events(r: redis.Redis, count: int = 10_000, **match: Any) -> list[dict[str, Any]]:
@@ -148,49 +231,32 @@ def was_published(r: redis.Redis, version: int) -> bool:
     return not r.exists(keys.registry_published()) and bool(find_events(r, event="published", version=version))
 
 
-# KEYS: current reward version, reward versions, fence counter; ARGV: version, fencing token ("" = don't check)
-_SET_REWARD = """
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then return {0, 'unknown reward version'} end
-if ARGV[2] ~= '' and tonumber(ARGV[2]) ~= tonumber(redis.call('GET', KEYS[3]) or '0') then
-  return {0, 'stale fencing token ' .. ARGV[2]}
-end
-local prev = redis.call('GET', KEYS[1]) or ''
-redis.call('SET', KEYS[1], ARGV[1])
-return {1, prev}
-"""
+# --- reward-model versions
 
 
 def allocate_reward_version(r: redis.Redis) -> int:
-    return int(r.incr(keys.reward_counter()))
+    return _REWARD.allocate(r)
 
 
 def add_reward_version(r: redis.Redis, version: int, meta: dict[str, Any]) -> None:
-    body = {**meta, "version": version, "created": meta.get("created", time.time())}
-    if not r.hsetnx(keys.reward_versions(), str(version), json.dumps(body)):
-        raise RegistryConflict(f"reward version {version} is already registered")
+    _REWARD.add(r, version, meta)
 
 
 def get_reward_version(r: redis.Redis, version: int) -> dict[str, Any] | None:
-    raw = r.hget(keys.reward_versions(), str(version))
-    return json.loads(raw) if raw else None
+    return _REWARD.get(r, version)
 
 
 def list_reward_versions(r: redis.Redis) -> list[dict[str, Any]]:
-    return sorted((json.loads(v) for v in r.hvals(keys.reward_versions())), key=lambda m: m["version"])
+    return _REWARD.all(r)
 
 
 def current_reward_version(r: redis.Redis) -> int | None:
-    raw = r.get(keys.reward_current())
-    return int(raw) if raw else None
+    return _REWARD.current(r)
 
 
 def set_current_reward(r: redis.Redis, version: int, *, fencing_token: int | None = None) -> int | None:
     """Make a reward version the one PPO uses; with `fencing_token`, only while that training lock is the latest."""
-    ok, info = r.eval(_SET_REWARD, 3, keys.reward_current(), keys.reward_versions(), keys.fence(names.TRAIN_LOCK),
-                      str(version), "" if fencing_token is None else str(fencing_token))
-    if not int(ok):
-        raise RegistryConflict(f"cannot make reward version {version} current: {info}")
-    return int(info) if info else None
+    return _REWARD.set_current(r, version, expected="any", fencing_token=fencing_token)
 
 
 # --- live arena win rates and the version listing (GET /admin/versions, `alignd versions`)

@@ -1,9 +1,11 @@
 """Checkpoint folders: a standard Hugging Face folder (safetensors + config + tokenizer) plus `manifest.json`.
 
-The manifest lists every file with its sha256, and carries provenance (parent version, reward-model version, the
-feedback it was trained on and by whom) and evaluation metrics. A checkpoint is written to a temporary directory,
-fsynced, then renamed into place, so a reader never sees a partial one; `verify_checkpoint` refuses any folder whose
-files do not match their hashes.
+The manifest lists every other file with its sha256 (never itself: it is written after the hashes), and carries
+provenance (parent version, reward-model version, the feedback it was trained on and by whom) and evaluation metrics.
+A folder copied from another deployment's checkpoint brings that deployment's manifest along: the writer keeps it
+under `carried_from` (its provenance, without its file list) and writes its own. A checkpoint is written to a
+temporary directory, fsynced, then renamed into place, so a reader never sees a partial one; `verify_checkpoint`
+refuses any folder whose files do not match their hashes.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ def _fsync_tree(root: Path) -> None:
 def write_checkpoint(save_fn, dest: Path, manifest: dict[str, Any]) -> Path:
     """Write a checkpoint atomically: `save_fn(tmpdir)` writes the files, then hash, fsync and rename to `dest`.
 
-    `save_fn` is usually `lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d))`.
+    `save_fn` is usually `lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d))`; when it copies a
+    checkpoint folder of another deployment, that folder's manifest becomes `carried_from` in the new one.
     """
     dest = Path(dest)
     if dest.exists():
@@ -59,8 +62,10 @@ def write_checkpoint(save_fn, dest: Path, manifest: dict[str, Any]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
     try:
         save_fn(tmp)
+        carried = _carried_manifest(tmp)  # removed from tmp: the manifest is written after the hashes
         files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        body = {**manifest, "files": files, "written_at": time.time()}
+        body = {**manifest, **({"carried_from": carried} if carried else {}), "files": files,
+                "written_at": time.time()}
         (tmp / MANIFEST).write_text(json.dumps(body, indent=2, sort_keys=True))
         _fsync_tree(tmp)
         os.rename(tmp, dest)  # atomic on one filesystem: the version appears whole or not at all
@@ -73,6 +78,20 @@ def write_checkpoint(save_fn, dest: Path, manifest: dict[str, Any]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def _carried_manifest(root: Path) -> dict[str, Any] | None:
+    """The manifest `save_fn` copied in with another checkpoint, without its file list (the new one lists the files),
+    and removed so it is neither hashed nor mistaken for this checkpoint's own."""
+    path = root / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        carried = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        carried = {"unreadable_manifest": True}
+    path.unlink()
+    return {k: v for k, v in carried.items() if k != "files"} if isinstance(carried, dict) else {"manifest": carried}
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -88,7 +107,8 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     """The manifest, after checking every listed file's sha256; raises CheckpointError naming the first bad file."""
     path = Path(path)
     manifest = read_manifest(path)
-    files = manifest.get("files") or {}
+    # older writers listed a carried manifest.json, hashed before they overwrote it: no manifest can hash itself
+    files = {name: digest for name, digest in (manifest.get("files") or {}).items() if name != MANIFEST}
     if not files:
         raise CheckpointError(f"{path}: manifest lists no files")
     for name, digest in files.items():

@@ -66,7 +66,7 @@ def bootstrap(
             raise typer.Exit(2) from None
         save = lambda d: shutil.copytree(base, d, dirs_exist_ok=True)  # noqa: E731
         report = {"source": "base", "base": str(base)}
-        meta = {"source": "base", "base": str(base), "parent": None, "metrics": {}}
+        meta = {"source": "base", "base": str(base), "parent": None, "metrics": {}, **_carried(base)}
     else:
         from training.bootstrap import BootstrapConfig
         from training.bootstrap import bootstrap as run_bootstrap
@@ -94,6 +94,20 @@ def bootstrap(
         if "eval" in report:
             print_eval(f"policy v{version}: held-out checker scores", report["eval"])
         console.print(f"[green]policy version {version} is current")
+
+
+def _carried(base: Path) -> dict:
+    """Where a checkpoint copied from another deployment came from (its manifest), for the registry listing; the
+    checkpoint's own manifest keeps the whole of it (training/checkpoint.py `carried_from`)."""
+    from training.checkpoint import MANIFEST, CheckpointError, read_manifest
+
+    if not (base / MANIFEST).is_file():
+        return {}
+    try:
+        theirs = read_manifest(base)
+    except CheckpointError:
+        return {}
+    return {"carried_from": {k: theirs.get(k) for k in ("version", "source", "parent", "written_at")}}
 
 
 @train_app.command("sft")

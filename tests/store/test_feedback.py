@@ -214,3 +214,41 @@ def test_unconsumed_count_agrees_with_the_group_state(r):
     group = r.xinfo_groups(keys.feedback_stream())[0]
     undelivered = len(r.xrange(keys.feedback_stream(), min=f"({group['last-delivered-id']}", max="+"))
     assert fb.unconsumed_count(r) == undelivered + group["pending"] == 4
+
+
+def test_every_refusal_status_of_the_script_has_its_own_error():
+    """Each status ACCEPT_LUA can return maps to a named error; none falls through to another's (the daily cap)."""
+    import re
+
+    statuses = set(re.findall(r"return \{'(\w+)'", fb.ACCEPT_LUA)) - {"accepted", "replay"}
+    expected = {"not_found": fb.CompletionNotFound, "forbidden": fb.NotYourCompletion,
+                "bad_choice": fb.InvalidFeedback, "bad_pairwise": fb.InvalidFeedback, "bad_rank": fb.InvalidFeedback,
+                "bad_ranking": fb.InvalidFeedback, "conflict": fb.FeedbackIdConflict,
+                "rate_minute": fb.FeedbackRateLimited, "rate_day": fb.FeedbackRateLimited}
+    assert statuses == set(expected)
+    bodies = {"bad_choice": {"type": "thumbs", "choice": 3, "value": "up"},
+              "bad_ranking": {"type": "rank", "ranking": [1, 1]}}
+    for status in sorted(statuses):
+        body = BODY.validate_python({"completion_id": "c", **bodies.get(status, {"type": "pairwise", "winner": 0})})
+        with pytest.raises(fb.FeedbackError) as info:
+            fb._outcome([status, 2], body, "fb-1", LIMITS, NOW)
+        assert type(info.value) is expected[status], status
+        if status == "rate_minute":
+            assert "per minute" in info.value.message and info.value.retry_after == 60 - SECONDS_INTO_MINUTE
+        elif status == "rate_day":
+            assert "daily feedback cap" in info.value.message
+        else:
+            assert "cap" not in info.value.message and "rate" not in info.value.message
+
+
+def test_an_unknown_script_status_is_a_server_error_naming_it(r):
+    """A Redis running another release's script (injected: one answering 'rate_week') is a server fault, not a 429."""
+    add_completion(r, "c1")
+    fb._scripts.setdefault(r, {})["accept"] = r.register_script("return {'rate_week', 3}")
+    try:
+        with pytest.raises(fb.FeedbackScriptError, match="unknown status 'rate_week'") as info:
+            submit(r, {"completion_id": "c1", "type": "pairwise", "winner": 0})
+    finally:
+        fb._scripts[r].pop("accept")
+    assert not isinstance(info.value, fb.FeedbackError)  # the API maps only FeedbackError to 4xx
+    assert submit(r, {"completion_id": "c1", "type": "pairwise", "winner": 0}).event.revision == 1
