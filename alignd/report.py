@@ -115,11 +115,11 @@ def _load(meta: dict, device: str):
     from transformers.utils import logging as hf_logging
 
     from training.checkpoint import verify_checkpoint
-    from training.model import load_causal_lm
+    from training.lora import load_policy
 
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per version is noise in a report run
     verify_checkpoint(Path(meta["path"]))
-    return load_causal_lm(meta["path"], device)
+    return load_policy(meta["path"], device)  # an adapter version is merged into its base
 
 
 def _words_mean(samples) -> float:

@@ -32,7 +32,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from service import metrics
-from training.model import load_causal_lm
+from training.lora import load_policy
 
 log = logging.getLogger("alignd.engine")
 
@@ -59,8 +59,10 @@ class Policy:
     context: int = 512
 
     @classmethod
-    def load(cls, version: int, path: str | Path, device: str = "cpu") -> Policy:
-        model, tokenizer = load_causal_lm(path, device)
+    def load(cls, version: int, path: str | Path, device: str = "cpu", resolve_base=None) -> Policy:
+        """A full checkpoint, or an adapter merged into a copy of its base (found with `resolve_base`, the
+        registry's path rule; training/lora.py), so an adapter version decodes at the base's speed."""
+        model, tokenizer = load_policy(path, device, resolve_base=resolve_base)
         cfg = model.config
         context = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None) or 2048
         return cls(version=version, model=model, tokenizer=tokenizer, path=str(path), context=int(context))

@@ -44,6 +44,6 @@ def load_version(r: redis.Redis, settings: Settings, version: int) -> Policy:
         raise KeyError(f"version {version} is not in the registry")
     path = settings.checkpoint(meta["path"])
     verify_checkpoint(path)
-    policy = Policy.load(version, path, settings.torch_device())
+    policy = Policy.load(version, path, settings.torch_device(), resolve_base=settings.checkpoint)
     smoke_test(policy, settings.smoke_test_timeout_s)
     return policy

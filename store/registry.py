@@ -195,14 +195,38 @@ def set_current(r: redis.Redis, version: int, *, expected: int | None | str = "a
     return _POLICY.set_current(r, version, expected=expected, fencing_token=fencing_token, event=body)
 
 
-def record_event(r: redis.Redis, event: str, **detail: Any) -> None:
-    """Append to the (trimmed) events stream; an event about a training cycle is also kept by cycle token."""
-    body = json.dumps({"event": event, "at": time.time(), **detail})
+# KEYS: fence counter, cycle events hash, events stream; ARGV: token, hash field, event JSON, stream cap
+# → 1, or 0 when the token is not the training lock's latest
+_RECORD_FENCED = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') ~= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'event', ARGV[3])
+return 1
+"""
+
+
+def record_event(r: redis.Redis, event: str, *, fencing_token: int | None = None, **detail: Any) -> None:
+    """Append to the (trimmed) events stream; an event about a training cycle is also kept by cycle token. With
+    `fencing_token` (a cycle's lock token, which must then be `detail["cycle"]`), the event is written only while
+    that token is the training lock's latest, else RegistryConflict: a fenced-off cycle cannot record an outcome."""
+    body = json.dumps({"event": event, "at": time.time(), **detail}, default=str)
+    if fencing_token is not None:
+        done = r.eval(_RECORD_FENCED, 3, keys.fence(names.TRAIN_LOCK), keys.registry_cycle_events(),
+                      keys.registry_events(), str(fencing_token), f"{detail['cycle']}:{event}", body,
+                      str(EVENTS_MAXLEN))
+        if not int(done):
+            raise RegistryConflict(f"cannot record {event}: the training lock was lost (a newer run holds it)")
+        return
     pipe = r.pipeline(transaction=True)
     pipe.xadd(keys.registry_events(), {"event": body}, maxlen=EVENTS_MAXLEN, approximate=True)
     if detail.get("cycle") is not None:
         pipe.hset(keys.registry_cycle_events(), f"{detail['cycle']}:{event}", body)
     pipe.execute()
+
+
+def record_cycle_data(r: redis.Redis, cycle: int, name: str, value: Any) -> None:
+    """Keep `value` (JSON) for training cycle `cycle` under `name`, for good (e.g. the feedback ids it used)."""
+    r.hset(keys.registry_cycle_events(), f"{cycle}:{name}", json.dumps(value))
 
 
 def cycle_event(r: redis.Redis, cycle: int, event: str) -> dict[str, Any] | None:

@@ -169,10 +169,11 @@ class ReferenceView(torch.nn.Module):
             return self.adapted.generate(*args, **kwargs)
 
 
-def load_policy(path: str | Path, device: str = "cpu", *, resolve_base=Path, trainable: bool = False,
+def load_policy(path: str | Path, device: str = "cpu", *, resolve_base=None, trainable: bool = False,
                 merge: bool = True):
     """(model, tokenizer) of a policy folder, full or adapter. An adapter folder is applied to its base, found with
-    `resolve_base(recorded base)` (the registry's path rule) and checked against the recorded digest; the base's
+    `resolve_base(recorded base)` (the registry's path rule; by default a relative base is a sibling folder, as
+    versions sit side by side under the checkpoint root) and checked against the recorded digest; the base's
     tokenizer is the adapter's. `trainable` keeps the adapter as a trainable PeftModel (a cycle continuing it);
     otherwise `merge` folds it into the base weights (serving at the base's speed)."""
     from training.model import load_causal_lm
@@ -180,7 +181,11 @@ def load_policy(path: str | Path, device: str = "cpu", *, resolve_base=Path, tra
     info = adapter_base(path)
     if info is None:
         return load_causal_lm(path, device)
-    base_dir = Path(resolve_base(info["base"]))
+    if resolve_base is None:
+        recorded = Path(info["base"])
+        base_dir = recorded if recorded.is_absolute() else Path(path).parent / recorded
+    else:
+        base_dir = Path(resolve_base(info["base"]))
     base, tokenizer = load_causal_lm(base_dir, device)
     _check_base(path, base_dir)
     if trainable:

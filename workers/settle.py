@@ -27,16 +27,7 @@ from typing import Any
 
 import redis
 
-from core import names
 from store import feedback, keys, registry
-
-# KEYS: fence counter, cycle events hash, events stream; ARGV: token, hash field, event JSON → 1, or 0 when fenced off
-_RECORD_FENCED = """
-if tonumber(redis.call('GET', KEYS[1]) or '0') ~= tonumber(ARGV[1]) then return 0 end
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', '10000', '*', 'event', ARGV[3])
-return 1
-"""
 
 
 def begin(r: redis.Redis, token: int, events: list[feedback.FeedbackEvent], start_version: int) -> None:
@@ -49,12 +40,7 @@ def begin(r: redis.Redis, token: int, events: list[feedback.FeedbackEvent], star
 def record_gate_failure(r: redis.Redis, token: int, **detail: Any) -> None:
     """The "gate_failed" cycle event, written only while `token` is the training lock's latest: a cycle fenced off
     (its lock expired and a newer cycle may already have reclaimed its events) cannot claim them as used."""
-    body = json.dumps({"event": "gate_failed", "at": time.time(), "cycle": token, **detail}, default=str)
-    done = r.eval(_RECORD_FENCED, 3, keys.fence(names.TRAIN_LOCK), keys.registry_cycle_events(),
-                  keys.registry_events(), str(token), f"{token}:gate_failed", body)
-    if not int(done):
-        raise registry.RegistryConflict("the training lock was lost before the gate failure was recorded "
-                                        "(a newer run holds it)")
+    registry.record_event(r, "gate_failed", fencing_token=token, cycle=token, **detail)
 
 
 def verdict(r: redis.Redis, token: int) -> tuple[bool, list[int], list[int]]:
@@ -79,7 +65,7 @@ def settle(r: redis.Redis, token: int, *, by: int, why: str) -> dict[str, Any] |
         if not meta.get("status"):
             registry.update_version(r, v, status="abandoned", abandoned_reason=f"cycle {token}: {why}")
     if used:
-        r.hset(keys.registry_cycle_events(), f"{token}:feedback_ids", json.dumps(ids))
+        registry.record_cycle_data(r, token, "feedback_ids", ids)
     registry.record_event(r, "cycle_settled", cycle=token, by=by, used=used, events=len(ids), acked=acked,
                           versions=published, why=why)
     r.hdel(keys.train_inflight(), str(token))

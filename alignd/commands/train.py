@@ -120,7 +120,7 @@ def train_sft_cmd(
 ):
     """Fine-tune a causal LM on chat-format JSONL and publish the result as a new policy version."""
     from store import registry
-    from training.model import load_causal_lm
+    from training.lora import load_policy
     from training.sft import SFTConfig, train_sft
     from workers.publish import publish_version
 
@@ -153,7 +153,7 @@ def train_sft_cmd(
             console.print("[red]no --base and no current policy: run `alignd bootstrap` or pass --base")
             raise typer.Exit(2) from None
         base = settings.checkpoint(registry.get_version(r, current)["path"])
-    model, tok = load_causal_lm(base, settings.torch_device())
+    model, tok = load_policy(base, settings.torch_device())  # an adapter version is merged into its base
     metrics = train_sft(SFTConfig(max_seconds=seconds), model, tok, conversations)
     meta = {"source": "sft", "parent": current, "base": str(base), "data": str(data), "metrics": {}, "sft": metrics,
             "feedback": {"events": 0}, "annotators": [f"file:{data.name}"]}

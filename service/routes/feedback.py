@@ -35,7 +35,7 @@ async def create_feedback(body: fb.FeedbackIn, state: StateDep, caller: CallerDe
         raise APIError(_STATUS[type(exc)], exc.message, exc.code, exc.param, headers) from None
     except (redis.ConnectionError, redis.TimeoutError) as exc:  # outcome unknown: a retry with the same id settles it
         raise APIError(503, f"feedback store unavailable ({type(exc).__name__}); retry with the same feedback_id",
-                       "store_unavailable", headers={"Retry-After": "1"}) from None
+                       "redis_unavailable", headers={"Retry-After": "1"}) from None
     if not accepted.replayed:
         metrics.FEEDBACK.labels(type=body.type).inc()
     return JSONResponse(accepted.response(), status_code=200 if accepted.replayed else 201)

@@ -245,4 +245,4 @@ def test_an_unreachable_store_answers_503_so_the_client_retries(tmp_path):
     settings = Settings(home=tmp_path, api_keys="ka:alice", admin_key="kadmin")
     with LiveServer(create_app(settings, f"redis://127.0.0.1:{free_port()}/0")) as live, live.client("ka") as c:
         response = c.post("/v1/feedback", json={"completion_id": "c1", "type": "pairwise", "winner": 0})
-    assert assert_openai_error(response, 503)["code"] == "store_unavailable" and response.headers["Retry-After"]
+    assert assert_openai_error(response, 503)["code"] == "redis_unavailable" and response.headers["Retry-After"]
