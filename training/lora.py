@@ -35,6 +35,7 @@ class LoRAConfig:
     alpha: int = 32  # scale alpha/r = 2: the update's size stays comparable when the rank changes
     dropout: float = 0.0  # RL and preference updates are small and few; dropout only adds noise to the ratio terms
     target_modules: list[str] | str = field(default="all-linear")  # every linear layer but the output head (QLoRA)
+    seed: int = 0  # the adapter's A matrices start random: seeded, a run is reproducible whatever ran before
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -51,7 +52,9 @@ class LoRAConfig:
 
 def add_adapter(model: PreTrainedModel, cfg: LoRAConfig) -> PeftModel:
     """Freeze `model` and wrap it with a fresh LoRA adapter (B = 0, so the wrapped model starts equal to the base)."""
-    return get_peft_model(model, cfg.peft())
+    with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's random stream
+        torch.manual_seed(cfg.seed)
+        return get_peft_model(model, cfg.peft())
 
 
 def is_adapted(model: torch.nn.Module) -> bool:

@@ -185,8 +185,11 @@ class ValueModel(nn.Module):
     def with_lora(self, cfg: LoRAConfig) -> ValueModel:
         """Freeze the trunk and train a LoRA adapter on it (the head stays fully trainable): a critic without
         optimiser states for a whole model, for real-size policies."""
-        self.trunk = get_peft_model(self.trunk, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                                            target_modules=cfg.target_modules))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self.trunk = get_peft_model(self.trunk, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha,
+                                                                lora_dropout=cfg.dropout,
+                                                                target_modules=cfg.target_modules))
         return self
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
