@@ -143,7 +143,7 @@ class _Scorer:
         if reference is None and not _is_peft(policy):
             reference = copy.deepcopy(policy)
         if reference is not None:
-            reference.eval().requires_grad_(False)
+            reference.eval()  # dropout off; no gradients reach it (its forwards run under no_grad)
         self.reference = reference
         self.cache: dict[Key, float] = {}
 
