@@ -302,8 +302,12 @@ def _train_preference(algorithm: str, data: Optional[Path], seconds: float, conf
         meta = {"source": algorithm, "parent": current, "reference_version": ref_version, "reward_version": None,
                 "data": source, "feedback": {"events": 0}, "annotators": annotators, "metrics": {},
                 algorithm: {"config": asdict(cfg), "metrics": metrics}}
-        version = publish_version(r, settings, lambda d: (policy.save_pretrained(d), tok.save_pretrained(d)), meta,
-                                  expected_current=current, fencing_token=lock.token)
+        try:
+            version = publish_version(r, settings, lambda d: (policy.save_pretrained(d), tok.save_pretrained(d)),
+                                      meta, expected_current=current, fencing_token=lock.token)
+        except registry.RegistryConflict as exc:  # a rollback or another run moved the current version meanwhile
+            console.print(f"[red]{algorithm}: not published as current: {exc}; run it again from the new current")
+            raise typer.Exit(2) from None
     return {"status": "published", "version": version, "parent": current, "reference_version": ref_version,
             "data": source, "config": asdict(cfg), "metrics": metrics}
 

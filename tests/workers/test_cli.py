@@ -12,8 +12,10 @@ from typer.testing import CliRunner
 
 from alignd.cli import app
 from alignd.commands.run import children
+from core import names
 from core.config import get_settings
 from store import registry
+from store.lock import FencedLock
 from tests.workers.helpers import env_for, make_settings, publish_tiny, seed_feedback, write_cycle_config
 from training.model import load_causal_lm
 from training.preference import response_logprobs
@@ -153,6 +155,9 @@ def test_train_dpo_from_feedback_in_redis_and_its_refusals(r, cli, tmp_path):
     out = run("train", "dpo", "--config", FAST)
     assert out.exit_code == 2 and "no comparisons" in out.output and registry.current_version(r) == 1
     seed_feedback(r, 12)
+    with FencedLock(r, names.TRAIN_LOCK, ttl_ms=30_000):  # a cycle in progress: wait for it, publish nothing
+        out = run("train", "dpo", "--config", FAST)
+    assert out.exit_code == 2 and "is held" in out.output and registry.current_version(r) == 1
     report = last_json(run("train", "dpo", "--config", FAST, "--json"))
     assert report["data"] == {"redis": True, "comparisons": 12, "rated": 0} and report["version"] == 2
     assert sorted(registry.get_version(r, 2)["annotators"]) == ["alice", "bob"]
