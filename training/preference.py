@@ -259,7 +259,11 @@ def train_dpo(cfg: DPOConfig, policy: PreTrainedModel, tokenizer: PreTrainedToke
               comparisons: Sequence[Comparison], *, reference: PreTrainedModel | None = None,
               progress: Callable[[int, dict[str, float]], None] | None = None
               ) -> tuple[PreTrainedModel, dict[str, Any]]:
-    """DPO on `comparisons` in place; returns (policy in eval mode, metrics: train and held-out summaries)."""
+    """DPO on `comparisons` in place; returns (policy in eval mode, metrics).
+
+    metrics: "train" (`dpo_summary` over the last, possibly partial, epoch, as the policy moved), "heldout" and
+    "heldout_before" (the held-out prompts' pairs after and before training), steps, epochs, seconds, counts.
+    """
     items = dpo_items(comparisons)
     if not items:
         raise ValueError("no comparisons to learn from (ties between identical responses carry no signal)")
@@ -366,7 +370,8 @@ def train_kto(cfg: KTOConfig, policy: PreTrainedModel, tokenizer: PreTrainedToke
               comparisons: Sequence[Comparison] = (), rated: Sequence[Rated] = (), *,
               reference: PreTrainedModel | None = None, progress: Callable[[int, dict[str, float]], None] | None = None
               ) -> tuple[PreTrainedModel, dict[str, Any]]:
-    """KTO on thumbs (and unpaired comparisons) in place; returns (policy in eval mode, metrics)."""
+    """KTO on thumbs (and unpaired comparisons) in place; returns (policy in eval mode, metrics) shaped as
+    `train_dpo`'s, with `kto_summary`s and the lambda_u used."""
     items = kto_items(comparisons, rated)
     if not items:
         raise ValueError("no thumbs to learn from: pass rated responses or comparisons other than ties")
