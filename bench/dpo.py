@@ -9,7 +9,9 @@
    compliance, KL to the reference, length), the oracle win rate of after vs before (95 % bootstrap CI), and the
    implicit-reward accuracy beta * log(pi/ref) on noise-free oracle pairs of *other* prompts — all decided pairs
    and those where exactly one response is correct, the figure on which the small reward model is near chance
-   (bench/probe_reward.py).
+   (bench/train.py), and bench/probe_reward.py's four hand-made probes scored by the implicit reward: refusal over
+   compliance on harmful requests, answer over a needless refusal, the correct answer over a plausible wrong one of
+   the same form (the reward models' 52 %), the plain answer over the same answer padded with filler.
 
     python bench/dpo.py --model ~/.alignd/checkpoints/v1                # any built-in-world SFT checkpoint
     python bench/dpo.py --sft-seconds 180 --prompts 300 --seconds 60      # bootstrap an SFT start in-process
@@ -35,7 +37,7 @@ from training.data import Comparison, Rated  # noqa: E402
 from training.evaluate import EvalConfig, evaluate_policy, generate_responses  # noqa: E402
 from training.model import load_causal_lm  # noqa: E402
 from training.preference import DPOConfig, KTOConfig, response_logprobs, train_dpo, train_kto  # noqa: E402
-from training.world import check  # noqa: E402
+from training.world import HARMFUL_COMPLIANCE, REFUSAL, check, eval_tasks, ramble, wrong_answer  # noqa: E402
 
 EVAL_KEYS = ("score/mean", "heldout_score", "over_caution", "harmful_compliance", "jailbreak_compliance",
              "length_mean", "oracle_utility", "kl_to_ref")
@@ -93,6 +95,33 @@ def implicit_reward_accuracy(policy, ref, tok, triples) -> dict:
             "n_correct_vs_wrong": len(hits_split)}
 
 
+@torch.no_grad()
+def probe(policy, ref, tok, per_family: int = 20, seed: int = 99) -> dict:
+    """bench/probe_reward.py's probes (same seed), each pair ordered by log(pi/ref) instead of a reward model."""
+    tasks = eval_tasks(per_family, seed=seed)
+    rng = random.Random(seed)
+
+    def ratio(items, responses) -> torch.Tensor:
+        seqs = [(user(t.prompt), r) for t, r in zip(items, responses)]
+        return torch.cat([response_logprobs(policy, tok, seqs[i:i + 32], 512)
+                          - response_logprobs(ref, tok, seqs[i:i + 32], 512) for i in range(0, len(seqs), 32)])
+
+    def share(items, better, worse) -> dict:
+        a, b = ratio(items, better), ratio(items, worse)
+        return {"prefers_better": float((a > b).float().mean()), "n": len(items)}
+
+    harmful = [t for t in tasks if t.kind == "harmful"]
+    helpful = [t for t in tasks if t.kind != "harmful"]
+    ordinary = [t for t in tasks if t.kind == "task"]
+    return {"refusal_over_compliance_on_harmful": share(harmful, [REFUSAL] * len(harmful),
+                                                        [HARMFUL_COMPLIANCE] * len(harmful)),
+            "answer_over_needless_refusal": share(helpful, [t.answer for t in helpful], [REFUSAL] * len(helpful)),
+            "correct_over_wrong": share(ordinary, [t.answer for t in ordinary],
+                                        [wrong_answer(t, rng) for t in ordinary]),
+            "plain_over_padded": share(ordinary, [t.answer for t in ordinary],
+                                       [ramble(t.answer, rng) for t in ordinary])}
+
+
 def sft_start(args) -> tuple:
     if args.model is not None:
         return load_causal_lm(args.model)
@@ -101,6 +130,9 @@ def sft_start(args) -> tuple:
 
     model, tok, _ = bootstrap(BootstrapConfig(sft=SFTConfig(max_seconds=args.sft_seconds),
                                               eval=EvalConfig(n_per_family=1)))
+    if args.save_sft is not None:  # reruns with other settings can start from the same SFT policy (--model)
+        model.save_pretrained(args.save_sft)
+        tok.save_pretrained(args.save_sft)
     return model.eval(), tok
 
 
@@ -108,6 +140,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, help="SFT policy folder (default: bootstrap one for --sft-seconds)")
     ap.add_argument("--sft-seconds", type=float, default=180.0)
+    ap.add_argument("--save-sft", type=Path, help="write the bootstrapped SFT policy here")
     ap.add_argument("--algorithms", default="dpo,kto")
     ap.add_argument("--prompts", type=int, default=300, help="labelled prompts; each gives k(k-1)/2 comparisons")
     ap.add_argument("--responses", type=int, default=4, help="k: responses per prompt (1 greedy + k-1 sampled)")
@@ -115,12 +148,13 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60.0, help="training budget per algorithm")
     ap.add_argument("--beta", type=float, default=DPOConfig.beta)
     ap.add_argument("--lr", type=float, default=DPOConfig.lr)
+    ap.add_argument("--label-smoothing", type=float, default=0.0, help="DPO's assumed flip rate (cDPO)")
     ap.add_argument("--eval-per-family", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    out: dict = {k: v for k, v in vars(args).items() if k != "model"} | {"model": str(args.model)}
+    out: dict = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     t0 = time.perf_counter()
     sft, tok = sft_start(args)
     out["sft_seconds_spent"] = time.perf_counter() - t0
@@ -137,7 +171,8 @@ def main() -> None:
         policy = copy.deepcopy(sft)
         common = {"beta": args.beta, "lr": args.lr, "max_seconds": args.seconds, "epochs": None, "seed": args.seed}
         if algorithm == "dpo":
-            _, metrics = train_dpo(DPOConfig(**common), policy, tok, comparisons, reference=sft)
+            _, metrics = train_dpo(DPOConfig(**common, label_smoothing=args.label_smoothing), policy, tok,
+                                   comparisons, reference=sft)
         else:
             _, metrics = train_kto(KTOConfig(**common), policy, tok, rated=thumbs, reference=sft)
         after = evaluate_policy(policy, tok, eval_cfg, reference=sft, return_samples=True)
@@ -147,7 +182,8 @@ def main() -> None:
         out[algorithm] = {"steps": metrics["steps"], "seconds": metrics["seconds"], "train": metrics["train"],
                           "heldout": metrics["heldout"], "after": {k: after[k] for k in EVAL_KEYS},
                           "oracle_win_rate_vs_sft": win,
-                          "implicit_reward_vs_oracle": implicit_reward_accuracy(policy, sft, tok, heldout)}
+                          "implicit_reward_vs_oracle": implicit_reward_accuracy(policy, sft, tok, heldout),
+                          "implicit_reward_probes": probe(policy, sft, tok)}
     print(json.dumps(out, indent=2))
 
 
