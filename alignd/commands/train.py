@@ -259,8 +259,39 @@ def _preference_config(algorithm: str, seconds: float, config: Optional[str]):
         raise typer.Exit(2) from None
 
 
-def _train_preference(algorithm: str, data: Optional[Path], seconds: float, config: Optional[str]) -> dict:
-    """Train the current policy with DPO or KTO (reference: its SFT ancestor) and publish it under the train lock."""
+def _gate(policy, tok, parent_path: Path, reference, reference_is_parent: bool, token: int, device: str) -> dict:
+    """The cycle's gate (workers.cycle.gate) on the candidate vs the policy it started from, on the cycle's held-out
+    evaluation prompts: harmful compliance, over-caution, checker score, KL, degeneracy, length. There is no reward
+    model here, so its "reward gain" condition is left out; the checkers decide."""
+    from dataclasses import replace
+
+    from training.evaluate import EvalConfig, evaluate_policy, json_safe
+    from training.model import load_causal_lm
+    from workers.cycle import GATE_SEED_OFFSET, gate, is_degenerate, load_cycle_config
+
+    ccfg = load_cycle_config(get_settings())
+    ecfg = EvalConfig(n_per_family=ccfg.eval_per_family, max_new_tokens=ccfg.eval_max_new_tokens,
+                      seed=ccfg.seed + GATE_SEED_OFFSET + token, greedy=not ccfg.eval_sampled)
+
+    def evaluation(model) -> dict:
+        m = evaluate_policy(model, tok, ecfg, reference=reference, return_samples=True)
+        samples = m.pop("samples")
+        m["degenerate_share"] = sum(is_degenerate(text) for _, text in samples) / max(len(samples), 1)
+        return json_safe({**m, "reward_mean": 0.0})
+
+    parent, _ = load_causal_lm(parent_path, device)
+    candidate, parent_eval = evaluation(policy), evaluation(parent)
+    ref_eval = parent_eval if reference_is_parent else evaluation(reference)
+    passed, reasons, numbers = gate(candidate, parent_eval, replace(ccfg, min_reward_gain=float("-inf")),
+                                    reference=ref_eval)
+    return {"passed": passed, "reasons": reasons, "numbers": {**numbers, "eval_seed": ecfg.seed},
+            "candidate": candidate}
+
+
+def _train_preference(algorithm: str, data: Optional[Path], seconds: float, config: Optional[str],
+                      gate: bool = True) -> dict:
+    """Train the current policy with DPO or KTO (reference: its SFT ancestor), check it with the cycle's gate and
+    publish it under the train lock."""
     from store import registry
     from store.comparisons import all_comparisons
     from store.lock import FencedLock
@@ -298,9 +329,20 @@ def _train_preference(algorithm: str, data: Optional[Path], seconds: float, conf
         except ValueError as exc:  # no usable data (e.g. only ties, or only thumbs for DPO)
             console.print(f"[red]{algorithm}: {exc}")
             raise typer.Exit(2) from None
+        gate_report = None
+        if gate:
+            parent_path = settings.checkpoint(registry.get_version(r, current)["path"])
+            gate_report = _gate(policy, tok, parent_path, reference, ref_version == current, lock.token, device)
+            if not gate_report["passed"]:
+                registry.record_event(r, "gate_failed", source=algorithm, parent=current,
+                                      reasons=gate_report["reasons"], gate=gate_report["numbers"])
+                return {"status": "gate_failed", "reasons": gate_report["reasons"], "gate": gate_report["numbers"],
+                        "current": current, "data": source, "config": asdict(cfg), "metrics": metrics}
         annotators = sorted({x.annotator for x in items_c + items_r if x.annotator})
         meta = {"source": algorithm, "parent": current, "reference_version": ref_version, "reward_version": None,
-                "data": source, "feedback": {"events": 0}, "annotators": annotators, "metrics": {},
+                "data": source, "feedback": {"events": 0}, "annotators": annotators,
+                "metrics": gate_report["candidate"] if gate_report else {},
+                "gate": gate_report["numbers"] if gate_report else "skipped (--no-gate)",
                 algorithm: {"config": asdict(cfg), "metrics": metrics}}
         try:
             version = publish_version(r, settings, lambda d: (policy.save_pretrained(d), tok.save_pretrained(d)),
@@ -316,17 +358,19 @@ PrefData = Annotated[Optional[Path], typer.Option(help="preference file in any `
                                                        "(default: all feedback in Redis)")]
 PrefSeconds = Annotated[float, typer.Option(help="wall-clock training budget")]
 PrefConfig = Annotated[Optional[str], typer.Option(help="config overrides as JSON (fields of DPOConfig/KTOConfig)")]
+PrefGate = Annotated[bool, typer.Option(help="publish only if the cycle's gate passes (harmful compliance, "
+                                             "over-caution, checker score, KL, length); --no-gate publishes anyway")]
 
 
 @train_app.command("dpo")
 def train_dpo_cmd(data: PrefData = None, seconds: PrefSeconds = 60.0, as_json: JsonOpt = False,
-                  config: PrefConfig = None):
+                  config: PrefConfig = None, gate: PrefGate = True):
     """DPO (Rafailov et al. 2023) on comparisons, from the current policy against its SFT ancestor; publish."""
-    print_report(_train_preference("dpo", data, seconds, config), as_json, "dpo")
+    print_report(_train_preference("dpo", data, seconds, config, gate), as_json, "dpo")
 
 
 @train_app.command("kto")
 def train_kto_cmd(data: PrefData = None, seconds: PrefSeconds = 60.0, as_json: JsonOpt = False,
-                  config: PrefConfig = None):
+                  config: PrefConfig = None, gate: PrefGate = True):
     """KTO (Ethayarajh et al. 2024) on thumbs and unpaired comparisons, against the SFT ancestor; publish."""
-    print_report(_train_preference("kto", data, seconds, config), as_json, "kto")
+    print_report(_train_preference("kto", data, seconds, config, gate), as_json, "kto")

@@ -140,6 +140,8 @@ def test_train_dpo_and_kto_from_files_publish_with_provenance(r, cli, tmp_path):
     assert kto["version"] == 3 and (meta["source"], meta["parent"], meta["reference_version"]) == ("kto", 2, 1)
     assert meta["data"]["format"] == "trl" and kto["metrics"]["train"]["n_desirable"] > 0
 
+    assert meta["gate"]["eval_seed"] and "score/mean" in meta["metrics"]  # gated on the cycle's checkers
+
     reward = last_json(run("train", "reward", "--data", str(hh), "--json"))  # used to fail on gzip
     assert reward["accepted"] and reward["n_comparisons"] == 40
 
@@ -161,3 +163,15 @@ def test_train_dpo_from_feedback_in_redis_and_its_refusals(r, cli, tmp_path):
     report = last_json(run("train", "dpo", "--config", FAST, "--json"))
     assert report["data"] == {"redis": True, "comparisons": 12, "rated": 0} and report["version"] == 2
     assert sorted(registry.get_version(r, 2)["annotators"]) == ["alice", "bob"]
+
+
+def test_train_dpo_is_refused_by_the_cycle_gate_unless_told_otherwise(r, cli, tmp_path):
+    settings, run = cli
+    write_cycle_config(settings.home, max_kl=-1.0)  # any change from the reference is over this KL budget
+    hh = tmp_path / "hh.jsonl.gz"
+    write_hh_gz(hh, sums(16))
+    report = last_json(run("train", "dpo", "--data", str(hh), "--config", FAST, "--json"))
+    assert report["status"] == "gate_failed" and any("KL" in x for x in report["reasons"])
+    assert registry.current_version(r) == 1 and registry.find_events(r, event="gate_failed")[0]["source"] == "dpo"
+    forced = last_json(run("train", "dpo", "--data", str(hh), "--config", FAST, "--no-gate", "--json"))
+    assert forced["status"] == "published" and registry.get_version(r, forced["version"])["gate"].startswith("skipped")
