@@ -5,8 +5,8 @@
     alignd train cycle [--json] [--enqueue]  # one cycle now (here, or on a worker)
     alignd train reward [--data FILE]        # retrain the reward model (all comparisons or FILE)
     alignd train ppo --steps N               # PPO increments + gate + publish, no new feedback
-    alignd train dpo [--data FILE]           # DPO from the labels themselves (no reward model), publish
-    alignd train kto [--data FILE]           # KTO from thumbs (and unpaired comparisons), publish
+    alignd train dpo [--data FILE]           # DPO from the labels themselves (no reward model), gate, publish
+    alignd train kto [--data FILE]           # KTO from thumbs (and unpaired comparisons), gate, publish
 
 FILE, for reward/dpo/kto, is any file `alignd import` reads (HH-RLHF, UltraFeedback-binarized, TRL, alignd; plain
 or .gz); without it they use all comparisons and rated feedback in Redis.
@@ -365,12 +365,12 @@ PrefGate = Annotated[bool, typer.Option(help="publish only if the cycle's gate p
 @train_app.command("dpo")
 def train_dpo_cmd(data: PrefData = None, seconds: PrefSeconds = 60.0, as_json: JsonOpt = False,
                   config: PrefConfig = None, gate: PrefGate = True):
-    """DPO (Rafailov et al. 2023) on comparisons, from the current policy against its SFT ancestor; publish."""
+    """DPO (Rafailov et al. 2023) on comparisons, from the current policy against its SFT ancestor; gate; publish."""
     print_report(_train_preference("dpo", data, seconds, config, gate), as_json, "dpo")
 
 
 @train_app.command("kto")
 def train_kto_cmd(data: PrefData = None, seconds: PrefSeconds = 60.0, as_json: JsonOpt = False,
                   config: PrefConfig = None, gate: PrefGate = True):
-    """KTO (Ethayarajh et al. 2024) on thumbs and unpaired comparisons, against the SFT ancestor; publish."""
+    """KTO (Ethayarajh et al. 2024) on thumbs and unpaired comparisons, against the SFT ancestor; gate; publish."""
     print_report(_train_preference("kto", data, seconds, config, gate), as_json, "kto")
