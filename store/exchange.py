@@ -349,3 +349,49 @@ def import_preferences(r: redis.Redis, path: Path) -> dict[str, Any]:
             flush()
     flush()
     return report
+
+
+# --- reading a file without a store (`alignd train reward|dpo|kto --data FILE`)
+
+
+def _with_kind(obj: Any) -> Any:
+    """A comparison or rated dict without its "kind" (what `alignd train reward --data` read before any of the
+    exchange formats) gets the kind its fields imply, so it parses as an alignd line; anything else is unchanged."""
+    if not isinstance(obj, dict) or "kind" in obj or not isinstance(obj.get("prompt"), list):
+        return obj
+    if isinstance(obj.get("chosen"), str) and isinstance(obj.get("rejected"), str):
+        return {"kind": "comparison", **obj}
+    if isinstance(obj.get("response"), str) and "good" in obj:
+        return {"kind": "rated", **obj}
+    return obj
+
+
+def read_preferences(path: Path) -> dict[str, Any]:
+    """Parse a preference file in any format `import_preferences` reads (plain or .gz) into plain dicts.
+
+    Returns {"format", "comparisons": [...], "rated": [...], "bad_lines": [(line_no, reason)]}; the dicts have the
+    fields of `training.data.Comparison` / `Rated`, with annotator "import:<file name>" unless a line names one.
+    Nothing is stored; a bad line is reported and skipped, as on import.
+    """
+    path = Path(path)
+    report: dict[str, Any] = {"format": None, "comparisons": [], "rated": [], "bad_lines": []}
+    for line_no, obj, err in _lines(path):
+        if err is None:
+            obj = _with_kind(obj)
+            line_fmt = detect_format(obj)
+            if report["format"] is None and line_fmt is not None:
+                report["format"] = line_fmt  # the first line that parses decides, as on import
+            if line_fmt is None or line_fmt != report["format"]:
+                err = (f"looks like {line_fmt} but the file is {report['format']}" if line_fmt
+                       else "not a line of HH-RLHF, UltraFeedback, TRL or alignd format")
+        if err is None:
+            try:
+                item = PARSERS[report["format"]](obj, path.name)
+            except BadLine as exc:
+                err = str(exc)
+        if err is not None:
+            report["bad_lines"].append((line_no, err))
+            continue
+        kind = item.pop("kind")
+        report["comparisons" if kind == "comparison" else "rated"].append(item)
+    return report

@@ -1,11 +1,15 @@
-"""Losses and estimators for RLHF: masked reductions, GAE, KL estimators, the PPO policy and value losses and the
-Bradley–Terry pairwise loss.
+"""Losses and estimators for RLHF: masked reductions, GAE, KL estimators, the PPO policy and value losses, the
+Bradley–Terry pairwise loss and the direct preference losses (DPO, KTO).
 
 Follows OpenRLHF `models/loss.py` and "The N Implementation Details of RLHF with PPO" (Huang et al., 2023):
 - GAE: Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized Advantage Estimation".
 - Clipped surrogate and clipped value loss: Schulman et al. 2017, "Proximal Policy Optimization Algorithms".
 - KL estimators k1/k2/k3: Schulman, "Approximating KL Divergence" (2020), http://joschu.net/blog/kl-approx.html.
 - Pairwise loss: Bradley & Terry 1952; margin as in Llama 2 (Touvron et al. 2023).
+- DPO: Rafailov et al. 2023; label smoothing as conservative DPO (Mitchell 2023, "A note on DPO with noisy
+  preferences"); a margin as ODPO's offset (Amini et al. 2024); ties as IPO's regression target for p = 1/2
+  (Azar et al. 2023); "both bad" as NPO's bounded push-down (Zhang et al. 2024).
+- KTO: Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization".
 
 All per-token tensors are (B, T) with a 0/1 `mask` marking response (action) tokens; every loss returns
 `(loss, metrics)` where metrics are detached scalars for logging.
@@ -178,3 +182,95 @@ def pointwise_loss(rewards: torch.Tensor, good: torch.Tensor) -> torch.Tensor:
     """Logistic loss on single rewards: -log sigmoid(r) for good ones, -log sigmoid(-r) for bad ones. Per item."""
     sign = good.to(rewards.dtype) * 2.0 - 1.0
     return -F.logsigmoid(sign * rewards)
+
+
+# ---------------------------------------------------------------------------------------------------- DPO and KTO
+# Inputs are summed response log-probs, (P,) per pair or (N,) per response; "log-ratio" = log pi(y|x) - log ref(y|x)
+# and the implicit reward is beta times it (Rafailov et al. 2023, eq. 5).
+
+PREF, TIE, BOTH_BAD = 0, 1, 2  # codes of `training.data.Comparison.label` in the `kind` tensor of DPOLoss
+PREFERENCE_KINDS = {"pref": PREF, "tie": TIE, "both_bad": BOTH_BAD}
+
+
+class DPOLoss(nn.Module):
+    """DPO: -(1-eps) log sigmoid(beta h - m) - eps log sigmoid(m - beta h), h = chosen minus rejected log-ratio.
+
+    `label_smoothing` eps is the assumed rate of flipped labels (cDPO). Pairs marked TIE in `kind` get IPO's
+    squared loss with target p = 1/2, (beta h)^2: IPO regresses h onto (p - 1/2)/tau, which is 0 for a tie; beta h
+    keeps its scale that of the DPO term. Pairs marked BOTH_BAD push each response below the reference with NPO's
+    bounded term -log sigmoid(-beta * log-ratio), averaged over the two: unlike unlikelihood (gradient ascent on
+    log p) it saturates once a response is less likely than under the reference, so it cannot collapse the policy;
+    its gradient at the reference (beta / 2 per response) equals a DPO pair's.
+    """
+
+    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, tie_weight: float = 1.0,
+                 both_bad_weight: float = 1.0, reduction: str = "mean"):
+        super().__init__()
+        if not 0.0 <= label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing {label_smoothing} must be in [0, 0.5): it is the share of flipped "
+                             "labels, and at 0.5 the labels carry no information")
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"unknown reduction {reduction!r}; expected 'mean' or 'none'")
+        self.beta, self.label_smoothing = beta, label_smoothing
+        self.tie_weight, self.both_bad_weight, self.reduction = tie_weight, both_bad_weight, reduction
+
+    def forward(self, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+                ref_rejected: torch.Tensor, kind: torch.Tensor | None = None,
+                margin: torch.Tensor | float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        chosen_ratio, rejected_ratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected  # (P,)
+        logits = self.beta * (chosen_ratio - rejected_ratio)  # (P,) implicit reward margin
+        if kind is None:
+            kind = torch.full_like(logits, PREF, dtype=torch.long)
+        shifted = logits - margin if margin is not None else logits
+        eps = self.label_smoothing
+        pref = -(1 - eps) * F.logsigmoid(shifted) - eps * F.logsigmoid(-shifted)
+        tie = self.tie_weight * logits**2
+        both_bad = self.both_bad_weight * 0.5 * (-F.logsigmoid(-self.beta * chosen_ratio)
+                                                 - F.logsigmoid(-self.beta * rejected_ratio))
+        loss = torch.where(kind == PREF, pref, torch.where(kind == TIE, tie, both_bad))  # (P,)
+        if self.reduction == "mean":
+            loss = loss.mean()
+        with torch.no_grad():
+            is_pref = kind == PREF
+            chosen_reward, rejected_reward = self.beta * chosen_ratio, self.beta * rejected_ratio
+            metrics = {
+                "accuracy": masked_mean((logits > 0).to(logits.dtype), is_pref),  # pref pairs only; ties are wrong
+                "chosen_reward": masked_mean(chosen_reward, is_pref),
+                "rejected_reward": masked_mean(rejected_reward, is_pref),
+                "margin": masked_mean(logits, is_pref),
+                "tie_abs_margin": masked_mean(logits.abs(), kind == TIE),
+                "both_bad_reward": masked_mean(0.5 * (chosen_reward + rejected_reward), kind == BOTH_BAD),
+            }
+        return loss, metrics
+
+
+class KTOLoss(nn.Module):
+    """KTO: lambda_D (1 - sigmoid(beta (r - z0))) for desirable, lambda_U (1 - sigmoid(beta (z0 - r))) for undesirable.
+
+    r is a response's log-ratio. The reference point z0 is the paper's batch estimate of KL(pi || ref): the mean
+    log-ratio of mismatched (prompt, response) pairs of the batch (`kl_ratios`), clamped at 0 and detached, so
+    the model cannot lower its loss by moving z0 (Ethayarajh et al. 2024, §4.1). The loss is the mean over responses.
+    """
+
+    def __init__(self, beta: float = 0.1, lambda_d: float = 1.0, lambda_u: float = 1.0):
+        super().__init__()
+        if lambda_d <= 0 or lambda_u <= 0:
+            raise ValueError(f"lambda_d {lambda_d} and lambda_u {lambda_u} must be positive")
+        self.beta, self.lambda_d, self.lambda_u = beta, lambda_d, lambda_u
+
+    def forward(self, policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor,
+                kl_ratios: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ratio = policy_logps - ref_logps  # (N,)
+        if kl_ratios is None or kl_ratios.numel() == 0:
+            z0 = ratio.new_zeros(())  # no mismatched pairs (a batch of one): the reference's own point
+        else:
+            z0 = kl_ratios.detach().mean().clamp(min=0.0)
+        desirable = desirable.to(torch.bool)
+        loss_d = self.lambda_d * (1 - torch.sigmoid(self.beta * (ratio - z0)))
+        loss_u = self.lambda_u * (1 - torch.sigmoid(self.beta * (z0 - ratio)))
+        loss = torch.where(desirable, loss_d, loss_u).mean()
+        with torch.no_grad():
+            reward = self.beta * ratio
+            metrics = {"z0": z0.detach(), "desirable_reward": masked_mean(reward, desirable),
+                       "undesirable_reward": masked_mean(reward, ~desirable)}
+        return loss, metrics

@@ -11,7 +11,7 @@ from pydantic import TypeAdapter
 from store import feedback as fb
 from store.comparisons import all_comparisons
 from store.completions import ChoiceRecord, CompletionRecord, save_completion
-from store.exchange import export_preferences, import_preferences
+from store.exchange import export_preferences, import_preferences, read_preferences
 
 BODY = TypeAdapter(fb.FeedbackIn)
 LIMITS = fb.FeedbackLimits(per_minute=10_000, per_day=100_000, max_comment_chars=100)
@@ -143,3 +143,35 @@ def test_unrecognised_file_imports_nothing_and_says_why(r, tmp_path):
     report = import_preferences(r, path)
     assert report["format"] is None and report["imported"] == 0 and [n for n, _ in report["bad_lines"]] == [1, 2]
     assert r.dbsize() == 0
+
+
+@pytest.mark.parametrize("fmt", ["alignd", "hh", "trl"])
+def test_read_preferences_gives_what_an_import_would_store_without_a_store(r, tmp_path, fmt):
+    seed(r)
+    path = tmp_path / f"{fmt}.jsonl.gz"
+    export_preferences(r, fmt, path)
+    report = read_preferences(path)
+    r.flushdb()
+    imported = import_preferences(r, path)
+    assert report["format"] == imported["format"] == fmt and report["bad_lines"] == []
+    assert (report["comparisons"], report["rated"]) == all_comparisons(r)
+    assert len(report["comparisons"]) == (10 if fmt == "alignd" else 8) and len(report["rated"]) == (
+        1 if fmt == "alignd" else 0)
+
+
+def test_read_preferences_of_a_gzipped_hh_file_and_of_plain_comparison_dicts(tmp_path):
+    path = tmp_path / "hh.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(json.dumps({"chosen": hh("Hi", "Hello! ✓"), "rejected": hh("Hi", "Go away.")}) + "\n\n{oops\n")
+    report = read_preferences(path)
+    assert report["format"] == "hh" and [n for n, _ in report["bad_lines"]] == [3]
+    assert [(c["prompt"], c["chosen"], c["label"]) for c in report["comparisons"]] == [
+        ([{"role": "user", "content": "Hi"}], "Hello! ✓", "pref")]
+    legacy = tmp_path / "pairs.jsonl"  # what `alignd train reward --data` read before: dicts without a kind
+    legacy.write_text(json.dumps({"prompt": [{"role": "user", "content": "2+2?"}], "chosen": "4", "rejected": "5"})
+                      + "\n" + json.dumps({"prompt": [{"role": "user", "content": "3+3?"}], "response": "6",
+                                           "good": True}) + "\n" + json.dumps({"chosen": hh("a", "b")}) + "\n")
+    report = read_preferences(legacy)
+    assert report["format"] == "alignd" and [n for n, _ in report["bad_lines"]] == [3]
+    assert report["comparisons"][0]["chosen"] == "4" and report["comparisons"][0]["annotator"] == "import:pairs.jsonl"
+    assert report["rated"][0]["good"] is True

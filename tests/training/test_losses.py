@@ -8,6 +8,11 @@ import pytest
 import torch
 
 from training.losses import (
+    BOTH_BAD,
+    PREF,
+    TIE,
+    DPOLoss,
+    KTOLoss,
     PairWiseLoss,
     PolicyLoss,
     ValueLoss,
@@ -189,3 +194,68 @@ def test_tie_and_pointwise_losses():
     pw = pointwise_loss(r, good)
     assert pw[0].item() == pytest.approx(math.log(1 + math.exp(-1.0)))
     assert pw[1].item() == pytest.approx(math.log(1 + math.exp(1.0)))
+
+
+def logsig(x: float) -> float:
+    return -math.log1p(math.exp(-x))
+
+
+def test_dpo_loss_matches_the_formula_and_reports_implicit_rewards():
+    pc, pr = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -4.0])  # policy log-probs of chosen / rejected
+    rc, rr = torch.tensor([-3.5, -4.5]), torch.tensor([-3.5, -4.5])  # reference log-probs
+    loss, m = DPOLoss(beta=0.5)(pc, pr, rc, rr)
+    h = [(-3.0 + 3.5) - (-4.0 + 3.5), (-5.0 + 4.5) - (-4.0 + 4.5)]  # [1.0, -1.0]
+    assert loss.item() == pytest.approx(-(logsig(0.5 * h[0]) + logsig(0.5 * h[1])) / 2)
+    assert m["accuracy"].item() == pytest.approx(0.5)
+    assert m["chosen_reward"].item() == pytest.approx(0.5 * (0.5 - 0.5) / 2)
+    assert m["rejected_reward"].item() == pytest.approx(0.5 * (-0.5 + 0.5) / 2)
+    assert m["margin"].item() == pytest.approx(0.0)
+
+
+def test_cdpo_label_smoothing_and_odpo_offset():
+    pc, pr, rc, rr = torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0])
+    loss, _ = DPOLoss(beta=1.0, label_smoothing=0.1)(pc, pr, rc, rr)  # h = 2
+    assert loss.item() == pytest.approx(-0.9 * logsig(2.0) - 0.1 * logsig(-2.0))
+    # with flipped labels assumed, the loss has a minimum at a finite margin instead of rewarding h -> infinity
+    far, _ = DPOLoss(beta=1.0, label_smoothing=0.1)(pc * 10, pr * 10, rc, rr)
+    assert far.item() > loss.item()
+    offset, _ = DPOLoss(beta=1.0)(pc, pr, rc, rr, margin=torch.tensor([0.5]))
+    assert offset.item() == pytest.approx(-logsig(1.5))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        DPOLoss(label_smoothing=0.5)
+
+
+def test_dpo_ties_pull_the_margin_to_zero_and_both_bad_pushes_both_below_the_reference():
+    pc = torch.tensor([-1.0, -1.0, -2.0], requires_grad=True)
+    pr = torch.tensor([-2.0, -2.0, -2.0], requires_grad=True)
+    ref = torch.tensor([-2.0, -2.0, -2.0])
+    kind = torch.tensor([PREF, TIE, BOTH_BAD])
+    loss, m = DPOLoss(beta=0.5, both_bad_weight=2.0, reduction="none")(pc, pr, ref, ref, kind)
+    assert loss[0].item() == pytest.approx(-logsig(0.5))
+    assert loss[1].item() == pytest.approx(0.5**2)  # (beta h)^2 with h = 1
+    assert loss[2].item() == pytest.approx(2.0 * math.log(2))  # both at the reference: 2 * 0.5 * 2 * log 2
+    loss.sum().backward()
+    assert pc.grad[1].item() == pytest.approx(2 * 0.5 * 0.5) and pr.grad[1].item() == pytest.approx(-0.5)
+    # both_bad: each response's gradient is +weight * 0.5 * beta * sigmoid(0) (descent lowers both log-probs)
+    assert pc.grad[2].item() == pytest.approx(2.0 * 0.5 * 0.5 * 0.5)
+    assert pr.grad[2].item() == pytest.approx(2.0 * 0.5 * 0.5 * 0.5)
+    assert m["accuracy"].item() == 1.0 and m["tie_abs_margin"].item() == pytest.approx(0.5)
+
+
+def test_kto_loss_with_a_clamped_detached_reference_point_and_weights():
+    policy = torch.tensor([-1.0, -4.0, -2.0], requires_grad=True)
+    ref = torch.tensor([-2.0, -3.0, -2.0])
+    desirable = torch.tensor([True, False, True])
+    kl = torch.tensor([0.2, 0.6], requires_grad=True)  # mismatched-pair log-ratios: z0 = 0.4
+    loss, m = KTOLoss(beta=1.0, lambda_d=1.0, lambda_u=2.0)(policy, ref, desirable, kl)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    expected = [1 - sig(1.0 - 0.4), 2.0 * (1 - sig(0.4 - (-1.0))), 1 - sig(0.0 - 0.4)]
+    assert loss.item() == pytest.approx(sum(expected) / 3)
+    assert m["z0"].item() == pytest.approx(0.4)
+    assert m["desirable_reward"].item() == pytest.approx(0.5) and m["undesirable_reward"].item() == pytest.approx(-1)
+    loss.backward()
+    assert kl.grad is None  # z0 is detached
+    assert policy.grad[0].item() < 0 and policy.grad[1].item() > 0  # descent raises up, lowers down
+    negative, m2 = KTOLoss(beta=1.0)(policy, ref, desirable, torch.tensor([-0.5, -0.7]))
+    assert m2["z0"].item() == 0.0  # a KL estimate below 0 is clamped
+    assert negative.item() == pytest.approx((1 - sig(1.0) + 1 - sig(1.0) + 1 - sig(0.0)) / 3)

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import random
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from alignd.cli import app
 from alignd.commands.run import children
+from core import names
 from core.config import get_settings
 from store import registry
+from store.lock import FencedLock
 from tests.workers.helpers import env_for, make_settings, publish_tiny, seed_feedback, write_cycle_config
+from training.model import load_causal_lm
+from training.preference import response_logprobs
 
 
 @pytest.fixture
@@ -71,3 +78,100 @@ def test_up_children_are_a_single_train_worker_a_light_worker_beat_and_flower():
     train = cmds["worker-train"]
     assert train[train.index("--queues") + 1] == "train" and train[train.index("--concurrency") + 1] == "1"
     assert cmds["worker"][cmds["worker"].index("--queues") + 1] == "default"
+
+
+def sums(n: int, seed: int = 0) -> list[tuple[str, str, str]]:
+    """(question, correct answer, plausible wrong answer) of the tiny model's task."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randrange(10), rng.randrange(10)
+        out.append((f"What is {a} plus {b}?", f"The answer is {a + b}.", f"The answer is {a + b + 1}."))
+    return out
+
+
+def write_hh_gz(path, rows) -> None:
+    """A gzipped Anthropic HH-RLHF file, with one malformed line."""
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for q, good, bad in rows:
+            f.write(json.dumps({"chosen": f"\n\nHuman: {q}\n\nAssistant: {good}",
+                                "rejected": f"\n\nHuman: {q}\n\nAssistant: {bad}"}) + "\n")
+        f.write("{truncated\n")
+
+
+@torch.no_grad()
+def preference_margin(settings, r, version: int, rows) -> float:
+    model, tok = load_causal_lm(settings.checkpoint(registry.get_version(r, version)["path"]))
+    prompts = [[{"role": "user", "content": q}] for q, _, _ in rows]
+    good = response_logprobs(model, tok, [(p, g) for p, (_, g, _) in zip(prompts, rows)], 256)
+    bad = response_logprobs(model, tok, [(p, b) for p, (_, _, b) in zip(prompts, rows)], 256)
+    return float((good - bad).mean())
+
+
+def last_json(out) -> dict:
+    assert out.exit_code == 0, out.output
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+FAST = json.dumps({"beta": 0.5, "lr": 1e-3, "batch_size": 8, "max_steps": 8, "epochs": None})
+
+
+def test_train_dpo_and_kto_from_files_publish_with_provenance(r, cli, tmp_path):
+    settings, run = cli
+    rows = sums(40)
+    hh = tmp_path / "hh-rlhf.jsonl.gz"
+    write_hh_gz(hh, rows)
+    dpo = last_json(run("train", "dpo", "--data", str(hh), "--seconds", "60", "--config", FAST, "--json"))
+    assert dpo["status"] == "published" and dpo["version"] == 2 and registry.current_version(r) == 2
+    assert dpo["data"] == {"file": str(hh), "format": "hh", "comparisons": 40, "rated": 0, "bad_lines": 1}
+    meta = registry.get_version(r, 2)
+    assert (meta["source"], meta["parent"], meta["reference_version"]) == ("dpo", 1, 1)
+    assert meta["dpo"]["config"]["beta"] == 0.5 and meta["dpo"]["metrics"]["steps"] == 8
+    assert meta["annotators"] == ["import:hh-rlhf.jsonl.gz"]
+    assert preference_margin(settings, r, 2, rows) > preference_margin(settings, r, 1, rows) + 0.3
+
+    trl = tmp_path / "prefs.jsonl"  # TRL conversational format; its thumbs train KTO from the DPO policy
+    trl.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": q}],
+                                       "chosen": [{"role": "assistant", "content": g}],
+                                       "rejected": [{"role": "assistant", "content": b}]}) + "\n"
+                           for q, g, b in sums(40, seed=1)))
+    kto = last_json(run("train", "kto", "--data", str(trl), "--config", FAST, "--json"))
+    meta = registry.get_version(r, kto["version"])
+    assert kto["version"] == 3 and (meta["source"], meta["parent"], meta["reference_version"]) == ("kto", 2, 1)
+    assert meta["data"]["format"] == "trl" and kto["metrics"]["train"]["n_desirable"] > 0
+
+    assert meta["gate"]["eval_seed"] and "score/mean" in meta["metrics"]  # gated on the cycle's checkers
+
+    reward = last_json(run("train", "reward", "--data", str(hh), "--json"))  # used to fail on gzip
+    assert reward["accepted"] and reward["n_comparisons"] == 40
+
+
+def test_train_dpo_from_feedback_in_redis_and_its_refusals(r, cli, tmp_path):
+    settings, run = cli
+    empty = tmp_path / "nothing.jsonl"
+    empty.write_text(json.dumps({"text": "hello"}) + "\n")
+    out = run("train", "dpo", "--data", str(empty))
+    assert out.exit_code == 2 and "no preference data" in out.output
+    out = run("train", "dpo", "--config", json.dumps({"betta": 1}))
+    assert out.exit_code == 2 and "betta" in out.output
+    out = run("train", "dpo", "--config", FAST)
+    assert out.exit_code == 2 and "no comparisons" in out.output and registry.current_version(r) == 1
+    seed_feedback(r, 12)
+    with FencedLock(r, names.TRAIN_LOCK, ttl_ms=30_000):  # a cycle in progress: wait for it, publish nothing
+        out = run("train", "dpo", "--config", FAST)
+    assert out.exit_code == 2 and "is held" in out.output and registry.current_version(r) == 1
+    report = last_json(run("train", "dpo", "--config", FAST, "--json"))
+    assert report["data"] == {"redis": True, "comparisons": 12, "rated": 0} and report["version"] == 2
+    assert sorted(registry.get_version(r, 2)["annotators"]) == ["alice", "bob"]
+
+
+def test_train_dpo_is_refused_by_the_cycle_gate_unless_told_otherwise(r, cli, tmp_path):
+    settings, run = cli
+    write_cycle_config(settings.home, max_kl=-1.0)  # any change from the reference is over this KL budget
+    hh = tmp_path / "hh.jsonl.gz"
+    write_hh_gz(hh, sums(16))
+    report = last_json(run("train", "dpo", "--data", str(hh), "--config", FAST, "--json"))
+    assert report["status"] == "gate_failed" and any("KL" in x for x in report["reasons"])
+    assert registry.current_version(r) == 1 and registry.find_events(r, event="gate_failed")[0]["source"] == "dpo"
+    forced = last_json(run("train", "dpo", "--data", str(hh), "--config", FAST, "--no-gate", "--json"))
+    assert forced["status"] == "published" and registry.get_version(r, forced["version"])["gate"].startswith("skipped")
