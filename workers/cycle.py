@@ -59,6 +59,7 @@ from store.stats import feedback_stats
 from workers import failpoints
 from workers import settle as settlement
 from workers.cycle_config import CYCLE_FILE, CycleConfig, GateConfig, UpdateConfig, load_cycle_config
+from workers.gate import evaluate as evaluate_gate_metrics
 from workers.gate import gate, harmful_rate, is_degenerate
 from workers.publish import checkpoint_path, publish_version
 
@@ -346,12 +347,7 @@ def _restore(policy, snapshot: dict[str, Any]) -> None:
 
 
 def _evaluation(run: CycleRun, model, tok, ecfg) -> dict[str, Any]:
-    from training.evaluate import evaluate_policy, json_safe
-
-    m = evaluate_policy(model, tok, ecfg, reference=run.ref_model, reward_fn=run.reward_fn, return_samples=True)
-    samples = m.pop("samples")
-    m["degenerate_share"] = sum(is_degenerate(text) for _, text in samples) / max(len(samples), 1)
-    return json_safe(m)
+    return evaluate_gate_metrics(model, tok, ecfg, reference=run.ref_model, reward_fn=run.reward_fn)
 
 
 def _stage_gate(run: CycleRun) -> None:

@@ -79,3 +79,14 @@ def gate(candidate: dict[str, Any], current: dict[str, Any], cfg: GateConfig,
         reasons.append(f"checker score fell {current['score/mean']:.3f} → {candidate['score/mean']:.3f} "
                        f"(at most -{cfg.max_score_drop})")
     return not reasons, reasons, numbers
+
+
+def evaluate(model, tokenizer, ecfg, *, reference=None, reward_fn=None) -> dict[str, Any]:
+    """`evaluate_policy` metrics of `model` on the gate's held-out prompts (`ecfg`), JSON-safe, with the share of
+    degenerate responses added: what `gate` compares."""
+    from training.evaluate import evaluate_policy, json_safe
+
+    m = evaluate_policy(model, tokenizer, ecfg, reference=reference, reward_fn=reward_fn, return_samples=True)
+    samples = m.pop("samples")
+    m["degenerate_share"] = sum(is_degenerate(text) for _, text in samples) / max(len(samples), 1)
+    return json_safe(m)

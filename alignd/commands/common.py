@@ -38,13 +38,15 @@ def child_env(settings: Settings, redis_url: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def training_errors() -> Iterator[None]:
-    """A training command that cannot run (another run holds the lock, no policy, no data) exits 2 with the reason."""
+    """A training command that cannot run or publish (another run holds the lock or published first, no policy, no
+    data) exits 2 with the reason."""
     from store.lock import LockBusy
+    from store.registry import RegistryConflict
     from workers.cycle import CycleError
 
     try:
         yield
-    except (LockBusy, CycleError) as exc:
+    except (LockBusy, CycleError, RegistryConflict) as exc:  # a conflict: a rollback or another run came first
         console.print(f"[red]{exc}")
         raise typer.Exit(2) from None
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -293,99 +292,22 @@ def _preference_config(algorithm: str, seconds: float, config: Optional[str]):
         raise typer.Exit(2) from None
 
 
-def _gate(policy, tok, parent_path: Path, reference, reference_is_parent: bool, token: int, device: str) -> dict:
-    """The cycle's gate (workers.cycle.gate) on the candidate vs the policy it started from, on the cycle's held-out
-    evaluation prompts: harmful compliance, over-caution, checker score, KL, degeneracy, length. There is no reward
-    model here, so its "reward gain" condition is left out; the checkers decide."""
-    from dataclasses import replace
-
-    from training.evaluate import EvalConfig, evaluate_policy, json_safe
-    from training.model import load_causal_lm
-    from workers.cycle import GATE_SEED_OFFSET, gate, is_degenerate, load_cycle_config
-
-    ccfg = load_cycle_config(get_settings())
-    ecfg = EvalConfig(n_per_family=ccfg.eval_per_family, max_new_tokens=ccfg.eval_max_new_tokens,
-                      seed=ccfg.seed + GATE_SEED_OFFSET + token, greedy=not ccfg.eval_sampled)
-
-    def evaluation(model) -> dict:
-        m = evaluate_policy(model, tok, ecfg, reference=reference, return_samples=True)
-        samples = m.pop("samples")
-        m["degenerate_share"] = sum(is_degenerate(text) for _, text in samples) / max(len(samples), 1)
-        return json_safe({**m, "reward_mean": 0.0})
-
-    parent, _ = load_causal_lm(parent_path, device)
-    candidate, parent_eval = evaluation(policy), evaluation(parent)
-    ref_eval = parent_eval if reference_is_parent else evaluation(reference)
-    passed, reasons, numbers = gate(candidate, parent_eval, replace(ccfg, min_reward_gain=float("-inf")),
-                                    reference=ref_eval)
-    return {"passed": passed, "reasons": reasons, "numbers": {**numbers, "eval_seed": ecfg.seed},
-            "candidate": candidate}
-
-
 def _train_preference(algorithm: str, data: Optional[Path], seconds: float, config: Optional[str],
                       gate: bool = True) -> dict:
-    """Train the current policy with DPO or KTO (reference: its SFT ancestor), check it with the cycle's gate and
-    publish it under the train lock."""
-    from store import registry
-    from store.comparisons import all_comparisons
-    from store.lock import FencedLock
-    from training.data import Comparison, Rated
-    from training.model import load_causal_lm
-    from training.preference import train_dpo, train_kto
-    from workers.cycle import load_cycle_config
-    from workers.publish import publish_version
+    """DPO or KTO from the current policy (workers/preference.py), on a file's labels or all feedback in Redis."""
+    from workers.preference import run_preference
 
     settings = get_settings()
     settings.apply_torch_threads()
     cfg = _preference_config(algorithm, seconds, config)
     _, r, _ = open_redis(settings)
-    if data is not None:
-        comparisons, rated, source = _read_data(data)
-    else:
-        comparisons, rated = all_comparisons(r)
-        source = {"redis": True, "comparisons": len(comparisons), "rated": len(rated)}
-    current = registry.current_version(r)
-    if current is None:
-        console.print("[red]no policy version is registered: run `alignd bootstrap` first")
-        raise typer.Exit(2) from None
-    ref_version = registry.reference_version(r, current)
-    device = settings.torch_device()
-    ttl_ms = int(load_cycle_config(settings).lock_ttl_s * 1000)
-    with training_errors(), FencedLock(r, names.TRAIN_LOCK, ttl_ms=ttl_ms) as lock:
-        policy, tok = load_causal_lm(settings.checkpoint(registry.get_version(r, current)["path"]), device)
-        reference, _ = load_causal_lm(settings.checkpoint(registry.get_version(r, ref_version)["path"]), device)
-        items_c, items_r = [Comparison.from_dict(c) for c in comparisons], [Rated.from_dict(x) for x in rated]
+    items = _read_data(data) if data is not None else None
+    with training_errors():
         try:
-            if algorithm == "dpo":
-                policy, metrics = train_dpo(cfg, policy, tok, items_c, reference=reference)
-            else:
-                policy, metrics = train_kto(cfg, policy, tok, items_c, items_r, reference=reference)
+            return run_preference(r, settings, algorithm, cfg, data=items, gate=gate)
         except ValueError as exc:  # no usable data (e.g. only ties, or only thumbs for DPO)
             console.print(f"[red]{algorithm}: {exc}")
             raise typer.Exit(2) from None
-        gate_report = None
-        if gate:
-            parent_path = settings.checkpoint(registry.get_version(r, current)["path"])
-            gate_report = _gate(policy, tok, parent_path, reference, ref_version == current, lock.token, device)
-            if not gate_report["passed"]:
-                registry.record_event(r, "gate_failed", source=algorithm, parent=current,
-                                      reasons=gate_report["reasons"], gate=gate_report["numbers"])
-                return {"status": "gate_failed", "reasons": gate_report["reasons"], "gate": gate_report["numbers"],
-                        "current": current, "data": source, "config": asdict(cfg), "metrics": metrics}
-        annotators = sorted({x.annotator for x in items_c + items_r if x.annotator})
-        meta = {"source": algorithm, "parent": current, "reference_version": ref_version, "reward_version": None,
-                "data": source, "feedback": {"events": 0}, "annotators": annotators,
-                "metrics": gate_report["candidate"] if gate_report else {},
-                "gate": gate_report["numbers"] if gate_report else "skipped (--no-gate)",
-                algorithm: {"config": asdict(cfg), "metrics": metrics}}
-        try:
-            version = publish_version(r, settings, lambda d: (policy.save_pretrained(d), tok.save_pretrained(d)),
-                                      meta, expected_current=current, fencing_token=lock.token)
-        except registry.RegistryConflict as exc:  # a rollback or another run moved the current version meanwhile
-            console.print(f"[red]{algorithm}: not published as current: {exc}; run it again from the new current")
-            raise typer.Exit(2) from None
-    return {"status": "published", "version": version, "parent": current, "reference_version": ref_version,
-            "data": source, "config": asdict(cfg), "metrics": metrics}
 
 
 PrefData = Annotated[Optional[Path], typer.Option(help="preference file in any `alignd import` format, plain or .gz "

@@ -167,7 +167,7 @@ def test_train_dpo_from_feedback_in_redis_and_its_refusals(r, cli, tmp_path):
 
 def test_train_dpo_is_refused_by_the_cycle_gate_unless_told_otherwise(r, cli, tmp_path):
     settings, run = cli
-    write_cycle_config(settings.home, max_kl=-1.0)  # any change from the reference is over this KL budget
+    write_cycle_config(settings.home, **{"gate.max_kl": 1e-9})  # any change from the reference is over this budget
     hh = tmp_path / "hh.jsonl.gz"
     write_hh_gz(hh, sums(16))
     report = last_json(run("train", "dpo", "--data", str(hh), "--config", FAST, "--json"))
