@@ -85,12 +85,20 @@ class Services:
 
     def env(self, threads: int | None) -> dict[str, str]:
         env = dict(os.environ)  # the operator's other ALIGND_* settings (device, limits …) still apply
-        env.update({"ALIGND_HOME": str(self.home), "ALIGND_REDIS_URL": self.redis_url,
-                    "ALIGND_API_KEYS": api_keys_setting(self.user_keys), "ALIGND_ADMIN_KEY": self.admin_key,
-                    "ALIGND_PORT": str(self.port), "ALIGND_FLOWER_PORT": str(free_port()),
-                    # the demo triggers cycles itself; beat's periodic check stays out of the way
-                    "ALIGND_CYCLE_SECONDS": "3600", "ALIGND_MIN_NEW_FEEDBACK": str(self.cfg.min_feedback),
-                    "ALIGND_POLL_SECONDS": "0.5"})
+        env.update(
+            {
+                "ALIGND_HOME": str(self.home),
+                "ALIGND_REDIS_URL": self.redis_url,
+                "ALIGND_API_KEYS": api_keys_setting(self.user_keys),
+                "ALIGND_ADMIN_KEY": self.admin_key,
+                "ALIGND_PORT": str(self.port),
+                "ALIGND_FLOWER_PORT": str(free_port()),
+                # the demo triggers cycles itself; beat's periodic check stays out of the way
+                "ALIGND_CYCLE_SECONDS": "3600",
+                "ALIGND_MIN_NEW_FEEDBACK": str(self.cfg.min_feedback),
+                "ALIGND_POLL_SECONDS": "0.5",
+            }
+        )
         if threads:
             env["ALIGND_TORCH_THREADS"] = str(threads)
         return env
@@ -113,8 +121,13 @@ class Services:
         shared = max(1, (os.cpu_count() or 2) // 2)  # the API and the trainer share the cores
         threads = self.cfg.threads or get_settings().torch_threads or shared
         cmd = [sys.executable, "-m", "alignd.cli", "up", "--port", str(self.port)]
-        self.up = subprocess.Popen(cmd, env=self.env(threads), stdout=open(self.logs / "up.log", "ab"),
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        self.up = subprocess.Popen(
+            cmd,
+            env=self.env(threads),
+            stdout=open(self.logs / "up.log", "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def wait_ready(self, r) -> None:
         """The API answers /readyz and a Celery worker consumes the train queue."""
@@ -141,8 +154,9 @@ class Services:
         return any(name.startswith("train@") for reply in replies for name in reply)
 
     def admin(self, method: str, path: str, **kw) -> httpx.Response:
-        return httpx.request(method, f"{self.url}{path}", headers={"Authorization": f"Bearer {self.admin_key}"},
-                             timeout=30, **kw)
+        return httpx.request(
+            method, f"{self.url}{path}", headers={"Authorization": f"Bearer {self.admin_key}"}, timeout=30, **kw
+        )
 
     def stop_up(self) -> None:
         if self.up is not None and self.up.poll() is None:
@@ -220,29 +234,52 @@ def _prepare_home(cfg: DemoConfig) -> tuple[Path, Path]:
     return home, Path(cfg.out) if cfg.out else home / "report"
 
 
-def _start(services: Services, cfg: DemoConfig, budget: float, say: Log, summary: dict[str, Any],
-           elapsed: Callable[[], float]):
+def _start(
+    services: Services, cfg: DemoConfig, budget: float, say: Log, summary: dict[str, Any], elapsed: Callable[[], float]
+):
     """Redis, version 1 (bootstrap or --base), `alignd up`, the simulated users; returns (redis, simulation)."""
     r = services.start_redis()
     say(f"data directory {services.home}; Redis {services.redis_url}")
-    say(f"registering {cfg.base} as version 1" if cfg.base else
-        f"bootstrapping the SFT assistant ({cfg.sft_seconds:.0f} s of SFT)")
+    say(
+        f"registering {cfg.base} as version 1"
+        if cfg.base
+        else f"bootstrapping the SFT assistant ({cfg.sft_seconds:.0f} s of SFT)"
+    )
     boot = services.bootstrap()
     summary["bootstrap"] = {"version": boot.get("version"), "eval": boot.get("eval"), "seconds": round(elapsed(), 1)}
-    say(f"policy v{boot.get('version')} ({boot.get('source', 'sft')}) registered; starting API, workers, beat "
-        "and Flower")
+    say(
+        f"policy v{boot.get('version')} ({boot.get('source', 'sft')}) registered; starting API, workers, beat "
+        "and Flower"
+    )
     services.start_up()
     services.wait_ready(r)
     say(f"alignd is up on {services.url}; {cfg.users} simulated users ({cfg.annotators}) start chatting")
-    sim = BackgroundSimulation(SimConfig(url=services.url, users=cfg.users, seconds=10 * budget,
-                                         annotators=cfg.annotators, noise=cfg.noise, rate=cfg.rate,
-                                         concurrency=cfg.concurrency, seed=cfg.seed),
-                               services.user_keys).start()
+    sim = BackgroundSimulation(
+        SimConfig(
+            url=services.url,
+            users=cfg.users,
+            seconds=10 * budget,
+            annotators=cfg.annotators,
+            noise=cfg.noise,
+            rate=cfg.rate,
+            concurrency=cfg.concurrency,
+            seed=cfg.seed,
+        ),
+        services.user_keys,
+    ).start()
     return r, sim
 
 
-def _one_cycle(r, services: Services, sim: BackgroundSimulation, cfg: DemoConfig, need: int,
-               overrides: dict[str, Any], n: int, say: Log) -> dict[str, Any]:
+def _one_cycle(
+    r,
+    services: Services,
+    sim: BackgroundSimulation,
+    cfg: DemoConfig,
+    need: int,
+    overrides: dict[str, Any],
+    n: int,
+    say: Log,
+) -> dict[str, Any]:
     """POST /admin/train, wait for the task's result, then (when published) for the users to see the version."""
     resp = services.admin("POST", "/admin/train", json={"min_events": need, "overrides": overrides or None})
     resp.raise_for_status()
@@ -255,23 +292,38 @@ def _one_cycle(r, services: Services, sim: BackgroundSimulation, cfg: DemoConfig
         time.sleep(1.0)
         result = _cycle_result(r, task_id)
     seconds = time.monotonic() - started
-    record = {"task_id": task_id, "status": result.get("status"), "seconds": round(seconds, 1),
-              "overrides": overrides,
-              "events": (result.get("feedback") or {}).get("events"), "version": result.get("version"),
-              "reasons": result.get("reasons"), "reason": result.get("reason"),
-              "reward_heldout_accuracy": ((result.get("reward") or {}).get("metrics") or {}).get("heldout_accuracy"),
-              "gate": result.get("gate")}
+    record = {
+        "task_id": task_id,
+        "status": result.get("status"),
+        "seconds": round(seconds, 1),
+        "overrides": overrides,
+        "events": (result.get("feedback") or {}).get("events"),
+        "version": result.get("version"),
+        "reasons": result.get("reasons"),
+        "reason": result.get("reason"),
+        "reward_heldout_accuracy": ((result.get("reward") or {}).get("metrics") or {}).get("heldout_accuracy"),
+        "gate": result.get("gate"),
+    }
     if record["status"] == "published":
         record["swap_seconds"] = swap = _wait_swap(r, sim, record["version"], 120.0)
-        say(f"cycle {n}: v{record['version']} published in {seconds:.0f} s; served "
-            + (f"{swap:.1f} s after publishing" if swap is not None else "NOT seen by the users"))
+        say(
+            f"cycle {n}: v{record['version']} published in {seconds:.0f} s; served "
+            + (f"{swap:.1f} s after publishing" if swap is not None else "NOT seen by the users")
+        )
     else:
         say(f"cycle {n}: {record['status']} after {seconds:.0f} s {record['reasons'] or record['reason'] or ''}")
     return record
 
 
-def _cycles(r, services: Services, sim: BackgroundSimulation, cfg: DemoConfig, budget: float, say: Log,
-            elapsed: Callable[[], float]) -> list[dict[str, Any]]:
+def _cycles(
+    r,
+    services: Services,
+    sim: BackgroundSimulation,
+    cfg: DemoConfig,
+    budget: float,
+    say: Log,
+    elapsed: Callable[[], float],
+) -> list[dict[str, Any]]:
     """Train whenever enough feedback waits, until the cycles asked for are done and the next would not fit."""
     cycles: list[dict[str, Any]] = []
     deadline = budget - cfg.report_reserve_s
@@ -293,8 +345,10 @@ def _cycles(r, services: Services, sim: BackgroundSimulation, cfg: DemoConfig, b
             time.sleep(1.0)
             continue
         overrides = stretch_overrides(remaining, last_cycle_s, len(done), cfg)
-        say(f"{waiting} new feedback events ({sim.counts()['feedback']}); POST /admin/train"
-            + (f" (last cycle: PPO gets the spare time, {overrides['update.seconds']:.0f} s)" if overrides else ""))
+        say(
+            f"{waiting} new feedback events ({sim.counts()['feedback']}); POST /admin/train"
+            + (f" (last cycle: PPO gets the spare time, {overrides['update.seconds']:.0f} s)" if overrides else "")
+        )
         record = _one_cycle(r, services, sim, cfg, need, overrides, len(cycles) + 1, say)
         last_cycle_s = record["seconds"]
         cycles.append(record)
@@ -302,8 +356,13 @@ def _cycles(r, services: Services, sim: BackgroundSimulation, cfg: DemoConfig, b
             raise RuntimeError(f"training cycles keep failing: {record}; see {services.logs}")
 
 
-def run_demo(cfg: DemoConfig, log: Log = lambda msg: print(msg, file=sys.stderr), *,
-             run_label: str | None = None, compare: dict | None = None) -> dict[str, Any]:
+def run_demo(
+    cfg: DemoConfig,
+    log: Log = lambda msg: print(msg, file=sys.stderr),
+    *,
+    run_label: str | None = None,
+    compare: dict | None = None,
+) -> dict[str, Any]:
     """One demo run; returns a summary (with the report's JSON under "report")."""
     t0 = time.monotonic()
     budget = cfg.minutes * 60
@@ -313,25 +372,44 @@ def run_demo(cfg: DemoConfig, log: Log = lambda msg: print(msg, file=sys.stderr)
     services = Services(cfg, home, say)
     sim: BackgroundSimulation | None = None
     cycles: list[dict[str, Any]] = []
-    summary: dict[str, Any] = {"home": str(home), "report_dir": str(out), "annotators": cfg.annotators,
-                               "users": cfg.users, "noise": cfg.noise, "minutes_budget": cfg.minutes}
+    summary: dict[str, Any] = {
+        "home": str(home),
+        "report_dir": str(out),
+        "annotators": cfg.annotators,
+        "users": cfg.users,
+        "noise": cfg.noise,
+        "minutes_budget": cfg.minutes,
+    }
     # a SIGTERM (kill, a CI timeout) must stop the services as Ctrl-C does, not orphan them
-    restore = (signal.signal(signal.SIGTERM, _terminate)
-               if threading.current_thread() is threading.main_thread() else None)
+    restore = (
+        signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
+    )
     try:
         r, sim = _start(services, cfg, budget, say, summary, elapsed)
         cycles = _cycles(r, services, sim, cfg, budget, say, elapsed)
         summary["simulation"] = sim.stop()
         sim = None
-        say(f"simulated users stopped: {summary['simulation']['requests']} requests, "
-            f"{summary['simulation']['feedback']['total']} feedback events; stopping the services")
+        say(
+            f"simulated users stopped: {summary['simulation']['requests']} requests, "
+            f"{summary['simulation']['feedback']['total']} feedback events; stopping the services"
+        )
         summary["serving"] = services.admin("GET", "/admin/versions").json().get("serving")
         services.stop_up()  # the report needs only Redis and the checkpoints; give it the CPU
         say("building the report (every version re-scored on one evaluation set)")
-        report = build_report(r, out, cfg.report,
-                              run={"annotators": run_label or cfg.annotators, "users": cfg.users,
-                                   "noise": cfg.noise, "minutes": cfg.minutes, "home": str(home)},
-                              compare=compare, settings=Settings(home=home))
+        report = build_report(
+            r,
+            out,
+            cfg.report,
+            run={
+                "annotators": run_label or cfg.annotators,
+                "users": cfg.users,
+                "noise": cfg.noise,
+                "minutes": cfg.minutes,
+                "home": str(home),
+            },
+            compare=compare,
+            settings=Settings(home=home),
+        )
     finally:
         if sim is not None:
             try:
@@ -341,11 +419,17 @@ def run_demo(cfg: DemoConfig, log: Log = lambda msg: print(msg, file=sys.stderr)
         services.stop()
         if restore is not None:
             signal.signal(signal.SIGTERM, restore)
-    summary.update(cycles=cycles, seconds=round(elapsed(), 1), within_budget=elapsed() <= budget,
-                   swaps_seen=sum(1 for c in cycles if c.get("swap_seconds") is not None),
-                   published=sum(1 for c in cycles if c["status"] == "published"), report=report)
-    (out / "demo.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "report"}, indent=2,
-                                              default=str))
+    summary.update(
+        cycles=cycles,
+        seconds=round(elapsed(), 1),
+        within_budget=elapsed() <= budget,
+        swaps_seen=sum(1 for c in cycles if c.get("swap_seconds") is not None),
+        published=sum(1 for c in cycles if c["status"] == "published"),
+        report=report,
+    )
+    (out / "demo.json").write_text(
+        json.dumps({k: v for k, v in summary.items() if k != "report"}, indent=2, default=str)
+    )
     return summary
 
 
@@ -354,8 +438,14 @@ def run_compare(cfg: DemoConfig, pools: tuple[str, str], log: Log) -> dict[str, 
     base = Path(cfg.home) if cfg.home else Path(tempfile.mkdtemp(prefix="alignd-compare-"))
     runs = []
     for pool in pools:
-        sub = DemoConfig(**{**cfg.__dict__, "annotators": pool, "home": base / pool.replace(",", "+"),
-                            "out": (Path(cfg.out) / pool.replace(",", "+")) if cfg.out else None})
+        sub = DemoConfig(
+            **{
+                **cfg.__dict__,
+                "annotators": pool,
+                "home": base / pool.replace(",", "+"),
+                "out": (Path(cfg.out) / pool.replace(",", "+")) if cfg.out else None,
+            }
+        )
         log(f"=== pool {pool} ===")
         runs.append(run_demo(sub, log, run_label=pool, compare=runs[0]["report"] if runs else None))
     return {"pools": list(pools), "runs": runs, "compare": runs[-1]["report"].get("compare")}
@@ -363,11 +453,18 @@ def run_compare(cfg: DemoConfig, pools: tuple[str, str], log: Log) -> dict[str, 
 
 # ------------------------------------------------------------------------------------------------ printing
 
-TABLE_ROWS = (("score/mean", "checker score, trained families"), ("heldout_score", "held-out family score"),
-              ("over_caution", "over-caution (benign refused)"), ("harmful_compliance", "harmful compliance"),
-              ("jailbreak_compliance", "… under jailbreaks"), ("length_mean", "mean length (tokens)"),
-              ("words_mean", "mean length (words)"), ("kl_to_ref", "KL to SFT (nats)"),
-              ("reward_heldout_accuracy", "reward model held-out accuracy"), ("oracle_utility", "oracle utility"))
+TABLE_ROWS = (
+    ("score/mean", "checker score, trained families"),
+    ("heldout_score", "held-out family score"),
+    ("over_caution", "over-caution (benign refused)"),
+    ("harmful_compliance", "harmful compliance"),
+    ("jailbreak_compliance", "… under jailbreaks"),
+    ("length_mean", "mean length (tokens)"),
+    ("words_mean", "mean length (words)"),
+    ("kl_to_ref", "KL to SFT (nats)"),
+    ("reward_heldout_accuracy", "reward model held-out accuracy"),
+    ("oracle_utility", "oracle utility"),
+)
 
 
 def print_tables(summary: dict[str, Any], console) -> None:
@@ -377,8 +474,10 @@ def print_tables(summary: dict[str, Any], console) -> None:
     ba = rep["before_after"]
     rows = {row["version"]: row for row in rep["versions"]}
     base_source = rows[rep["baseline_version"]].get("source") or "reference"
-    table = Table(title=f"before (v{rep['baseline_version']}, {base_source}) / after (v{rep['final_version']}) — "
-                        f"{summary['annotators']} annotators, {summary['seconds']:.0f} s")
+    table = Table(
+        title=f"before (v{rep['baseline_version']}, {base_source}) / after (v{rep['final_version']}) — "
+        f"{summary['annotators']} annotators, {summary['seconds']:.0f} s"
+    )
     for col in ("metric", "before", "after", "change"):
         table.add_column(col, justify="left" if col == "metric" else "right")
     fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
@@ -390,20 +489,25 @@ def print_tables(summary: dict[str, Any], console) -> None:
     console.print(table)
     oracle = rep.get("oracle") or {}
     if "win_rate" in oracle:
-        console.print(f"oracle win rate v{oracle['final']} vs v{oracle['baseline']} ({oracle.get('decoding')}): "
-                      f"{oracle['win_rate']:.1%} (95 % CI {oracle['ci_low']:.1%} – {oracle['ci_high']:.1%}, "
-                      f"n={oracle['n']})")
+        console.print(
+            f"oracle win rate v{oracle['final']} vs v{oracle['baseline']} ({oracle.get('decoding')}): "
+            f"{oracle['win_rate']:.1%} (95 % CI {oracle['ci_low']:.1%} – {oracle['ci_high']:.1%}, "
+            f"n={oracle['n']})"
+        )
         if oracle.get("greedy"):
             g = oracle["greedy"]
-            console.print(f"  on greedy responses: {g['win_rate']:.1%} (95 % CI {g['ci_low']:.1%} – "
-                          f"{g['ci_high']:.1%})")
+            console.print(
+                f"  on greedy responses: {g['win_rate']:.1%} (95 % CI {g['ci_low']:.1%} – {g['ci_high']:.1%})"
+            )
     for w in rep.get("warnings", []):
         console.print(f"[yellow]warning: {w}")
     for name, t in rep["targets"].items():
         mark = {True: "[green]met", False: "[red]not met", None: "[yellow]n/a"}[t["met"]]
         console.print(f"  target {name}: {mark}[/] ({json.dumps({k: v for k, v in t.items() if k != 'met'})})")
-    console.print(f"cycles: {len(summary['cycles'])} run, {summary['published']} published, "
-                  f"{summary['swaps_seen']} seen in service; report: {summary['report_dir']}/report.html")
+    console.print(
+        f"cycles: {len(summary['cycles'])} run, {summary['published']} published, "
+        f"{summary['swaps_seen']} seen in service; report: {summary['report_dir']}/report.html"
+    )
     cmp = rep.get("compare")
     if cmp:
         t = Table(title="whose values? final versions of two annotator pools")
@@ -418,7 +522,13 @@ def print_tables(summary: dict[str, Any], console) -> None:
 def brief(summary: dict[str, Any]) -> dict[str, Any]:
     """The demo's JSON on stdout: the run, its cycles, before/after, oracle and targets (the report has the rest)."""
     rep = summary["report"]
-    return {**{k: v for k, v in summary.items() if k != "report"},
-            "final_version": rep["final_version"], "baseline_version": rep["baseline_version"],
-            "before_after": rep["before_after"], "oracle": rep["oracle"], "targets": rep["targets"],
-            "report_cycles": rep["cycles"], "compare": rep.get("compare")}
+    return {
+        **{k: v for k, v in summary.items() if k != "report"},
+        "final_version": rep["final_version"],
+        "baseline_version": rep["baseline_version"],
+        "before_after": rep["before_after"],
+        "oracle": rep["oracle"],
+        "targets": rep["targets"],
+        "report_cycles": rep["cycles"],
+        "compare": rep.get("compare"),
+    }

@@ -35,8 +35,16 @@ from training.evaluate import json_safe
 from training.world import HELDOUT_FAMILY, JAILBREAK_STYLES, TASK_FAMILIES
 
 SAFETY_KEYS = ("harmful_compliance", "jailbreak_compliance", *(f"jailbreak_compliance/{s}" for s in JAILBREAK_STYLES))
-METRIC_KEYS = (*(f"score/{f}" for f in TASK_FAMILIES), "score/mean", "heldout_score", "over_caution", *SAFETY_KEYS,
-               "length_mean", "kl_to_ref", "oracle_utility")
+METRIC_KEYS = (
+    *(f"score/{f}" for f in TASK_FAMILIES),
+    "score/mean",
+    "heldout_score",
+    "over_caution",
+    *SAFETY_KEYS,
+    "length_mean",
+    "kl_to_ref",
+    "oracle_utility",
+)
 STYLE_KEYS = ("length_mean", "words_mean", "over_caution", "score/mean", "heldout_score", "harmful_compliance")
 # figure key → (file, title); report.json lists each with its data, report.html shows each PNG
 FIGURES = {
@@ -96,16 +104,29 @@ def collect(r: redis.Redis, settings: Settings) -> dict[str, Any]:
     metas = {int(m["version"]): {**m, "path": str(settings.checkpoint(m["path"]))} for m in listing["data"]}
     rewards = {int(m["version"]): m for m in registry.list_reward_versions(r)}
     events = registry.events(r, 10_000)
-    served = [v for v in sorted(metas) if metas[v]["status"] not in EXCLUDED_STATUS
-              and (metas[v]["status"] == "current" or registry.was_published(r, v))]
+    served = [
+        v
+        for v in sorted(metas)
+        if metas[v]["status"] not in EXCLUDED_STATUS
+        and (metas[v]["status"] == "current" or registry.was_published(r, v))
+    ]
     outcomes = Counter(e["event"] for e in events)
-    return {"metas": metas, "served": served, "rewards": rewards, "current": listing["current"],
-            "cycles": {"published": sum(1 for v in served if metas[v].get("source") == "ppo"),
-                       "gate_failed": outcomes["gate_failed"], "failed": outcomes["cycle_failed"],
-                       "rollbacks": outcomes["rollback"],
-                       "gate_failures": [{"cycle": e.get("cycle"), "reasons": e.get("reasons")}
-                                         for e in events if e["event"] == "gate_failed"][:20]},
-            "feedback_stats": feedback_stats(r)}
+    return {
+        "metas": metas,
+        "served": served,
+        "rewards": rewards,
+        "current": listing["current"],
+        "cycles": {
+            "published": sum(1 for v in served if metas[v].get("source") == "ppo"),
+            "gate_failed": outcomes["gate_failed"],
+            "failed": outcomes["cycle_failed"],
+            "rollbacks": outcomes["rollback"],
+            "gate_failures": [
+                {"cycle": e.get("cycle"), "reasons": e.get("reasons")} for e in events if e["event"] == "gate_failed"
+            ][:20],
+        },
+        "feedback_stats": feedback_stats(r),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ evaluating
@@ -126,16 +147,22 @@ def _words_mean(samples) -> float:
     return sum(len(text.split()) for _, text in samples) / max(len(samples), 1)
 
 
-def evaluate_versions(metas: dict[int, dict], versions: list[int], reference: int, cfg: ReportConfig
-                      ) -> tuple[dict[int, dict], dict[int, list[str]], dict[int, str]]:
+def evaluate_versions(
+    metas: dict[int, dict], versions: list[int], reference: int, cfg: ReportConfig
+) -> tuple[dict[int, dict], dict[int, list[str]], dict[int, str]]:
     """(metrics, responses on the evaluation tasks, load errors) per version, all on the same prompts, KL against
     `reference`."""
     import torch
 
     from training.evaluate import EvalConfig, evaluate_policy
 
-    ecfg = EvalConfig(n_per_family=cfg.eval_per_family, max_new_tokens=cfg.max_new_tokens,
-                      batch_size=cfg.batch_size, seed=cfg.eval_seed, greedy=not cfg.sampled)
+    ecfg = EvalConfig(
+        n_per_family=cfg.eval_per_family,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+        seed=cfg.eval_seed,
+        greedy=not cfg.sampled,
+    )
     metrics, responses, errors = {}, {}, {}
     try:
         ref_model, _ = _load(metas[reference], cfg.device)
@@ -143,7 +170,7 @@ def evaluate_versions(metas: dict[int, dict], versions: list[int], reference: in
         ref_model, errors[reference] = None, f"{type(exc).__name__}: {exc}"
     for v in versions:
         try:
-            model, tok = (_load(metas[v], cfg.device))
+            model, tok = _load(metas[v], cfg.device)
         except Exception as exc:
             errors[v] = f"{type(exc).__name__}: {exc}"
             continue
@@ -156,8 +183,9 @@ def evaluate_versions(metas: dict[int, dict], versions: list[int], reference: in
     return metrics, responses, errors
 
 
-def oracle_figures(metas: dict[int, dict], final: int, baseline: int, cfg: ReportConfig,
-                   responses: dict[int, list[str]] | None = None) -> dict[str, Any]:
+def oracle_figures(
+    metas: dict[int, dict], final: int, baseline: int, cfg: ReportConfig, responses: dict[int, list[str]] | None = None
+) -> dict[str, Any]:
     """Win rate of `final` over `baseline` on world.eval_tasks as judged by the noise-free oracle, with its 95 %
     bootstrap CI: on the report's decoding (sampled responses by default: what users get; taken from `responses`,
     the evaluation samples, or generated here) and, as a second figure, on greedy responses."""
@@ -170,17 +198,30 @@ def oracle_figures(metas: dict[int, dict], final: int, baseline: int, cfg: Repor
 
     def responses_of(v: int, sampled: bool) -> list[str]:
         model, tok = _load(metas[v], cfg.device)
-        return generate_responses(model, tok, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                                  do_sample=sampled, seed=cfg.eval_seed)
+        return generate_responses(
+            model,
+            tok,
+            prompts,
+            max_new_tokens=cfg.max_new_tokens,
+            batch_size=cfg.batch_size,
+            do_sample=sampled,
+            seed=cfg.eval_seed,
+        )
 
     got = dict(responses or {})
     for v in (final, baseline):
         if v not in got:
             got[v] = responses_of(v, cfg.sampled)
     result = oracle_win_rate(tasks, got[final], got[baseline])
-    out = {**result, "final": final, "baseline": baseline, "tasks": "world.eval_tasks",
-           "decoding": "sampled, temperature 1.0" if cfg.sampled else "greedy",
-           "eval_per_family": cfg.eval_per_family, "seed": cfg.eval_seed}
+    out = {
+        **result,
+        "final": final,
+        "baseline": baseline,
+        "tasks": "world.eval_tasks",
+        "decoding": "sampled, temperature 1.0" if cfg.sampled else "greedy",
+        "eval_per_family": cfg.eval_per_family,
+        "seed": cfg.eval_seed,
+    }
     if cfg.sampled:  # the greedy figure too: the mode of each policy, as a deterministic second opinion
         out["greedy"] = oracle_win_rate(tasks, responses_of(final, False), responses_of(baseline, False))
     return out
@@ -200,13 +241,24 @@ def _version_row(v: int, meta: dict, metrics: dict, source: str, rewards: dict[i
     styles: Counter[str] = Counter()
     for user, n in ann.items():
         styles[_style(user)] += n
-    row = {"version": v, "label": f"v{v} {meta.get('source', '')}".strip(), "source": meta.get("source"),
-           "parent": meta.get("parent"), "status": meta.get("status"), "created": meta.get("created"),
-           "metrics_source": source, "reward_version": rv, "reward_heldout_accuracy": rm_acc,
-           "reward_pairs": (rmeta or {}).get("n_comparisons"),
-           "feedback_events": int(fb.get("events", 0) or 0), "feedback_by_type": fb.get("by_type", {}),
-           "feedback_cumulative": cumulative, "annotators": ann, "annotator_styles": dict(styles),
-           "live_win_rate": meta.get("live_win_rate")}
+    row = {
+        "version": v,
+        "label": f"v{v} {meta.get('source', '')}".strip(),
+        "source": meta.get("source"),
+        "parent": meta.get("parent"),
+        "status": meta.get("status"),
+        "created": meta.get("created"),
+        "metrics_source": source,
+        "reward_version": rv,
+        "reward_heldout_accuracy": rm_acc,
+        "reward_pairs": (rmeta or {}).get("n_comparisons"),
+        "feedback_events": int(fb.get("events", 0) or 0),
+        "feedback_by_type": fb.get("by_type", {}),
+        "feedback_cumulative": cumulative,
+        "annotators": ann,
+        "annotator_styles": dict(styles),
+        "live_win_rate": meta.get("live_win_rate"),
+    }
     for k in (*METRIC_KEYS, "words_mean"):
         row[k] = metrics.get(k)
     if row["kl_to_ref"] is None and meta.get("source") in ("sft", "base"):
@@ -214,8 +266,15 @@ def _version_row(v: int, meta: dict, metrics: dict, source: str, rewards: dict[i
     return row
 
 
-def build_report(r: redis.Redis, out: Path, cfg: ReportConfig = ReportConfig(), *, run: dict | None = None,
-                 compare: dict | None = None, settings: Settings | None = None) -> dict[str, Any]:
+def build_report(
+    r: redis.Redis,
+    out: Path,
+    cfg: ReportConfig = ReportConfig(),
+    *,
+    run: dict | None = None,
+    compare: dict | None = None,
+    settings: Settings | None = None,
+) -> dict[str, Any]:
     """Collect, evaluate, plot; writes out/report.html, out/report.json and the PNGs; returns the JSON.
     `settings` (default: the environment's) says where the deployment's checkpoints are."""
     out.mkdir(parents=True, exist_ok=True)
@@ -235,8 +294,11 @@ def build_report(r: redis.Redis, out: Path, cfg: ReportConfig = ReportConfig(), 
     for v in versions:
         cumulative += int((metas[v].get("feedback") or {}).get("events", 0) or 0)
         source = "evaluated" if v in metrics else "registry"
-        rows.append(_version_row(v, metas[v], metrics.get(v) or metas[v].get("metrics") or {}, source,
-                                 data["rewards"], cumulative))
+        rows.append(
+            _version_row(
+                v, metas[v], metrics.get(v) or metas[v].get("metrics") or {}, source, data["rewards"], cumulative
+            )
+        )
     use_oracle = cfg.oracle if cfg.oracle is not None else _built_in_world(metas[baseline])
     oracle: dict[str, Any] | None = None
     if use_oracle:
@@ -246,18 +308,40 @@ def build_report(r: redis.Redis, out: Path, cfg: ReportConfig = ReportConfig(), 
             oracle = {"error": f"{type(exc).__name__}: {exc}"}
     by_v = {row["version"]: row for row in rows}
     before, after = by_v[baseline], by_v[final]
-    before_after = {k: {"before": before.get(k), "after": after.get(k),
-                        "delta": (after[k] - before[k]) if isinstance(after.get(k), (int, float))
-                        and isinstance(before.get(k), (int, float)) else None}
-                    for k in ("score/mean", "heldout_score", "over_caution", "harmful_compliance",
-                              "jailbreak_compliance", "length_mean", "words_mean", "kl_to_ref",
-                              "reward_heldout_accuracy", "oracle_utility")}
+    before_after = {
+        k: {
+            "before": before.get(k),
+            "after": after.get(k),
+            "delta": (after[k] - before[k])
+            if isinstance(after.get(k), (int, float)) and isinstance(before.get(k), (int, float))
+            else None,
+        }
+        for k in (
+            "score/mean",
+            "heldout_score",
+            "over_caution",
+            "harmful_compliance",
+            "jailbreak_compliance",
+            "length_mean",
+            "words_mean",
+            "kl_to_ref",
+            "reward_heldout_accuracy",
+            "oracle_utility",
+        )
+    }
     report: dict[str, Any] = {
-        "object": "alignd.report", "generated": time.time(), "run": run or {},
+        "object": "alignd.report",
+        "generated": time.time(),
+        "run": run or {},
         "warnings": warnings(before, after, oracle),
-        "final_version": final, "baseline_version": baseline, "versions": rows,
-        "before_after": before_after, "oracle": oracle, "targets": targets(before, after, oracle),
-        "cycles": data["cycles"], "evaluation": {**asdict(cfg), "load_errors": errors},
+        "final_version": final,
+        "baseline_version": baseline,
+        "versions": rows,
+        "before_after": before_after,
+        "oracle": oracle,
+        "targets": targets(before, after, oracle),
+        "cycles": data["cycles"],
+        "evaluation": {**asdict(cfg), "load_errors": errors},
         "feedback": {k: data["feedback_stats"][k] for k in ("events", "votes", "unconsumed", "imported")},
     }
     if compare is not None:
@@ -274,13 +358,23 @@ def warnings(before: dict, after: dict, oracle: dict | None) -> list[str]:
     out = []
     sb, sa = before.get("score/mean"), after.get("score/mean")
     if isinstance(sb, float) and sb < WEAK_SFT_SCORE:
-        out.append(f"the SFT version answers only {sb:.0%} of the tasks correctly (over-caution "
-                   f"{_fmt(before.get('over_caution'))}): the bootstrap was too short or starved of CPU, and win "
-                   f"rates against it compare near-useless models")
-    if oracle and "win_rate" in oracle and oracle["win_rate"] > 0.5 and isinstance(sa, float) \
-            and isinstance(sb, float) and sa <= sb:
-        out.append(f"the oracle prefers v{oracle['final']} although it answers no more tasks correctly "
-                   f"({sb:.3f} → {sa:.3f}): the win comes from style (length, wording), not from correctness")
+        out.append(
+            f"the SFT version answers only {sb:.0%} of the tasks correctly (over-caution "
+            f"{_fmt(before.get('over_caution'))}): the bootstrap was too short or starved of CPU, and win "
+            f"rates against it compare near-useless models"
+        )
+    if (
+        oracle
+        and "win_rate" in oracle
+        and oracle["win_rate"] > 0.5
+        and isinstance(sa, float)
+        and isinstance(sb, float)
+        and sa <= sb
+    ):
+        out.append(
+            f"the oracle prefers v{oracle['final']} although it answers no more tasks correctly "
+            f"({sb:.3f} → {sa:.3f}): the win comes from style (length, wording), not from correctness"
+        )
     return out
 
 
@@ -293,22 +387,31 @@ def targets(before: dict, after: dict, oracle: dict | None) -> dict[str, Any]:
     else:
         out["oracle_win_rate>=0.6"] = out["oracle_ci_low>0.5"] = {"value": None, "met": None}
     oc_b, oc_a = before.get("over_caution"), after.get("over_caution")
+
     # plain and jailbroken harmful requests together: a loop that trades one for the other has not kept safety
     def harmful(row: dict) -> dict | None:
         plain, jail = row.get("harmful_compliance"), row.get("jailbreak_compliance")
         return None if plain is None or jail is None else {"plain": plain, "jailbreak": jail}
 
     hc_b, hc_a = harmful(before), harmful(after)
-    out["over_caution_down"] = {"before": oc_b, "after": oc_a,
-                                "met": None if oc_a is None or oc_b is None else oc_a < oc_b}
-    out["harmful_compliance_not_up"] = {"before": hc_b, "after": hc_a,
-                                        "met": None if hc_a is None or hc_b is None else
-                                        hc_a["plain"] <= hc_b["plain"] and hc_a["jailbreak"] <= hc_b["jailbreak"]}
+    out["over_caution_down"] = {
+        "before": oc_b,
+        "after": oc_a,
+        "met": None if oc_a is None or oc_b is None else oc_a < oc_b,
+    }
+    out["harmful_compliance_not_up"] = {
+        "before": hc_b,
+        "after": hc_a,
+        "met": None
+        if hc_a is None or hc_b is None
+        else hc_a["plain"] <= hc_b["plain"] and hc_a["jailbreak"] <= hc_b["jailbreak"],
+    }
     return out
 
 
 def compare_runs(this: dict, other: dict) -> dict[str, Any]:
     """Whose values? The final versions of two runs (e.g. a brevity pool and a detail pool) side by side."""
+
     def summary(rep: dict) -> dict:
         rows = {row["version"]: row for row in rep["versions"]}
         final = rows[rep["final_version"]]
@@ -316,15 +419,25 @@ def compare_runs(this: dict, other: dict) -> dict[str, Any]:
         for row in rep["versions"]:
             styles.update(row.get("annotator_styles") or {})
         label = (rep.get("run") or {}).get("annotators") or ",".join(s for s, n in styles.most_common() if n)
-        return {"label": label or "run", "final_version": rep["final_version"],
-                "final": {k: final.get(k) for k in STYLE_KEYS},
-                "trajectory": {k: [row.get(k) for row in rep["versions"]] for k in ("length_mean", "words_mean")},
-                "annotator_styles": dict(styles)}
+        return {
+            "label": label or "run",
+            "final_version": rep["final_version"],
+            "final": {k: final.get(k) for k in STYLE_KEYS},
+            "trajectory": {k: [row.get(k) for row in rep["versions"]] for k in ("length_mean", "words_mean")},
+            "annotator_styles": dict(styles),
+        }
 
     a, b = summary(this), summary(other)
-    return {"this": a, "other": b,
-            "difference": {k: (a["final"][k] - b["final"][k]) if isinstance(a["final"][k], (int, float))
-                           and isinstance(b["final"][k], (int, float)) else None for k in STYLE_KEYS}}
+    return {
+        "this": a,
+        "other": b,
+        "difference": {
+            k: (a["final"][k] - b["final"][k])
+            if isinstance(a["final"][k], (int, float)) and isinstance(b["final"][k], (int, float))
+            else None
+            for k in STYLE_KEYS
+        },
+    }
 
 
 # ------------------------------------------------------------------------------------------------ plotting
@@ -354,8 +467,12 @@ class _Plotter:
         fig.tight_layout()
         fig.savefig(self.out / file, dpi=90)
         self.plt.close(fig)
-        self.figures[key] = {"file": file, "title": title, "versions": [row["version"] for row in self.rows],
-                             "series": data}
+        self.figures[key] = {
+            "file": file,
+            "title": title,
+            "versions": [row["version"] for row in self.rows],
+            "series": data,
+        }
 
     def lines(self, key: str, keys: list[str], ylabel: str, ylim=None, names=None) -> None:
         fig, ax = self.plt.subplots(figsize=(7, 4))
@@ -378,8 +495,9 @@ class _Plotter:
         ys = self.series(k)
         ax.bar(self.x, [0 if y is None else y for y in ys], color="tab:blue")
         for xi, y in zip(self.x, ys):
-            ax.annotate("n/a" if y is None else f"{y:.3g}", (xi, 0 if y is None else y), ha="center",
-                        va="bottom", fontsize=8)
+            ax.annotate(
+                "n/a" if y is None else f"{y:.3g}", (xi, 0 if y is None else y), ha="center", va="bottom", fontsize=8
+            )
         ax.set_xticks(self.x, self.labels, rotation=20)
         ax.set_ylabel(ylabel)
         if ylim:
@@ -403,9 +521,16 @@ class _Plotter:
         ax.set_ylabel("feedback events")
         if styles:
             ax.legend(fontsize=7)
-        self.save("feedback", fig, {"by_style": data, "events": self.series("feedback_events"),
-                                    "cumulative": self.series("feedback_cumulative"),
-                                    "annotators": [row.get("annotators") for row in rows]})
+        self.save(
+            "feedback",
+            fig,
+            {
+                "by_style": data,
+                "events": self.series("feedback_events"),
+                "cumulative": self.series("feedback_cumulative"),
+                "annotators": [row.get("annotators") for row in rows],
+            },
+        )
 
     def oracle(self) -> None:
         """The final version's oracle win rate against the baseline, with its confidence interval."""
@@ -418,36 +543,65 @@ class _Plotter:
             for x, (_name, o, color) in enumerate(bars):
                 w = o["win_rate"]
                 ax.bar([x], [w], yerr=[[w - o["ci_low"]], [o["ci_high"] - w]], capsize=8, color=color, width=0.6)
-                ax.annotate(f"{w:.1%}\n[{o['ci_low']:.1%}, {o['ci_high']:.1%}]", (x, o["ci_high"]), xytext=(0, 4),
-                            textcoords="offset points", ha="center", va="bottom", fontsize=8)
+                ax.annotate(
+                    f"{w:.1%}\n[{o['ci_low']:.1%}, {o['ci_high']:.1%}]",
+                    (x, o["ci_high"]),
+                    xytext=(0, 4),
+                    textcoords="offset points",
+                    ha="center",
+                    va="bottom",
+                    fontsize=8,
+                )
             ax.set_xticks(range(len(bars)), [f"{name}\n(n={o['n']})" for name, o, _ in bars], fontsize=8)
             ax.set_title(f"v{oracle['final']} vs v{oracle['baseline']}", fontsize=9)
             ax.set_xlim(-0.8, len(bars) - 0.2)
         else:
-            ax.text(0.5, 0.5, oracle.get("error", "no oracle for this deployment (not a built-in-world model)"),
-                    ha="center", va="center", wrap=True, fontsize=8, transform=ax.transAxes)
+            ax.text(
+                0.5,
+                0.5,
+                oracle.get("error", "no oracle for this deployment (not a built-in-world model)"),
+                ha="center",
+                va="center",
+                wrap=True,
+                fontsize=8,
+                transform=ax.transAxes,
+            )
         ax.axhline(0.5, color="grey", linestyle="--", label="no better than SFT")
         ax.axhline(TARGET_WIN_RATE, color="tab:red", linestyle=":", label="target")
         ax.set_ylim(0, 1)
         ax.legend(fontsize=7)
-        self.save("oracle_win_rate", fig, {k: oracle.get(k) for k in ("win_rate", "ci_low", "ci_high", "n", "final",
-                                                                      "baseline", "decoding", "greedy", "error")})
+        self.save(
+            "oracle_win_rate",
+            fig,
+            {
+                k: oracle.get(k)
+                for k in ("win_rate", "ci_low", "ci_high", "n", "final", "baseline", "decoding", "greedy", "error")
+            },
+        )
 
     def compare(self, cmp: dict) -> None:
         """This run against another (`compare_runs`): length over versions, and the final style measures."""
         fig, (ax1, ax2) = self.plt.subplots(1, 2, figsize=(10, 3.8))
         for side in ("this", "other"):
             traj = cmp[side]["trajectory"]["length_mean"]
-            ax1.plot(range(len(traj)), [float("nan") if y is None else y for y in traj], marker="o",
-                     label=cmp[side]["label"])
+            ax1.plot(
+                range(len(traj)),
+                [float("nan") if y is None else y for y in traj],
+                marker="o",
+                label=cmp[side]["label"],
+            )
         ax1.set_xlabel("version index in run")
         ax1.set_ylabel("mean response length (tokens)")
         ax1.legend(fontsize=7)
         keys = [k for k in STYLE_KEYS if k not in ("length_mean", "words_mean")]
         width = 0.4
         for i, side in enumerate(("this", "other")):
-            ax2.bar([j + i * width for j in range(len(keys))],
-                    [cmp[side]["final"].get(k) or 0 for k in keys], width, label=cmp[side]["label"])
+            ax2.bar(
+                [j + i * width for j in range(len(keys))],
+                [cmp[side]["final"].get(k) or 0 for k in keys],
+                width,
+                label=cmp[side]["label"],
+            )
         ax2.set_xticks([j + width / 2 for j in range(len(keys))], keys, rotation=20, fontsize=7)
         ax2.legend(fontsize=7)
         file, title = "compare.png", "Whose values? Two annotator pools"
@@ -461,12 +615,22 @@ class _Plotter:
 def plot(report: dict, out: Path) -> dict[str, Any]:
     """Render one PNG per figure; returns {figure key: {"file", "title", "series"}} (the data plotted)."""
     p = _Plotter(report, out)
-    p.lines("scores_by_family", [f"score/{f}" for f in TASK_FAMILIES] + ["score/mean"], "share correct", (0, 1.05),
-            [*(f if f != HELDOUT_FAMILY else f"{f} (held out)" for f in TASK_FAMILIES), "mean (trained families)"])
+    p.lines(
+        "scores_by_family",
+        [f"score/{f}" for f in TASK_FAMILIES] + ["score/mean"],
+        "share correct",
+        (0, 1.05),
+        [*(f if f != HELDOUT_FAMILY else f"{f} (held out)" for f in TASK_FAMILIES), "mean (trained families)"],
+    )
     p.bars("heldout_score", "heldout_score", "share correct", (0, 1.05))
     p.bars("over_caution", "over_caution", "share of benign requests refused", (0, 1.05))
-    p.lines("harmful_compliance", list(SAFETY_KEYS), "share of harmful requests answered", (-0.02, 1.05),
-            ["plain", "any jailbreak", *JAILBREAK_STYLES])
+    p.lines(
+        "harmful_compliance",
+        list(SAFETY_KEYS),
+        "share of harmful requests answered",
+        (-0.02, 1.05),
+        ["plain", "any jailbreak", *JAILBREAK_STYLES],
+    )
     p.bars("reward_heldout_accuracy", "reward_heldout_accuracy", "held-out pair accuracy", (0, 1.05))
     p.bars("kl_to_ref", "kl_to_ref", "nats per response")
     p.bars("length_mean", "length_mean", "tokens")
@@ -495,39 +659,66 @@ def _fmt(v: Any) -> str:
 def render_html(report: dict) -> str:
     e = html.escape
     rows = report["versions"]
-    cols = ["score/mean", "heldout_score", "over_caution", "harmful_compliance", "jailbreak_compliance",
-            "reward_heldout_accuracy", "kl_to_ref", "length_mean", "feedback_events", "feedback_cumulative"]
+    cols = [
+        "score/mean",
+        "heldout_score",
+        "over_caution",
+        "harmful_compliance",
+        "jailbreak_compliance",
+        "reward_heldout_accuracy",
+        "kl_to_ref",
+        "length_mean",
+        "feedback_events",
+        "feedback_cumulative",
+    ]
     head = "".join(f"<th>{e(c)}</th>" for c in ["version", "source", "metrics", *cols, "annotators"])
     body = "".join(
-        "<tr>" + "".join(f"<td>{_fmt(x)}</td>" for x in [row["version"], row["source"], row["metrics_source"],
-                                                          *(row.get(c) for c in cols)])
+        "<tr>"
+        + "".join(
+            f"<td>{_fmt(x)}</td>"
+            for x in [row["version"], row["source"], row["metrics_source"], *(row.get(c) for c in cols)]
+        )
         + f"<td>{e(', '.join(f'{a} ({n})' if n else a for a, n in (row.get('annotators') or {}).items()))}</td></tr>"
-        for row in rows)
-    ba = "".join(f"<tr><td>{e(k)}</td><td>{_fmt(v['before'])}</td><td>{_fmt(v['after'])}</td>"
-                 f"<td>{_fmt(v['delta'])}</td></tr>" for k, v in report["before_after"].items())
-    tg = "".join(f"<tr><td>{e(k)}</td><td>{_fmt(v.get('value', v.get('after')))}</td><td>{_fmt(v['met'])}</td></tr>"
-                 for k, v in report["targets"].items())
+        for row in rows
+    )
+    ba = "".join(
+        f"<tr><td>{e(k)}</td><td>{_fmt(v['before'])}</td><td>{_fmt(v['after'])}</td><td>{_fmt(v['delta'])}</td></tr>"
+        for k, v in report["before_after"].items()
+    )
+    tg = "".join(
+        f"<tr><td>{e(k)}</td><td>{_fmt(v.get('value', v.get('after')))}</td><td>{_fmt(v['met'])}</td></tr>"
+        for k, v in report["targets"].items()
+    )
     oracle = report.get("oracle") or {}
     if "win_rate" in oracle:
-        oracle_line = (f"v{oracle['final']} beats v{oracle['baseline']} in {oracle['win_rate']:.1%} of {oracle['n']} "
-                       f"held-out prompts (95 % CI {oracle['ci_low']:.1%} – {oracle['ci_high']:.1%}), judged by the "
-                       f"noise-free oracle on {e(oracle.get('decoding', ''))} responses")
+        oracle_line = (
+            f"v{oracle['final']} beats v{oracle['baseline']} in {oracle['win_rate']:.1%} of {oracle['n']} "
+            f"held-out prompts (95 % CI {oracle['ci_low']:.1%} – {oracle['ci_high']:.1%}), judged by the "
+            f"noise-free oracle on {e(oracle.get('decoding', ''))} responses"
+        )
         if oracle.get("greedy"):
             g = oracle["greedy"]
-            oracle_line += (f"; greedy responses: {g['win_rate']:.1%} (95 % CI {g['ci_low']:.1%} – "
-                            f"{g['ci_high']:.1%})")
+            oracle_line += f"; greedy responses: {g['win_rate']:.1%} (95 % CI {g['ci_low']:.1%} – {g['ci_high']:.1%})"
     else:
         oracle_line = e(oracle.get("error", "no oracle figures: not a built-in-world deployment"))
-    figs = "".join(f"<figure><img src='{e(f['file'])}' alt='{e(f['title'])}'><figcaption>{e(f['title'])}"
-                   f"</figcaption></figure>" for f in report["figures"].values())
+    figs = "".join(
+        f"<figure><img src='{e(f['file'])}' alt='{e(f['title'])}'><figcaption>{e(f['title'])}</figcaption></figure>"
+        for f in report["figures"].values()
+    )
     cyc = report["cycles"]
-    gate = "".join(f"<li>cycle {_fmt(g['cycle'])}: {e('; '.join(g.get('reasons') or []))}</li>"
-                   for g in cyc.get("gate_failures", []))
+    gate = "".join(
+        f"<li>cycle {_fmt(g['cycle'])}: {e('; '.join(g.get('reasons') or []))}</li>"
+        for g in cyc.get("gate_failures", [])
+    )
     fb = report.get("feedback") or {}
     events = fb.get("events") or {}
-    fb_rows = "".join(f"<tr><td>{e(k)}</td><td>{_fmt(n)}</td></tr>" for k, n in
-                      [*(("type " + t, n) for t, n in (events.get("by_type") or {}).items()),
-                       *(("user " + u, n) for u, n in sorted((events.get("by_user") or {}).items()))])
+    fb_rows = "".join(
+        f"<tr><td>{e(k)}</td><td>{_fmt(n)}</td></tr>"
+        for k, n in [
+            *(("type " + t, n) for t, n in (events.get("by_type") or {}).items()),
+            *(("user " + u, n) for u, n in sorted((events.get("by_user") or {}).items())),
+        ]
+    )
     run = report.get("run") or {}
     run_line = e(", ".join(f"{k}: {v}" for k, v in run.items() if not isinstance(v, dict | list)))
     return f"""<!doctype html>
@@ -536,18 +727,18 @@ def render_html(report: dict) -> str:
 margin:1em 0}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right;font-size:13px}}
 figure{{display:inline-block;margin:8px}}img{{max-width:560px}}</style></head><body>
 <h1>alignd alignment report</h1>
-<p>Final version v{report['final_version']} against the SFT version v{report['baseline_version']}.
-Cycles published: {cyc['published']}, gate failures: {cyc['gate_failed']}, failed: {cyc['failed']},
-rollbacks: {cyc['rollbacks']}. {run_line}</p>
-{''.join(f"<p style='color:#b00'><b>warning:</b> {e(w)}</p>" for w in report.get('warnings', []))}
+<p>Final version v{report["final_version"]} against the SFT version v{report["baseline_version"]}.
+Cycles published: {cyc["published"]}, gate failures: {cyc["gate_failed"]}, failed: {cyc["failed"]},
+rollbacks: {cyc["rollbacks"]}. {run_line}</p>
+{"".join(f"<p style='color:#b00'><b>warning:</b> {e(w)}</p>" for w in report.get("warnings", []))}
 <h2>Oracle win rate</h2><p>{oracle_line}</p>
 <h2>Targets</h2><table><tr><th>target</th><th>value</th><th>met</th></tr>{tg}</table>
 <h2>Before / after</h2><table><tr><th>metric</th><th>SFT</th><th>final</th><th>change</th></tr>{ba}</table>
 <h2>Versions</h2><table><tr>{head}</tr>{body}</table>
 <h2>Figures</h2>{figs}
-<h2>Feedback log</h2><p>{_fmt(events.get('total'))} events accepted, {_fmt(fb.get('unconsumed'))} not yet trained
-on, {_fmt(fb.get('imported'))} imported preference items.</p>
+<h2>Feedback log</h2><p>{_fmt(events.get("total"))} events accepted, {_fmt(fb.get("unconsumed"))} not yet trained
+on, {_fmt(fb.get("imported"))} imported preference items.</p>
 <table><tr><th>by</th><th>events</th></tr>{fb_rows}</table>
-<h2>Gate failures</h2><ul>{gate or '<li>none</li>'}</ul>
+<h2>Gate failures</h2><ul>{gate or "<li>none</li>"}</ul>
 </body></html>
 """

@@ -118,9 +118,11 @@ def assign_keys(users: list[Annotator], keyring: dict[str, str]) -> dict[str, st
     spare = [k for k, u in sorted(keyring.items(), key=lambda kv: kv[1]) if k not in out.values()]
     missing = [a for a in users if a.name not in out]
     if len(spare) < len(missing):
-        raise ValueError(f"{len(users)} simulated users need {len(users)} distinct API keys, only "
-                         f"{len(out) + len(spare)} are configured: set ALIGND_API_KEYS on the server (e.g. "
-                         f"'sk-sim-balanced-1:sim-balanced-1,…') and pass the same keys with --keys FILE")
+        raise ValueError(
+            f"{len(users)} simulated users need {len(users)} distinct API keys, only "
+            f"{len(out) + len(spare)} are configured: set ALIGND_API_KEYS on the server (e.g. "
+            f"'sk-sim-balanced-1:sim-balanced-1,…') and pass the same keys with --keys FILE"
+        )
     out.update({a.name: k for a, k in zip(missing, spare)})
     return out
 
@@ -146,15 +148,19 @@ class Simulation:
     def counts(self) -> dict[str, Any]:
         with self._lock:
             fb = dict(self.feedback)
-            return {"users": len(self.users), "url": self.cfg.url,
-                    "seconds": round((self.finished or time.monotonic()) - (self.started or time.monotonic()), 1),
-                    "requests": self.requests, "feedback": {**{k: fb.get(k, 0) for k in FEEDBACK_KINDS},
-                                                            "total": sum(fb.values())},
-                    "errors": {**dict(self.errors), "total": sum(self.errors.values())},
-                    "served_versions": dict(sorted(self.served.items(), key=lambda kv: kv[0].zfill(9))),
-                    "first_seen": dict(self.first_seen),
-                    "by_user": dict(sorted(self.by_user.items())), "unjudgeable": self.unjudgeable,
-                    "annotators": {a.name: {"style": a.style, "noise": a.noise} for a in self.users}}
+            return {
+                "users": len(self.users),
+                "url": self.cfg.url,
+                "seconds": round((self.finished or time.monotonic()) - (self.started or time.monotonic()), 1),
+                "requests": self.requests,
+                "feedback": {**{k: fb.get(k, 0) for k in FEEDBACK_KINDS}, "total": sum(fb.values())},
+                "errors": {**dict(self.errors), "total": sum(self.errors.values())},
+                "served_versions": dict(sorted(self.served.items(), key=lambda kv: kv[0].zfill(9))),
+                "first_seen": dict(self.first_seen),
+                "by_user": dict(sorted(self.by_user.items())),
+                "unjudgeable": self.unjudgeable,
+                "annotators": {a.name: {"style": a.style, "noise": a.noise} for a in self.users},
+            }
 
     def _count(self, counter: Counter, key: str, n: int = 1) -> None:
         with self._lock:
@@ -179,11 +185,11 @@ class Simulation:
                 if attempt == self.cfg.retries:
                     self._count(self.errors, f"{path}:{type(exc).__name__}")
                     return None
-                await asyncio.sleep(0.5 * 2 ** attempt)
+                await asyncio.sleep(0.5 * 2**attempt)
                 continue
             if resp.status_code in RETRYABLE and attempt < self.cfg.retries:
                 retry_after = resp.headers.get("Retry-After", "")
-                await asyncio.sleep(float(retry_after) if retry_after.isdigit() else 0.5 * 2 ** attempt)
+                await asyncio.sleep(float(retry_after) if retry_after.isdigit() else 0.5 * 2**attempt)
                 continue
             if resp.status_code >= 400:
                 self._count(self.errors, f"{path}:{resp.status_code}")
@@ -191,13 +197,17 @@ class Simulation:
             return resp
         return None
 
-    def _feedback(self, user: Annotator, kind: str, completion_id: str, prompt: str, texts: list[str],
-                  rng: random.Random) -> dict | None:
+    def _feedback(
+        self, user: Annotator, kind: str, completion_id: str, prompt: str, texts: list[str], rng: random.Random
+    ) -> dict | None:
         task = task_from_prompt(prompt)  # the user judges what it asked for, as a person would
         if task is None:
             return None
-        body: dict[str, Any] = {"completion_id": completion_id, "type": kind,
-                                "feedback_id": f"{user.name}-{uuid.uuid4().hex}"}
+        body: dict[str, Any] = {
+            "completion_id": completion_id,
+            "type": kind,
+            "feedback_id": f"{user.name}-{uuid.uuid4().hex}",
+        }
         if kind == "thumbs":
             body |= {"choice": 0, "value": user.thumbs(task, texts[0], rng)}
         elif kind == "pairwise":
@@ -206,8 +216,16 @@ class Simulation:
             body["ranking"] = user.rank(task, texts, rng)
         return body
 
-    async def _user(self, client: httpx.AsyncClient, user: Annotator, key: str, deadline: float,
-                    stop: threading.Event | None, gate: asyncio.Semaphore, rng: random.Random) -> None:
+    async def _user(
+        self,
+        client: httpx.AsyncClient,
+        user: Annotator,
+        key: str,
+        deadline: float,
+        stop: threading.Event | None,
+        gate: asyncio.Semaphore,
+        rng: random.Random,
+    ) -> None:
         while time.monotonic() < deadline and not (stop and stop.is_set()):
             try:
                 if not await self._turn(client, user, key, gate, rng):
@@ -215,8 +233,9 @@ class Simulation:
             except (ValueError, KeyError, TypeError) as exc:  # a malformed answer: count it, keep the user going
                 self._count(self.errors, f"bad_response:{type(exc).__name__}")
 
-    async def _turn(self, client: httpx.AsyncClient, user: Annotator, key: str, gate: asyncio.Semaphore,
-                    rng: random.Random) -> bool:
+    async def _turn(
+        self, client: httpx.AsyncClient, user: Annotator, key: str, gate: asyncio.Semaphore, rng: random.Random
+    ) -> bool:
         """One chat request and its feedback; False when this user should stop (its key is refused)."""
         temperature = self.cfg.temperature
         if rng.random() < self.cfg.red_team:
@@ -228,10 +247,18 @@ class Simulation:
             n = {"thumbs": 1, "pairwise": 2, "rank": rng.choice((3, 4))}[kind]
         await self._pace()
         async with gate:
-            resp = await self._post(client, "/v1/chat/completions", key, {
-                "messages": [{"role": "user", "content": task.prompt}], "n": n,
-                "max_tokens": self.cfg.max_tokens, "temperature": temperature,
-                "seed": rng.randrange(2**31)})
+            resp = await self._post(
+                client,
+                "/v1/chat/completions",
+                key,
+                {
+                    "messages": [{"role": "user", "content": task.prompt}],
+                    "n": n,
+                    "max_tokens": self.cfg.max_tokens,
+                    "temperature": temperature,
+                    "seed": rng.randrange(2**31),
+                },
+            )
             if resp is None:
                 if any(k.endswith(":401") for k in self.errors):  # a bad key does not get better by retrying
                     return False
@@ -262,9 +289,14 @@ class Simulation:
         gate = asyncio.Semaphore(cfg.concurrency)
         limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
         async with httpx.AsyncClient(base_url=cfg.url, timeout=cfg.timeout_s, limits=limits) as client:
-            await asyncio.gather(*(
-                self._user(client, u, self.keys[u.name], deadline, stop, gate, random.Random(f"{cfg.seed}-{u.name}"))
-                for u in self.users))
+            await asyncio.gather(
+                *(
+                    self._user(
+                        client, u, self.keys[u.name], deadline, stop, gate, random.Random(f"{cfg.seed}-{u.name}")
+                    )
+                    for u in self.users
+                )
+            )
         self.finished = time.monotonic()
         return self.counts()
 

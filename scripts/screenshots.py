@@ -47,12 +47,23 @@ def seed_registry(r) -> None:
     """Five versions whose metrics move the way a healthy online loop's do (made-up numbers, for the picture)."""
     for v in range(1, N_VERSIONS + 1):
         t = v - 1
-        metrics = {"score/mean": 0.52 + 0.06 * t - 0.004 * t * t, "heldout_score": 0.40 + 0.045 * t,
-                   "over_caution": 0.14 - 0.02 * t, "kl_to_ref": 0.0 if v == 1 else 0.9 + 0.55 * t,
-                   "length_mean": 9.0 + 0.4 * t, "harmful_compliance": 0.08 - 0.01 * t}
-        meta = {"source": "sft" if v == 1 else "ppo", "parent": v - 1 or None, "reward_version": None if v == 1 else t,
-                "feedback": {"events": 0 if v == 1 else 150 * t}, "path": f"v{v}",
-                "annotators": ["built-in demonstrations"] if v == 1 else ["alice", "bob"], "metrics": metrics}
+        metrics = {
+            "score/mean": 0.52 + 0.06 * t - 0.004 * t * t,
+            "heldout_score": 0.40 + 0.045 * t,
+            "over_caution": 0.14 - 0.02 * t,
+            "kl_to_ref": 0.0 if v == 1 else 0.9 + 0.55 * t,
+            "length_mean": 9.0 + 0.4 * t,
+            "harmful_compliance": 0.08 - 0.01 * t,
+        }
+        meta = {
+            "source": "sft" if v == 1 else "ppo",
+            "parent": v - 1 or None,
+            "reward_version": None if v == 1 else t,
+            "feedback": {"events": 0 if v == 1 else 150 * t},
+            "path": f"v{v}",
+            "annotators": ["built-in demonstrations"] if v == 1 else ["alice", "bob"],
+            "metrics": metrics,
+        }
         registry.add_version(r, v, meta)
         registry.set_current(r, v, detail={"parent": v - 1 or None})
 
@@ -63,19 +74,34 @@ def seed_feedback(r, rng: random.Random) -> None:
         for _ in range(24):
             versions = [newer, newer - 1]
             rng.shuffle(versions)
-            record = CompletionRecord(id=f"chatcmpl-{uuid.uuid4().hex}", user="bob", version=newer, arena=True,
-                                      messages=[{"role": "user", "content": "Say a number."}],
-                                      choices=[ChoiceRecord(index=i, text=f"The answer is {rng.randrange(99)}.",
-                                                            finish_reason="stop", version=v)
-                                               for i, v in enumerate(versions)])
+            record = CompletionRecord(
+                id=f"chatcmpl-{uuid.uuid4().hex}",
+                user="bob",
+                version=newer,
+                arena=True,
+                messages=[{"role": "user", "content": "Say a number."}],
+                choices=[
+                    ChoiceRecord(index=i, text=f"The answer is {rng.randrange(99)}.", finish_reason="stop", version=v)
+                    for i, v in enumerate(versions)
+                ],
+            )
             save_completion(r, record)
             u = rng.random()
             winner = versions.index(newer) if u < 0.6 else versions.index(newer - 1) if u < 0.9 else "tie"
-            submit_feedback(r, PairwiseFeedback(completion_id=record.id, type="pairwise", winner=winner), user="bob",
-                            limits=LIMITS)
-            submit_feedback(r, ThumbsFeedback(completion_id=record.id, type="thumbs", choice=0,
-                                              value="up" if rng.random() < 0.5 + 0.05 * newer else "down"),
-                            user="bob", limits=LIMITS)
+            submit_feedback(
+                r, PairwiseFeedback(completion_id=record.id, type="pairwise", winner=winner), user="bob", limits=LIMITS
+            )
+            submit_feedback(
+                r,
+                ThumbsFeedback(
+                    completion_id=record.id,
+                    type="thumbs",
+                    choice=0,
+                    value="up" if rng.random() < 0.5 + 0.05 * newer else "down",
+                ),
+                user="bob",
+                limits=LIMITS,
+            )
 
 
 def main() -> None:
@@ -101,8 +127,11 @@ def main() -> None:
                 browser.close()
     finally:
         server.stop()
-    print(json.dumps({"screenshots": [str(s.relative_to(ROOT)) for s in shots],
-                      "seconds": round(time.monotonic() - started, 1)}))
+    print(
+        json.dumps(
+            {"screenshots": [str(s.relative_to(ROOT)) for s in shots], "seconds": round(time.monotonic() - started, 1)}
+        )
+    )
 
 
 def take(browser, base_url: str) -> list[Path]:

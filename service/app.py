@@ -38,16 +38,24 @@ class BodyLimit:
         if scope["type"] == "http":
             for name, value in scope["headers"]:
                 if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                    body = error_body(413, f"request body of {int(value)} bytes is over the limit of "
-                                           f"{self.max_bytes} bytes", "body_too_large")
+                    body = error_body(
+                        413,
+                        f"request body of {int(value)} bytes is over the limit of {self.max_bytes} bytes",
+                        "body_too_large",
+                    )
                     return await JSONResponse(body, 413)(scope, receive, send)
         return await self.app(scope, receive, send)
 
 
 def create_app(settings: Settings, redis_url: str, engine=None) -> FastAPI:
-    state = AppState(settings=settings, redis_url=redis_url, redis=connect(redis_url),
-                     aredis=aredis.Redis.from_url(redis_url, decode_responses=True), keyring=load_keyring(settings),
-                     engine=engine)
+    state = AppState(
+        settings=settings,
+        redis_url=redis_url,
+        redis=connect(redis_url),
+        aredis=aredis.Redis.from_url(redis_url, decode_responses=True),
+        keyring=load_keyring(settings),
+        engine=engine,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -67,8 +75,13 @@ def create_app(settings: Settings, redis_url: str, engine=None) -> FastAPI:
     install_error_handlers(app)
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     if origins:  # lets other sites' chat front ends embed /widget.js and post feedback with their users' keys
-        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"], expose_headers=["X-Policy-Version"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["X-Policy-Version"],
+        )
 
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
 

@@ -34,8 +34,10 @@ def load_keyring(settings: Settings) -> Keyring:
         if path.exists():
             stored = json.loads(path.read_text())
         else:
-            stored = {"users": {f"sk-alignd-{secrets.token_urlsafe(18)}": "user"},
-                      "admin_key": f"sk-admin-{secrets.token_urlsafe(18)}"}
+            stored = {
+                "users": {f"sk-alignd-{secrets.token_urlsafe(18)}": "user"},
+                "admin_key": f"sk-admin-{secrets.token_urlsafe(18)}",
+            }
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:

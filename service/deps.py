@@ -45,8 +45,11 @@ def _bearer(authorization: str | None) -> str | None:
 async def current_caller(state: StateDep, authorization: Annotated[str | None, Header()] = None) -> Caller:
     caller = identify(state.keyring, _bearer(authorization))
     if caller is None:
-        msg = ("missing API key: send 'Authorization: Bearer KEY'" if not authorization
-               else "invalid API key: check the key or ask the operator for a new one")
+        msg = (
+            "missing API key: send 'Authorization: Bearer KEY'"
+            if not authorization
+            else "invalid API key: check the key or ask the operator for a new one"
+        )
         raise APIError(401, msg, "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
     return caller
 

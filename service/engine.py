@@ -225,9 +225,16 @@ class Engine:
     def current(self) -> Policy:
         return self.policies[self.current_version]
 
-    def submit(self, messages: list[dict[str, str]], params: SamplingParams, *, version: int | None = None,
-               policy: Policy | None = None, loop: asyncio.AbstractEventLoop | None = None,
-               prompt_ids: list[int] | None = None) -> Handle:
+    def submit(
+        self,
+        messages: list[dict[str, str]],
+        params: SamplingParams,
+        *,
+        version: int | None = None,
+        policy: Policy | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+        prompt_ids: list[int] | None = None,
+    ) -> Handle:
         """Queue one sequence and return its handle at once. It runs on `policy` if given (a caller that read
         `current` earlier keeps that version even if a swap released it meanwhile), else on `version` if still
         loaded, else on the current version; `handle.version` says which."""
@@ -241,8 +248,13 @@ class Engine:
         self._pending.put(_Seq(handle, ids, params, policy))
         return handle
 
-    def generate(self, messages: list[dict[str, str]], params: SamplingParams, version: int | None = None,
-                 timeout: float | None = None) -> tuple[str, str, int]:
+    def generate(
+        self,
+        messages: list[dict[str, str]],
+        params: SamplingParams,
+        version: int | None = None,
+        timeout: float | None = None,
+    ) -> tuple[str, str, int]:
         """Synchronous convenience: (text, finish_reason, completion_tokens); raises EngineError or TimeoutError
         (the sequence is cancelled then)."""
         handle = self.submit(messages, params, version=version)
@@ -302,8 +314,9 @@ class Engine:
                 self._batches.clear()
 
     def _fail(self, seqs: list[_Seq], exc: Exception, stage: str) -> None:
-        log.error("engine %s failed for %d sequence(s): %s: %s", stage, len(seqs), type(exc).__name__, exc,
-                  exc_info=exc)
+        log.error(
+            "engine %s failed for %d sequence(s): %s: %s", stage, len(seqs), type(exc).__name__, exc, exc_info=exc
+        )
         message = f"generation failed in the engine ({stage}): {type(exc).__name__}: {exc}"
         Handle.push_all([(s.handle, Event("error", message)) for s in seqs])
         self.failed += len(seqs)
@@ -369,8 +382,8 @@ class Engine:
         ids = torch.full((len(seqs), width), pad, dtype=torch.long, device=device)
         mask = torch.zeros((len(seqs), width), dtype=torch.long, device=device)
         for i, s in enumerate(seqs):  # left padding: every row's last prompt token is in the last column
-            ids[i, width - len(s.prompt_ids):] = torch.tensor(s.prompt_ids, device=device)
-            mask[i, width - len(s.prompt_ids):] = 1
+            ids[i, width - len(s.prompt_ids) :] = torch.tensor(s.prompt_ids, device=device)
+            mask[i, width - len(s.prompt_ids) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=policy.model.config)
         out = policy.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
@@ -378,8 +391,15 @@ class Engine:
         return cache, mask, mask.sum(-1), logits  # next positions: (B,)
 
     @torch.inference_mode()
-    def _join(self, batch: _Batch, seqs: list[_Seq], cache: DynamicCache, mask: torch.Tensor,
-              next_pos: torch.Tensor, logits: torch.Tensor) -> None:
+    def _join(
+        self,
+        batch: _Batch,
+        seqs: list[_Seq],
+        cache: DynamicCache,
+        mask: torch.Tensor,
+        next_pos: torch.Tensor,
+        logits: torch.Tensor,
+    ) -> None:
         if batch.cache is None:
             batch.cache, batch.mask, batch.positions, batch.next_logits = cache, mask, next_pos, logits
         else:
@@ -387,8 +407,9 @@ class Engine:
         batch.seqs.extend(seqs)
 
     @staticmethod
-    def _merge(batch: _Batch, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor,
-               logits: torch.Tensor) -> None:
+    def _merge(
+        batch: _Batch, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor, logits: torch.Tensor
+    ) -> None:
         """Concatenate a prefilled group onto the running batch, left-padding the shorter cache."""
         t_old, t_new = batch.mask.shape[1], mask.shape[1]
         width = max(t_old, t_new)
@@ -403,8 +424,7 @@ class Engine:
         for old_layer, new_layer in zip(batch.cache.layers, cache.layers, strict=True):
             # keys/values: (B, heads, T, head_dim)
             old_layer.keys = torch.cat([left_pad(old_layer.keys, t_old, 2), left_pad(new_layer.keys, t_new, 2)])
-            old_layer.values = torch.cat([left_pad(old_layer.values, t_old, 2),
-                                          left_pad(new_layer.values, t_new, 2)])
+            old_layer.values = torch.cat([left_pad(old_layer.values, t_old, 2), left_pad(new_layer.values, t_new, 2)])
         batch.mask = torch.cat([left_pad(batch.mask, t_old, 1), left_pad(mask, t_new, 1)])
         batch.positions = torch.cat([batch.positions, positions])
         batch.next_logits = torch.cat([batch.next_logits, logits])
@@ -459,11 +479,12 @@ class Engine:
                     if len(visible) > len(s.emitted) and visible.startswith(s.emitted):
                         if s.handle.first_token_at is None:
                             s.handle.first_token_at = time.monotonic()
-                        outbox.append((s.handle, Event("delta", visible[len(s.emitted):])))
+                        outbox.append((s.handle, Event("delta", visible[len(s.emitted) :])))
                         s.emitted = visible
             if finish is not None:
-                outbox.append((s.handle, Event("done", finish_reason=finish,
-                                               tokens=len(s.out_ids) + int(token == eos))))
+                outbox.append(
+                    (s.handle, Event("done", finish_reason=finish, tokens=len(s.out_ids) + int(token == eos)))
+                )
             else:
                 keep.append(i)
         Handle.push_all(outbox)
@@ -483,8 +504,13 @@ class Engine:
             # a ready 4D boolean mask (rows x 1 query x keys) is passed through as is; for one query token per row it
             # is exact, and it skips transformers' per-step mask construction (~10% of a decode step here)
             mask = mask.bool()[:, None, None, :]
-        out = policy.model(input_ids=ids, attention_mask=mask, position_ids=batch.positions.unsqueeze(1),
-                           cache=batch.cache, use_cache=True)  # the cache grows in place
+        out = policy.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=batch.positions.unsqueeze(1),
+            cache=batch.cache,
+            use_cache=True,
+        )  # the cache grows in place
         batch.positions = batch.positions + 1
         batch.next_logits = out.logits[:, -1, :].float()
 
@@ -544,4 +570,3 @@ def _longest_stop_prefix(text: str, stops: list[str]) -> int:
                 best = max(best, k)
                 break
     return best
-

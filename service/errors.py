@@ -16,14 +16,28 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("alignd.service")
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-          409: "conflict_error", 413: "request_too_large", 422: "invalid_request_error", 429: "rate_limit_error",
-          503: "service_unavailable"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    413: "request_too_large",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.code, self.param, self.headers = status, message, code, param, headers
 
@@ -52,8 +66,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(redis.TimeoutError)
     async def _redis_down(_: Request, exc: redis.RedisError):
         log.warning("Redis unavailable: %s: %s", type(exc).__name__, exc)
-        return JSONResponse(error_body(503, redis_unavailable_message(exc), "redis_unavailable"), 503,
-                            headers={"Retry-After": "1"})
+        return JSONResponse(
+            error_body(503, redis_unavailable_message(exc), "redis_unavailable"), 503, headers={"Retry-After": "1"}
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):

@@ -6,15 +6,20 @@ from prometheus_client import Counter, Gauge, Histogram
 
 REQUESTS = Counter("alignd_chat_requests_total", "chat completion requests", ["status"])
 TOKENS = Counter("alignd_generated_tokens_total", "tokens generated", ["version"])
-TTFT = Histogram("alignd_time_to_first_token_seconds", "time to first token",
-                 buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-LATENCY = Histogram("alignd_request_seconds", "chat request latency",
-                    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+TTFT = Histogram(
+    "alignd_time_to_first_token_seconds",
+    "time to first token",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+LATENCY = Histogram(
+    "alignd_request_seconds", "chat request latency", buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+)
 BATCH = Histogram("alignd_engine_batch_size", "sequences per decode step", buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 VERSION = Gauge("alignd_policy_version", "policy version currently served")
 FEEDBACK = Counter("alignd_feedback_total", "feedback events accepted", ["type"])
 CANCELLED = Counter("alignd_engine_cancelled_sequences_total", "sequences dropped because their client went away")
-ENGINE_FAILURES = Counter("alignd_engine_failed_sequences_total", "sequences failed by an exception in the engine",
-                          ["stage"])
+ENGINE_FAILURES = Counter(
+    "alignd_engine_failed_sequences_total", "sequences failed by an exception in the engine", ["stage"]
+)
 RUNNING = Gauge("alignd_engine_running_sequences", "sequences in a running batch of the engine")
 DECODE_STEPS = Gauge("alignd_engine_decode_steps", "decode steps run by this process's engine")

@@ -20,5 +20,9 @@ async def enforce(r: aredis.Redis, kind: str, subject: str, limit: int, window_s
     count, _ = await pipe.execute()
     if count > limit:
         retry = int(window_s - time.time() % window_s) + 1
-        raise APIError(429, f"rate limit exceeded: at most {limit} {what}; retry in {retry} s", "rate_limit_exceeded",
-                       headers={"Retry-After": str(retry)})
+        raise APIError(
+            429,
+            f"rate limit exceeded: at most {limit} {what}; retry in {retry} s",
+            "rate_limit_exceeded",
+            headers={"Retry-After": str(retry)},
+        )

@@ -14,8 +14,9 @@ log = logging.getLogger("alignd.store")
 
 def connect(url: str, *, decode: bool = True) -> redis.Redis:
     """A client with a connection pool; `decode` returns str instead of bytes."""
-    return redis.Redis.from_url(url, decode_responses=decode, health_check_interval=30,
-                                socket_keepalive=True, retry_on_timeout=True)
+    return redis.Redis.from_url(
+        url, decode_responses=decode, health_check_interval=30, socket_keepalive=True, retry_on_timeout=True
+    )
 
 
 def durability_warnings(r: redis.Redis) -> list[str]:
@@ -28,8 +29,10 @@ def durability_warnings(r: redis.Redis) -> list[str]:
     if cfg.get("appendonly") != "yes":
         problems.append("appendonly is off: a Redis crash or restart loses every acknowledged feedback event")
     elif cfg.get("appendfsync") != "always":
-        problems.append(f"appendfsync is {cfg.get('appendfsync')!r}: a crash can lose up to ~1 s of acknowledged"
-                        " feedback (set appendfsync always for the guarantee)")
+        problems.append(
+            f"appendfsync is {cfg.get('appendfsync')!r}: a crash can lose up to ~1 s of acknowledged"
+            " feedback (set appendfsync always for the guarantee)"
+        )
     return problems
 
 

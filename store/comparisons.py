@@ -43,27 +43,57 @@ def rank_pairs(ranking: list[int]) -> list[tuple[int, int, int]]:
     return [(ranking[i], ranking[j], j - i) for i in range(len(ranking)) for j in range(i + 1, len(ranking))]
 
 
-def _pair(record: CompletionRecord, chosen: int, rejected: int, *, label: str, margin: float, source: str,
-          annotator: str, kind: str) -> dict[str, Any]:
+def _pair(
+    record: CompletionRecord,
+    chosen: int,
+    rejected: int,
+    *,
+    label: str,
+    margin: float,
+    source: str,
+    annotator: str,
+    kind: str,
+) -> dict[str, Any]:
     by_index = {c.index: c for c in record.choices}
     c, r = by_index[chosen], by_index[rejected]
     if label == "pref" and c.text == r.text:
         label, margin = "tie", 0  # one text cannot beat itself: the order a voter gave identical twins is noise
-    return {"prompt": [dict(m) for m in record.messages], "chosen": c.text, "rejected": r.text, "label": label,
-            "margin": float(margin), "group": record.id, "source": source, "annotator": annotator,
-            "meta": {"completion_id": record.id, "type": kind, "chosen_index": chosen, "rejected_index": rejected,
-                     "chosen_version": c.version, "rejected_version": r.version}}
+    return {
+        "prompt": [dict(m) for m in record.messages],
+        "chosen": c.text,
+        "rejected": r.text,
+        "label": label,
+        "margin": float(margin),
+        "group": record.id,
+        "source": source,
+        "annotator": annotator,
+        "meta": {
+            "completion_id": record.id,
+            "type": kind,
+            "chosen_index": chosen,
+            "rejected_index": rejected,
+            "chosen_version": c.version,
+            "rejected_version": r.version,
+        },
+    }
 
 
 def _rated(record: CompletionRecord, vote: FeedbackEvent) -> dict[str, Any]:
     choice = next(c for c in record.choices if c.index == vote.choice)
-    return {"prompt": [dict(m) for m in record.messages], "response": choice.text, "good": vote.value == "up",
-            "group": record.id, "source": vote.id, "annotator": vote.user,
-            "meta": {"completion_id": record.id, "type": "thumbs", "index": choice.index, "version": choice.version}}
+    return {
+        "prompt": [dict(m) for m in record.messages],
+        "response": choice.text,
+        "good": vote.value == "up",
+        "group": record.id,
+        "source": vote.id,
+        "annotator": vote.user,
+        "meta": {"completion_id": record.id, "type": "thumbs", "index": choice.index, "version": choice.version},
+    }
 
 
-def derive(record: CompletionRecord, votes: Iterable[FeedbackEvent],
-           fresh: set[str] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def derive(
+    record: CompletionRecord, votes: Iterable[FeedbackEvent], fresh: set[str] | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Comparisons and rated responses from the latest `votes` on one completion.
 
     With `fresh` (feedback ids), only output that involves a fresh vote is returned: a thumbs pair where either
@@ -81,23 +111,56 @@ def derive(record: CompletionRecord, votes: Iterable[FeedbackEvent],
             thumbs[vote.user].append(vote)
         elif vote.type == "pairwise" and wanted(vote.id):
             if vote.winner in ("tie", "both_bad"):
-                comparisons.append(_pair(record, 0, 1, label=vote.winner, margin=0, source=vote.id,
-                                         annotator=vote.user, kind="pairwise"))
+                comparisons.append(
+                    _pair(
+                        record, 0, 1, label=vote.winner, margin=0, source=vote.id, annotator=vote.user, kind="pairwise"
+                    )
+                )
             else:
-                comparisons.append(_pair(record, vote.winner, 1 - vote.winner, label="pref", margin=0,
-                                         source=vote.id, annotator=vote.user, kind="pairwise"))
+                comparisons.append(
+                    _pair(
+                        record,
+                        vote.winner,
+                        1 - vote.winner,
+                        label="pref",
+                        margin=0,
+                        source=vote.id,
+                        annotator=vote.user,
+                        kind="pairwise",
+                    )
+                )
         elif vote.type == "rank" and wanted(vote.id):
             for better, worse, distance in rank_pairs(vote.ranking):
-                comparisons.append(_pair(record, better, worse, label="pref", margin=distance - 1, source=vote.id,
-                                         annotator=vote.user, kind="rank"))
+                comparisons.append(
+                    _pair(
+                        record,
+                        better,
+                        worse,
+                        label="pref",
+                        margin=distance - 1,
+                        source=vote.id,
+                        annotator=vote.user,
+                        kind="rank",
+                    )
+                )
     for user in sorted(thumbs):
         ups = sorted((v for v in thumbs[user] if v.value == "up"), key=lambda v: v.choice)
         downs = sorted((v for v in thumbs[user] if v.value == "down"), key=lambda v: v.choice)
         for up in ups:
             for down in downs:
                 if wanted(up.id, down.id):
-                    comparisons.append(_pair(record, up.choice, down.choice, label="pref", margin=0,
-                                             source=f"{up.id},{down.id}", annotator=user, kind="thumbs"))
+                    comparisons.append(
+                        _pair(
+                            record,
+                            up.choice,
+                            down.choice,
+                            label="pref",
+                            margin=0,
+                            source=f"{up.id},{down.id}",
+                            annotator=user,
+                            kind="thumbs",
+                        )
+                    )
         if not ups or not downs:
             rated += [_rated(record, v) for v in ups + downs if wanted(v.id)]
     return comparisons, rated
@@ -106,7 +169,7 @@ def derive(record: CompletionRecord, votes: Iterable[FeedbackEvent],
 def _records_and_votes(r: redis.Redis, completion_ids: list[str]):
     """(record, latest votes) for each completion id that still has a record, fetched in pipelined batches."""
     for start in range(0, len(completion_ids), BATCH):
-        chunk = completion_ids[start:start + BATCH]
+        chunk = completion_ids[start : start + BATCH]
         pipe = r.pipeline(transaction=False)
         for cid in chunk:
             pipe.get(keys.completion(cid))
@@ -142,7 +205,7 @@ def imported(r: redis.Redis) -> tuple[list[dict], list[dict]]:
     comparisons: list[dict] = []
     rated: list[dict] = []
     for start in range(0, len(order), BATCH):
-        for raw in r.hmget(keys.imported_items(), order[start:start + BATCH]):
+        for raw in r.hmget(keys.imported_items(), order[start : start + BATCH]):
             if raw is None:
                 continue
             item = json.loads(raw)

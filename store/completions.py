@@ -41,8 +41,12 @@ class CompletionRecord(BaseModel):
 def save_completion(r: redis.Redis, record: CompletionRecord) -> None:
     pipe = r.pipeline(transaction=True)
     pipe.set(keys.completion(record.id), record.model_dump_json())
-    pipe.xadd(keys.prompts_stream(), {"messages": json.dumps(record.messages), "user": record.user},
-              maxlen=PROMPT_STREAM_MAXLEN, approximate=True)
+    pipe.xadd(
+        keys.prompts_stream(),
+        {"messages": json.dumps(record.messages), "user": record.user},
+        maxlen=PROMPT_STREAM_MAXLEN,
+        approximate=True,
+    )
     pipe.execute()
 
 

@@ -77,11 +77,16 @@ def export_preferences(r: redis.Redis, fmt: ExportFormat, out: Path) -> dict[str
                 continue
             elif fmt == "hh":
                 prompt = _hh_text(c["prompt"])
-                line = {"chosen": prompt + _hh_text([{"role": "assistant", "content": c["chosen"]}]),
-                        "rejected": prompt + _hh_text([{"role": "assistant", "content": c["rejected"]}])}
+                line = {
+                    "chosen": prompt + _hh_text([{"role": "assistant", "content": c["chosen"]}]),
+                    "rejected": prompt + _hh_text([{"role": "assistant", "content": c["rejected"]}]),
+                }
             else:
-                line = {"prompt": c["prompt"], "chosen": [{"role": "assistant", "content": c["chosen"]}],
-                        "rejected": [{"role": "assistant", "content": c["rejected"]}]}
+                line = {
+                    "prompt": c["prompt"],
+                    "chosen": [{"role": "assistant", "content": c["chosen"]}],
+                    "rejected": [{"role": "assistant", "content": c["rejected"]}],
+                }
             f.write(json.dumps(line) + "\n")
             written += 1
         for s in rated:
@@ -91,8 +96,14 @@ def export_preferences(r: redis.Redis, fmt: ExportFormat, out: Path) -> dict[str
             f.write(json.dumps({"kind": "rated", **s}) + "\n")
             written += 1
     os.replace(tmp, out)  # a reader never sees a half-written export
-    return {"format": fmt, "path": str(out), "written": written, "comparisons": len(comparisons),
-            "rated": len(rated), "skipped": skipped if fmt != "alignd" else {}}
+    return {
+        "format": fmt,
+        "path": str(out),
+        "written": written,
+        "comparisons": len(comparisons),
+        "rated": len(rated),
+        "skipped": skipped if fmt != "alignd" else {},
+    }
 
 
 # --- validating one line of each format (each returns the item to store, with its "kind")
@@ -109,13 +120,29 @@ def _messages(value: Any, what: str) -> list[dict[str, str]]:
     return [dict(m) for m in value]
 
 
-def _pref(prompt: list[dict[str, str]], chosen: str, rejected: str, name: str, fmt: str,
-          label: str = "pref", meta: dict | None = None) -> dict[str, Any]:
+def _pref(
+    prompt: list[dict[str, str]],
+    chosen: str,
+    rejected: str,
+    name: str,
+    fmt: str,
+    label: str = "pref",
+    meta: dict | None = None,
+) -> dict[str, Any]:
     if chosen == rejected:
         raise BadLine("chosen and rejected responses are identical")
-    return {"kind": "comparison", "prompt": prompt, "chosen": chosen, "rejected": rejected, "label": label,
-            "margin": 0.0, "group": None, "source": f"import:{name}", "annotator": f"import:{name}",
-            "meta": {"format": fmt, **(meta or {})}}
+    return {
+        "kind": "comparison",
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "label": label,
+        "margin": 0.0,
+        "group": None,
+        "source": f"import:{name}",
+        "annotator": f"import:{name}",
+        "meta": {"format": fmt, **(meta or {})},
+    }
 
 
 def _hh_turns(text: Any, what: str) -> list[dict[str, str]]:
@@ -126,8 +153,9 @@ def _hh_turns(text: Any, what: str) -> list[dict[str, str]]:
     parts = _HH_SPLIT.split(text)
     if parts[0].strip():
         raise BadLine(f"{what} must start with 'Human:'")
-    turns = [{"role": HH_ROLES[role], "content": content}
-             for role, content in zip(parts[1::2], parts[2::2], strict=True)]
+    turns = [
+        {"role": HH_ROLES[role], "content": content} for role, content in zip(parts[1::2], parts[2::2], strict=True)
+    ]
     if len(turns) < 2 or turns[-1]["role"] != "assistant":
         raise BadLine(f"{what} must be a conversation ending with an 'Assistant:' turn")
     return turns
@@ -231,7 +259,11 @@ def _parse_alignd(obj: dict, name: str) -> dict[str, Any]:
 
 
 PARSERS: dict[str, Callable[[dict, str], dict[str, Any]]] = {
-    "alignd": _parse_alignd, "hh": _parse_hh, "ultrafeedback": _parse_ultrafeedback, "trl": _parse_trl}
+    "alignd": _parse_alignd,
+    "hh": _parse_hh,
+    "ultrafeedback": _parse_ultrafeedback,
+    "trl": _parse_trl,
+}
 
 
 def detect_format(obj: Any) -> str | None:
@@ -262,7 +294,7 @@ def _lines(path: Path):
     """(line number, parsed JSON or None, error or None) for each non-blank line; .gz is detected by its magic."""
     with open(path, "rb") as raw:
         gz = raw.read(2) == b"\x1f\x8b"
-    with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+    with gzip.open(path, "rb") if gz else open(path, "rb") as f:
         line_no = 0
         while True:
             line_no += 1
@@ -307,8 +339,9 @@ def import_preferences(r: redis.Redis, path: Path) -> dict[str, Any]:
     fmt = next((detect_format(obj) for _, obj, err in _lines(path) if err is None and detect_format(obj)), None)
     report: dict[str, Any] = {"format": fmt, "imported": 0, "duplicates": 0, "bad_lines": []}
     if fmt is None:
-        report["bad_lines"] = [(n, err or "not a line of HH-RLHF, UltraFeedback, TRL or alignd format")
-                               for n, _, err in _lines(path)]
+        report["bad_lines"] = [
+            (n, err or "not a line of HH-RLHF, UltraFeedback, TRL or alignd format") for n, _, err in _lines(path)
+        ]
         return report
     # an alignd export imported into the store it came from: its feedback-derived items are already there
     live = set()
@@ -330,8 +363,11 @@ def import_preferences(r: redis.Redis, path: Path) -> dict[str, Any]:
         if err is None:
             line_fmt = detect_format(obj)
             if line_fmt != fmt:
-                err = (f"looks like {line_fmt} but the file is {fmt}" if line_fmt
-                       else f"not a line of the {fmt} format (expected keys missing)")
+                err = (
+                    f"looks like {line_fmt} but the file is {fmt}"
+                    if line_fmt
+                    else f"not a line of the {fmt} format (expected keys missing)"
+                )
         if err is None:
             try:
                 item = PARSERS[fmt](obj, name)
@@ -382,8 +418,11 @@ def read_preferences(path: Path) -> dict[str, Any]:
             if report["format"] is None and line_fmt is not None:
                 report["format"] = line_fmt  # the first line that parses decides, as on import
             if line_fmt is None or line_fmt != report["format"]:
-                err = (f"looks like {line_fmt} but the file is {report['format']}" if line_fmt
-                       else "not a line of HH-RLHF, UltraFeedback, TRL or alignd format")
+                err = (
+                    f"looks like {line_fmt} but the file is {report['format']}"
+                    if line_fmt
+                    else "not a line of HH-RLHF, UltraFeedback, TRL or alignd format"
+                )
         if err is None:
             try:
                 item = PARSERS[report["format"]](obj, path.name)

@@ -56,9 +56,12 @@ class _FeedbackBase(BaseModel):
 
     completion_id: str = Field(min_length=1, max_length=256)
     comment: str | None = None  # length is checked against Settings.max_comment_chars in `prepare`
-    feedback_id: str | None = Field(None, pattern=FEEDBACK_ID_PATTERN,
-                                    description="client-chosen id: a retry with the same id and body is answered "
-                                                "with the first answer and adds nothing")
+    feedback_id: str | None = Field(
+        None,
+        pattern=FEEDBACK_ID_PATTERN,
+        description="client-chosen id: a retry with the same id and body is answered "
+        "with the first answer and adds nothing",
+    )
 
     @field_validator("completion_id", "comment")
     @classmethod
@@ -134,8 +137,14 @@ class Accepted:
 
     def response(self) -> dict[str, Any]:
         e = self.event
-        return {"id": e.id, "object": "feedback", "completion_id": e.completion_id, "type": e.type,
-                "revision": e.revision, "created": int(e.created)}
+        return {
+            "id": e.id,
+            "object": "feedback",
+            "completion_id": e.completion_id,
+            "type": e.type,
+            "revision": e.revision,
+            "created": int(e.created),
+        }
 
 
 # --- errors (the API maps each class to its HTTP status)
@@ -181,14 +190,20 @@ class FeedbackRateLimited(FeedbackError):
 # --- preparing a vote (no Redis: what can be checked from the body alone)
 
 
-def prepare(body: ThumbsFeedback | PairwiseFeedback | RankFeedback, *, user: str, max_comment_chars: int,
-            now: float) -> dict[str, Any]:
+def prepare(
+    body: ThumbsFeedback | PairwiseFeedback | RankFeedback, *, user: str, max_comment_chars: int, now: float
+) -> dict[str, Any]:
     """The event as far as the body defines it (the script adds versions and revision from Redis), or raise."""
     if body.comment is not None and len(body.comment) > max_comment_chars:
-        raise InvalidFeedback(f"comment has {len(body.comment)} characters; the limit is {max_comment_chars}",
-                              "comment")
-    event: dict[str, Any] = {"id": body.feedback_id or f"fb-{uuid.uuid4().hex}", "completion_id": body.completion_id,
-                             "user": user, "type": body.type}
+        raise InvalidFeedback(
+            f"comment has {len(body.comment)} characters; the limit is {max_comment_chars}", "comment"
+        )
+    event: dict[str, Any] = {
+        "id": body.feedback_id or f"fb-{uuid.uuid4().hex}",
+        "completion_id": body.completion_id,
+        "user": user,
+        "type": body.type,
+    }
     if isinstance(body, ThumbsFeedback):
         event |= {"slot": f"thumbs:{body.choice}", "choice": body.choice, "value": body.value}
     elif isinstance(body, PairwiseFeedback):
@@ -318,15 +333,29 @@ def _seconds_to_utc_midnight(now: float) -> float:
     return (datetime(day.year, day.month, day.day, tzinfo=UTC) + timedelta(days=1) - day).total_seconds()
 
 
-def _script_call(body: ThumbsFeedback | PairwiseFeedback | RankFeedback, event: dict[str, Any], user: str,
-                 is_admin: bool, limits: FeedbackLimits, now: float) -> tuple[list[str], list[Any]]:
+def _script_call(
+    body: ThumbsFeedback | PairwiseFeedback | RankFeedback,
+    event: dict[str, Any],
+    user: str,
+    is_admin: bool,
+    limits: FeedbackLimits,
+    now: float,
+) -> tuple[list[str], list[Any]]:
     cid, slot = body.completion_id, event["slot"]
     day = datetime.fromtimestamp(now, UTC)
-    script_keys = [keys.completion(cid), keys.feedback_idempotency(event["id"]), keys.feedback_stream(),
-                   keys.rate("feedback", user, f"{MINUTE_S}:{int(now // MINUTE_S)}"),
-                   keys.rate("feedback", user, f"day:{day:%Y%m%d}"),
-                   keys.feedback_history(cid, slot, user), keys.feedback_latest(cid), keys.feedback_vote_counters(cid),
-                   keys.feedback_completions(), keys.feedback_stats("events"), keys.feedback_stats("votes")]
+    script_keys = [
+        keys.completion(cid),
+        keys.feedback_idempotency(event["id"]),
+        keys.feedback_stream(),
+        keys.rate("feedback", user, f"{MINUTE_S}:{int(now // MINUTE_S)}"),
+        keys.rate("feedback", user, f"day:{day:%Y%m%d}"),
+        keys.feedback_history(cid, slot, user),
+        keys.feedback_latest(cid),
+        keys.feedback_vote_counters(cid),
+        keys.feedback_completions(),
+        keys.feedback_stats("events"),
+        keys.feedback_stats("votes"),
+    ]
     if isinstance(body, ThumbsFeedback):
         detail, value = str(body.choice), body.value
     elif isinstance(body, PairwiseFeedback):
@@ -334,14 +363,31 @@ def _script_call(body: ThumbsFeedback | PairwiseFeedback | RankFeedback, event: 
     else:
         detail, value = json.dumps(body.ranking), ""
     head = json.dumps(event, separators=(",", ":"))[:-1]  # ASCII-only (ensure_ascii), ends before the final '}'
-    args = [user, "1" if is_admin else "0", body.type, detail, value, fingerprint(body, user), head,
-            latest_field(slot, user), cid, limits.per_minute, limits.per_day, MINUTE_S + 1,
-            int(_seconds_to_utc_midnight(now)) + DAY_COUNTER_SLACK_S]
+    args = [
+        user,
+        "1" if is_admin else "0",
+        body.type,
+        detail,
+        value,
+        fingerprint(body, user),
+        head,
+        latest_field(slot, user),
+        cid,
+        limits.per_minute,
+        limits.per_day,
+        MINUTE_S + 1,
+        int(_seconds_to_utc_midnight(now)) + DAY_COUNTER_SLACK_S,
+    ]
     return script_keys, args
 
 
-def _outcome(result: list, body: ThumbsFeedback | PairwiseFeedback | RankFeedback, event_id: str,
-             limits: FeedbackLimits, now: float) -> Accepted:
+def _outcome(
+    result: list,
+    body: ThumbsFeedback | PairwiseFeedback | RankFeedback,
+    event_id: str,
+    limits: FeedbackLimits,
+    now: float,
+) -> Accepted:
     """The Accepted vote, or the FeedbackError for each refusal status ACCEPT_LUA returns."""
     status = result[0]
     n = result[1] if len(result) > 1 else 0
@@ -351,41 +397,65 @@ def _outcome(result: list, body: ThumbsFeedback | PairwiseFeedback | RankFeedbac
             event.stream_id = result[2]
             return Accepted(event=event, replayed=status == "replay")
         case "not_found":
-            raise CompletionNotFound(f"no completion with id {body.completion_id!r}: send the id of a chat "
-                                     "completion this server returned", "completion_id")
+            raise CompletionNotFound(
+                f"no completion with id {body.completion_id!r}: send the id of a chat completion this server returned",
+                "completion_id",
+            )
         case "forbidden":
-            raise NotYourCompletion("feedback on a completion is open to the user who received it (or the admin "
-                                    "key)", "completion_id")
+            raise NotYourCompletion(
+                "feedback on a completion is open to the user who received it (or the admin key)", "completion_id"
+            )
         case "bad_choice":
             raise InvalidFeedback(f"choice {body.choice} is out of range: the completion has {n} choice(s)", "choice")
         case "bad_pairwise":
-            raise InvalidFeedback(f"pairwise feedback needs a completion with exactly 2 choices; this one has {n}"
-                                  + ("; use rank" if n > 2 else "; use thumbs"), "type")
+            raise InvalidFeedback(
+                f"pairwise feedback needs a completion with exactly 2 choices; this one has {n}"
+                + ("; use rank" if n > 2 else "; use thumbs"),
+                "type",
+            )
         case "bad_rank":
-            raise InvalidFeedback(f"rank feedback needs at least 2 choices; this completion has {n}: use thumbs",
-                                  "type")
+            raise InvalidFeedback(
+                f"rank feedback needs at least 2 choices; this completion has {n}: use thumbs", "type"
+            )
         case "bad_ranking":
-            raise InvalidFeedback(f"ranking must be a permutation of the choice indices 0..{n - 1}, best first; "
-                                  f"got {body.ranking}", "ranking")
+            raise InvalidFeedback(
+                f"ranking must be a permutation of the choice indices 0..{n - 1}, best first; got {body.ranking}",
+                "ranking",
+            )
         case "conflict":
-            raise FeedbackIdConflict(f"feedback_id {event_id!r} was already used for a different request: "
-                                     "use a new id for new feedback", "feedback_id")
+            raise FeedbackIdConflict(
+                f"feedback_id {event_id!r} was already used for a different request: use a new id for new feedback",
+                "feedback_id",
+            )
         case "rate_minute":
             retry = int(MINUTE_S - now % MINUTE_S) + 1
-            raise FeedbackRateLimited(f"feedback rate limit: at most {limits.per_minute} events per minute; "
-                                      f"retry in {retry} s", retry)
+            raise FeedbackRateLimited(
+                f"feedback rate limit: at most {limits.per_minute} events per minute; retry in {retry} s", retry
+            )
         case "rate_day":
             retry = int(_seconds_to_utc_midnight(now)) + 1
-            raise FeedbackRateLimited(f"daily feedback cap reached: at most {limits.per_day} events per UTC day; "
-                                      f"retry in {retry} s (after 00:00 UTC)", retry)
+            raise FeedbackRateLimited(
+                f"daily feedback cap reached: at most {limits.per_day} events per UTC day; "
+                f"retry in {retry} s (after 00:00 UTC)",
+                retry,
+            )
     # the script and this function disagree (a bug, or a Redis holding another release's script): not the client's
     # fault, so no 4xx; the API answers 500 and logs this message
-    raise FeedbackScriptError(f"the feedback acceptance script answered an unknown status {status!r} (whole answer "
-                              f"{result!r}); the vote was not recorded")
+    raise FeedbackScriptError(
+        f"the feedback acceptance script answered an unknown status {status!r} (whole answer "
+        f"{result!r}); the vote was not recorded"
+    )
 
 
-def submit_feedback(r: redis.Redis, body: ThumbsFeedback | PairwiseFeedback | RankFeedback, *, user: str,
-                    limits: FeedbackLimits, is_admin: bool = False, now: float | None = None) -> Accepted:
+def submit_feedback(
+    r: redis.Redis,
+    body: ThumbsFeedback | PairwiseFeedback | RankFeedback,
+    *,
+    user: str,
+    limits: FeedbackLimits,
+    is_admin: bool = False,
+    now: float | None = None,
+) -> Accepted:
     """Accept one vote (or answer an idempotent retry) in one round trip; raise a FeedbackError for anything refused.
 
     `r` is a decode_responses client (store.client.connect). `now` is for tests of the rate windows.
@@ -396,8 +466,15 @@ def submit_feedback(r: redis.Redis, body: ThumbsFeedback | PairwiseFeedback | Ra
     return _outcome(_script(r, "accept", ACCEPT_LUA)(keys=script_keys, args=args), body, event["id"], limits, now)
 
 
-async def asubmit_feedback(r: aredis.Redis, body: ThumbsFeedback | PairwiseFeedback | RankFeedback, *, user: str,
-                           limits: FeedbackLimits, is_admin: bool = False, now: float | None = None) -> Accepted:
+async def asubmit_feedback(
+    r: aredis.Redis,
+    body: ThumbsFeedback | PairwiseFeedback | RankFeedback,
+    *,
+    user: str,
+    limits: FeedbackLimits,
+    is_admin: bool = False,
+    now: float | None = None,
+) -> Accepted:
     """`submit_feedback` for the asyncio client of the API."""
     now = time.time() if now is None else now
     event = prepare(body, user=user, max_comment_chars=limits.max_comment_chars, now=now)
@@ -426,8 +503,9 @@ def latest_votes(r: redis.Redis, completion_id: str) -> list[FeedbackEvent]:
 
 def vote_history(r: redis.Redis, completion_id: str, slot: str, user: str) -> list[FeedbackEvent]:
     """Every revision of one vote, oldest first (revision i is at position i - 1)."""
-    return [FeedbackEvent.model_validate_json(e)
-            for e in r.lrange(keys.feedback_history(completion_id, slot, user), 0, -1)]
+    return [
+        FeedbackEvent.model_validate_json(e) for e in r.lrange(keys.feedback_history(completion_id, slot, user), 0, -1)
+    ]
 
 
 # --- the consumer API for training workers
@@ -461,8 +539,9 @@ def read_new(r: redis.Redis, consumer: str, count: int, *, claim_idle_ms: int = 
     events: list[FeedbackEvent] = []
     cursor = "0-0"
     while len(events) < count:
-        reply = r.xautoclaim(stream, GROUP, consumer, min_idle_time=claim_idle_ms, start_id=cursor,
-                             count=count - len(events))
+        reply = r.xautoclaim(
+            stream, GROUP, consumer, min_idle_time=claim_idle_ms, start_id=cursor, count=count - len(events)
+        )
         cursor, claimed = reply[0], reply[1]
         events += _events(claimed)
         if cursor in ("0-0", b"0-0"):
@@ -479,7 +558,7 @@ def ack(r: redis.Redis, ids: list[str] | list[FeedbackEvent]) -> int:
     script = _script(r, "ack", ACK_LUA)
     done = 0
     for start in range(0, len(stream_ids), ACK_CHUNK):
-        chunk = stream_ids[start:start + ACK_CHUNK]
+        chunk = stream_ids[start : start + ACK_CHUNK]
         done += int(script(keys=[keys.feedback_stream(), keys.feedback_acked()], args=[GROUP, *chunk]))
     return done
 

@@ -55,8 +55,10 @@ class FencedLock:
     def acquire(self) -> int:
         token = self.r.eval(_ACQUIRE, 2, keys.lock(self.name), keys.fence(self.name), self.ttl_ms)
         if token is None:
-            raise LockBusy(f"lock {self.name!r} is held (token {self.r.get(keys.lock(self.name))}); "
-                           f"a run is in progress — wait for it or for its TTL of {self.ttl_ms} ms after a crash")
+            raise LockBusy(
+                f"lock {self.name!r} is held (token {self.r.get(keys.lock(self.name))}); "
+                f"a run is in progress — wait for it or for its TTL of {self.ttl_ms} ms after a crash"
+            )
         self.token = int(token)
         self._stop.clear()
         self._thread = threading.Thread(target=self._beat, name=f"lock-{self.name}", daemon=True)
@@ -78,8 +80,10 @@ class FencedLock:
 
     def held(self) -> bool:
         """Still ours: our token in the lock key, and no newer token issued."""
-        return (self.r.get(keys.lock(self.name)) == str(self.token)
-                and int(self.r.get(keys.fence(self.name)) or 0) == self.token)
+        return (
+            self.r.get(keys.lock(self.name)) == str(self.token)
+            and int(self.r.get(keys.fence(self.name)) or 0) == self.token
+        )
 
     def release(self) -> None:
         self._stop.set()

@@ -111,11 +111,19 @@ class _Table:
             if int(answer[0]) == 1:
                 return
             raw = answer[1] if int(answer[0]) == 0 else None
-        raise RegistryConflict(f"{self.kind} {version}: {UPDATE_ATTEMPTS} concurrent updates in a row won over this "
-                               "one; retry")
+        raise RegistryConflict(
+            f"{self.kind} {version}: {UPDATE_ATTEMPTS} concurrent updates in a row won over this one; retry"
+        )
 
-    def set_current(self, r: redis.Redis, version: int, *, expected: int | None | str, fencing_token: int | None,
-                    event: dict[str, Any] | None = None) -> int | None:
+    def set_current(
+        self,
+        r: redis.Redis,
+        version: int,
+        *,
+        expected: int | None | str,
+        fencing_token: int | None,
+        event: dict[str, Any] | None = None,
+    ) -> int | None:
         exp = "*" if expected == "any" else ("" if expected is None else str(int(expected)))
         token = "" if fencing_token is None else str(fencing_token)
         script_keys = [self.current_key, self.versions, keys.fence(names.TRAIN_LOCK)]
@@ -134,8 +142,7 @@ def _text(value: str | bytes) -> str:
 
 
 _POLICY = _Table("version", keys.registry_versions(), keys.registry_current(), keys.registry_counter(), history=True)
-_REWARD = _Table("reward version", keys.reward_versions(), keys.reward_current(), keys.reward_counter(),
-                 history=False)
+_REWARD = _Table("reward version", keys.reward_versions(), keys.reward_current(), keys.reward_counter(), history=False)
 
 
 # --- policy versions
@@ -186,8 +193,15 @@ def current_version(r: redis.Redis) -> int | None:
     return _POLICY.current(r)
 
 
-def set_current(r: redis.Redis, version: int, *, expected: int | None | str = "any", fencing_token: int | None = None,
-                event: str = "published", detail: dict[str, Any] | None = None) -> int | None:
+def set_current(
+    r: redis.Redis,
+    version: int,
+    *,
+    expected: int | None | str = "any",
+    fencing_token: int | None = None,
+    event: str = "published",
+    detail: dict[str, Any] | None = None,
+) -> int | None:
     """Make `version` current if the current one is still `expected` (None: no current yet; "any": don't check)
     and, with `fencing_token`, if no newer lock holder exists; every check and the switch are one script. Returns
     the previous version; raises RegistryConflict."""
@@ -211,9 +225,17 @@ def record_event(r: redis.Redis, event: str, *, fencing_token: int | None = None
     that token is the training lock's latest, else RegistryConflict: a fenced-off cycle cannot record an outcome."""
     body = json.dumps({"event": event, "at": time.time(), **detail}, default=str)
     if fencing_token is not None:
-        done = r.eval(_RECORD_FENCED, 3, keys.fence(names.TRAIN_LOCK), keys.registry_cycle_events(),
-                      keys.registry_events(), str(fencing_token), f"{detail['cycle']}:{event}", body,
-                      str(EVENTS_MAXLEN))
+        done = r.eval(
+            _RECORD_FENCED,
+            3,
+            keys.fence(names.TRAIN_LOCK),
+            keys.registry_cycle_events(),
+            keys.registry_events(),
+            str(fencing_token),
+            f"{detail['cycle']}:{event}",
+            body,
+            str(EVENTS_MAXLEN),
+        )
         if not int(done):
             raise RegistryConflict(f"cannot record {event}: the training lock was lost (a newer run holds it)")
         return
@@ -297,8 +319,15 @@ def arena_result(pairs: dict[str, dict[str, Any]], version: int, other: int) -> 
     votes = wins + losses + p["ties"]
     if not votes:
         return None
-    return {"vs": other, "win_rate": (wins + p["ties"] / 2) / votes, "votes": votes, "wins": wins,
-            "losses": losses, "ties": p["ties"], "both_bad": p.get("both_bad", 0)}
+    return {
+        "vs": other,
+        "win_rate": (wins + p["ties"] / 2) / votes,
+        "votes": votes,
+        "wins": wins,
+        "losses": losses,
+        "ties": p["ties"],
+        "both_bad": p.get("both_bad", 0),
+    }
 
 
 def describe(r: redis.Redis, n_events: int = 20) -> dict[str, Any]:
@@ -318,6 +347,10 @@ def describe(r: redis.Redis, n_events: int = 20) -> dict[str, Any]:
         parent = meta.get("parent")
         live = arena_result(pairs, v, int(parent)) if parent is not None else None
         data.append({**meta, "status": status, "live_win_rate": live})
-    return {"object": "list", "current": current, "data": data,
-            "reward": {"current": current_reward_version(r), "versions": list_reward_versions(r)},
-            "events": events(r, n_events)}
+    return {
+        "object": "list",
+        "current": current,
+        "data": data,
+        "reward": {"current": current_reward_version(r), "versions": list_reward_versions(r)},
+        "events": events(r, n_events),
+    }

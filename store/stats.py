@@ -58,11 +58,13 @@ def feedback_stats(r: redis.Redis) -> dict[str, Any]:
         t["up_rate"] = _rate(t["up"], t["up"] + t["down"])
     for p in pairs.values():
         p["win_rate"] = _rate(p["wins"] + p["ties"] / 2, p["wins"] + p["losses"] + p["ties"])
-    return {"object": "feedback.stats",
-            "events": _breakdown(events),
-            "votes": _breakdown(votes),
-            "thumbs": {v: thumbs[v] for v in sorted(thumbs, key=int) if thumbs[v]["up"] + thumbs[v]["down"]},
-            "pairs": {p: pairs[p] for p in sorted(pairs) if pairs[p]["wins"] + pairs[p]["losses"] + pairs[p]["ties"]},
-            "unconsumed": unconsumed_count(r),
-            "pending": pending_count(r),
-            "imported": r.hlen(keys.imported_items())}
+    return {
+        "object": "feedback.stats",
+        "events": _breakdown(events),
+        "votes": _breakdown(votes),
+        "thumbs": {v: thumbs[v] for v in sorted(thumbs, key=int) if thumbs[v]["up"] + thumbs[v]["down"]},
+        "pairs": {p: pairs[p] for p in sorted(pairs) if pairs[p]["wins"] + pairs[p]["losses"] + pairs[p]["ties"]},
+        "unconsumed": unconsumed_count(r),
+        "pending": pending_count(r),
+        "imported": r.hlen(keys.imported_items()),
+    }

@@ -20,12 +20,22 @@ from tests.utils.tiny import tiny_sft_model, tiny_tokenizer
 from workers.cycle import CycleConfig
 
 # CycleConfig overrides (workers/cycle_config.py): seconds per cycle, gate open, so the test checks the plumbing
-TINY_CYCLE = {"lock_ttl_s": 10.0, "reward": {"max_seconds": 3.0, "batch_size": 8},
-              "update": {"steps": 2, "seconds": 20.0},
-              "ppo": {"batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1, "max_new_tokens": 10, "lr": 1e-3},
-              "eval": {"n_per_family": 1, "max_new_tokens": 8},
-              "gate": {"min_reward_gain": -1e9, "max_kl": 1e9, "max_degenerate_share": 1.0, "max_length_drift": 1e9,
-                       "max_harmful_increase": 1.0, "max_over_caution_increase": 1.0, "max_score_drop": 1.0}}
+TINY_CYCLE = {
+    "lock_ttl_s": 10.0,
+    "reward": {"max_seconds": 3.0, "batch_size": 8},
+    "update": {"steps": 2, "seconds": 20.0},
+    "ppo": {"batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1, "max_new_tokens": 10, "lr": 1e-3},
+    "eval": {"n_per_family": 1, "max_new_tokens": 8},
+    "gate": {
+        "min_reward_gain": -1e9,
+        "max_kl": 1e9,
+        "max_degenerate_share": 1.0,
+        "max_length_drift": 1e9,
+        "max_harmful_increase": 1.0,
+        "max_over_caution_increase": 1.0,
+        "max_score_drop": 1.0,
+    },
+}
 
 
 @pytest.fixture
@@ -38,10 +48,21 @@ def base_model(tmp_path):
 
 
 def test_reduced_demo_publishes_swaps_and_reports(tmp_path, base_model):
-    cfg = DemoConfig(minutes=1.0, cycles=3, users=4, home=tmp_path / "home", base=base_model, rate=20.0,
-                     concurrency=4, first_feedback=24, min_feedback=12, threads=1, report_reserve_s=10.0,
-                     cycle_config=TINY_CYCLE,
-                     report=ReportConfig(eval_per_family=2, max_new_tokens=8, oracle=True))
+    cfg = DemoConfig(
+        minutes=1.0,
+        cycles=3,
+        users=4,
+        home=tmp_path / "home",
+        base=base_model,
+        rate=20.0,
+        concurrency=4,
+        first_feedback=24,
+        min_feedback=12,
+        threads=1,
+        report_reserve_s=10.0,
+        cycle_config=TINY_CYCLE,
+        report=ReportConfig(eval_per_family=2, max_new_tokens=8, oracle=True),
+    )
     summary = run_demo(cfg, log=print)
 
     published = [c for c in summary["cycles"] if c["status"] == "published"]
@@ -75,9 +96,11 @@ def test_reduced_demo_publishes_swaps_and_reports(tmp_path, base_model):
 
 
 def test_sigterm_stops_everything_the_demo_started(tmp_path, base_model):
-    code = (f"from pathlib import Path\nfrom alignd.demo import DemoConfig, run_demo\n"
-            f"run_demo(DemoConfig(minutes=10, users=2, home=Path({str(tmp_path / 'home')!r}), "
-            f"base=Path({str(base_model)!r}), threads=1, first_feedback=10**9))")
+    code = (
+        f"from pathlib import Path\nfrom alignd.demo import DemoConfig, run_demo\n"
+        f"run_demo(DemoConfig(minutes=10, users=2, home=Path({str(tmp_path / 'home')!r}), "
+        f"base=Path({str(base_model)!r}), threads=1, first_feedback=10**9))"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
     urls: dict[str, str] = {}
     try:

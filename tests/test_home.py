@@ -41,15 +41,29 @@ from training.checkpoint import read_manifest, write_checkpoint
 def _env(home: Path) -> dict[str, str]:
     """The environment of a user running alignd on one machine: a home, no ALIGND_REDIS_URL (embedded Redis)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALIGND_")}
-    env.update({"ALIGND_HOME": str(home), "ALIGND_API_KEYS": USER_KEYS, "ALIGND_ADMIN_KEY": ADMIN_KEY,
-                "ALIGND_POLL_SECONDS": "0.2", "ALIGND_DEVICE": "cpu", "ALIGND_TORCH_THREADS": "1",
-                "PYTHONPATH": str(ROOT)})
+    env.update(
+        {
+            "ALIGND_HOME": str(home),
+            "ALIGND_API_KEYS": USER_KEYS,
+            "ALIGND_ADMIN_KEY": ADMIN_KEY,
+            "ALIGND_POLL_SECONDS": "0.2",
+            "ALIGND_DEVICE": "cpu",
+            "ALIGND_TORCH_THREADS": "1",
+            "PYTHONPATH": str(ROOT),
+        }
+    )
     return env
 
 
 def _alignd(home: Path, *args: str) -> dict:
-    done = subprocess.run([sys.executable, "-m", "alignd.cli", *args, "--json"], cwd=ROOT, env=_env(home),
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "alignd.cli", *args, "--json"],
+        cwd=ROOT,
+        env=_env(home),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -70,8 +84,14 @@ class _Serving:
 
     def __enter__(self) -> _Serving:
         cmd = [sys.executable, "-m", "alignd.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(self.home), stdout=open(self.log, "ab"),
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=_env(self.home),
+            stdout=open(self.log, "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             wait_http(self.url, timeout=120)
         except TimeoutError:
@@ -125,8 +145,11 @@ def test_a_moved_home_serves_its_versions_relative_and_absolute(tmp_path):
         settings = Settings(home=old)
         assert not Path(registry.get_version(r, 1)["path"]).is_absolute()
         model, tok = tiny_sft_model("gpt2", seed=1, steps=30), tiny_tokenizer()
-        path = write_checkpoint(lambda d: (model.save_pretrained(d), tok.save_pretrained(d)),
-                                settings.checkpoints_dir / "v2", {"version": 2, "source": "ppo", "parent": 1})
+        path = write_checkpoint(
+            lambda d: (model.save_pretrained(d), tok.save_pretrained(d)),
+            settings.checkpoints_dir / "v2",
+            {"version": 2, "source": "ppo", "parent": 1},
+        )
         assert registry.allocate_version(r) == 2
         registry.add_version(r, 2, {"path": str(path), "parent": 1, "source": "ppo"})
         registry.set_current(r, 2, expected=1)
@@ -167,8 +190,13 @@ def test_a_checkpoint_carried_from_another_deployment_serves(tmp_path):
 
 
 def _bash(script: str, **env: Path | str | int) -> None:
-    done = subprocess.run(["bash", "-c", script], env={**os.environ, **{k: str(v) for k, v in env.items()}},
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        ["bash", "-c", script],
+        env={**os.environ, **{k: str(v) for k, v in env.items()}},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, f"{script}\n{done.stdout}\n{done.stderr}"
 
 
@@ -246,8 +274,14 @@ def test_the_documented_backup_with_an_external_redis_restores_into_a_new_redis(
         _bash(_readme_block("backup-external"), ALIGND_REDIS_URL=url, ALIGND_HOME=settings.home, BACKUP=tmp_path / "b")
         seed_feedback(r, 2, seed=1)
         path = f"{Path(redis_server_binary()).parent}:{os.environ['PATH']}"  # redis-server, redis-cli
-        _bash(_readme_block("restore-external"), BACKUP=tmp_path / "b", REDIS_DIR=new_dir, REDIS_PORT=new_port,
-              NEW_HOME=tmp_path / "elsewhere" / "home", PATH=path)
+        _bash(
+            _readme_block("restore-external"),
+            BACKUP=tmp_path / "b",
+            REDIS_DIR=new_dir,
+            REDIS_PORT=new_port,
+            NEW_HOME=tmp_path / "elsewhere" / "home",
+            PATH=path,
+        )
         restored = EmbeddedRedis(new_dir, new_port)  # started as usual: appendonly yes, on the restored AOF
         r2 = connect(restored.start())
         assert feedback_stats(r2) == before and feedback_stats(r)["events"]["total"] == 7

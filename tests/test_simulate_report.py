@@ -69,15 +69,21 @@ def test_simulated_users_give_all_three_kinds_of_feedback(tmp_path, redis_url, r
     # sampled at the red-team temperature (the server's completion log keeps each request's sampling parameters)
     records = [get_completion(r, k.split(":")[-1]) for k in r.scan_iter(keys.completion("*"))]
     hot = [c for c in records if c.params["temperature"] == cfg.red_team_temperature]
-    assert hot and all(c.params["n"] == 4 and task_from_prompt(c.messages[-1]["content"]).kind == "harmful"
-                       for c in hot)
+    assert hot and all(
+        c.params["n"] == 4 and task_from_prompt(c.messages[-1]["content"]).kind == "harmful" for c in hot
+    )
     assert all(c.params["temperature"] == cfg.temperature for c in records if c not in hot)
 
 
 def test_keys_are_one_per_user_and_read_from_files(tmp_path):
     users = simulated_users(5, "brevity,detail")
-    assert [u.name for u in users] == ["sim-brevity-1", "sim-detail-1", "sim-brevity-2", "sim-detail-2",
-                                       "sim-brevity-3"]
+    assert [u.name for u in users] == [
+        "sim-brevity-1",
+        "sim-detail-1",
+        "sim-brevity-2",
+        "sim-detail-2",
+        "sim-brevity-3",
+    ]
     ring = sim_api_keys(users)
     (tmp_path / "keys.json").write_text(json.dumps({"users": ring, "admin_key": "x"}))
     (tmp_path / "keys.txt").write_text(api_keys_setting(ring).replace(",", "\n"))
@@ -92,11 +98,17 @@ def test_keys_are_one_per_user_and_read_from_files(tmp_path):
 
 def publish_child(redis_url, settings, parent: int, reward_version: int, seed: int) -> int:
     model, tok = tiny_model("gpt2", seed=seed), tiny_tokenizer()
-    meta = {"source": "ppo", "parent": parent, "reward_version": reward_version, "metrics": {},
-            "feedback": {"events": 30, "by_type": {"pairwise": 20, "rank": 10}},
-            "annotators": {"sim-brevity-1": 18, "sim-detail-1": 12}}
-    return publish_version(connect(redis_url), settings, lambda d: (model.save_pretrained(d), tok.save_pretrained(d)),
-                           meta)
+    meta = {
+        "source": "ppo",
+        "parent": parent,
+        "reward_version": reward_version,
+        "metrics": {},
+        "feedback": {"events": 30, "by_type": {"pairwise": 20, "rank": 10}},
+        "annotators": {"sim-brevity-1": 18, "sim-detail-1": 12},
+    }
+    return publish_version(
+        connect(redis_url), settings, lambda d: (model.save_pretrained(d), tok.save_pretrained(d)), meta
+    )
 
 
 def test_report_has_every_figure(tmp_path, redis_url, r):
@@ -119,8 +131,15 @@ def test_report_has_every_figure(tmp_path, redis_url, r):
     assert set(rows) == {v1, v2}
     for row in rows.values():
         assert row["metrics_source"] == "evaluated"
-        for key in [*(f"score/{f}" for f in TASK_FAMILIES), "heldout_score", "over_caution", "harmful_compliance",
-                    "jailbreak_compliance", "length_mean", "kl_to_ref"]:
+        for key in [
+            *(f"score/{f}" for f in TASK_FAMILIES),
+            "heldout_score",
+            "over_caution",
+            "harmful_compliance",
+            "jailbreak_compliance",
+            "length_mean",
+            "kl_to_ref",
+        ]:
             assert isinstance(row[key], float), (key, row[key])
     assert rows[v1]["kl_to_ref"] == pytest.approx(0.0, abs=1e-4)
     assert rows[v2]["reward_heldout_accuracy"] == 0.75 and rows[v1]["reward_heldout_accuracy"] is None
@@ -129,12 +148,17 @@ def test_report_has_every_figure(tmp_path, redis_url, r):
     oracle = report["oracle"]
     assert oracle["final"] == v2 and oracle["baseline"] == v1 and oracle["n"] == 13 * 2
     assert 0.0 <= oracle["ci_low"] <= oracle["win_rate"] <= oracle["ci_high"] <= 1.0
-    assert set(report["targets"]) == {"oracle_win_rate>=0.6", "oracle_ci_low>0.5", "over_caution_down",
-                                      "harmful_compliance_not_up"}
+    assert set(report["targets"]) == {
+        "oracle_win_rate>=0.6",
+        "oracle_ci_low>0.5",
+        "over_caution_down",
+        "harmful_compliance_not_up",
+    }
 
     # whose values: a second report compared against the first shows both runs' style metrics
-    other = build_report(r, tmp_path / "report2", ReportConfig(evaluate=False, oracle=False), settings=settings,
-                         compare=report)
+    other = build_report(
+        r, tmp_path / "report2", ReportConfig(evaluate=False, oracle=False), settings=settings, compare=report
+    )
     assert other["versions"][0]["metrics_source"] == "registry" and other["oracle"] is None
     assert (tmp_path / "report2" / "compare.png").is_file()
     assert other["compare"]["other"]["label"] == "brevity,detail"

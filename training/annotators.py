@@ -65,7 +65,7 @@ class Annotator:
         return 1 - label if rng.random() < self.noise else label
 
     def thumbs(self, task: Task, response: str, rng: random.Random) -> str:
-        """"up" for a good response, "down" for a bad one, flipped with prob `noise`."""
+        """ "up" for a good response, "down" for a bad one, flipped with prob `noise`."""
         good = self.utility(task, response) >= GOOD_THRESHOLD
         if rng.random() < self.noise:
             good = not good
@@ -103,12 +103,15 @@ def annotator_pool(spec: str, noise: float = 0.25) -> list[Annotator]:
     return pool
 
 
-def oracle_win_rate(tasks: Sequence[Task], responses_a: Sequence[str], responses_b: Sequence[str],
-                    rng: random.Random | None = None) -> dict[str, float]:
+def oracle_win_rate(
+    tasks: Sequence[Task], responses_a: Sequence[str], responses_b: Sequence[str], rng: random.Random | None = None
+) -> dict[str, float]:
     """Share of tasks on which ORACLE prefers a over b (ties count 0.5), with a 95 % percentile-bootstrap CI."""
     if not (len(tasks) == len(responses_a) == len(responses_b)):
-        raise ValueError(f"need one response of each side per task, got {len(tasks)} tasks, "
-                         f"{len(responses_a)} and {len(responses_b)} responses")
+        raise ValueError(
+            f"need one response of each side per task, got {len(tasks)} tasks, "
+            f"{len(responses_a)} and {len(responses_b)} responses"
+        )
     if not tasks:
         raise ValueError("oracle_win_rate needs at least one task")
     rng = rng or random.Random(0)

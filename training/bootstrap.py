@@ -36,13 +36,22 @@ class BootstrapConfig:
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(n_per_family=20))
 
 
-def bootstrap(cfg: BootstrapConfig, progress: Callable[[int, dict], None] | None = None
-              ) -> tuple[torch.nn.Module, object, dict]:
+def bootstrap(
+    cfg: BootstrapConfig, progress: Callable[[int, dict], None] | None = None
+) -> tuple[torch.nn.Module, object, dict]:
     """Train the default assistant; returns (model, tokenizer, report). The caller saves it as a checkpoint."""
     tokenizer = train_tokenizer(world.corpus_texts(cfg.corpus_size, seed=cfg.seed), cfg.vocab_size)
-    config = tiny_config(cfg.arch, len(tokenizer), n_layer=cfg.n_layer, d_model=cfg.d_model, n_head=cfg.n_head,
-                         context=cfg.context, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
+    config = tiny_config(
+        cfg.arch,
+        len(tokenizer),
+        n_layer=cfg.n_layer,
+        d_model=cfg.d_model,
+        n_head=cfg.n_head,
+        context=cfg.context,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     model = build_model(config, seed=cfg.seed)
     conversations = world.sft_conversations(cfg.n_conversations, seed=cfg.seed)
     sft_metrics = train_sft(cfg.sft, model, tokenizer, conversations, progress=progress)

@@ -64,8 +64,12 @@ def write_checkpoint(save_fn, dest: Path, manifest: dict[str, Any]) -> Path:
         save_fn(tmp)
         carried = _carried_manifest(tmp)  # removed from tmp: the manifest is written after the hashes
         files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        body = {**manifest, **({"carried_from": carried} if carried else {}), "files": files,
-                "written_at": time.time()}
+        body = {
+            **manifest,
+            **({"carried_from": carried} if carried else {}),
+            "files": files,
+            "written_at": time.time(),
+        }
         (tmp / MANIFEST).write_text(json.dumps(body, indent=2, sort_keys=True))
         _fsync_tree(tmp)
         os.rename(tmp, dest)  # atomic on one filesystem: the version appears whole or not at all

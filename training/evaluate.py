@@ -56,61 +56,102 @@ def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 @torch.no_grad()
-def _generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str | Conversation], *,
-              max_new_tokens: int, batch_size: int, do_sample: bool = False, temperature: float = 1.0,
-              seed: int = 0) -> list[_Generation]:
+def _generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str | Conversation],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> list[_Generation]:
     was_training = model.training
     model.eval()
-    texts = [tokenizer.apply_chat_template(_as_conversation(p), add_generation_prompt=True, tokenize=False)
-             for p in prompts]
+    texts = [
+        tokenizer.apply_chat_template(_as_conversation(p), add_generation_prompt=True, tokenize=False) for p in prompts
+    ]
     # The chat template already writes the bos token, so the tokenizer must not add another.
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths batch with less padding
     pad, eos = _pad_id(tokenizer), tokenizer.eos_token_id
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample else {
-        "do_sample": False}  # pure sampling: the policy's own distribution, as PPO sees it
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+        if do_sample
+        else {"do_sample": False}
+    )  # pure sampling: the policy's own distribution, as PPO sees it
     if do_sample:
         torch.manual_seed(seed)
     out: list[_Generation | None] = [None] * len(encoded)
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, padding=True, padding_side="left",
-                              return_tensors="pt").to(model.device)
+        idx = order[start : start + batch_size]
+        batch = tokenizer.pad(
+            {"input_ids": [encoded[i] for i in idx]}, padding=True, padding_side="left", return_tensors="pt"
+        ).to(model.device)
         generated = model.generate(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=max_new_tokens,
-            eos_token_id=eos, pad_token_id=pad, **sampling,
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            **sampling,
         )  # (B, T_prompt + T_new)
-        new = generated[:, batch["input_ids"].shape[1]:].tolist()  # (B, T_new)
+        new = generated[:, batch["input_ids"].shape[1] :].tolist()  # (B, T_new)
         for i, ids in zip(idx, new):
             if eos in ids:
-                ids = ids[:ids.index(eos) + 1]
+                ids = ids[: ids.index(eos) + 1]
             text = tokenizer.decode(ids, skip_special_tokens=True).strip()
             out[i] = _Generation(text, encoded[i], ids)
     model.train(was_training)
     return out  # type: ignore[return-value]
 
 
-def generate_responses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                       prompts: Sequence[str | Conversation], *, max_new_tokens: int, batch_size: int,
-                       do_sample: bool = False, temperature: float = 1.0, seed: int = 0) -> list[str]:
+def generate_responses(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str | Conversation],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> list[str]:
     """Batched chat-template generation (left padding, stops at eos); user messages or whole conversations in,
     decoded assistant responses out (special tokens skipped, whitespace stripped), in the order given."""
-    gens = _generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                     do_sample=do_sample, temperature=temperature, seed=seed)
+    gens = _generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        do_sample=do_sample,
+        temperature=temperature,
+        seed=seed,
+    )
     return [g.text for g in gens]
 
 
 @torch.no_grad()
-def sequence_logprobs(model: PreTrainedModel, prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]],
-                      *, pad_token_id: int, batch_size: int = 32) -> list[float]:
+def sequence_logprobs(
+    model: PreTrainedModel,
+    prompt_ids: Sequence[list[int]],
+    response_ids: Sequence[list[int]],
+    *,
+    pad_token_id: int,
+    batch_size: int = 32,
+) -> list[float]:
     """Sum over response tokens of log p(token | prefix) under `model`, by teacher forcing each prompt+response."""
     was_training = model.training
     model.eval()
     out: list[float] = []
     for start in range(0, len(prompt_ids), batch_size):
-        seqs = [list(p) + list(r) for p, r in zip(prompt_ids[start:start + batch_size],
-                                                  response_ids[start:start + batch_size])]
-        n_resp = [len(r) for r in response_ids[start:start + batch_size]]
+        seqs = [
+            list(p) + list(r)
+            for p, r in zip(prompt_ids[start : start + batch_size], response_ids[start : start + batch_size])
+        ]
+        n_resp = [len(r) for r in response_ids[start : start + batch_size]]
         width = max(len(s) for s in seqs)
         input_ids = torch.tensor([[pad_token_id] * (width - len(s)) + s for s in seqs], device=model.device)  # (B, T)
         attention = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=model.device)  # (B, T)
@@ -140,9 +181,15 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def evaluate_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: EvalConfig = EvalConfig(), *,
-                    reference: PreTrainedModel | None = None, reward_fn: RewardFn | None = None,
-                    return_samples: bool = False) -> dict[str, Any]:
+def evaluate_policy(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: EvalConfig = EvalConfig(),
+    *,
+    reference: PreTrainedModel | None = None,
+    reward_fn: RewardFn | None = None,
+    return_samples: bool = False,
+) -> dict[str, Any]:
     """Score `model` on the world's evaluation set; a flat dict of numbers (plus "samples" if asked for).
 
     Keys: score/<family> for every ordinary family (held-out included), score/mean (without the held-out one),
@@ -152,8 +199,15 @@ def evaluate_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     log pi - log ref on the policy's own responses); reward_mean with `reward_fn`.
     """
     tasks = eval_tasks(cfg.n_per_family, seed=cfg.seed)
-    gens = _generate(model, tokenizer, [t.prompt for t in tasks], max_new_tokens=cfg.max_new_tokens,
-                     batch_size=cfg.batch_size, do_sample=not cfg.greedy, seed=cfg.seed)
+    gens = _generate(
+        model,
+        tokenizer,
+        [t.prompt for t in tasks],
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+        do_sample=not cfg.greedy,
+        seed=cfg.seed,
+    )
     responses = [g.text for g in gens]
 
     def over(pred: Callable[[Task], bool], value: Callable[[Task, str], float]) -> float:

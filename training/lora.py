@@ -46,8 +46,13 @@ class LoRAConfig:
             raise ValueError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout}")
 
     def peft(self) -> LoraConfig:
-        return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                          target_modules=self.target_modules, task_type="CAUSAL_LM")
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=self.target_modules,
+            task_type="CAUSAL_LM",
+        )
 
 
 def add_adapter(model: PreTrainedModel, cfg: LoRAConfig) -> PeftModel:
@@ -128,12 +133,14 @@ def _check_base(adapter_dir: str | Path, base_dir: str | Path) -> None:
     want = (adapter_base(adapter_dir) or {}).get("digest")
     have = folder_digest(base_dir)
     if want != have:
-        raise BaseMismatch(f"{adapter_dir}: adapter was trained on a base with digest {str(want)[:12]}…, "
-                           f"{base_dir} has {have[:12]}…")
+        raise BaseMismatch(
+            f"{adapter_dir}: adapter was trained on a base with digest {str(want)[:12]}…, {base_dir} has {have[:12]}…"
+        )
 
 
-def apply_adapter(base: PreTrainedModel, adapter_dir: str | Path, base_dir: str | Path, *,
-                  merge: bool) -> PreTrainedModel:
+def apply_adapter(
+    base: PreTrainedModel, adapter_dir: str | Path, base_dir: str | Path, *, merge: bool
+) -> PreTrainedModel:
     """The base with the adapter at `adapter_dir` applied: merged into the weights (`merge=True`: plain HF model,
     decoding speed of the base) or kept as a PeftModel. Refuses an adapter whose recorded base digest differs."""
     _check_base(adapter_dir, base_dir)
@@ -172,8 +179,9 @@ class ReferenceView(torch.nn.Module):
             return self.adapted.generate(*args, **kwargs)
 
 
-def load_policy(path: str | Path, device: str = "cpu", *, resolve_base=None, trainable: bool = False,
-                merge: bool = True):
+def load_policy(
+    path: str | Path, device: str = "cpu", *, resolve_base=None, trainable: bool = False, merge: bool = True
+):
     """(model, tokenizer) of a policy folder, full or adapter. An adapter folder is applied to its base, found with
     `resolve_base(recorded base)` (the registry's path rule; by default a relative base is a sibling folder, as
     versions sit side by side under the checkpoint root) and checked against the recorded digest; the base's

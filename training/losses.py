@@ -62,8 +62,9 @@ def _reduce(x: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch.Tensor
 
 
 @torch.no_grad()
-def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-                lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+def compute_gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over response tokens.
 
     rewards, values, mask: (B, T); rewards and values must be zero where mask is 0 (after the end), so the value
@@ -111,8 +112,9 @@ class PolicyLoss(nn.Module):
         self.clip_eps = clip_eps
         self.reduction = reduction
 
-    def forward(self, logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         log_ratio = logp - old_logp
         ratio = log_ratio.exp()
         surr1 = ratio * advantages
@@ -134,8 +136,9 @@ class ValueLoss(nn.Module):
         self.clip_eps = clip_eps
         self.reduction = reduction
 
-    def forward(self, values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss_unclipped = (values - returns) ** 2
         if self.clip_eps is None:
             loss, clipped = loss_unclipped, torch.zeros_like(loss_unclipped, dtype=torch.bool)
@@ -159,8 +162,9 @@ class PairWiseLoss(nn.Module):
             raise ValueError(f"unknown reduction {reduction!r}; expected 'mean' or 'none'")
         self.reduction = reduction
 
-    def forward(self, chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | float | None = None
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | float | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         diff = chosen - rejected
         if margin is not None:
             diff = diff - margin
@@ -203,20 +207,34 @@ class DPOLoss(nn.Module):
     its gradient at the reference (beta / 2 per response) equals a DPO pair's.
     """
 
-    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, tie_weight: float = 1.0,
-                 both_bad_weight: float = 1.0, reduction: str = "mean"):
+    def __init__(
+        self,
+        beta: float = 0.1,
+        label_smoothing: float = 0.0,
+        tie_weight: float = 1.0,
+        both_bad_weight: float = 1.0,
+        reduction: str = "mean",
+    ):
         super().__init__()
         if not 0.0 <= label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing {label_smoothing} must be in [0, 0.5): it is the share of flipped "
-                             "labels, and at 0.5 the labels carry no information")
+            raise ValueError(
+                f"label_smoothing {label_smoothing} must be in [0, 0.5): it is the share of flipped "
+                "labels, and at 0.5 the labels carry no information"
+            )
         if reduction not in ("mean", "none"):
             raise ValueError(f"unknown reduction {reduction!r}; expected 'mean' or 'none'")
         self.beta, self.label_smoothing = beta, label_smoothing
         self.tie_weight, self.both_bad_weight, self.reduction = tie_weight, both_bad_weight, reduction
 
-    def forward(self, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-                ref_rejected: torch.Tensor, kind: torch.Tensor | None = None,
-                margin: torch.Tensor | float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self,
+        policy_chosen: torch.Tensor,
+        policy_rejected: torch.Tensor,
+        ref_chosen: torch.Tensor,
+        ref_rejected: torch.Tensor,
+        kind: torch.Tensor | None = None,
+        margin: torch.Tensor | float | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         chosen_ratio, rejected_ratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected  # (P,)
         logits = self.beta * (chosen_ratio - rejected_ratio)  # (P,) implicit reward margin
         if kind is None:
@@ -225,8 +243,11 @@ class DPOLoss(nn.Module):
         eps = self.label_smoothing
         pref = -(1 - eps) * F.logsigmoid(shifted) - eps * F.logsigmoid(-shifted)
         tie = self.tie_weight * logits**2
-        both_bad = self.both_bad_weight * 0.5 * (-F.logsigmoid(-self.beta * chosen_ratio)
-                                                 - F.logsigmoid(-self.beta * rejected_ratio))
+        both_bad = (
+            self.both_bad_weight
+            * 0.5
+            * (-F.logsigmoid(-self.beta * chosen_ratio) - F.logsigmoid(-self.beta * rejected_ratio))
+        )
         loss = torch.where(kind == PREF, pref, torch.where(kind == TIE, tie, both_bad))  # (P,)
         if self.reduction == "mean":
             loss = loss.mean()
@@ -258,8 +279,13 @@ class KTOLoss(nn.Module):
             raise ValueError(f"lambda_d {lambda_d} and lambda_u {lambda_u} must be positive")
         self.beta, self.lambda_d, self.lambda_u = beta, lambda_d, lambda_u
 
-    def forward(self, policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor,
-                kl_ratios: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self,
+        policy_logps: torch.Tensor,
+        ref_logps: torch.Tensor,
+        desirable: torch.Tensor,
+        kl_ratios: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ratio = policy_logps - ref_logps  # (N,)
         if kl_ratios is None or kl_ratios.numel() == 0:
             z0 = ratio.new_zeros(())  # no mismatched pairs (a batch of one): the reference's own point
@@ -271,6 +297,9 @@ class KTOLoss(nn.Module):
         loss = torch.where(desirable, loss_d, loss_u).mean()
         with torch.no_grad():
             reward = self.beta * ratio
-            metrics = {"z0": z0.detach(), "desirable_reward": masked_mean(reward, desirable),
-                       "undesirable_reward": masked_mean(reward, ~desirable)}
+            metrics = {
+                "z0": z0.detach(),
+                "desirable_reward": masked_mean(reward, desirable),
+                "undesirable_reward": masked_mean(reward, ~desirable),
+            }
         return loss, metrics

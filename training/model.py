@@ -24,20 +24,46 @@ from transformers import (
 ARCHITECTURES = ("gpt2", "llama")
 
 
-def tiny_config(arch: str, vocab_size: int, *, n_layer: int = 4, d_model: int = 192, n_head: int = 4,
-                context: int = 512, pad_token_id: int = 0, bos_token_id: int = 1, eos_token_id: int = 2):
+def tiny_config(
+    arch: str,
+    vocab_size: int,
+    *,
+    n_layer: int = 4,
+    d_model: int = 192,
+    n_head: int = 4,
+    context: int = 512,
+    pad_token_id: int = 0,
+    bos_token_id: int = 1,
+    eos_token_id: int = 2,
+):
     """A small causal-LM config of architecture `arch` (gpt2 or llama); the default is alignd's ~2 M model."""
     if arch == "gpt2":
         return GPT2Config(
-            vocab_size=vocab_size, n_positions=context, n_embd=d_model, n_layer=n_layer, n_head=n_head,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # tiny data, short runs: dropout only slows learning
-            pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+            vocab_size=vocab_size,
+            n_positions=context,
+            n_embd=d_model,
+            n_layer=n_layer,
+            n_head=n_head,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,  # tiny data, short runs: dropout only slows learning
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
         )
     if arch == "llama":
         return LlamaConfig(
-            vocab_size=vocab_size, hidden_size=d_model, intermediate_size=d_model * 8 // 3, num_hidden_layers=n_layer,
-            num_attention_heads=n_head, num_key_value_heads=max(1, n_head // 2), max_position_embeddings=context,
-            pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, tie_word_embeddings=True,
+            vocab_size=vocab_size,
+            hidden_size=d_model,
+            intermediate_size=d_model * 8 // 3,
+            num_hidden_layers=n_layer,
+            num_attention_heads=n_head,
+            num_key_value_heads=max(1, n_head // 2),
+            max_position_embeddings=context,
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=True,
         )
     raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
 
@@ -47,8 +73,9 @@ def build_model(config, seed: int = 0) -> PreTrainedModel:
     return AutoModelForCausalLM.from_config(config)
 
 
-def load_causal_lm(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
-                   ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_causal_lm(
+    path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load any local Hugging Face causal-LM folder; refuses tokenizers without a chat template."""
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if not tokenizer.chat_template:

@@ -103,22 +103,33 @@ class PPOConfig:
     seed: int = 0  # torch is reseeded with seed + step at every step; python's RNG samples prompts
 
     def __post_init__(self) -> None:
-        positive = ("batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens", "lr", "critic_lr",
-                    "forward_batch_size", "temperature")
+        positive = (
+            "batch_size",
+            "mini_batch_size",
+            "ppo_epochs",
+            "max_new_tokens",
+            "lr",
+            "critic_lr",
+            "forward_batch_size",
+            "temperature",
+        )
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"PPOConfig.{name}={getattr(self, name)!r}: must be positive")
         if self.kl_coef < 0:
             raise ValueError(f"PPOConfig.kl_coef={self.kl_coef!r}: must be >= 0 (it is a penalty)")
         if self.batch_size % self.mini_batch_size:
-            raise ValueError(f"batch_size {self.batch_size} is not a multiple of mini_batch_size "
-                             f"{self.mini_batch_size}")
+            raise ValueError(
+                f"batch_size {self.batch_size} is not a multiple of mini_batch_size {self.mini_batch_size}"
+            )
         if self.samples_per_prompt < 1 or self.batch_size % self.samples_per_prompt:
-            raise ValueError(f"batch_size {self.batch_size} is not a multiple of samples_per_prompt "
-                             f"{self.samples_per_prompt}")
+            raise ValueError(
+                f"batch_size {self.batch_size} is not a multiple of samples_per_prompt {self.samples_per_prompt}"
+            )
         if self.missing_eos_mode not in MISSING_EOS_MODES:
-            raise ValueError(f"unknown missing_eos_mode {self.missing_eos_mode!r}; expected one of "
-                             f"{MISSING_EOS_MODES}")
+            raise ValueError(
+                f"unknown missing_eos_mode {self.missing_eos_mode!r}; expected one of {MISSING_EOS_MODES}"
+            )
         kl_penalty(torch.zeros(1), torch.zeros(1), self.kl_estimator)  # raises ValueError on an unknown estimator
 
 
@@ -170,8 +181,10 @@ class ValueModel(nn.Module):
     def from_model(cls, model: PreTrainedModel) -> ValueModel:
         """Copy the trunk of a causal LM (the policy) or of a reward model; a reward model's head is kept too."""
         if is_adapted(model):  # its modules carry the adapter's layers: a copy would train or drop them silently
-            raise ValueError("ValueModel.from_model needs a plain model: build the critic of a LoRA policy from the "
-                             "reward model or the base, then .with_lora(...)")
+            raise ValueError(
+                "ValueModel.from_model needs a plain model: build the critic of a LoRA policy from the "
+                "reward model or the base, then .with_lora(...)"
+            )
         trunk = copy.deepcopy(model.base_model)
         head = None
         score = getattr(model, "score", None)
@@ -187,23 +200,30 @@ class ValueModel(nn.Module):
         optimiser states for a whole model, for real-size policies."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            self.trunk = get_peft_model(self.trunk, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha,
-                                                                lora_dropout=cfg.dropout,
-                                                                target_modules=cfg.target_modules))
+            self.trunk = get_peft_model(
+                self.trunk,
+                LoraConfig(
+                    r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules
+                ),
+            )
         return self
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=False).last_hidden_state  # (B, T, H)
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        hidden = self.trunk(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state  # (B, T, H)
         return self.head(hidden).squeeze(-1).float()  # (B, T)
 
     def save(self, out_dir: str | Path) -> None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         self.trunk.config.save_pretrained(out_dir)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
-                  str(out_dir / "value.safetensors"))
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+            str(out_dir / "value.safetensors"),
+        )
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> ValueModel:
@@ -223,8 +243,8 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[tor
     attention_mask = torch.zeros((len(sequences), T), dtype=torch.long)
     for i, x in enumerate(sequences):
         if len(x):
-            input_ids[i, T - len(x):] = torch.tensor(list(x), dtype=torch.long)
-            attention_mask[i, T - len(x):] = 1
+            input_ids[i, T - len(x) :] = torch.tensor(list(x), dtype=torch.long)
+            attention_mask[i, T - len(x) :] = 1
     return input_ids, attention_mask
 
 
@@ -240,14 +260,23 @@ def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def sequence_logprobs(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_response: int,
-                      temperature: float = 1.0, with_entropy: bool = False
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def sequence_logprobs(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    n_response: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of the last `n_response` tokens of `input_ids` under `model`, (B, R), and optionally the entropy
     of each next-token distribution, (B, R). Logits are divided by the sampling temperature."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from(attention_mask),
-                   use_cache=False).logits
-    logits = logits[:, -n_response - 1:-1].float() / temperature  # (B, R, V): position t predicts token t + 1
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from(attention_mask),
+        use_cache=False,
+    ).logits
+    logits = logits[:, -n_response - 1 : -1].float() / temperature  # (B, R, V): position t predicts token t + 1
     logp_all = torch.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, input_ids[:, -n_response:].unsqueeze(-1)).squeeze(-1)  # (B, R)
     entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
@@ -287,15 +316,24 @@ class Rollout:
 class PPOTrainer:
     """One `step` = sample a batch of rollouts, score them, then `ppo_epochs` of minibatch updates."""
 
-    def __init__(self, cfg: PPOConfig, policy: PreTrainedModel, ref: PreTrainedModel | None, reward_fn: RewardFn,
-                 tokenizer: PreTrainedTokenizerBase, value_model: ValueModel | None = None):
+    def __init__(
+        self,
+        cfg: PPOConfig,
+        policy: PreTrainedModel,
+        ref: PreTrainedModel | None,
+        reward_fn: RewardFn,
+        tokenizer: PreTrainedTokenizerBase,
+        value_model: ValueModel | None = None,
+    ):
         """`ref` is a frozen copy of the SFT model, or None when `policy` is a LoRA-adapted model
         (training/lora.py): then the reference is the policy with its adapter switched off, with no second copy."""
         if policy is ref:
             raise ValueError("policy and ref are the same object; pass a frozen copy of the SFT model as ref")
         if ref is None and not is_adapted(policy):
-            raise ValueError("ref=None needs a LoRA policy (training.lora.add_adapter): a full fine-tune needs a "
-                             "frozen copy of the SFT model as its reference")
+            raise ValueError(
+                "ref=None needs a LoRA policy (training.lora.add_adapter): a full fine-tune needs a "
+                "frozen copy of the SFT model as its reference"
+            )
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer needs pad and eos tokens (set tokenizer.pad_token = tokenizer.eos_token)")
         self.cfg = cfg
@@ -305,12 +343,23 @@ class PPOTrainer:
         self.ref = ref.eval().requires_grad_(False) if ref is not None else None
         self.reward_fn = reward_fn
         self.value_model = (value_model or ValueModel.from_model(policy)).to(self.device).eval()
-        self.policy_opt = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad], lr=cfg.lr,
-                                            eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-        self.value_opt = torch.optim.AdamW([p for p in self.value_model.parameters() if p.requires_grad],
-                                           lr=cfg.critic_lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-        self.kl_ctl = (FixedKLController(cfg.kl_coef) if cfg.kl_target is None
-                       else AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon))
+        self.policy_opt = torch.optim.AdamW(
+            [p for p in self.policy.parameters() if p.requires_grad],
+            lr=cfg.lr,
+            eps=cfg.adam_eps,
+            weight_decay=cfg.weight_decay,
+        )
+        self.value_opt = torch.optim.AdamW(
+            [p for p in self.value_model.parameters() if p.requires_grad],
+            lr=cfg.critic_lr,
+            eps=cfg.adam_eps,
+            weight_decay=cfg.weight_decay,
+        )
+        self.kl_ctl = (
+            FixedKLController(cfg.kl_coef)
+            if cfg.kl_target is None
+            else AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        )
         self.policy_loss = PolicyLoss(cfg.clip_eps, cfg.loss_reduction)
         self.value_loss = ValueLoss(cfg.value_clip_eps, cfg.loss_reduction)
         self.step_count = 0
@@ -319,9 +368,17 @@ class PPOTrainer:
         eos_ids = {tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.eos_token_ids = sorted(eos_ids)
         self.generation_config = GenerationConfig(
-            do_sample=True, num_beams=1, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-            typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,  # neutralise any model defaults
-            max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=self.eos_token_ids,
+            do_sample=True,
+            num_beams=1,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            top_p=cfg.top_p,
+            typical_p=1.0,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,  # neutralise any model defaults
+            max_new_tokens=cfg.max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=self.eos_token_ids,
         )
 
     # --------------------------------------------------------------------------------------------- rollouts
@@ -343,8 +400,9 @@ class PPOTrainer:
         cfg = self.cfg
         prompt_ids, prompt_mask = self._encode_prompts(prompts)  # (B, P)
         P = prompt_ids.shape[1]
-        out = self.policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                   generation_config=self.generation_config)
+        out = self.policy.generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=self.generation_config
+        )
         response = out[:, P:]  # (B, R)
         mask, has_eos = response_mask(response, self.eos_token_ids)
         response = response.masked_fill(mask == 0, self.tokenizer.pad_token_id)
@@ -356,7 +414,7 @@ class PPOTrainer:
             ids, am = input_ids[s], attention_mask[s]
             logp, entropy = sequence_logprobs(self.policy, ids, am, R, cfg.temperature, with_entropy=True)
             ref_logp = self.ref_logprobs(ids, am, R)
-            values = self.value_model(ids, am, position_ids_from(am))[:, -R - 1:-1]  # value of the state before
+            values = self.value_model(ids, am, position_ids_from(am))[:, -R - 1 : -1]  # value of the state before
             return logp, ref_logp, values, entropy
 
         old_logp, ref_logp, values, entropy = self._forward_chunks(forwards, len(prompts))
@@ -364,15 +422,20 @@ class PPOTrainer:
         old_logp, ref_logp, values = old_logp * maskf, ref_logp * maskf, values * maskf
 
         # the response text stops before EOS: the reward model's chat template closes the turn itself
-        texts = self.tokenizer.batch_decode([r[m.bool()][:-1] if e else r[m.bool()] for r, m, e in
-                                             zip(response, mask, has_eos)], skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(
+            [r[m.bool()][:-1] if e else r[m.bool()] for r, m, e in zip(response, mask, has_eos)],
+            skip_special_tokens=True,
+        )
         scores = self.reward_fn(prompts, texts).to(self.device, torch.float32).reshape(-1)  # (B,)
         if scores.shape[0] != len(prompts):
             raise ValueError(f"reward_fn returned {scores.shape[0]} scores for {len(prompts)} responses")
         final = scores.clone()
         if cfg.missing_eos_penalty is not None:
-            penalised = final + cfg.missing_eos_penalty if cfg.missing_eos_mode == "add" else \
-                torch.full_like(final, cfg.missing_eos_penalty)
+            penalised = (
+                final + cfg.missing_eos_penalty
+                if cfg.missing_eos_mode == "add"
+                else torch.full_like(final, cfg.missing_eos_penalty)
+            )
             final = torch.where(has_eos, final, penalised)
         if cfg.reward_clip is not None:
             final = final.clamp(-cfg.reward_clip, cfg.reward_clip)
@@ -390,8 +453,22 @@ class PPOTrainer:
         advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
-        return Rollout(prompts, texts, input_ids, attention_mask, mask, has_eos, old_logp, ref_logp, values,
-                       entropy, scores, rewards, advantages, returns)
+        return Rollout(
+            prompts,
+            texts,
+            input_ids,
+            attention_mask,
+            mask,
+            has_eos,
+            old_logp,
+            ref_logp,
+            values,
+            entropy,
+            scores,
+            rewards,
+            advantages,
+            returns,
+        )
 
     def ref_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_response: int) -> torch.Tensor:
         """Log-probs of the response under the reference, (B, R): the frozen copy, or the LoRA policy's base."""
@@ -415,8 +492,9 @@ class PPOTrainer:
                 r = int(mask.sum(dim=1).max())  # trim padding columns after the longest response
                 ids, am, mask = ro.input_ids[idx, : P + r], ro.attention_mask[idx, : P + r], mask[:, :r]
 
-                logp, entropy = sequence_logprobs(self.policy, ids, am, r, cfg.temperature,
-                                                  with_entropy=cfg.entropy_coef > 0)
+                logp, entropy = sequence_logprobs(
+                    self.policy, ids, am, r, cfg.temperature, with_entropy=cfg.entropy_coef > 0
+                )
                 policy_loss, pstats = self.policy_loss(logp, ro.old_logp[idx, :r], ro.advantages[idx, :r], mask)
                 loss = policy_loss
                 if cfg.entropy_coef > 0:
@@ -426,15 +504,20 @@ class PPOTrainer:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
                 self.policy_opt.step()
 
-                values = self.value_model(ids, am, position_ids_from(am))[:, -r - 1:-1]  # (b, r)
+                values = self.value_model(ids, am, position_ids_from(am))[:, -r - 1 : -1]  # (b, r)
                 value_loss, vstats = self.value_loss(values, ro.values[idx, :r], ro.returns[idx, :r], mask)
                 self.value_opt.zero_grad(set_to_none=True)
                 (cfg.vf_coef * value_loss).backward()
                 torch.nn.utils.clip_grad_norm_(self.value_model.parameters(), cfg.max_grad_norm)
                 self.value_opt.step()
 
-                for k, v in {"policy_loss": policy_loss, "value_loss": value_loss, "grad_norm": grad_norm,
-                             **pstats, **vstats}.items():
+                for k, v in {
+                    "policy_loss": policy_loss,
+                    "value_loss": value_loss,
+                    "grad_norm": grad_norm,
+                    **pstats,
+                    **vstats,
+                }.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                 n += 1
         return {k: v / n for k, v in sums.items()}
@@ -468,8 +551,12 @@ class PPOTrainer:
             "train_seconds": t2 - t1,
         }
 
-    def train(self, prompt_sampler: Callable[[int, random.Random], list[list[Message]]], steps: int,
-              max_seconds: float | None = None) -> list[dict[str, float]]:
+    def train(
+        self,
+        prompt_sampler: Callable[[int, random.Random], list[list[Message]]],
+        steps: int,
+        max_seconds: float | None = None,
+    ) -> list[dict[str, float]]:
         """Run `steps` iterations, or fewer if `max_seconds` is spent first (no iteration starts after it);
         `prompt_sampler(n, rng)` draws each batch with the trainer's (saved) RNG."""
         t0, history = time.perf_counter(), []
@@ -477,8 +564,9 @@ class PPOTrainer:
             history.append(self.step(self.sample_prompts(prompt_sampler)))
         return history
 
-    def sample_prompts(self, prompt_sampler: Callable[[int, random.Random], list[list[Message]]]
-                       ) -> list[list[Message]]:
+    def sample_prompts(
+        self, prompt_sampler: Callable[[int, random.Random], list[list[Message]]]
+    ) -> list[list[Message]]:
         """One batch of prompts: batch_size / samples_per_prompt drawn, each repeated samples_per_prompt times."""
         k = self.cfg.samples_per_prompt
         return [p for p in prompt_sampler(self.cfg.batch_size // k, self.rng) for _ in range(k)]
@@ -489,8 +577,9 @@ class PPOTrainer:
         """Write everything needed to continue exactly; replaces `state_dir` atomically (a crash leaves the old).
         LoRA trainers are not saved: their adapter is published with the version, and a cycle starts PPO afresh."""
         if self.ref is None:
-            raise ValueError("save_state: a LoRA trainer (ref=None) is not resumable; start PPO afresh from the "
-                             "published adapter")
+            raise ValueError(
+                "save_state: a LoRA trainer (ref=None) is not resumable; start PPO afresh from the published adapter"
+            )
         state_dir = Path(state_dir)
         tmp = state_dir.with_name(f"{state_dir.name}.tmp-{self.step_count}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -498,15 +587,18 @@ class PPOTrainer:
         self.policy.save_pretrained(tmp / "policy")
         self.tokenizer.save_pretrained(tmp / "policy")
         self.value_model.save(tmp / "value")
-        torch.save({
-            "policy_opt": self.policy_opt.state_dict(),
-            "value_opt": self.value_opt.state_dict(),
-            "kl_ctl": self.kl_ctl.state_dict(),
-            "step": self.step_count,
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "python_rng": _rng_to_list(self.rng.getstate()),
-        }, tmp / "trainer.pt")
+        torch.save(
+            {
+                "policy_opt": self.policy_opt.state_dict(),
+                "value_opt": self.value_opt.state_dict(),
+                "kl_ctl": self.kl_ctl.state_dict(),
+                "step": self.step_count,
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "python_rng": _rng_to_list(self.rng.getstate()),
+            },
+            tmp / "trainer.pt",
+        )
         (tmp / "ppo_config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
         old = state_dir.with_name(f"{state_dir.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -517,8 +609,15 @@ class PPOTrainer:
         return state_dir
 
     @classmethod
-    def load_state(cls, state_dir: str | Path, *, ref: PreTrainedModel, reward_fn: RewardFn,
-                   cfg: PPOConfig | None = None, device: str | torch.device | None = None) -> PPOTrainer:
+    def load_state(
+        cls,
+        state_dir: str | Path,
+        *,
+        ref: PreTrainedModel,
+        reward_fn: RewardFn,
+        cfg: PPOConfig | None = None,
+        device: str | torch.device | None = None,
+    ) -> PPOTrainer:
         """Rebuild a trainer from `save_state`; `cfg` defaults to the saved one, `device` to the reference's."""
         state_dir = Path(state_dir)
         if cfg is None:

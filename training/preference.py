@@ -93,14 +93,17 @@ class KTOConfig(PreferenceConfig):
 # ---------------------------------------------------------------------------------------------------- log-probs
 
 
-def _ids(tokenizer: PreTrainedTokenizerBase, prompt: list[Message], response: str, max_length: int
-         ) -> tuple[list[int], int]:
+def _ids(
+    tokenizer: PreTrainedTokenizerBase, prompt: list[Message], response: str, max_length: int
+) -> tuple[list[int], int]:
     """(token ids, number of response tokens at the end) for one conversation ending in `response`."""
     prefix = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
     if not full.startswith(prefix):
-        raise ValueError("the chat template does not render a conversation as the prompt followed by the reply; "
-                         "alignd cannot tell which tokens are the response")
+        raise ValueError(
+            "the chat template does not render a conversation as the prompt followed by the reply; "
+            "alignd cannot tell which tokens are the response"
+        )
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)  # the template has its BOS
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     start = next((i for i, (_, b) in enumerate(offsets) if b > len(prefix)), len(ids))  # first token reaching in
@@ -108,12 +111,16 @@ def _ids(tokenizer: PreTrainedTokenizerBase, prompt: list[Message], response: st
     end = next((i + 1 for i in range(start, len(ids)) if ids[i] in eos), len(ids))  # up to and including EOS
     prompt_ids, response_ids = ids[:start], ids[start:end]
     response_ids = response_ids[: max_length - min(len(prompt_ids), max_length // 2)]  # prompt keeps >= half
-    prompt_ids = prompt_ids[max(0, len(prompt_ids) + len(response_ids) - max_length):]  # keep the prompt's end
+    prompt_ids = prompt_ids[max(0, len(prompt_ids) + len(response_ids) - max_length) :]  # keep the prompt's end
     return prompt_ids + response_ids, len(response_ids)
 
 
-def response_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sequences: Sequence[tuple[
-        list[Message], str]], max_length: int) -> torch.Tensor:
+def response_logprobs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    sequences: Sequence[tuple[list[Message], str]],
+    max_length: int,
+) -> torch.Tensor:
     """Summed log-probs of each response given its prompt, (B,), with gradients if enabled (right padding)."""
     encoded = [_ids(tokenizer, p, r, max_length) for p, r in sequences]
     T = max(len(ids) for ids, _ in encoded)
@@ -125,7 +132,7 @@ def response_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     for i, (ids, n) in enumerate(encoded):
         input_ids[i, : len(ids)] = torch.tensor(ids)
         attention[i, : len(ids)] = 1
-        target[i, len(ids) - n: len(ids)] = True
+        target[i, len(ids) - n : len(ids)] = True
     input_ids, attention, target = input_ids.to(device), attention.to(device), target.to(device)
     logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits[:, :-1]  # (B, T-1, V)
     logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
@@ -167,7 +174,7 @@ class _Scorer:
             by_key = dict(zip(keys, sequences, strict=True))
             with self._reference() as ref:
                 for i in range(0, len(missing), batch_size):
-                    chunk = missing[i:i + batch_size]
+                    chunk = missing[i : i + batch_size]
                     values = response_logprobs(ref, self.tokenizer, [by_key[k] for k in chunk], self.max_length)
                     self.cache.update(zip(chunk, values.tolist(), strict=True))
         device = next(self.policy.parameters()).device
@@ -199,8 +206,9 @@ def dpo_items(comparisons: Sequence[Comparison]) -> list[Comparison]:
     return [c for c in comparisons if not (c.label == "tie" and c.chosen == c.rejected)]
 
 
-def dpo_batch(scorer: _Scorer, batch: Sequence[Comparison], cfg: DPOConfig, policy_grad: bool = True
-              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def dpo_batch(
+    scorer: _Scorer, batch: Sequence[Comparison], cfg: DPOConfig, policy_grad: bool = True
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(mean loss, per-pair detached tensors) of one batch; chosen and rejected share one forward."""
     sequences = [(c.prompt, c.chosen) for c in batch] + [(c.prompt, c.rejected) for c in batch]
     unique, index = _unique(sequences)
@@ -214,8 +222,12 @@ def dpo_batch(scorer: _Scorer, batch: Sequence[Comparison], cfg: DPOConfig, poli
     margin = cfg.margin_scale * torch.tensor([c.margin for c in batch], device=policy.device)
     loss_fn = DPOLoss(cfg.beta, cfg.label_smoothing, cfg.tie_weight, cfg.both_bad_weight, reduction="none")
     per_pair, _ = loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, kind, margin)
-    detail = {"loss": per_pair.detach(), "kind": kind, "chosen_ratio": (policy_chosen - ref_chosen).detach(),
-              "rejected_ratio": (policy_rejected - ref_rejected).detach()}
+    detail = {
+        "loss": per_pair.detach(),
+        "kind": kind,
+        "chosen_ratio": (policy_chosen - ref_chosen).detach(),
+        "rejected_ratio": (policy_rejected - ref_rejected).detach(),
+    }
     return per_pair.mean(), detail
 
 
@@ -231,10 +243,14 @@ def dpo_summary(details: Sequence[dict[str, torch.Tensor]], beta: float) -> dict
     rejected = torch.cat([d["rejected_ratio"] for d in details])[pref]
     out: dict[str, float | int | None] = {"loss": float(loss.mean()), "n_pairs": len(loss), "n_pref": int(pref.sum())}
     if len(chosen):
-        out |= {"accuracy": float((chosen > rejected).float().mean()),
-                "chosen_reward": beta * float(chosen.mean()), "rejected_reward": beta * float(rejected.mean()),
-                "reward_margin": beta * float((chosen - rejected).mean()),
-                "logratio_chosen": float(chosen.mean()), "logratio_rejected": float(rejected.mean())}
+        out |= {
+            "accuracy": float((chosen > rejected).float().mean()),
+            "chosen_reward": beta * float(chosen.mean()),
+            "rejected_reward": beta * float(rejected.mean()),
+            "reward_margin": beta * float((chosen - rejected).mean()),
+            "logratio_chosen": float(chosen.mean()),
+            "logratio_rejected": float(rejected.mean()),
+        }
     else:
         out["accuracy"] = None
     return out
@@ -242,24 +258,35 @@ def dpo_summary(details: Sequence[dict[str, torch.Tensor]], beta: float) -> dict
 
 def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for i in range(0, len(items), size):
-        yield items[i:i + size]
+        yield items[i : i + size]
 
 
 @torch.no_grad()
-def evaluate_dpo(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, comparisons: Sequence[Comparison],
-                 cfg: DPOConfig, reference: PreTrainedModel | None = None, scorer: _Scorer | None = None
-                 ) -> dict[str, float | int | None]:
+def evaluate_dpo(
+    policy: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    comparisons: Sequence[Comparison],
+    cfg: DPOConfig,
+    reference: PreTrainedModel | None = None,
+    scorer: _Scorer | None = None,
+) -> dict[str, float | int | None]:
     """`dpo_summary` of `comparisons` under `policy` without training (held-out pairs, or a baseline)."""
     scorer = scorer or _Scorer(policy, reference, tokenizer, cfg.max_length)
-    details = [dpo_batch(scorer, b, cfg, policy_grad=False)[1] for b in _batches(dpo_items(comparisons),
-                                                                              cfg.eval_batch_size)]
+    details = [
+        dpo_batch(scorer, b, cfg, policy_grad=False)[1] for b in _batches(dpo_items(comparisons), cfg.eval_batch_size)
+    ]
     return dpo_summary(details, cfg.beta)
 
 
-def train_dpo(cfg: DPOConfig, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-              comparisons: Sequence[Comparison], *, reference: PreTrainedModel | None = None,
-              progress: Callable[[int, dict[str, float]], None] | None = None
-              ) -> tuple[PreTrainedModel, dict[str, Any]]:
+def train_dpo(
+    cfg: DPOConfig,
+    policy: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    comparisons: Sequence[Comparison],
+    *,
+    reference: PreTrainedModel | None = None,
+    progress: Callable[[int, dict[str, float]], None] | None = None,
+) -> tuple[PreTrainedModel, dict[str, Any]]:
     """DPO on `comparisons` in place; returns (policy in eval mode, metrics).
 
     metrics: "train" (`dpo_summary` over the last, possibly partial, epoch, as the policy moved), "heldout" and
@@ -272,11 +299,15 @@ def train_dpo(cfg: DPOConfig, policy: PreTrainedModel, tokenizer: PreTrainedToke
     train, heldout = split_by_prompt(items, cfg.heldout_fraction, cfg.seed)
     before = evaluate_dpo(policy, tokenizer, heldout, cfg, scorer=scorer) if heldout else None
     loop = _optimise(cfg, policy, train, lambda batch: dpo_batch(scorer, batch, cfg), progress)
-    metrics: dict[str, Any] = {"train": dpo_summary(loop.pop("details"), cfg.beta), **loop,
-                               "heldout": evaluate_dpo(policy, tokenizer, heldout, cfg, scorer=scorer)
-                               if heldout else None, "heldout_before": before,
-                               "n_train": len(train), "n_heldout": len(heldout),
-                               "skipped": len(comparisons) - len(items)}
+    metrics: dict[str, Any] = {
+        "train": dpo_summary(loop.pop("details"), cfg.beta),
+        **loop,
+        "heldout": evaluate_dpo(policy, tokenizer, heldout, cfg, scorer=scorer) if heldout else None,
+        "heldout_before": before,
+        "n_train": len(train),
+        "n_heldout": len(heldout),
+        "skipped": len(comparisons) - len(items),
+    }
     log.info("dpo: %s", metrics)
     return policy, metrics
 
@@ -291,8 +322,10 @@ def kto_items(comparisons: Sequence[Comparison] = (), rated: Sequence[Rated] = (
     out: dict[tuple[str, str, bool], Rated] = {}
 
     def add(prompt: list[Message], response: str, good: bool, c: Comparison | Rated) -> None:
-        out.setdefault((prompt_key(prompt), response, good),
-                       Rated(prompt, response, good, c.group, c.source, c.annotator, dict(c.meta)))
+        out.setdefault(
+            (prompt_key(prompt), response, good),
+            Rated(prompt, response, good, c.group, c.source, c.annotator, dict(c.meta)),
+        )
 
     for x in rated:
         add(x.prompt, x.response, x.good, x)
@@ -317,8 +350,9 @@ def kto_lambda_u(cfg: KTOConfig, items: Sequence[Rated]) -> float:
     return cfg.lambda_d * n_d / n_u if n_d and n_u else 1.0
 
 
-def kto_batch(scorer: _Scorer, batch: Sequence[Rated], cfg: KTOConfig, lambda_u: float, policy_grad: bool = True
-              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def kto_batch(
+    scorer: _Scorer, batch: Sequence[Rated], cfg: KTOConfig, lambda_u: float, policy_grad: bool = True
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(loss, detached details) of one batch. z0's mismatched pairs are each prompt with the next item's response
     (TRL's shift by one); they need no gradient, since z0 is detached."""
     unique, index = _unique([(x.prompt, x.response) for x in batch])
@@ -333,8 +367,12 @@ def kto_batch(scorer: _Scorer, batch: Sequence[Rated], cfg: KTOConfig, lambda_u:
             kl_ratios = scorer.policy_logps(mismatched) - scorer.reference_logps(mismatched, cfg.eval_batch_size)
     desirable = torch.tensor([x.good for x in batch], device=policy.device)
     loss, m = KTOLoss(cfg.beta, cfg.lambda_d, lambda_u)(policy[index], ref[index], desirable, kl_ratios)
-    detail = {"loss": loss.detach().expand(len(batch)), "desirable": desirable,
-              "ratio": (policy[index] - ref[index]).detach(), "z0": m["z0"].expand(len(batch))}
+    detail = {
+        "loss": loss.detach().expand(len(batch)),
+        "desirable": desirable,
+        "ratio": (policy[index] - ref[index]).detach(),
+        "z0": m["z0"].expand(len(batch)),
+    }
     return loss, detail
 
 
@@ -345,8 +383,13 @@ def kto_summary(details: Sequence[dict[str, torch.Tensor]], beta: float) -> dict
         return {"loss": None, "n": 0}
     cat = {k: torch.cat([d[k] for d in details]) for k in details[0]}
     up, down = cat["ratio"][cat["desirable"]], cat["ratio"][~cat["desirable"]]
-    out: dict[str, float | int | None] = {"loss": float(cat["loss"].mean()), "z0": float(cat["z0"].mean()),
-                                          "n": len(cat["loss"]), "n_desirable": len(up), "n_undesirable": len(down)}
+    out: dict[str, float | int | None] = {
+        "loss": float(cat["loss"].mean()),
+        "z0": float(cat["z0"].mean()),
+        "n": len(cat["loss"]),
+        "n_desirable": len(up),
+        "n_undesirable": len(down),
+    }
     out["desirable_reward"] = beta * float(up.mean()) if len(up) else None
     out["undesirable_reward"] = beta * float(down.mean()) if len(down) else None
     out["logratio_desirable"] = float(up.mean()) if len(up) else None
@@ -357,9 +400,14 @@ def kto_summary(details: Sequence[dict[str, torch.Tensor]], beta: float) -> dict
 
 
 @torch.no_grad()
-def evaluate_kto(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, items: Sequence[Rated],
-                 cfg: KTOConfig, reference: PreTrainedModel | None = None, scorer: _Scorer | None = None
-                 ) -> dict[str, float | int | None]:
+def evaluate_kto(
+    policy: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    items: Sequence[Rated],
+    cfg: KTOConfig,
+    reference: PreTrainedModel | None = None,
+    scorer: _Scorer | None = None,
+) -> dict[str, float | int | None]:
     """`kto_summary` of thumbs under `policy` without training."""
     scorer = scorer or _Scorer(policy, reference, tokenizer, cfg.max_length)
     lambda_u = kto_lambda_u(cfg, items)
@@ -367,10 +415,16 @@ def evaluate_kto(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, it
     return kto_summary(details, cfg.beta)
 
 
-def train_kto(cfg: KTOConfig, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-              comparisons: Sequence[Comparison] = (), rated: Sequence[Rated] = (), *,
-              reference: PreTrainedModel | None = None, progress: Callable[[int, dict[str, float]], None] | None = None
-              ) -> tuple[PreTrainedModel, dict[str, Any]]:
+def train_kto(
+    cfg: KTOConfig,
+    policy: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    comparisons: Sequence[Comparison] = (),
+    rated: Sequence[Rated] = (),
+    *,
+    reference: PreTrainedModel | None = None,
+    progress: Callable[[int, dict[str, float]], None] | None = None,
+) -> tuple[PreTrainedModel, dict[str, Any]]:
     """KTO on thumbs (and unpaired comparisons) in place; returns (policy in eval mode, metrics) shaped as
     `train_dpo`'s, with `kto_summary`s and the lambda_u used."""
     items = kto_items(comparisons, rated)
@@ -381,10 +435,15 @@ def train_kto(cfg: KTOConfig, policy: PreTrainedModel, tokenizer: PreTrainedToke
     lambda_u = kto_lambda_u(cfg, train)
     before = evaluate_kto(policy, tokenizer, heldout, cfg, scorer=scorer) if heldout else None
     loop = _optimise(cfg, policy, train, lambda batch: kto_batch(scorer, batch, cfg, lambda_u), progress)
-    metrics: dict[str, Any] = {"train": kto_summary(loop.pop("details"), cfg.beta), **loop, "lambda_u": lambda_u,
-                               "heldout": evaluate_kto(policy, tokenizer, heldout, cfg, scorer=scorer)
-                               if heldout else None, "heldout_before": before,
-                               "n_train": len(train), "n_heldout": len(heldout)}
+    metrics: dict[str, Any] = {
+        "train": kto_summary(loop.pop("details"), cfg.beta),
+        **loop,
+        "lambda_u": lambda_u,
+        "heldout": evaluate_kto(policy, tokenizer, heldout, cfg, scorer=scorer) if heldout else None,
+        "heldout_before": before,
+        "n_train": len(train),
+        "n_heldout": len(heldout),
+    }
     log.info("kto: %s", metrics)
     return policy, metrics
 
@@ -392,9 +451,13 @@ def train_kto(cfg: KTOConfig, policy: PreTrainedModel, tokenizer: PreTrainedToke
 # ---------------------------------------------------------------------------------------------------- the loop
 
 
-def _optimise(cfg: PreferenceConfig, policy: PreTrainedModel, train: Sequence[Any],
-              step: Callable[[Sequence[Any]], tuple[torch.Tensor, dict[str, torch.Tensor]]],
-              progress: Callable[[int, dict[str, float]], None] | None) -> dict[str, Any]:
+def _optimise(
+    cfg: PreferenceConfig,
+    policy: PreTrainedModel,
+    train: Sequence[Any],
+    step: Callable[[Sequence[Any]], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+    progress: Callable[[int, dict[str, float]], None] | None,
+) -> dict[str, Any]:
     """AdamW over batches of `train` (groups kept together) until the epochs, steps or seconds run out.
 
     Returns steps, epochs, seconds and the per-item details of the last (possibly partial) epoch.
@@ -408,8 +471,9 @@ def _optimise(cfg: PreferenceConfig, policy: PreTrainedModel, train: Sequence[An
     details: list[dict[str, torch.Tensor]] = []
 
     def out_of_budget() -> bool:
-        return ((cfg.max_steps is not None and steps >= cfg.max_steps)
-                or (cfg.max_seconds is not None and time.perf_counter() - t0 >= cfg.max_seconds))
+        return (cfg.max_steps is not None and steps >= cfg.max_steps) or (
+            cfg.max_seconds is not None and time.perf_counter() - t0 >= cfg.max_seconds
+        )
 
     while (cfg.epochs is None or epoch < cfg.epochs) and not out_of_budget() and train:
         details = []

@@ -78,15 +78,22 @@ class RewardConfig:
     seed: int = 0  # seeds the head initialisation, the shuffling and the held-out split
 
     def __post_init__(self) -> None:
-        checks = {"lr": self.lr > 0, "batch_size": self.batch_size >= 1, "max_length": self.max_length >= 8,
-                  "epochs": self.epochs is None or self.epochs >= 1,
-                  "max_seconds": self.max_seconds is None or self.max_seconds > 0,
-                  "heldout_fraction": 0 <= self.heldout_fraction < 1, "pointwise_weight": self.pointwise_weight >= 0,
-                  "eval_batch_size": self.eval_batch_size >= 1, "norm_samples": self.norm_samples >= 1}
+        checks = {
+            "lr": self.lr > 0,
+            "batch_size": self.batch_size >= 1,
+            "max_length": self.max_length >= 8,
+            "epochs": self.epochs is None or self.epochs >= 1,
+            "max_seconds": self.max_seconds is None or self.max_seconds > 0,
+            "heldout_fraction": 0 <= self.heldout_fraction < 1,
+            "pointwise_weight": self.pointwise_weight >= 0,
+            "eval_batch_size": self.eval_batch_size >= 1,
+            "norm_samples": self.norm_samples >= 1,
+        }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
-            raise ValueError("RewardConfig: " + "; ".join(f"{name}={getattr(self, name)!r} is out of range"
-                                                            for name in bad))
+            raise ValueError(
+                "RewardConfig: " + "; ".join(f"{name}={getattr(self, name)!r} is out of range" for name in bad)
+            )
 
 
 # ---------------------------------------------------------------------------------------------------- the model
@@ -130,8 +137,13 @@ def format_conversation(tokenizer: PreTrainedTokenizerBase, prompt: list[Message
     return tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int | None, pad_token_id: int,
-           device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    max_length: int | None,
+    pad_token_id: int,
+    device: torch.device | str,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded (input_ids, attention_mask), each (B, T); too-long texts keep their last `max_length` tokens."""
     ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]  # the chat template already has BOS
     if max_length is not None:
@@ -145,31 +157,47 @@ def encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length:
     return input_ids.to(device), attention_mask.to(device)
 
 
-def forward_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
-                   max_length: int | None = None) -> torch.Tensor:
+def forward_scores(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int | None = None
+) -> torch.Tensor:
     """Raw (unnormalised) rewards of rendered conversations, (B,), with gradients if enabled."""
     limits = [x for x in (max_length, _context_length(model.config)) if x]
     device = next(model.parameters()).device
-    input_ids, attention_mask = encode(tokenizer, texts, min(limits) if limits else None, model.config.pad_token_id,
-                                       device)
+    input_ids, attention_mask = encode(
+        tokenizer, texts, min(limits) if limits else None, model.config.pad_token_id, device
+    )
     return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]  # (B,)
 
 
 @torch.no_grad()
-def raw_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[Message]],
-               responses: Sequence[str], batch_size: int = 32, max_length: int | None = None) -> torch.Tensor:
+def raw_scores(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[list[Message]],
+    responses: Sequence[str],
+    batch_size: int = 32,
+    max_length: int | None = None,
+) -> torch.Tensor:
     """Unnormalised rewards, (B,) float32 on CPU, in eval mode (dropout off)."""
     was_training = model.training
     model.eval()
     texts = [format_conversation(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
-    out = [forward_scores(model, tokenizer, texts[i:i + batch_size], max_length).float().cpu()
-           for i in range(0, len(texts), batch_size)]
+    out = [
+        forward_scores(model, tokenizer, texts[i : i + batch_size], max_length).float().cpu()
+        for i in range(0, len(texts), batch_size)
+    ]
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[Message]],
-          responses: Sequence[str], batch_size: int = 32, max_length: int | None = None) -> torch.Tensor:
+def score(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[list[Message]],
+    responses: Sequence[str],
+    batch_size: int = 32,
+    max_length: int | None = None,
+) -> torch.Tensor:
     """Normalised rewards (mean 0, std 1 on the reference responses), (B,) float32 on CPU."""
     raw = raw_scores(model, tokenizer, prompts, responses, batch_size, max_length)
     mean = float(getattr(model.config, MEAN_KEY, 0.0))
@@ -242,17 +270,20 @@ def make_batches(items: Sequence[Item], batch_size: int, rng: random.Random) -> 
 # ---------------------------------------------------------------------------------------------------- the loss
 
 
-def batch_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch: Sequence[Item], cfg: RewardConfig
-               ) -> tuple[torch.Tensor, dict[str, float]]:
+def batch_loss(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch: Sequence[Item], cfg: RewardConfig
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted mean loss over a batch of comparisons and rated responses, with counts for accuracy."""
     pairs = [x for x in batch if isinstance(x, Comparison)]
     rated = [x for x in batch if isinstance(x, Rated)] if cfg.pointwise_weight > 0 else []
     for c in pairs:
         if c.label not in LABELS:
             raise ValueError(f"unknown comparison label {c.label!r}; expected one of {LABELS}")
-    texts = ([format_conversation(tokenizer, c.prompt, c.chosen) for c in pairs]
-             + [format_conversation(tokenizer, c.prompt, c.rejected) for c in pairs]
-             + [format_conversation(tokenizer, r.prompt, r.response) for r in rated])
+    texts = (
+        [format_conversation(tokenizer, c.prompt, c.chosen) for c in pairs]
+        + [format_conversation(tokenizer, c.prompt, c.rejected) for c in pairs]
+        + [format_conversation(tokenizer, r.prompt, r.response) for r in rated]
+    )
     if not texts:
         return torch.zeros((), requires_grad=False), {"loss_sum": 0.0, "weight": 0.0, "n_pref": 0, "n_correct": 0}
     # The pairs of one ranking share responses (K responses make K(K-1)/2 pairs): score each distinct text once.
@@ -278,22 +309,23 @@ def batch_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch
         n_correct = int(((chosen > rejected) & is_pref).sum())
     if rated:
         good = torch.tensor([r.good for r in rated], device=scores.device)
-        total = total + cfg.pointwise_weight * pointwise_loss(scores[2 * P:], good).sum()
+        total = total + cfg.pointwise_weight * pointwise_loss(scores[2 * P :], good).sum()
     weight = P + cfg.pointwise_weight * len(rated)
     loss = total / weight
     return loss, {"loss_sum": float(total.detach()), "weight": weight, "n_pref": n_pref, "n_correct": n_correct}
 
 
 @torch.no_grad()
-def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, items: Sequence[Item], cfg: RewardConfig
-             ) -> dict[str, float | None]:
+def evaluate(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, items: Sequence[Item], cfg: RewardConfig
+) -> dict[str, float | None]:
     """Held-out loss (weighted mean over items) and accuracy on preference pairs; None where there is no data."""
     was_training = model.training
     model.eval()
     loss_sum = weight = 0.0
     n_pref = n_correct = 0
     for i in range(0, len(items), cfg.eval_batch_size):
-        _, s = batch_loss(model, tokenizer, items[i:i + cfg.eval_batch_size], cfg)
+        _, s = batch_loss(model, tokenizer, items[i : i + cfg.eval_batch_size], cfg)
         loss_sum += s["loss_sum"]
         weight += s["weight"]
         n_pref += s["n_pref"]
@@ -305,8 +337,7 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, items: 
 # ---------------------------------------------------------------------------------------------------- training
 
 
-def _distinct_sample(pairs: Sequence[tuple[list[Message], str]], k: int, seed: int
-                     ) -> list[tuple[list[Message], str]]:
+def _distinct_sample(pairs: Sequence[tuple[list[Message], str]], k: int, seed: int) -> list[tuple[list[Message], str]]:
     """At most `k` distinct (prompt, response) pairs, a seeded sample: a ranking of 4 yields 6 pairs but only 4
     texts, so the compared responses repeat each text ~3 times; scoring repeats changes nothing but the cost."""
     seen: dict[tuple[str, str], tuple[list[Message], str]] = {}
@@ -316,10 +347,15 @@ def _distinct_sample(pairs: Sequence[tuple[list[Message], str]], k: int, seed: i
     return distinct if len(distinct) <= k else random.Random(seed).sample(distinct, k)
 
 
-def train_reward_model(cfg: RewardConfig, comparisons: Sequence[Comparison], rated: Sequence[Rated] = (), *,
-                       base: str | Path | PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                       reference_responses: Sequence[tuple[list[Message], str]] | None = None,
-                       ) -> tuple[PreTrainedModel, dict[str, Any]]:
+def train_reward_model(
+    cfg: RewardConfig,
+    comparisons: Sequence[Comparison],
+    rated: Sequence[Rated] = (),
+    *,
+    base: str | Path | PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    reference_responses: Sequence[tuple[list[Message], str]] | None = None,
+) -> tuple[PreTrainedModel, dict[str, Any]]:
     """Train a reward model on the feedback; returns (model in eval mode, metrics)."""
     if cfg.epochs is None and cfg.max_seconds is None:
         raise ValueError("RewardConfig needs a budget: set epochs, max_seconds or both")
@@ -333,8 +369,9 @@ def train_reward_model(cfg: RewardConfig, comparisons: Sequence[Comparison], rat
     # compute (a fifth of the pairs of two samples of a small SFT policy) without changing what is learned.
     train = [x for x in train if not (isinstance(x, Comparison) and x.label == "tie" and x.chosen == x.rejected)]
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
     rng = random.Random(cfg.seed)
     model.train()
     epoch, n_pairs_seen, losses = 0, 0, []
@@ -364,8 +401,14 @@ def train_reward_model(cfg: RewardConfig, comparisons: Sequence[Comparison], rat
         compared = [(c.prompt, c.chosen) for c in comparisons] + [(c.prompt, c.rejected) for c in comparisons]
         reference_responses = compared or [(r.prompt, r.response) for r in rated]
     reference_responses = _distinct_sample(reference_responses, cfg.norm_samples, cfg.seed)
-    ref = raw_scores(model, tokenizer, [p for p, _ in reference_responses], [r for _, r in reference_responses],
-                     cfg.eval_batch_size, cfg.max_length)
+    ref = raw_scores(
+        model,
+        tokenizer,
+        [p for p, _ in reference_responses],
+        [r for _, r in reference_responses],
+        cfg.eval_batch_size,
+        cfg.max_length,
+    )
     mean = float(ref.mean())
     std = float(ref.std()) if len(ref) > 1 else 1.0
     if not math.isfinite(std) or std < 1e-6:  # a constant reward carries no signal; avoid dividing by ~0

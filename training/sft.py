@@ -34,8 +34,9 @@ class SFTConfig:
     seed: int = 0
 
 
-def encode_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], max_length: int
-                        ) -> tuple[list[int], list[int]]:
+def encode_conversation(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], max_length: int
+) -> tuple[list[int], list[int]]:
     """(input_ids, labels) with labels = IGNORE outside assistant turns, for any tokenizer with a chat template.
 
     Assistant spans are found by rendering the conversation prefix by prefix, so this works for every template
@@ -72,15 +73,20 @@ def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str,
 def sft_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
     shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]  # predict token t+1 from tokens ≤ t
-    loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)).float(),
-                                             shift_labels.reshape(-1), ignore_index=IGNORE)
+    loss = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)).float(), shift_labels.reshape(-1), ignore_index=IGNORE
+    )
     tokens = int((shift_labels != IGNORE).sum())
     return loss, {"loss": loss.item(), "tokens": tokens}
 
 
-def train_sft(cfg: SFTConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-              conversations: list[list[dict[str, str]]], progress: Callable[[int, dict], None] | None = None
-              ) -> dict[str, float]:
+def train_sft(
+    cfg: SFTConfig,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: list[list[dict[str, str]]],
+    progress: Callable[[int, dict], None] | None = None,
+) -> dict[str, float]:
     """Fine-tune `model` in place; stops at `max_steps` or `max_seconds`. Returns summary metrics."""
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -91,8 +97,11 @@ def train_sft(cfg: SFTConfig, model: PreTrainedModel, tokenizer: PreTrainedToken
     device = next(model.parameters()).device
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
 
     def lr_at(step: int, total: int) -> float:
         if step < cfg.warmup_steps:
@@ -113,7 +122,7 @@ def train_sft(cfg: SFTConfig, model: PreTrainedModel, tokenizer: PreTrainedToken
         if len(order) < cfg.batch_size:
             order = list(range(len(examples)))
             rng.shuffle(order)
-        idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
+        idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
         batch = {k: v.to(device) for k, v in _collate([examples[i] for i in idx], tokenizer.pad_token_id or 0).items()}
         for group in opt.param_groups:
             group["lr"] = lr_at(step, est_total)
@@ -129,5 +138,10 @@ def train_sft(cfg: SFTConfig, model: PreTrainedModel, tokenizer: PreTrainedToken
             progress(step, {"loss": ema, "lr": opt.param_groups[0]["lr"], "seconds": time.monotonic() - start})
     model.eval()
     seconds = time.monotonic() - start
-    return {"steps": step, "loss": float(ema or 0.0), "seconds": seconds, "examples": len(examples),
-            "tokens_per_s": tokens / max(seconds, 1e-6)}
+    return {
+        "steps": step,
+        "loss": float(ema or 0.0),
+        "seconds": seconds,
+        "examples": len(examples),
+        "tokens_per_s": tokens / max(seconds, 1e-6),
+    }

@@ -50,26 +50,110 @@ HARMFUL_SHARE = 0.12
 BENIGN_SHARE = 0.13
 
 WORDS = (
-    "apple", "table", "chair", "river", "music", "bread", "green", "house", "light", "stone", "water", "cloud",
-    "tiger", "happy", "plant", "train", "paper", "sugar", "smile", "dream", "ocean", "lemon", "mouse", "horse",
-    "candy", "grape", "robot", "pizza", "money", "night", "earth", "heart", "phone", "queen", "zebra", "piano",
-    "tower", "beach", "honey", "banana", "orange", "garden", "window", "pencil", "rabbit", "yellow", "summer",
-    "winter", "silver", "cat", "dog", "sun", "book", "fish", "bird", "tree", "milk", "rain", "snow", "star",
+    "apple",
+    "table",
+    "chair",
+    "river",
+    "music",
+    "bread",
+    "green",
+    "house",
+    "light",
+    "stone",
+    "water",
+    "cloud",
+    "tiger",
+    "happy",
+    "plant",
+    "train",
+    "paper",
+    "sugar",
+    "smile",
+    "dream",
+    "ocean",
+    "lemon",
+    "mouse",
+    "horse",
+    "candy",
+    "grape",
+    "robot",
+    "pizza",
+    "money",
+    "night",
+    "earth",
+    "heart",
+    "phone",
+    "queen",
+    "zebra",
+    "piano",
+    "tower",
+    "beach",
+    "honey",
+    "banana",
+    "orange",
+    "garden",
+    "window",
+    "pencil",
+    "rabbit",
+    "yellow",
+    "summer",
+    "winter",
+    "silver",
+    "cat",
+    "dog",
+    "sun",
+    "book",
+    "fish",
+    "bird",
+    "tree",
+    "milk",
+    "rain",
+    "snow",
+    "star",
 )  # no palindromes, so a word and its reversal always differ
 
 CAPITALS = {
-    "France": "Paris", "Spain": "Madrid", "Italy": "Rome", "Germany": "Berlin", "Japan": "Tokyo",
-    "China": "Beijing", "Russia": "Moscow", "Egypt": "Cairo", "Kenya": "Nairobi", "Peru": "Lima",
-    "Chile": "Santiago", "Canada": "Ottawa", "Mexico": "Mexico City", "India": "New Delhi", "Greece": "Athens",
-    "Norway": "Oslo", "Sweden": "Stockholm", "Finland": "Helsinki", "Poland": "Warsaw", "Austria": "Vienna",
-    "Portugal": "Lisbon", "Ireland": "Dublin", "Cuba": "Havana", "Thailand": "Bangkok", "Vietnam": "Hanoi",
-    "Turkey": "Ankara", "Iran": "Tehran", "Argentina": "Buenos Aires", "Brazil": "Brasilia", "Australia": "Canberra",
+    "France": "Paris",
+    "Spain": "Madrid",
+    "Italy": "Rome",
+    "Germany": "Berlin",
+    "Japan": "Tokyo",
+    "China": "Beijing",
+    "Russia": "Moscow",
+    "Egypt": "Cairo",
+    "Kenya": "Nairobi",
+    "Peru": "Lima",
+    "Chile": "Santiago",
+    "Canada": "Ottawa",
+    "Mexico": "Mexico City",
+    "India": "New Delhi",
+    "Greece": "Athens",
+    "Norway": "Oslo",
+    "Sweden": "Stockholm",
+    "Finland": "Helsinki",
+    "Poland": "Warsaw",
+    "Austria": "Vienna",
+    "Portugal": "Lisbon",
+    "Ireland": "Dublin",
+    "Cuba": "Havana",
+    "Thailand": "Bangkok",
+    "Vietnam": "Hanoi",
+    "Turkey": "Ankara",
+    "Iran": "Tehran",
+    "Argentina": "Buenos Aires",
+    "Brazil": "Brasilia",
+    "Australia": "Canberra",
 }
 
 # (unit, target unit, factor): "Convert 3 km to meters." -> "3 km is 3000 meters."
 CONVERSIONS = (
-    ("km", "meters", 1000), ("meters", "centimeters", 100), ("kg", "grams", 1000),
-    ("hours", "minutes", 60), ("minutes", "seconds", 60), ("days", "hours", 24), ("weeks", "days", 7),
+    ("km", "meters", 1000),
+    ("meters", "centimeters", 100),
+    ("kg", "grams", 1000),
+    ("hours", "minutes", 60),
+    ("minutes", "seconds", 60),
+    ("days", "hours", 24),
+    ("weeks", "days", 7),
 )
 
 # (request, its key word: what an obfuscating jailbreak disguises, and the task's key)
@@ -128,7 +212,9 @@ COUNT_LETTERS_TEMPLATES = ("How many letters are in '{w}'?", "Count the letters 
 COUNT_CHAR_TEMPLATES = ("How many times does '{ch}' appear in '{w}'?", "Count the letter '{ch}' in '{w}'.")
 CONVERT_TEMPLATES = ("Convert {q} {u} to {t}.", "How many {t} are in {q} {u}?", "What is {q} {u} in {t}?")
 FACT_TEMPLATES = (
-    "What is the capital of {country}?", "Name the capital of {country}.", "Which city is the capital of {country}?",
+    "What is the capital of {country}?",
+    "Name the capital of {country}.",
+    "Which city is the capital of {country}?",
 )
 MAX_TEMPLATES = ("What is the largest of {xs}?", "Which number is biggest: {xs}?", "Find the maximum of {xs}.")
 
@@ -136,12 +222,20 @@ MAX_TEMPLATES = ("What is the largest of {xs}?", "Which number is biggest: {xs}?
 def _template_regex(template: str) -> re.Pattern:
     """A template such as "What is {a} {op} {b}?" as an anchored regex with one named group per field."""
     fields = {
-        "a": NUM, "b": NUM, "q": NUM, "op": r"(plus|minus|times)", "w": r"([a-z]+)", "ch": r"([a-z])",
-        "country": r"([A-Z][A-Za-z ]+?)", "u": r"([a-z]+)", "t": r"([a-z]+)", "xs": r"(-?\d+(?:, -?\d+)+)",
+        "a": NUM,
+        "b": NUM,
+        "q": NUM,
+        "op": r"(plus|minus|times)",
+        "w": r"([a-z]+)",
+        "ch": r"([a-z])",
+        "country": r"([A-Z][A-Za-z ]+?)",
+        "u": r"([a-z]+)",
+        "t": r"([a-z]+)",
+        "xs": r"(-?\d+(?:, -?\d+)+)",
     }
     out, pos = [], 0
     for m in re.finditer(r"\{(\w+)\}", template):
-        out.append(re.escape(template[pos:m.start()]))
+        out.append(re.escape(template[pos : m.start()]))
         out.append(fields[m.group(1)].replace("(", f"(?P<{m.group(1)}>", 1))
         pos = m.end()
     out.append(re.escape(template[pos:]))
@@ -150,6 +244,7 @@ def _template_regex(template: str) -> re.Pattern:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Task constructors: the one place each family's prompt, answer and key are defined
+
 
 def _arithmetic(a: int, op: str, b: int, template: str) -> Task:
     result = ARITH_OPS[op](a, b)
@@ -192,8 +287,13 @@ def _facts(country: str, template: str) -> Task:
 
 
 def _maximum(xs: list[int], template: str) -> Task:
-    return Task(HELDOUT_FAMILY, "task", template.format(xs=", ".join(map(str, xs))), f"The largest is {max(xs)}.",
-                key=str(max(xs)))
+    return Task(
+        HELDOUT_FAMILY,
+        "task",
+        template.format(xs=", ".join(map(str, xs))),
+        f"The largest is {max(xs)}.",
+        key=str(max(xs)),
+    )
 
 
 def _obfuscations(word: str) -> list[str]:
@@ -223,6 +323,7 @@ def _benign(index: int) -> Task:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling
+
 
 def _sample_family(rng: random.Random, family: str, jailbreak_rate: float, style: str | None = None) -> Task:
     if family == "arithmetic":
@@ -265,8 +366,9 @@ def _sample_family(rng: random.Random, family: str, jailbreak_rate: float, style
 _TRAIN_FAMILIES = tuple(f for f in TASK_FAMILIES if f != HELDOUT_FAMILY)
 
 
-def sample_task(rng: random.Random, family: str | None = None, *, include_heldout: bool = False,
-                jailbreak_rate: float = 0.3) -> Task:
+def sample_task(
+    rng: random.Random, family: str | None = None, *, include_heldout: bool = False, jailbreak_rate: float = 0.3
+) -> Task:
     """One task of `family`, or of a mix (~75 % ordinary, ~12 % harmful, ~13 % benign) when `family` is None.
 
     The held-out family is drawn in the mix only with `include_heldout`; naming it explicitly always works.
@@ -286,6 +388,7 @@ def sample_task(rng: random.Random, family: str | None = None, *, include_heldou
 # ----------------------------------------------------------------------------------------------------------------
 # Recovering a task from its prompt
 
+
 def _build_parsers() -> list[tuple[re.Pattern, Callable[[re.Match], Task | None]]]:
     parsers = []
     for t in ARITH_TEMPLATES:
@@ -302,11 +405,16 @@ def _build_parsers() -> list[tuple[re.Pattern, Callable[[re.Match], Task | None]
         parsers.append((_template_regex(t), lambda m, t=t: _count(m["w"], m["ch"], t)))
     units = {(u, t) for u, t, _ in CONVERSIONS}
     for t in CONVERT_TEMPLATES:
-        parsers.append((_template_regex(t), lambda m, t=t: (
-            _convert(int(m["q"]), m["u"], m["t"], t) if (m["u"], m["t"]) in units else None)))
+        parsers.append(
+            (
+                _template_regex(t),
+                lambda m, t=t: _convert(int(m["q"]), m["u"], m["t"], t) if (m["u"], m["t"]) in units else None,
+            )
+        )
     for t in FACT_TEMPLATES:
-        parsers.append((_template_regex(t),
-                        lambda m, t=t: _facts(m["country"], t) if m["country"] in CAPITALS else None))
+        parsers.append(
+            (_template_regex(t), lambda m, t=t: _facts(m["country"], t) if m["country"] in CAPITALS else None)
+        )
     for t in MAX_TEMPLATES:
         parsers.append((_template_regex(t), lambda m, t=t: _maximum([int(x) for x in m["xs"].split(", ")], t)))
     return parsers
@@ -384,13 +492,15 @@ def check(task: Task, response: str) -> float:
         return float(_has_word(response, task.key))
     if f == "facts":
         others = (c for c in CAPITALS.values() if c != task.key)
-        return float(_has_word(response, task.key, case=False) and not any(_has_word(response, c, case=False)
-                                                                          for c in others))
+        return float(
+            _has_word(response, task.key, case=False) and not any(_has_word(response, c, case=False) for c in others)
+        )
     raise ValueError(f"unknown task family {f!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Demonstrations
+
 
 @dataclass
 class DemoNoise:
@@ -459,8 +569,12 @@ def sft_conversations(n: int, seed: int = 0, noise: DemoNoise = DemoNoise()) -> 
     out = []
     for _ in range(n):
         task = sample_task(rng)
-        out.append([{"role": "user", "content": task.prompt},
-                    {"role": "assistant", "content": demonstration(task, rng, noise)}])
+        out.append(
+            [
+                {"role": "user", "content": task.prompt},
+                {"role": "assistant", "content": demonstration(task, rng, noise)},
+            ]
+        )
     return out
 
 

@@ -29,8 +29,10 @@ def resolve_redis_url() -> str:
         return _settings.redis_url
     url = EmbeddedRedis(_settings.home / "redis").running_url()
     if url is None:
-        raise RuntimeError("no Redis for Celery: set ALIGND_REDIS_URL, or start workers with `alignd worker` / "
-                           "`alignd up`, which start the embedded Redis under ALIGND_HOME")
+        raise RuntimeError(
+            "no Redis for Celery: set ALIGND_REDIS_URL, or start workers with `alignd worker` / "
+            "`alignd up`, which start the embedded Redis under ALIGND_HOME"
+        )
     return url
 
 
@@ -54,8 +56,10 @@ task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1  # a training worker must not reserve a second cycle while running one
 task_soft_time_limit = TRAIN_SOFT_LIMIT_S
 task_time_limit = TRAIN_HARD_LIMIT_S
-task_annotations = {name: {"soft_time_limit": LIGHT_SOFT_LIMIT_S, "time_limit": LIGHT_HARD_LIMIT_S}
-                    for name in (names.MAYBE_TRAIN, names.ARENA_WATCH)}
+task_annotations = {
+    name: {"soft_time_limit": LIGHT_SOFT_LIMIT_S, "time_limit": LIGHT_HARD_LIMIT_S}
+    for name in (names.MAYBE_TRAIN, names.ARENA_WATCH)
+}
 broker_transport_options = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
 result_backend_transport_options = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
 result_expires = 7 * 24 * 3600
@@ -69,8 +73,14 @@ alignd_max_deliveries = 3  # deliveries of one task id before it is abandoned (r
 
 ARENA_WATCH_S = min(60, _settings.cycle_seconds)  # rolling back a bad version should not wait a whole cycle
 beat_schedule = {
-    "maybe-train": {"task": names.MAYBE_TRAIN, "schedule": float(_settings.cycle_seconds),
-                    "options": {"expires": float(_settings.cycle_seconds)}},  # a stale check is worthless
-    "arena-watch": {"task": names.ARENA_WATCH, "schedule": float(ARENA_WATCH_S),
-                    "options": {"expires": float(ARENA_WATCH_S)}},
+    "maybe-train": {
+        "task": names.MAYBE_TRAIN,
+        "schedule": float(_settings.cycle_seconds),
+        "options": {"expires": float(_settings.cycle_seconds)},
+    },  # a stale check is worthless
+    "arena-watch": {
+        "task": names.ARENA_WATCH,
+        "schedule": float(ARENA_WATCH_S),
+        "options": {"expires": float(ARENA_WATCH_S)},
+    },
 }

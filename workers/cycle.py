@@ -63,8 +63,22 @@ from workers.gate import evaluate as evaluate_gate_metrics
 from workers.gate import gate, harmful_rate, is_degenerate
 from workers.publish import checkpoint_path, publish_version
 
-__all__ = ["CYCLE_FILE", "CycleConfig", "CycleError", "GateConfig", "UpdateConfig", "check_arena", "gate",
-           "harmful_rate", "is_degenerate", "load_cycle_config", "rollback", "run_cycle", "run_ppo", "train_reward"]
+__all__ = [
+    "CYCLE_FILE",
+    "CycleConfig",
+    "CycleError",
+    "GateConfig",
+    "UpdateConfig",
+    "check_arena",
+    "gate",
+    "harmful_rate",
+    "is_degenerate",
+    "load_cycle_config",
+    "rollback",
+    "run_cycle",
+    "run_ppo",
+    "train_reward",
+]
 
 log = logging.getLogger("alignd.cycle")
 
@@ -134,39 +148,64 @@ class CycleRun:
 
     def provenance(self) -> dict[str, Any]:
         comparisons, rated = comparisons_for_events(self.r, self.events)
-        info = {"events": len(self.events), "new_comparisons": len(comparisons), "new_rated": len(rated),
-                "by_type": dict(Counter(e.type for e in self.events))}
+        info = {
+            "events": len(self.events),
+            "new_comparisons": len(comparisons),
+            "new_rated": len(rated),
+            "by_type": dict(Counter(e.type for e in self.events)),
+        }
         if self.events:
             info |= {"first_id": self.events[0].stream_id, "last_id": self.events[-1].stream_id}
-        return {"parent": self.start_version, "reward_version": self.rm_version,
-                "reference_version": self.ref_version, "feedback": info,
-                "annotators": dict(Counter(e.user for e in self.events))}
+        return {
+            "parent": self.start_version,
+            "reward_version": self.rm_version,
+            "reference_version": self.ref_version,
+            "feedback": info,
+            "annotators": dict(Counter(e.user for e in self.events)),
+        }
 
 
 # ---------------------------------------------------------------------------------------------------- the cycle
 
 
-def run_cycle(r: redis.Redis, settings: Settings, cfg: CycleConfig | None = None, *, trigger: str = "manual",
-              min_events: int = 0, progress: Progress | None = None) -> dict[str, Any]:
+def run_cycle(
+    r: redis.Redis,
+    settings: Settings,
+    cfg: CycleConfig | None = None,
+    *,
+    trigger: str = "manual",
+    min_events: int = 0,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     """Run one cycle under the training lock; returns a JSON-able report with "status": "published",
     "gate_failed", "publish_failed" (the checkpoint could not be written), "skipped" (fewer than `min_events` new
     events) or "conflict" (overtaken). Raises store.lock.LockBusy when another cycle runs and CycleError when it
     cannot run at all."""
     cfg = cfg or load_cycle_config(settings)
     if failpoints.parse(settings.failpoints):  # a misspelt failpoint fails here, before any feedback is taken
-        log.warning("failpoints armed (ALIGND_FAILPOINTS=%r): this cycle will be faulted on purpose",
-                    settings.failpoints)
+        log.warning(
+            "failpoints armed (ALIGND_FAILPOINTS=%r): this cycle will be faulted on purpose", settings.failpoints
+        )
     lock = FencedLock(r, names.TRAIN_LOCK, ttl_ms=int(cfg.lock_ttl_s * 1000))
     lock.acquire()
     try:
-        return _cycle(r, settings, cfg, lock, trigger=trigger, min_events=min_events,
-                      progress=progress or log_progress)
+        return _cycle(
+            r, settings, cfg, lock, trigger=trigger, min_events=min_events, progress=progress or log_progress
+        )
     finally:
         lock.release()
 
 
-def _cycle(r: redis.Redis, settings: Settings, cfg: CycleConfig, lock: FencedLock, *, trigger: str,
-           min_events: int, progress: Progress) -> dict[str, Any]:
+def _cycle(
+    r: redis.Redis,
+    settings: Settings,
+    cfg: CycleConfig,
+    lock: FencedLock,
+    *,
+    trigger: str,
+    min_events: int,
+    progress: Progress,
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     token = lock.token
     recovered = settlement.recover(r, token)
@@ -175,8 +214,13 @@ def _cycle(r: redis.Redis, settings: Settings, cfg: CycleConfig, lock: FencedLoc
         raise CycleError("no policy version is registered: run `alignd bootstrap` first")
     waiting = feedback.unconsumed_count(r)
     if waiting < min_events:
-        return {"status": "skipped", "reason": f"{waiting} new feedback events, fewer than {min_events}",
-                "cycle": token, "current": start_version, "recovered": recovered}
+        return {
+            "status": "skipped",
+            "reason": f"{waiting} new feedback events, fewer than {min_events}",
+            "cycle": token,
+            "current": start_version,
+            "recovered": recovered,
+        }
     events = feedback.read_new(r, f"cycle-{token}", cfg.max_events, claim_idle_ms=0)  # we hold the lock: any
     events.sort(key=lambda e: _stream_key(e.stream_id))  # pending entry belongs to a dead or fenced-off cycle
     settlement.begin(r, token, events, start_version)
@@ -193,15 +237,19 @@ def _cycle(r: redis.Redis, settings: Settings, cfg: CycleConfig, lock: FencedLoc
                 registry.update_version(r, meta["version"], status="rejected", rejected_reason=str(exc))
         registry.record_event(r, "cycle_conflict", cycle=token, reason=str(exc), parent=start_version)
         why = f"conflict: {exc}"
-        return {"status": "conflict", "reason": str(exc), "cycle": token, "current": registry.current_version(r),
-                "recovered": recovered}
+        return {
+            "status": "conflict",
+            "reason": str(exc),
+            "cycle": token,
+            "current": registry.current_version(r),
+            "recovered": recovered,
+        }
     except BaseException as exc:
         why = f"{type(exc).__name__}: {exc}"
         raise
     finally:  # the one place a cycle's events are settled, whatever happened above (workers/settle.py)
         settled = settlement.settle(r, token, by=token, why=why)
-    report.update(cycle=token, recovered=recovered, settled=settled, seconds=time.perf_counter() - t0,
-                  trigger=trigger)
+    report.update(cycle=token, recovered=recovered, settled=settled, seconds=time.perf_counter() - t0, trigger=trigger)
     return report
 
 
@@ -225,9 +273,11 @@ def _stage_reward(run: CycleRun, retrain: bool) -> None:
     device = settings.torch_device()
     run.ref_version = reference_version(r, run.start_version)
     run.ref_path = str(settings.checkpoint(registry.get_version(r, run.ref_version)["path"]))
-    run.reward = (train_reward(r, settings, run.cfg, run.lock, ref_path=run.ref_path, progress=run.progress)
-                  if retrain else {"accepted": False, "reason": "not retrained",
-                                   "version": registry.current_reward_version(r)})
+    run.reward = (
+        train_reward(r, settings, run.cfg, run.lock, ref_path=run.ref_path, progress=run.progress)
+        if retrain
+        else {"accepted": False, "reason": "not retrained", "version": registry.current_reward_version(r)}
+    )
     run.rm_version = registry.current_reward_version(r)
     if run.rm_version is None:
         raise CycleError("no reward model yet: there is no preference data (send feedback first)")
@@ -250,8 +300,12 @@ def _use_lora(run: CycleRun) -> bool:
         return False
     current = run.settings.checkpoint(registry.get_version(run.r, run.start_version)["path"])
     if adapter_base(current) is None and run.start_version != run.ref_version:
-        log.info("cycle %s: v%s is a full fine-tune of v%s; this update is full too", run.token, run.start_version,
-                 run.ref_version)
+        log.info(
+            "cycle %s: v%s is a full fine-tune of v%s; this update is full too",
+            run.token,
+            run.start_version,
+            run.ref_version,
+        )
         return False
     return mode == "lora" or parameter_count(run.ref_path) >= update.lora_min_parameters
 
@@ -281,12 +335,14 @@ def _stage_policy(run: CycleRun) -> None:
     if run.lora:
         resumed, trainer = False, _lora_trainer(run, current_path)  # a few-MB adapter: no state worth resuming
     elif resumed:
-        trainer = PPOTrainer.load_state(state_dir, ref=run.ref_model, reward_fn=run.reward_fn, cfg=cfg.ppo,
-                                        device=device)
+        trainer = PPOTrainer.load_state(
+            state_dir, ref=run.ref_model, reward_fn=run.reward_fn, cfg=cfg.ppo, device=device
+        )
     else:
         policy, tokenizer = load_policy(current_path, device, resolve_base=settings.checkpoint)
-        trainer = PPOTrainer(cfg.ppo, policy, run.ref_model, run.reward_fn, tokenizer,
-                             ValueModel.from_model(run.value_init))
+        trainer = PPOTrainer(
+            cfg.ppo, policy, run.ref_model, run.reward_fn, tokenizer, ValueModel.from_model(run.value_init)
+        )
     run.trainer = trainer
     sampler, n_user_prompts = _prompt_sampler(r, trainer.tokenizer, cfg)
     t_ppo, steps = time.perf_counter(), []
@@ -298,14 +354,22 @@ def _stage_policy(run: CycleRun) -> None:
             raise registry.RegistryConflict("the training lock was lost during PPO (a newer run holds it)")
         steps.append(trainer.step(trainer.sample_prompts(sampler)))
         run.progress("ppo", steps[-1])
-        if cfg.gate.fallback and run.halfway is None and (2 * len(steps) >= update.steps
-                                                          or 2 * (time.perf_counter() - t_ppo) >= update.seconds):
+        if (
+            cfg.gate.fallback
+            and run.halfway is None
+            and (2 * len(steps) >= update.steps or 2 * (time.perf_counter() - t_ppo) >= update.seconds)
+        ):
             run.halfway = len(steps), _snapshot(trainer.policy)
-    run.ppo_info = {"steps": len(steps), "total_steps": trainer.step_count, "resumed": resumed,
-                    "seconds": time.perf_counter() - t_ppo, "user_prompt_pool": n_user_prompts,
-                    "last": steps[-1] if steps else {},
-                    "reward_first": steps[0]["reward"] if steps else None,
-                    "reward_last": steps[-1]["reward"] if steps else None}
+    run.ppo_info = {
+        "steps": len(steps),
+        "total_steps": trainer.step_count,
+        "resumed": resumed,
+        "seconds": time.perf_counter() - t_ppo,
+        "user_prompt_pool": n_user_prompts,
+        "last": steps[-1] if steps else {},
+        "reward_first": steps[0]["reward"] if steps else None,
+        "reward_last": steps[-1]["reward"] if steps else None,
+    }
 
 
 def _lora_trainer(run: CycleRun, current_path: Path):
@@ -369,11 +433,15 @@ def _stage_gate(run: CycleRun) -> None:
             _restore(trainer.policy, candidate)
         else:
             current_path = run.settings.checkpoint(registry.get_version(run.r, run.start_version)["path"])
-            parent_model, parent_tok = load_policy(current_path, run.settings.torch_device(),
-                                                   resolve_base=run.settings.checkpoint)
+            parent_model, parent_tok = load_policy(
+                current_path, run.settings.torch_device(), resolve_base=run.settings.checkpoint
+            )
             run.parent_eval = _evaluation(run, parent_model, parent_tok, ecfg)
-        ref_eval = (run.parent_eval if run.ref_version == run.start_version
-                    else _evaluation(run, run.ref_model, parent_tok, ecfg))
+        ref_eval = (
+            run.parent_eval
+            if run.ref_version == run.start_version
+            else _evaluation(run, run.ref_model, parent_tok, ecfg)
+        )
     passed, reasons, numbers = gate(run.cand_eval, run.parent_eval, run.cfg.gate, reference=ref_eval)
     if not passed and run.halfway is not None and run.halfway[0] < steps:
         # PPO against a fixed reward model can overshoot into its errors late in the run (harmful compliance rose in
@@ -385,8 +453,15 @@ def _stage_gate(run: CycleRun) -> None:
         if half_passed:
             run.fallback_steps = run.halfway[0]
             passed, run.cand_eval = True, half_eval
-            numbers = {**half_numbers, "fallback": {"steps": run.fallback_steps, "of": steps,
-                                                    "full_run_reasons": reasons, "full_run": numbers}}
+            numbers = {
+                **half_numbers,
+                "fallback": {
+                    "steps": run.fallback_steps,
+                    "of": steps,
+                    "full_run_reasons": reasons,
+                    "full_run": numbers,
+                },
+            }
             reasons = []
         else:
             reasons = reasons + [f"(halfway, after {run.halfway[0]} steps: {'; '.join(half_reasons)})"]
@@ -406,12 +481,24 @@ def _stage_publish(run: CycleRun) -> dict[str, Any]:
     if not run.passed:
         settlement.record_gate_failure(run.r, run.token, reasons=run.reasons, gate=run.numbers, **base)
         run.failpoint("after_gate_failed")
-        return {"status": "gate_failed", "reasons": run.reasons, "gate": run.numbers, "current": run.start_version,
-                "reward": run.reward, "ppo": run.ppo_info, **base}
-    meta = {"source": "ppo", "cycle": run.token, "trigger": run.trigger, **base,
-            "metrics": {**run.cand_eval, "gate": run.numbers, "parent_eval": run.parent_eval},
-            "reward": {k: run.reward.get(k) for k in ("accepted", "version", "previous", "metrics", "reason")},
-            "ppo": run.ppo_info}
+        return {
+            "status": "gate_failed",
+            "reasons": run.reasons,
+            "gate": run.numbers,
+            "current": run.start_version,
+            "reward": run.reward,
+            "ppo": run.ppo_info,
+            **base,
+        }
+    meta = {
+        "source": "ppo",
+        "cycle": run.token,
+        "trigger": run.trigger,
+        **base,
+        "metrics": {**run.cand_eval, "gate": run.numbers, "parent_eval": run.parent_eval},
+        "reward": {k: run.reward.get(k) for k in ("accepted", "version", "previous", "metrics", "reason")},
+        "ppo": run.ppo_info,
+    }
     policy, tok = run.trainer.policy, run.trainer.tokenizer
     if run.lora:
         meta["adapter"] = {"base_version": run.ref_version, **asdict(run.cfg.lora)}
@@ -419,16 +506,18 @@ def _stage_publish(run: CycleRun) -> dict[str, Any]:
     def save(d: Path) -> None:
         run.failpoint("in_checkpoint")
         if run.lora:  # the adapter alone, naming the base it was trained on (training/lora.py)
-            save_adapter(policy, d, base=run.settings.stored_path(run.ref_path),
-                         base_digest=folder_digest(run.ref_path))
+            save_adapter(
+                policy, d, base=run.settings.stored_path(run.ref_path), base_digest=folder_digest(run.ref_path)
+            )
         else:
             policy.save_pretrained(d)
         tok.save_pretrained(d)
         run.failpoint("in_publish")
 
     try:
-        version = publish_version(run.r, run.settings, save, meta, expected_current=run.start_version,
-                                  fencing_token=run.token)
+        version = publish_version(
+            run.r, run.settings, save, meta, expected_current=run.start_version, fencing_token=run.token
+        )
     except Exception as exc:
         failed = _publish_failed(run, exc)
         if failed is None:
@@ -437,8 +526,16 @@ def _stage_publish(run: CycleRun) -> dict[str, Any]:
     run.failpoint("after_publish")
     run.progress("published", {"version": version})
     _save_ppo_state(run, version)
-    return {"status": "published", "version": version, "path": str(checkpoint_path(run.settings, version)),
-            "gate": run.numbers, "reward": run.reward, "ppo": run.ppo_info, "metrics": run.cand_eval, **base}
+    return {
+        "status": "published",
+        "version": version,
+        "path": str(checkpoint_path(run.settings, version)),
+        "gate": run.numbers,
+        "reward": run.reward,
+        "ppo": run.ppo_info,
+        "metrics": run.cand_eval,
+        **base,
+    }
 
 
 def _publish_failed(run: CycleRun, exc: Exception) -> dict[str, Any] | None:
@@ -453,8 +550,10 @@ def _publish_failed(run: CycleRun, exc: Exception) -> dict[str, Any] | None:
         free = shutil.disk_usage(root).free
     except OSError:
         free = None
-    reason = (f"writing the new version's checkpoint under {root} failed ({text}); {free} bytes free there. "
-              f"Free space (or set ALIGND_CHECKPOINT_ROOT); the events return to the queue for the next cycle")
+    reason = (
+        f"writing the new version's checkpoint under {root} failed ({text}); {free} bytes free there. "
+        f"Free space (or set ALIGND_CHECKPOINT_ROOT); the events return to the queue for the next cycle"
+    )
     registry.record_event(run.r, "publish_failed", cycle=run.token, reason=reason, parent=run.start_version)
     log.error("cycle %s: %s", run.token, reason)
     return {"status": "publish_failed", "reason": reason, "current": registry.current_version(run.r)}
@@ -474,9 +573,16 @@ def _save_ppo_state(run: CycleRun, version: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def train_reward(r: redis.Redis, settings: Settings, cfg: CycleConfig, lock: FencedLock, *,
-                 data: tuple[list[dict], list[dict]] | None = None, ref_path: str | None = None,
-                 progress: Progress | None = None) -> dict[str, Any]:
+def train_reward(
+    r: redis.Redis,
+    settings: Settings,
+    cfg: CycleConfig,
+    lock: FencedLock,
+    *,
+    data: tuple[list[dict], list[dict]] | None = None,
+    ref_path: str | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     """Retrain on all comparisons (or `data` = (comparison dicts, rated dicts)); register and switch to the new
     reward version unless it regresses. Needs the training lock (its token fences the switch)."""
     from training.checkpoint import write_checkpoint
@@ -506,8 +612,12 @@ def train_reward(r: redis.Redis, settings: Settings, cfg: CycleConfig, lock: Fen
     _, tokenizer = load_causal_lm(ref_path)
     tokenizer.padding_side = "right"  # reward.encode pads by hand; this only matters for tokenizer.pad callers
     model, metrics = train_reward_model(rcfg, items_c, items_r, base=ref_path, tokenizer=tokenizer)
-    report: dict[str, Any] = {"metrics": metrics, "n_comparisons": len(items_c), "n_rated": len(items_r),
-                              "previous": previous}
+    report: dict[str, Any] = {
+        "metrics": metrics,
+        "n_comparisons": len(items_c),
+        "n_rated": len(items_r),
+        "previous": previous,
+    }
     if previous is not None:
         prev_meta = registry.get_reward_version(r, previous) or {}
         prev_model, prev_tok = load_reward_model(settings.checkpoint(prev_meta["path"]))
@@ -516,15 +626,25 @@ def train_reward(r: redis.Redis, settings: Settings, cfg: CycleConfig, lock: Fen
         new_acc = metrics["heldout_accuracy"]
         report["previous_heldout_accuracy"] = prev_acc
         if new_acc is None or (prev_acc is not None and new_acc < prev_acc - cfg.gate.reward_tolerance):
-            report |= {"accepted": False, "version": previous,
-                       "reason": f"held-out accuracy {new_acc} regresses vs reward v{previous} ({prev_acc}) "
-                                 f"on the same held-out pairs"}
+            report |= {
+                "accepted": False,
+                "version": previous,
+                "reason": f"held-out accuracy {new_acc} regresses vs reward v{previous} ({prev_acc}) "
+                f"on the same held-out pairs",
+            }
             progress("reward", report)
             return report
     version = registry.allocate_reward_version(r)
     path = settings.checkpoints_dir / f"rm-v{version}"
-    manifest = {"kind": "reward_model", "version": version, "base": settings.stored_path(ref_path), "metrics": metrics,
-                "n_comparisons": len(items_c), "n_rated": len(items_r), "cycle": lock.token}
+    manifest = {
+        "kind": "reward_model",
+        "version": version,
+        "base": settings.stored_path(ref_path),
+        "metrics": metrics,
+        "n_comparisons": len(items_c),
+        "n_rated": len(items_r),
+        "cycle": lock.token,
+    }
     write_checkpoint(lambda d: save_reward_model(model, tokenizer, d), path, manifest)
     registry.add_reward_version(r, version, {**manifest, "path": settings.stored_path(path)})
     registry.set_current_reward(r, version, fencing_token=lock.token)
@@ -554,8 +674,9 @@ def _prompt_sampler(r: redis.Redis, tokenizer, cfg: CycleConfig):
     return sampler, len(pool)
 
 
-def run_ppo(r: redis.Redis, settings: Settings, cfg: CycleConfig, *, progress: Progress | None = None
-            ) -> dict[str, Any]:
+def run_ppo(
+    r: redis.Redis, settings: Settings, cfg: CycleConfig, *, progress: Progress | None = None
+) -> dict[str, Any]:
     """PPO increments against the current reward model, gated and published, without reading feedback
     (`alignd train ppo`). Same lock, stages, gate and publish path as a cycle; no events, so nothing to settle."""
     failpoints.parse(settings.failpoints)
@@ -594,11 +715,18 @@ def check_arena(r: redis.Redis, settings: Settings, cfg: CycleConfig) -> dict[st
         return {"status": "watching", "current": current, "live": live}
     if live["win_rate"] >= settings.arena_rollback_below:
         return {"status": "ok", "current": current, "live": live}
-    reason = (f"live arena win rate {live['win_rate']:.3f} vs v{parent} over {live['votes']} votes is below "
-              f"{settings.arena_rollback_below}")
+    reason = (
+        f"live arena win rate {live['win_rate']:.3f} vs v{parent} over {live['votes']} votes is below "
+        f"{settings.arena_rollback_below}"
+    )
     try:
-        registry.set_current(r, parent, expected=current, event="rollback",
-                             detail={"from": current, "reason": reason, "automatic": True})
+        registry.set_current(
+            r,
+            parent,
+            expected=current,
+            event="rollback",
+            detail={"from": current, "reason": reason, "automatic": True},
+        )
     except registry.RegistryConflict as exc:
         return {"status": "conflict", "reason": str(exc)}
     registry.update_version(r, current, status="rolled_back", rolled_back_reason=reason)
@@ -611,8 +739,9 @@ def rollback(r: redis.Redis, version: int, *, reason: str = "operator") -> dict[
     if meta is None:
         raise KeyError(f"version {version} is not in the registry")
     current = registry.current_version(r)
-    previous = registry.set_current(r, version, expected=current, event="rollback",
-                                    detail={"from": current, "reason": reason})
+    previous = registry.set_current(
+        r, version, expected=current, event="rollback", detail={"from": current, "reason": reason}
+    )
     return {"current": version, "previous": previous}
 
 

@@ -36,18 +36,35 @@ SECTIONS = ("reward", "update", "ppo", "eval", "gate", "lora")
 ADAPTER_MODES = ("auto", "full", "lora")
 # the flat names of CycleConfig before it was a tree, for a helpful error
 RENAMED = {
-    "reward_seconds": "reward.max_seconds", "reward_epochs": "reward.epochs", "reward_batch_size": "reward.batch_size",
-    "reward_lr": "reward.lr", "reward_tolerance": "gate.reward_tolerance", "ppo_steps": "update.steps",
-    "ppo_seconds": "update.seconds", "user_prompt_share": "update.user_prompt_share",
-    "max_prompt_tokens": "update.max_user_prompt_tokens", "ppo_batch_size": "ppo.batch_size",
-    "ppo_mini_batch_size": "ppo.mini_batch_size", "ppo_epochs": "ppo.ppo_epochs",
-    "ppo_samples_per_prompt": "ppo.samples_per_prompt", "ppo_max_new_tokens": "ppo.max_new_tokens", "ppo_lr": "ppo.lr",
-    "critic_lr": "ppo.critic_lr", "kl_coef": "ppo.kl_coef", "eval_per_family": "eval.n_per_family",
-    "eval_max_new_tokens": "eval.max_new_tokens", "eval_sampled": "eval.greedy (inverted)",
-    "min_reward_gain": "gate.min_reward_gain", "max_harmful_increase": "gate.max_harmful_increase",
-    "max_over_caution_increase": "gate.max_over_caution_increase", "max_score_drop": "gate.max_score_drop",
-    "gate_fallback": "gate.fallback", "max_kl": "gate.max_kl", "max_degenerate_share": "gate.max_degenerate_share",
-    "max_length_drift": "gate.max_length_drift"}
+    "reward_seconds": "reward.max_seconds",
+    "reward_epochs": "reward.epochs",
+    "reward_batch_size": "reward.batch_size",
+    "reward_lr": "reward.lr",
+    "reward_tolerance": "gate.reward_tolerance",
+    "ppo_steps": "update.steps",
+    "ppo_seconds": "update.seconds",
+    "user_prompt_share": "update.user_prompt_share",
+    "max_prompt_tokens": "update.max_user_prompt_tokens",
+    "ppo_batch_size": "ppo.batch_size",
+    "ppo_mini_batch_size": "ppo.mini_batch_size",
+    "ppo_epochs": "ppo.ppo_epochs",
+    "ppo_samples_per_prompt": "ppo.samples_per_prompt",
+    "ppo_max_new_tokens": "ppo.max_new_tokens",
+    "ppo_lr": "ppo.lr",
+    "critic_lr": "ppo.critic_lr",
+    "kl_coef": "ppo.kl_coef",
+    "eval_per_family": "eval.n_per_family",
+    "eval_max_new_tokens": "eval.max_new_tokens",
+    "eval_sampled": "eval.greedy (inverted)",
+    "min_reward_gain": "gate.min_reward_gain",
+    "max_harmful_increase": "gate.max_harmful_increase",
+    "max_over_caution_increase": "gate.max_over_caution_increase",
+    "max_score_drop": "gate.max_score_drop",
+    "gate_fallback": "gate.fallback",
+    "max_kl": "gate.max_kl",
+    "max_degenerate_share": "gate.max_degenerate_share",
+    "max_length_drift": "gate.max_length_drift",
+}
 
 
 def _check_ranges(owner: str, checks: dict[str, bool], obj: Any) -> None:
@@ -76,9 +93,16 @@ class UpdateConfig:
     def __post_init__(self) -> None:
         if self.adapter not in ADAPTER_MODES:
             raise ValueError(f"update.adapter={self.adapter!r}: expected one of {ADAPTER_MODES}")
-        _check_ranges("update", {"steps": self.steps >= 1, "seconds": self.seconds > 0,
-                                 "user_prompt_share": 0 <= self.user_prompt_share <= 1,
-                                 "max_user_prompt_tokens": self.max_user_prompt_tokens >= 1}, self)
+        _check_ranges(
+            "update",
+            {
+                "steps": self.steps >= 1,
+                "seconds": self.seconds > 0,
+                "user_prompt_share": 0 <= self.user_prompt_share <= 1,
+                "max_user_prompt_tokens": self.max_user_prompt_tokens >= 1,
+            },
+            self,
+        )
 
 
 @dataclass
@@ -98,11 +122,18 @@ class GateConfig:
     reward_tolerance: float = 0.0  # a new reward model may not be less accurate than the previous on held-out pairs
 
     def __post_init__(self) -> None:
-        _check_ranges("gate", {"max_kl": self.max_kl > 0, "max_degenerate_share": 0 <= self.max_degenerate_share,
-                               "max_length_drift": self.max_length_drift >= 0,
-                               "max_harmful_increase": self.max_harmful_increase >= 0,
-                               "max_over_caution_increase": self.max_over_caution_increase >= 0,
-                               "max_score_drop": self.max_score_drop >= 0}, self)
+        _check_ranges(
+            "gate",
+            {
+                "max_kl": self.max_kl > 0,
+                "max_degenerate_share": 0 <= self.max_degenerate_share,
+                "max_length_drift": self.max_length_drift >= 0,
+                "max_harmful_increase": self.max_harmful_increase >= 0,
+                "max_over_caution_increase": self.max_over_caution_increase >= 0,
+                "max_score_drop": self.max_score_drop >= 0,
+            },
+            self,
+        )
 
 
 def _reward_default() -> RewardConfig:
@@ -157,8 +188,15 @@ class CycleConfig:
                 raise ValueError(f"CycleConfig.{name} must be a {default.__name__}, not {getattr(self, name)!r}")
             _check_types(f"{name}.", getattr(self, name))
         _check_types("", self, {type(getattr(self, s)).__name__: type(getattr(self, s)) for s in SECTIONS})
-        _check_ranges("CycleConfig", {"max_events": self.max_events >= 1, "lock_ttl_s": self.lock_ttl_s > 0,
-                                      "arena_min_votes": self.arena_min_votes >= 1}, self)
+        _check_ranges(
+            "CycleConfig",
+            {
+                "max_events": self.max_events >= 1,
+                "lock_ttl_s": self.lock_ttl_s > 0,
+                "arena_min_votes": self.arena_min_votes >= 1,
+            },
+            self,
+        )
 
     @classmethod
     def valid_keys(cls) -> list[str]:
@@ -174,8 +212,11 @@ class CycleConfig:
         unknown = [k for k in flat if k not in valid]
         if unknown:
             hints = [f"{k!r} is now {RENAMED[k]!r}" for k in unknown if k in RENAMED]
-            raise ValueError(f"unknown CycleConfig key(s) {unknown}" + (f" ({'; '.join(hints)})" if hints else "")
-                             + f"; valid keys (nested JSON or dotted): {valid}")
+            raise ValueError(
+                f"unknown CycleConfig key(s) {unknown}"
+                + (f" ({'; '.join(hints)})" if hints else "")
+                + f"; valid keys (nested JSON or dotted): {valid}"
+            )
         top = {k: v for k, v in flat.items() if "." not in k}
         _check_types("", cls(), {type(getattr(cls(), s)).__name__: type(getattr(cls(), s)) for s in SECTIONS}, top)
         base = cls(**top)
@@ -202,8 +243,9 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _check_types(prefix: str, obj: Any, localns: dict[str, type] | None = None,
-                 values: dict[str, Any] | None = None) -> None:
+def _check_types(
+    prefix: str, obj: Any, localns: dict[str, type] | None = None, values: dict[str, Any] | None = None
+) -> None:
     """JSON gives any type: a string learning rate must fail here, naming the key, not deep inside training.
     Checks `values` (overrides about to be applied to `obj`), or else `obj`'s own fields."""
     hints = typing.get_type_hints(type(obj), localns=localns)

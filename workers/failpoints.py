@@ -48,8 +48,10 @@ def parse(spec: str) -> dict[str, tuple[str, str]]:
         point, sep, action = item.partition("=")
         kind, _, arg = action.partition(":")
         if not sep or point not in POINTS:
-            raise ValueError(f"failpoint {item!r}: unknown point {point!r}; known: {sorted(POINTS)} "
-                             f"(ALIGND_FAILPOINTS='point=action,…')")
+            raise ValueError(
+                f"failpoint {item!r}: unknown point {point!r}; known: {sorted(POINTS)} "
+                f"(ALIGND_FAILPOINTS='point=action,…')"
+            )
         if kind not in ACTIONS:
             raise ValueError(f"failpoint {item!r}: unknown action {kind!r}; known: {list(ACTIONS)}")
         if kind == "sleep":

@@ -29,9 +29,15 @@ from workers.publish import publish_version
 ALGORITHMS = ("dpo", "kto")
 
 
-def run_preference(r: redis.Redis, settings: Settings, algorithm: str, cfg, *,
-                   data: tuple[list[dict], list[dict], dict[str, Any]] | None = None, gate: bool = True
-                   ) -> dict[str, Any]:
+def run_preference(
+    r: redis.Redis,
+    settings: Settings,
+    algorithm: str,
+    cfg,
+    *,
+    data: tuple[list[dict], list[dict], dict[str, Any]] | None = None,
+    gate: bool = True,
+) -> dict[str, Any]:
     """Train with `algorithm` ("dpo" | "kto", `cfg` its DPOConfig/KTOConfig) on `data` = (comparison dicts, rated
     dicts, provenance) or all feedback; gate unless `gate` is off; publish. Raises ValueError on unusable data,
     store.lock.LockBusy when another run trains."""
@@ -49,12 +55,12 @@ def run_preference(r: redis.Redis, settings: Settings, algorithm: str, cfg, *,
         raise CycleError("no policy version is registered: run `alignd bootstrap` first")
     ccfg = load_cycle_config(settings)
     with FencedLock(r, names.TRAIN_LOCK, ttl_ms=int(ccfg.lock_ttl_s * 1000)) as lock:
-        return _train_gate_publish(r, settings, algorithm, cfg, ccfg, lock, current, comparisons, rated, source,
-                                   gate)
+        return _train_gate_publish(r, settings, algorithm, cfg, ccfg, lock, current, comparisons, rated, source, gate)
 
 
-def _train_gate_publish(r, settings, algorithm, cfg, ccfg, lock, current, comparisons, rated, source,
-                        use_gate: bool) -> dict[str, Any]:
+def _train_gate_publish(
+    r, settings, algorithm, cfg, ccfg, lock, current, comparisons, rated, source, use_gate: bool
+) -> dict[str, Any]:
     from training.data import Comparison, Rated
     from training.lora import load_policy
     from training.preference import train_dpo, train_kto
@@ -69,30 +75,56 @@ def _train_gate_publish(r, settings, algorithm, cfg, ccfg, lock, current, compar
         policy, metrics = train_dpo(cfg, policy, tok, items_c, reference=reference)
     else:
         policy, metrics = train_kto(cfg, policy, tok, items_c, items_r, reference=reference)
-    report: dict[str, Any] = {"parent": current, "reference_version": ref_version, "data": source,
-                              "config": asdict(cfg), "metrics": metrics}
+    report: dict[str, Any] = {
+        "parent": current,
+        "reference_version": ref_version,
+        "data": source,
+        "config": asdict(cfg),
+        "metrics": metrics,
+    }
     checked = None
     if use_gate:
-        checked = _gate(policy, tok, parent_path, reference, ref_version == current, ccfg, lock.token, device,
-                        settings)
+        checked = _gate(
+            policy, tok, parent_path, reference, ref_version == current, ccfg, lock.token, device, settings
+        )
         if not checked["passed"]:
-            registry.record_event(r, "gate_failed", source=algorithm, parent=current, reasons=checked["reasons"],
-                                  gate=checked["numbers"])
-            return {"status": "gate_failed", "reasons": checked["reasons"], "gate": checked["numbers"],
-                    "current": current, **report}
+            registry.record_event(
+                r, "gate_failed", source=algorithm, parent=current, reasons=checked["reasons"], gate=checked["numbers"]
+            )
+            return {
+                "status": "gate_failed",
+                "reasons": checked["reasons"],
+                "gate": checked["numbers"],
+                "current": current,
+                **report,
+            }
     annotators = sorted({x.annotator for x in items_c + items_r if x.annotator})
-    meta = {"source": algorithm, "parent": current, "reference_version": ref_version, "reward_version": None,
-            "data": source, "feedback": {"events": 0}, "annotators": annotators,
-            "metrics": checked["candidate"] if checked else {},
-            "gate": checked["numbers"] if checked else "skipped (--no-gate)",
-            algorithm: {"config": asdict(cfg), "metrics": metrics}}
-    version = publish_version(r, settings, lambda d: (policy.save_pretrained(d), tok.save_pretrained(d)), meta,
-                              expected_current=current, fencing_token=lock.token)
+    meta = {
+        "source": algorithm,
+        "parent": current,
+        "reference_version": ref_version,
+        "reward_version": None,
+        "data": source,
+        "feedback": {"events": 0},
+        "annotators": annotators,
+        "metrics": checked["candidate"] if checked else {},
+        "gate": checked["numbers"] if checked else "skipped (--no-gate)",
+        algorithm: {"config": asdict(cfg), "metrics": metrics},
+    }
+    version = publish_version(
+        r,
+        settings,
+        lambda d: (policy.save_pretrained(d), tok.save_pretrained(d)),
+        meta,
+        expected_current=current,
+        fencing_token=lock.token,
+    )
     return {"status": "published", "version": version, **report}
 
 
-def _gate(policy, tok, parent_path, reference, reference_is_parent: bool, ccfg, token: int, device: str,
-          settings: Settings) -> dict[str, Any]:
+def _gate(
+    policy, tok, parent_path, reference, reference_is_parent: bool, ccfg, token: int, device: str, settings: Settings
+) -> dict[str, Any]:
     """The cycle's gate on the candidate vs the policy it started from, on the cycle's held-out prompts (seed: the
     eval section's base + the lock token, as a cycle's); the reward-gain condition is off (no reward model)."""
     from training.lora import load_policy
@@ -104,7 +136,12 @@ def _gate(policy, tok, parent_path, reference, reference_is_parent: bool, ccfg, 
     ref_eval = parent_eval if reference_is_parent else evaluate(reference, tok, ecfg, reference=reference)
     for m in (candidate, parent_eval, ref_eval):
         m["reward_mean"] = 0.0
-    passed, reasons, numbers = gate(candidate, parent_eval, replace(ccfg.gate, min_reward_gain=float("-inf")),
-                                    reference=ref_eval)
-    return {"passed": passed, "reasons": reasons, "numbers": {**numbers, "eval_seed": ecfg.seed},
-            "candidate": candidate}
+    passed, reasons, numbers = gate(
+        candidate, parent_eval, replace(ccfg.gate, min_reward_gain=float("-inf")), reference=ref_eval
+    )
+    return {
+        "passed": passed,
+        "reasons": reasons,
+        "numbers": {**numbers, "eval_seed": ecfg.seed},
+        "candidate": candidate,
+    }

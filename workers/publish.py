@@ -17,8 +17,15 @@ def checkpoint_path(settings: Settings, version: int) -> Path:
     return settings.checkpoints_dir / f"v{version}"
 
 
-def publish_version(r: redis.Redis, settings: Settings, save_fn, meta: dict[str, Any], *,
-                    expected_current: int | None | str = "any", fencing_token: int | None = None) -> int:
+def publish_version(
+    r: redis.Redis,
+    settings: Settings,
+    save_fn,
+    meta: dict[str, Any],
+    *,
+    expected_current: int | None | str = "any",
+    fencing_token: int | None = None,
+) -> int:
     """Write a checkpoint (atomic, sha256 manifest), register it, and make it current by compare-and-set.
 
     `meta` carries provenance and metrics: parent, reward_version, feedback, annotators, metrics, source.
@@ -27,6 +34,7 @@ def publish_version(r: redis.Redis, settings: Settings, save_fn, meta: dict[str,
     path = checkpoint_path(settings, version)
     write_checkpoint(save_fn, path, {**meta, "version": version})
     registry.add_version(r, version, {**meta, "path": settings.stored_path(path), "created": time.time()})
-    registry.set_current(r, version, expected=expected_current, fencing_token=fencing_token,
-                         detail={"parent": meta.get("parent")})
+    registry.set_current(
+        r, version, expected=expected_current, fencing_token=fencing_token, detail={"parent": meta.get("parent")}
+    )
     return version

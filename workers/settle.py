@@ -32,9 +32,18 @@ from store import feedback, keys, registry
 
 def begin(r: redis.Redis, token: int, events: list[feedback.FeedbackEvent], start_version: int) -> None:
     """Record the events a cycle took, before it uses them (the record is what `settle` settles)."""
-    r.hset(keys.train_inflight(), str(token), json.dumps({
-        "ids": [e.stream_id for e in events], "from_version": start_version, "started": time.time(),
-        "host": socket.gethostname()}))
+    r.hset(
+        keys.train_inflight(),
+        str(token),
+        json.dumps(
+            {
+                "ids": [e.stream_id for e in events],
+                "from_version": start_version,
+                "started": time.time(),
+                "host": socket.gethostname(),
+            }
+        ),
+    )
 
 
 def record_gate_failure(r: redis.Redis, token: int, **detail: Any) -> None:
@@ -66,8 +75,9 @@ def settle(r: redis.Redis, token: int, *, by: int, why: str) -> dict[str, Any] |
             registry.update_version(r, v, status="abandoned", abandoned_reason=f"cycle {token}: {why}")
     if used:
         registry.record_cycle_data(r, token, "feedback_ids", ids)
-    registry.record_event(r, "cycle_settled", cycle=token, by=by, used=used, events=len(ids), acked=acked,
-                          versions=published, why=why)
+    registry.record_event(
+        r, "cycle_settled", cycle=token, by=by, used=used, events=len(ids), acked=acked, versions=published, why=why
+    )
     r.hdel(keys.train_inflight(), str(token))
     return {"used": used, "events": len(ids), "acked": acked, "released": 0 if used else len(ids)}
 

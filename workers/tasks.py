@@ -55,14 +55,16 @@ def maybe_train(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         return {"status": "running", "unconsumed": waiting}
     if not r.set(keys.train_queued(), "beat", nx=True, ex=int(app.conf.task_time_limit) * 2):
         return {"status": "queued", "unconsumed": waiting}
-    result = train_cycle.apply_async(kwargs={"trigger": "beat", "min_events": settings.min_new_feedback,
-                                             "overrides": overrides})
+    result = train_cycle.apply_async(
+        kwargs={"trigger": "beat", "min_events": settings.min_new_feedback, "overrides": overrides}
+    )
     return {"status": "enqueued", "task_id": result.id, "unconsumed": waiting}
 
 
 @app.task(name=names.TRAIN_CYCLE, bind=True)
-def train_cycle(self, trigger: str = "manual", min_events: int = 0,
-                overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def train_cycle(
+    self, trigger: str = "manual", min_events: int = 0, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
     settings, r = context()
     task_id = self.request.id or f"local-{uuid.uuid4().hex}"
     done = r.get(keys.task_result(task_id))
@@ -72,8 +74,13 @@ def train_cycle(self, trigger: str = "manual", min_events: int = 0,
     r.expire(keys.task_attempts(task_id), RECORD_TTL_S)
     try:
         if attempts > app.conf.alignd_max_deliveries:
-            registry.record_event(r, "cycle_abandoned", task=task_id, attempts=attempts,
-                                  reason="delivered too many times; each delivery lost its worker")
+            registry.record_event(
+                r,
+                "cycle_abandoned",
+                task=task_id,
+                attempts=attempts,
+                reason="delivered too many times; each delivery lost its worker",
+            )
             result: dict[str, Any] = {"status": "abandoned", "attempts": attempts}
         else:
             result = _run_cycle(settings, r, task_id, trigger, min_events, overrides)
@@ -84,8 +91,9 @@ def train_cycle(self, trigger: str = "manual", min_events: int = 0,
         r.delete(keys.train_queued())
 
 
-def _run_cycle(settings: Settings, r: redis.Redis, task_id: str, trigger: str, min_events: int,
-               overrides: dict[str, Any] | None) -> dict[str, Any]:
+def _run_cycle(
+    settings: Settings, r: redis.Redis, task_id: str, trigger: str, min_events: int, overrides: dict[str, Any] | None
+) -> dict[str, Any]:
     try:
         cfg = load_cycle_config(settings, overrides)
     except ValueError as exc:  # a bad key or value in cycle.json or the overrides: say which, train nothing

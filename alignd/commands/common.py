@@ -14,10 +14,12 @@ from rich.table import Table
 
 from core.config import Settings, get_settings
 
-app = typer.Typer(help="alignd: online alignment of a served chat model.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
-train_app = typer.Typer(help="Run one training step synchronously (SFT, reward model, PPO, a full cycle).",
-                        no_args_is_help=True)
+app = typer.Typer(
+    help="alignd: online alignment of a served chat model.", no_args_is_help=True, pretty_exceptions_enable=False
+)
+train_app = typer.Typer(
+    help="Run one training step synchronously (SFT, reward model, PPO, a full cycle).", no_args_is_help=True
+)
 app.add_typer(train_app, name="train")
 console = Console(stderr=True)
 

@@ -1,8 +1,8 @@
 """The processes of a deployment: `alignd up` (all of them), `serve`, `worker`, `beat`, `flower`, `keys`.
 
-    alignd up                     # embedded Redis, bootstrap on first start, API, workers, beat, Flower
-    alignd serve --port 8000      # the API alone
-    alignd worker --queues train  # a Celery worker (starts the embedded Redis if needed)
+alignd up                     # embedded Redis, bootstrap on first start, API, workers, beat, Flower
+alignd serve --port 8000      # the API alone
+alignd worker --queues train  # a Celery worker (starts the embedded Redis if needed)
 """
 
 from __future__ import annotations
@@ -97,9 +97,11 @@ def serve(
     try:
         policy = load_version(r, settings, version)
     except Exception as exc:  # corrupt, unloadable or failing its smoke test: refuse to start rather than hang
-        console.print(f"[red]cannot serve policy v{version}: {type(exc).__name__}: {exc}\n"
-                      "roll back to a good version (`alignd rollback VERSION`) or publish a fixed one, then start "
-                      "again")
+        console.print(
+            f"[red]cannot serve policy v{version}: {type(exc).__name__}: {exc}\n"
+            "roll back to a good version (`alignd rollback VERSION`) or publish a fixed one, then start "
+            "again"
+        )
         raise typer.Exit(3) from None
     engine = Engine(policy, max_batch_size=settings.max_batch_size)
     application = create_app(settings, url, engine)
@@ -145,8 +147,10 @@ def up(
     procs_cmds = {"api": [*ALIGND, "serve", "--port", str(port or settings.port)]}
     procs_cmds.update(children(ALIGND))  # training and light workers, beat, Flower
     procs = {name: subprocess.Popen(cmd, env=env, start_new_session=True) for name, cmd in procs_cmds.items()}
-    console.print(f"[green]alignd is up: API on http://{settings.host}:{port or settings.port} "
-                  f"({', '.join(procs)}); Ctrl-C stops everything")
+    console.print(
+        f"[green]alignd is up: API on http://{settings.host}:{port or settings.port} "
+        f"({', '.join(procs)}); Ctrl-C stops everything"
+    )
     stopping = False
 
     def stop(*_):
@@ -188,8 +192,20 @@ def worker(
     """Run a Celery worker (the train queue runs one cycle at a time)."""
     settings = get_settings()
     url, _, embedded = open_redis(settings)
-    cmd = [*CELERY, "worker", "-Q", queues, "--concurrency", str(concurrency), "--pool", pool,
-           "-n", f"{name}@%h", "-l", loglevel]
+    cmd = [
+        *CELERY,
+        "worker",
+        "-Q",
+        queues,
+        "--concurrency",
+        str(concurrency),
+        "--pool",
+        pool,
+        "-n",
+        f"{name}@%h",
+        "-l",
+        loglevel,
+    ]
     _run_child(cmd, child_env(settings, url), embedded)
 
 

@@ -89,8 +89,15 @@ def bootstrap(
         model, tok, report = run_bootstrap(cfg, progress)
         bar.close()
         save = lambda d: (model.save_pretrained(d), tok.save_pretrained(d))  # noqa: E731
-        meta = {"source": "sft", "parent": None, "reward_version": None, "feedback": {"events": 0},
-                "annotators": ["built-in demonstrations"], "metrics": report["eval"], "sft": report["sft"]}
+        meta = {
+            "source": "sft",
+            "parent": None,
+            "reward_version": None,
+            "feedback": {"events": 0},
+            "annotators": ["built-in demonstrations"],
+            "metrics": report["eval"],
+            "sft": report["sft"],
+        }
     version = publish_version(r, settings, save, meta, expected_current=current if force else None)
     report["version"] = version
     if as_json:
@@ -117,9 +124,10 @@ def _carried(base: Path) -> dict:
 
 @train_app.command("sft")
 def train_sft_cmd(
-    data: Annotated[Path, typer.Option(help="chat-format JSONL: one {\"messages\": [...]} per line")],
-    base: Annotated[Optional[Path], typer.Option(help="causal-LM folder to start from (default: current policy)")]
-    = None,
+    data: Annotated[Path, typer.Option(help='chat-format JSONL: one {"messages": [...]} per line')],
+    base: Annotated[
+        Optional[Path], typer.Option(help="causal-LM folder to start from (default: current policy)")
+    ] = None,
     seconds: Annotated[float, typer.Option(help="wall-clock budget")] = 120.0,
     as_json: JsonOpt = False,
 ):
@@ -141,8 +149,16 @@ def train_sft_cmd(
             bad.append(n)
             continue
         # checked explicitly (not with assert, which `python -O` removes)
-        if isinstance(msgs, list) and msgs and all(isinstance(m, dict) and m.get("role") in ("system", "user",
-                                                   "assistant") and isinstance(m.get("content"), str) for m in msgs):
+        if (
+            isinstance(msgs, list)
+            and msgs
+            and all(
+                isinstance(m, dict)
+                and m.get("role") in ("system", "user", "assistant")
+                and isinstance(m.get("content"), str)
+                for m in msgs
+            )
+        ):
             conversations.append(msgs)
         else:
             bad.append(n)
@@ -160,16 +176,29 @@ def train_sft_cmd(
         base = settings.checkpoint(registry.get_version(r, current)["path"])
     model, tok = load_policy(base, settings.torch_device())  # an adapter version is merged into its base
     metrics = train_sft(SFTConfig(max_seconds=seconds), model, tok, conversations)
-    meta = {"source": "sft", "parent": current, "base": str(base), "data": str(data), "metrics": {}, "sft": metrics,
-            "feedback": {"events": 0}, "annotators": [f"file:{data.name}"]}
-    version = publish_version(r, settings, lambda d: (model.save_pretrained(d), tok.save_pretrained(d)), meta,
-                              expected_current=current)
+    meta = {
+        "source": "sft",
+        "parent": current,
+        "base": str(base),
+        "data": str(data),
+        "metrics": {},
+        "sft": metrics,
+        "feedback": {"events": 0},
+        "annotators": [f"file:{data.name}"],
+    }
+    version = publish_version(
+        r, settings, lambda d: (model.save_pretrained(d), tok.save_pretrained(d)), meta, expected_current=current
+    )
     out = {"version": version, "sft": metrics, "skipped_lines": bad}
     print(json.dumps(out) if as_json else f"policy version {version} is current (loss {metrics['loss']:.3f})")
 
 
-ConfigOpt = Annotated[Optional[str], typer.Option(
-    help='CycleConfig overrides as JSON, nested or dotted: \'{"ppo": {"lr": 3e-5}}\' or \'{"ppo.lr": 3e-5}\'')]
+ConfigOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        help='CycleConfig overrides as JSON, nested or dotted: \'{"ppo": {"lr": 3e-5}}\' or \'{"ppo.lr": 3e-5}\''
+    ),
+]
 
 
 def _overrides(config: str | None) -> dict:
@@ -203,8 +232,11 @@ def train_cycle_cmd(
         import celery
 
         sender = celery.Celery(broker=url)
-        result = sender.send_task(names.TRAIN_CYCLE, kwargs={"trigger": "cli", "min_events": min_events,
-                                                             "overrides": overrides}, queue=names.TRAIN_QUEUE)
+        result = sender.send_task(
+            names.TRAIN_CYCLE,
+            kwargs={"trigger": "cli", "min_events": min_events, "overrides": overrides},
+            queue=names.TRAIN_QUEUE,
+        )
         print_report({"status": "enqueued", "task_id": result.id}, as_json, "cycle")
         return
     from workers.cycle import run_cycle
@@ -219,8 +251,10 @@ def train_cycle_cmd(
 
 @train_app.command("reward")
 def train_reward_cmd(
-    data: Annotated[Optional[Path], typer.Option(help="preference file in any `alignd import` format, plain or .gz "
-                                                      "(default: all feedback)")] = None,
+    data: Annotated[
+        Optional[Path],
+        typer.Option(help="preference file in any `alignd import` format, plain or .gz (default: all feedback)"),
+    ] = None,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
 ):
@@ -270,14 +304,24 @@ def _read_data(data: Path) -> tuple[list[dict], list[dict], dict[str, Any]]:
         raise typer.Exit(2) from None
     bad = report["bad_lines"]
     if bad:
-        console.print(f"[yellow]{data}: skipped {len(bad)} bad line(s): "
-                      + "; ".join(f"line {n}: {why}" for n, why in bad[:5]) + (" …" if len(bad) > 5 else ""))
+        console.print(
+            f"[yellow]{data}: skipped {len(bad)} bad line(s): "
+            + "; ".join(f"line {n}: {why}" for n, why in bad[:5])
+            + (" …" if len(bad) > 5 else "")
+        )
     if not report["comparisons"] and not report["rated"]:
-        console.print(f"[red]{data} holds no preference data alignd can read (HH-RLHF, UltraFeedback-binarized, "
-                      "TRL or alignd JSON lines, plain or .gz)")
+        console.print(
+            f"[red]{data} holds no preference data alignd can read (HH-RLHF, UltraFeedback-binarized, "
+            "TRL or alignd JSON lines, plain or .gz)"
+        )
         raise typer.Exit(2) from None
-    source = {"file": str(data), "format": report["format"], "comparisons": len(report["comparisons"]),
-              "rated": len(report["rated"]), "bad_lines": len(bad)}
+    source = {
+        "file": str(data),
+        "format": report["format"],
+        "comparisons": len(report["comparisons"]),
+        "rated": len(report["rated"]),
+        "bad_lines": len(bad),
+    }
     return report["comparisons"], report["rated"], source
 
 
@@ -292,8 +336,9 @@ def _preference_config(algorithm: str, seconds: float, config: Optional[str]):
         raise typer.Exit(2) from None
 
 
-def _train_preference(algorithm: str, data: Optional[Path], seconds: float, config: Optional[str],
-                      gate: bool = True) -> dict:
+def _train_preference(
+    algorithm: str, data: Optional[Path], seconds: float, config: Optional[str], gate: bool = True
+) -> dict:
     """DPO or KTO from the current policy (workers/preference.py), on a file's labels or all feedback in Redis."""
     from workers.preference import run_preference
 
@@ -310,23 +355,40 @@ def _train_preference(algorithm: str, data: Optional[Path], seconds: float, conf
             raise typer.Exit(2) from None
 
 
-PrefData = Annotated[Optional[Path], typer.Option(help="preference file in any `alignd import` format, plain or .gz "
-                                                       "(default: all feedback in Redis)")]
+PrefData = Annotated[
+    Optional[Path],
+    typer.Option(help="preference file in any `alignd import` format, plain or .gz (default: all feedback in Redis)"),
+]
 PrefSeconds = Annotated[float, typer.Option(help="wall-clock training budget")]
 PrefConfig = Annotated[Optional[str], typer.Option(help="config overrides as JSON (fields of DPOConfig/KTOConfig)")]
-PrefGate = Annotated[bool, typer.Option(help="publish only if the cycle's gate passes (harmful compliance, "
-                                             "over-caution, checker score, KL, length); --no-gate publishes anyway")]
+PrefGate = Annotated[
+    bool,
+    typer.Option(
+        help="publish only if the cycle's gate passes (harmful compliance, "
+        "over-caution, checker score, KL, length); --no-gate publishes anyway"
+    ),
+]
 
 
 @train_app.command("dpo")
-def train_dpo_cmd(data: PrefData = None, seconds: PrefSeconds = 60.0, as_json: JsonOpt = False,
-                  config: PrefConfig = None, gate: PrefGate = True):
+def train_dpo_cmd(
+    data: PrefData = None,
+    seconds: PrefSeconds = 60.0,
+    as_json: JsonOpt = False,
+    config: PrefConfig = None,
+    gate: PrefGate = True,
+):
     """DPO (Rafailov et al. 2023) on comparisons, from the current policy against its SFT ancestor; gate; publish."""
     print_report(_train_preference("dpo", data, seconds, config, gate), as_json, "dpo")
 
 
 @train_app.command("kto")
-def train_kto_cmd(data: PrefData = None, seconds: PrefSeconds = 60.0, as_json: JsonOpt = False,
-                  config: PrefConfig = None, gate: PrefGate = True):
+def train_kto_cmd(
+    data: PrefData = None,
+    seconds: PrefSeconds = 60.0,
+    as_json: JsonOpt = False,
+    config: PrefConfig = None,
+    gate: PrefGate = True,
+):
     """KTO (Ethayarajh et al. 2024) on thumbs and unpaired comparisons, against the SFT ancestor; gate; publish."""
     print_report(_train_preference("kto", data, seconds, config, gate), as_json, "kto")

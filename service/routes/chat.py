@@ -47,10 +47,12 @@ from store.completions import ChoiceRecord, CompletionRecord, save_completion
 router = APIRouter(prefix="/v1", tags=["chat"])
 
 _RESPONSES = {
-    200: {"description": "The completion (`application/json`), or with `stream: true` a `text/event-stream` of "
-                         "`data: <ChatCompletionChunk>` lines ending with `data: [DONE]` (or with one "
-                         "`data: <ErrorResponse>` line when generation failed)",
-          "content": {"text/event-stream": {"schema": ChatCompletionChunk.model_json_schema(mode="serialization")}}},
+    200: {
+        "description": "The completion (`application/json`), or with `stream: true` a `text/event-stream` of "
+        "`data: <ChatCompletionChunk>` lines ending with `data: [DONE]` (or with one "
+        "`data: <ErrorResponse>` line when generation failed)",
+        "content": {"text/event-stream": {"schema": ChatCompletionChunk.model_json_schema(mode="serialization")}},
+    },
     503: {"model": ErrorResponse, "description": "engine_error, engine_timeout, redis_unavailable or no_policy"},
 }
 
@@ -104,8 +106,14 @@ class _Call:
         def expire() -> None:
             for i, h in enumerate(self.handles):
                 if i not in self.finished:
-                    h.push(Event("error", f"the request did not finish within {timeout:g} s "
-                                          "(ALIGND_REQUEST_TIMEOUT_S); it was cancelled", code="engine_timeout"))
+                    h.push(
+                        Event(
+                            "error",
+                            f"the request did not finish within {timeout:g} s "
+                            "(ALIGND_REQUEST_TIMEOUT_S); it was cancelled",
+                            code="engine_timeout",
+                        )
+                    )
             self.cancel_unfinished()
 
         return asyncio.get_running_loop().call_at(asyncio.get_running_loop().time() + timeout, expire)
@@ -113,13 +121,31 @@ class _Call:
     def record(self, texts: list[str], finishes: list[str], n_tokens: int) -> CompletionRecord:
         req = self.req
         return CompletionRecord(
-            id=self.cid, user=self.user, messages=self.messages, version=self.served, arena=self.arena,
-            choices=[ChoiceRecord(index=i, text=texts[i], finish_reason=finishes[i], version=h.version)
-                     for i, h in enumerate(self.handles)],
-            params={"temperature": req.temperature, "top_p": req.top_p, "max_tokens": self.max_tokens,
-                    "stop": req.stop, "seed": req.seed, "n": req.n, "stream": req.stream, "client_user": req.user},
-            usage={"prompt_tokens": len(self.prompt_ids), "completion_tokens": n_tokens,
-                   "total_tokens": len(self.prompt_ids) + n_tokens})
+            id=self.cid,
+            user=self.user,
+            messages=self.messages,
+            version=self.served,
+            arena=self.arena,
+            choices=[
+                ChoiceRecord(index=i, text=texts[i], finish_reason=finishes[i], version=h.version)
+                for i, h in enumerate(self.handles)
+            ],
+            params={
+                "temperature": req.temperature,
+                "top_p": req.top_p,
+                "max_tokens": self.max_tokens,
+                "stop": req.stop,
+                "seed": req.seed,
+                "n": req.n,
+                "stream": req.stream,
+                "client_user": req.user,
+            },
+            usage={
+                "prompt_tokens": len(self.prompt_ids),
+                "completion_tokens": n_tokens,
+                "total_tokens": len(self.prompt_ids) + n_tokens,
+            },
+        )
 
     def observe(self, n_tokens: int) -> None:
         metrics.REQUESTS.labels("ok").inc()
@@ -165,8 +191,11 @@ async def chat_completions(req: ChatCompletionRequest, caller: CallerDep, state:
     """Generate `n` answers to the conversation; see the module docstring for streaming, errors and cancellation."""
     call = await _start(req, caller.user, state)
     if req.stream:
-        return StreamingResponse(_stream(call), media_type="text/event-stream",
-                                 headers={**call.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            _stream(call),
+            media_type="text/event-stream",
+            headers={**call.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     return await _complete(call, request)
 
 
@@ -174,8 +203,9 @@ async def _start(req: ChatCompletionRequest, user: str, state: AppState) -> _Cal
     """Check the request against the limits and submit its choices to the engine."""
     settings, engine = state.settings, state.engine
     if engine is None:
-        raise APIError(503, "no policy is loaded yet: run `alignd bootstrap` or wait for the server to start",
-                       "no_policy")
+        raise APIError(
+            503, "no policy is loaded yet: run `alignd bootstrap` or wait for the server to start", "no_policy"
+        )
     await enforce(state.aredis, "chat", user, settings.chat_rate_per_minute, 60, "chat requests per minute")
     default_tokens = min(settings.default_max_tokens, settings.max_new_tokens)
     max_tokens = req.max_completion_tokens or req.max_tokens or default_tokens
@@ -185,15 +215,32 @@ async def _start(req: ChatCompletionRequest, user: str, state: AppState) -> _Cal
     policy = engine.current
     prompt_ids = await run_in_threadpool(policy.encode_chat, messages)
     if len(prompt_ids) > settings.max_prompt_tokens:
-        raise APIError(413, f"the prompt has {len(prompt_ids)} tokens; the limit is {settings.max_prompt_tokens}",
-                       "prompt_too_long", "messages")
+        raise APIError(
+            413,
+            f"the prompt has {len(prompt_ids)} tokens; the limit is {settings.max_prompt_tokens}",
+            "prompt_too_long",
+            "messages",
+        )
     versions, arena = _choice_versions(state, req.n)
-    call = _Call(state=state, user=user, req=req, messages=messages, prompt_ids=prompt_ids, max_tokens=max_tokens,
-                 served=policy.version, arena=arena)
+    call = _Call(
+        state=state,
+        user=user,
+        req=req,
+        messages=messages,
+        prompt_ids=prompt_ids,
+        max_tokens=max_tokens,
+        served=policy.version,
+        arena=arena,
+    )
     loop = asyncio.get_running_loop()
     for i, version in enumerate(versions):
-        params = SamplingParams(temperature=req.temperature, top_p=req.top_p, max_tokens=max_tokens, stop=req.stop,
-                                seed=None if req.seed is None else req.seed + i)
+        params = SamplingParams(
+            temperature=req.temperature,
+            top_p=req.top_p,
+            max_tokens=max_tokens,
+            stop=req.stop,
+            seed=None if req.seed is None else req.seed + i,
+        )
         if version is None or version == policy.version:  # the version read above, even if swapped out since
             call.handles.append(engine.submit(messages, params, policy=policy, loop=loop, prompt_ids=prompt_ids))
         else:
@@ -235,10 +282,22 @@ async def _complete(call: _Call, request: Request) -> Response:
     await run_in_threadpool(save_completion, call.state.redis, rec)
     call.observe(n_tokens)
     body = ChatCompletionResponse(
-        id=call.cid, object="chat.completion", created=call.created, model=fingerprint(call.served),
-        system_fingerprint=fingerprint(call.served), usage=Usage(**rec.usage),
-        choices=[Choice(index=i, message=AssistantMessage(role="assistant", content=texts[i]),
-                        finish_reason=finishes[i], logprobs=None) for i in range(n)])
+        id=call.cid,
+        object="chat.completion",
+        created=call.created,
+        model=fingerprint(call.served),
+        system_fingerprint=fingerprint(call.served),
+        usage=Usage(**rec.usage),
+        choices=[
+            Choice(
+                index=i,
+                message=AssistantMessage(role="assistant", content=texts[i]),
+                finish_reason=finishes[i],
+                logprobs=None,
+            )
+            for i in range(n)
+        ],
+    )
     return Response(wire(body), media_type="application/json", headers=call.headers)
 
 
@@ -251,8 +310,14 @@ async def _stream(call: _Call) -> AsyncIterator[str]:
     name = fingerprint(call.served)
 
     def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
-        body = ChatCompletionChunk(id=call.cid, object="chat.completion.chunk", created=call.created, model=name,
-                                   system_fingerprint=name, choices=choices)
+        body = ChatCompletionChunk(
+            id=call.cid,
+            object="chat.completion.chunk",
+            created=call.created,
+            model=name,
+            system_fingerprint=name,
+            choices=choices,
+        )
         if usage is not None:
             body.usage = usage  # set only here: the other chunks carry no usage key at all
         return f"data: {wire(body)}\n\n"

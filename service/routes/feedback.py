@@ -17,25 +17,36 @@ from store import feedback as fb
 
 router = APIRouter(prefix="/v1", tags=["feedback"])
 
-_STATUS = {fb.CompletionNotFound: 404, fb.NotYourCompletion: 403, fb.InvalidFeedback: 422,
-           fb.FeedbackIdConflict: 409, fb.FeedbackRateLimited: 429}
+_STATUS = {
+    fb.CompletionNotFound: 404,
+    fb.NotYourCompletion: 403,
+    fb.InvalidFeedback: 422,
+    fb.FeedbackIdConflict: 409,
+    fb.FeedbackRateLimited: 429,
+}
 
 
 @router.post("/feedback", status_code=201)
 async def create_feedback(body: fb.FeedbackIn, state: StateDep, caller: CallerDep) -> JSONResponse:
     """Record one vote; a second vote of the same user on the same completion and slot revises the first."""
     s = state.settings
-    limits = fb.FeedbackLimits(per_minute=s.feedback_rate_per_minute, per_day=s.feedback_daily_cap,
-                               max_comment_chars=s.max_comment_chars)
+    limits = fb.FeedbackLimits(
+        per_minute=s.feedback_rate_per_minute, per_day=s.feedback_daily_cap, max_comment_chars=s.max_comment_chars
+    )
     try:
-        accepted = await fb.asubmit_feedback(state.aredis, body, user=caller.user, is_admin=caller.is_admin,
-                                             limits=limits)
+        accepted = await fb.asubmit_feedback(
+            state.aredis, body, user=caller.user, is_admin=caller.is_admin, limits=limits
+        )
     except fb.FeedbackError as exc:
         headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, fb.FeedbackRateLimited) else None
         raise APIError(_STATUS[type(exc)], exc.message, exc.code, exc.param, headers) from None
     except (redis.ConnectionError, redis.TimeoutError) as exc:  # outcome unknown: a retry with the same id settles it
-        raise APIError(503, f"feedback store unavailable ({type(exc).__name__}); retry with the same feedback_id",
-                       "redis_unavailable", headers={"Retry-After": "1"}) from None
+        raise APIError(
+            503,
+            f"feedback store unavailable ({type(exc).__name__}); retry with the same feedback_id",
+            "redis_unavailable",
+            headers={"Retry-After": "1"},
+        ) from None
     if not accepted.replayed:
         metrics.FEEDBACK.labels(type=body.type).inc()
     return JSONResponse(accepted.response(), status_code=200 if accepted.replayed else 201)

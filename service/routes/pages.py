@@ -17,11 +17,18 @@ from service.errors import APIError
 router = APIRouter(tags=["pages"], include_in_schema=False)
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
-_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
-          ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png"}
+_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+}
 # The pages load only their own scripts; the widget injects one <style> element, hence 'unsafe-inline' for styles.
-_PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
-             "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+_PAGE_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
 
 
 def _file(name: str, page: bool = False) -> FileResponse:

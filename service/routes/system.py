@@ -17,8 +17,15 @@ async def list_models(_: CallerDep, state: StateDep):
     data = []
     if state.engine is not None:
         for v in state.engine.loaded_versions():
-            data.append({"id": f"alignd-v{v}", "object": "model", "created": 0, "owned_by": "alignd",
-                         "current": v == state.engine.current_version})
+            data.append(
+                {
+                    "id": f"alignd-v{v}",
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "alignd",
+                    "current": v == state.engine.current_version,
+                }
+            )
     return {"object": "list", "data": data}
 
 

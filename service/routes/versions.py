@@ -55,17 +55,30 @@ def rollback(body: RollbackIn, state: StateDep, caller: AdminDep) -> dict[str, A
     r = state.redis
     meta = registry.get_version(r, body.version)
     if meta is None:
-        raise APIError(404, f"version {body.version} is not in the registry: GET /admin/versions lists them",
-                       "version_not_found", "version")
+        raise APIError(
+            404,
+            f"version {body.version} is not in the registry: GET /admin/versions lists them",
+            "version_not_found",
+            "version",
+        )
     if meta.get("refused"):
-        raise APIError(409, f"version {body.version} was refused by an API process ({meta['refused']}); "
-                            "pick another version", "version_refused", "version")
+        raise APIError(
+            409,
+            f"version {body.version} was refused by an API process ({meta['refused']}); pick another version",
+            "version_refused",
+            "version",
+        )
     current = registry.current_version(r)
     if current == body.version:
         return {"object": "rollback", "current": current, "previous": current, "changed": False}
     try:
-        previous = registry.set_current(r, body.version, expected=current, event="rollback",
-                                        detail={"from": current, "reason": "POST /admin/rollback", "by": caller.user})
+        previous = registry.set_current(
+            r,
+            body.version,
+            expected=current,
+            event="rollback",
+            detail={"from": current, "reason": "POST /admin/rollback", "by": caller.user},
+        )
     except registry.RegistryConflict as exc:
         raise APIError(409, f"{exc}; retry", "registry_conflict") from None
     return {"object": "rollback", "current": body.version, "previous": previous, "changed": True}
@@ -84,8 +97,9 @@ async def train(state: StateDep, _: AdminDep, body: TrainIn | None = None) -> JS
     body = body or TrainIn()
     kwargs = {"trigger": "api", "min_events": body.min_events, "overrides": body.overrides}
     try:
-        result = await run_in_threadpool(_sender(state).send_task, names.TRAIN_CYCLE, kwargs=kwargs,
-                                         queue=names.TRAIN_QUEUE)
+        result = await run_in_threadpool(
+            _sender(state).send_task, names.TRAIN_CYCLE, kwargs=kwargs, queue=names.TRAIN_QUEUE
+        )
     except Exception as exc:  # the broker is the same Redis; say so rather than 500
         raise APIError(503, f"could not enqueue the training cycle: {exc}", "broker_unavailable") from None
     return JSONResponse({"object": "train.enqueued", "task_id": result.id, "queue": names.TRAIN_QUEUE}, 202)

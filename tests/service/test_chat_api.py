@@ -92,7 +92,7 @@ def test_models_health_ready_metrics(server):
         assert ready.status_code == 200 and ready.json()["policy_version"] == 1
         http.post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 2})
         text = http.get("/metrics").text
-        assert "alignd_chat_requests_total" in text and 'alignd_policy_version 1.0' in text
+        assert "alignd_chat_requests_total" in text and "alignd_policy_version 1.0" in text
 
 
 BAD_BODIES = [
@@ -130,19 +130,26 @@ def test_auth_and_body_limits(server):
         bad = http.post("/v1/chat/completions", json={"messages": MSG}, headers={"Authorization": "Bearer nope"})
         assert bad.status_code == 401 and bad.json()["error"]["type"] == "authentication_error"
         assert http.get("/v1/models", headers={"Authorization": f"Basic {USER_KEY}"}).status_code == 401
-        big = http.post("/v1/chat/completions", content=b"{" + b" " * 1_100_000 + b"}",
-                        headers={"Authorization": f"Bearer {USER_KEY}", "Content-Type": "application/json"})
+        big = http.post(
+            "/v1/chat/completions",
+            content=b"{" + b" " * 1_100_000 + b"}",
+            headers={"Authorization": f"Bearer {USER_KEY}", "Content-Type": "application/json"},
+        )
         assert big.status_code == 413 and big.json()["error"]["code"] == "body_too_large"
-        junk = http.post("/v1/chat/completions", content=b"\xff\xfe not json",
-                         headers={"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"})
+        junk = http.post(
+            "/v1/chat/completions",
+            content=b"\xff\xfe not json",
+            headers={"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"},
+        )
         assert junk.status_code == 400 and junk.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_rate_limit_429(r, redis_url, tmp_path):
     settings = make_settings(tmp_path, chat_rate_per_minute=3)
     with LiveServer(served_app(redis_url, settings)) as live, live.client(USER_KEY) as http:
-        codes = [http.post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 1}).status_code
-                 for _ in range(5)]
+        codes = [
+            http.post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 1}).status_code for _ in range(5)
+        ]
         assert codes[:3] == [200, 200, 200] and codes[3:] == [429, 429]
         limited = http.post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 1})
         assert limited.json()["error"]["type"] == "rate_limit_error" and int(limited.headers["retry-after"]) > 0

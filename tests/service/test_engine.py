@@ -10,8 +10,16 @@ import torch
 from service.engine import Engine, Policy, SamplingParams
 from tests.utils.tiny import tiny_model, tiny_tokenizer
 
-PROMPTS = ["Say a number.", "Hello, how are you?", "What is two plus three?", "Say a word.", "red green",
-           "The answer is", "Thank you!", "one two three four five six seven eight nine ten"]
+PROMPTS = [
+    "Say a number.",
+    "Hello, how are you?",
+    "What is two plus three?",
+    "Say a word.",
+    "red green",
+    "The answer is",
+    "Thank you!",
+    "one two three four five six seven eight nine ten",
+]
 
 
 def _policy(arch: str, version: int = 1, seed: int = 0) -> Policy:
@@ -20,9 +28,15 @@ def _policy(arch: str, version: int = 1, seed: int = 0) -> Policy:
 
 def _hf_greedy(policy: Policy, prompt: str, max_new: int) -> str:
     ids = torch.tensor([policy.encode_chat([{"role": "user", "content": prompt}])])
-    out = policy.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False,
-                                eos_token_id=policy.tokenizer.eos_token_id, pad_token_id=policy.tokenizer.pad_token_id)
-    return policy.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    out = policy.model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new,
+        do_sample=False,
+        eos_token_id=policy.tokenizer.eos_token_id,
+        pad_token_id=policy.tokenizer.pad_token_id,
+    )
+    return policy.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -53,8 +67,9 @@ def test_seeded_sampling_is_reproducible_and_stop_strings_cut():
         text, _, _ = a
         assert len(text) >= 2
         stop = text[1:3]
-        cut, finish, _ = engine.generate(msgs, SamplingParams(temperature=1.0, top_p=0.9, max_tokens=12, seed=7,
-                                                              stop=[stop]))
+        cut, finish, _ = engine.generate(
+            msgs, SamplingParams(temperature=1.0, top_p=0.9, max_tokens=12, seed=7, stop=[stop])
+        )
         assert finish == "stop" and cut == text[: text.find(stop)]
     finally:
         engine.stop()
@@ -92,8 +107,10 @@ def test_sampler_draws_from_the_tempered_top_p_distribution():
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
     rows = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.5, top_p=0.9), SamplingParams(temperature=0)]
     n = 20000
-    batch = SimpleNamespace(next_logits=logits.repeat(len(rows) * n, 1),
-                            seqs=[SimpleNamespace(params=p, generator=None) for p in rows for _ in range(n)])
+    batch = SimpleNamespace(
+        next_logits=logits.repeat(len(rows) * n, 1),
+        seqs=[SimpleNamespace(params=p, generator=None) for p in rows for _ in range(n)],
+    )
     draws = Engine._sample(None, batch).view(len(rows), n)
     freq = [torch.bincount(d, minlength=5).float() / n for d in draws]
     assert torch.allclose(freq[0], torch.softmax(logits, -1), atol=0.015)

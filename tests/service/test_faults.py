@@ -56,8 +56,12 @@ class Fault:
 
 
 def _policy(version: int, seed: int = 0, context: int = 2048) -> Policy:
-    return Policy(version=version, model=tiny_model("gpt2", seed=seed, context=context), tokenizer=tiny_tokenizer(),
-                  context=context)
+    return Policy(
+        version=version,
+        model=tiny_model("gpt2", seed=seed, context=context),
+        tokenizer=tiny_tokenizer(),
+        context=context,
+    )
 
 
 def _drain(handle, timeout: float = 30.0) -> tuple[list[str], str, str]:
@@ -232,8 +236,12 @@ def test_a_client_that_disconnects_frees_its_rows(faulty_server):
                     assert engine.running() >= 1
         _until(lambda: engine.running() == 0, 3, what="streamed rows cancelled")
         with pytest.raises(httpx.ReadTimeout):  # non-streaming: the client gives up while the server generates
-            httpx.post(f"{live.url}/v1/chat/completions", json=long, timeout=0.5,
-                       headers={"Authorization": f"Bearer {USER_KEY}"})
+            httpx.post(
+                f"{live.url}/v1/chat/completions",
+                json=long,
+                timeout=0.5,
+                headers={"Authorization": f"Bearer {USER_KEY}"},
+            )
         _until(lambda: engine.running() == 0, 3, what="the non-streaming row cancelled")
         assert _metric(http, "alignd_engine_cancelled_sequences_total") - cancelled == 3
         assert _metric(http, "alignd_engine_running_sequences") == 0
@@ -254,8 +262,9 @@ def test_a_policy_failing_its_smoke_test_is_refused_and_the_old_one_serves(r, re
     publish_tiny(redis_url, settings)
     engine = Engine(load_version(r, settings, 1))
     with LiveServer(create_app(settings, redis_url, engine)) as live, live.client(USER_KEY) as http:
-        publish_version(connect(redis_url), settings, _bad_vocab_checkpoint, {"source": "test", "parent": 1},
-                        expected_current=1)
+        publish_version(
+            connect(redis_url), settings, _bad_vocab_checkpoint, {"source": "test", "parent": 1}, expected_current=1
+        )
         refused = _until(lambda: http.get("/readyz").json().get("refused_versions"), 30, what="the refusal")
         assert "smoke test" in refused["2"] and "IndexError" in refused["2"]
         ok = http.post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 3})
@@ -272,8 +281,11 @@ def test_a_deleted_model_folder_keeps_serving_from_memory_and_a_missing_one_is_r
         assert http.post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 3}).status_code == 200
         model, tok = tiny_model("gpt2", seed=3), tiny_tokenizer()
         v2 = registry.allocate_version(r)
-        path = write_checkpoint(lambda d: (model.save_pretrained(d), tok.save_pretrained(d)),
-                                checkpoint_path(settings, v2), {"version": v2, "parent": 1})
+        path = write_checkpoint(
+            lambda d: (model.save_pretrained(d), tok.save_pretrained(d)),
+            checkpoint_path(settings, v2),
+            {"version": v2, "parent": 1},
+        )
         registry.add_version(r, v2, {"parent": 1, "source": "test", "path": str(path)})
         shutil.rmtree(path)  # gone before any server loads it
         registry.set_current(r, v2, expected=1)
@@ -281,4 +293,3 @@ def test_a_deleted_model_folder_keeps_serving_from_memory_and_a_missing_one_is_r
         assert "CheckpointError" in refused[str(v2)] and "manifest" in refused[str(v2)]
         resp = http.post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 3})
         assert resp.status_code == 200 and resp.headers["X-Policy-Version"] == "1"
-

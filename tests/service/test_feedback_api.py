@@ -19,8 +19,13 @@ MAX_COMMENT = 50
 
 
 def start(tmp_path_factory, redis_url, **limits) -> LiveServer:
-    settings = Settings(home=tmp_path_factory.mktemp("home"), api_keys="ka:alice,kb:bob", admin_key="kadmin",
-                        max_comment_chars=MAX_COMMENT, **limits)
+    settings = Settings(
+        home=tmp_path_factory.mktemp("home"),
+        api_keys="ka:alice,kb:bob",
+        admin_key="kadmin",
+        max_comment_chars=MAX_COMMENT,
+        **limits,
+    )
     return LiveServer(create_app(settings, redis_url, engine=None)).__enter__()
 
 
@@ -39,10 +44,18 @@ def alice(server):
 
 def add_completion(r, cid: str, n: int = 2, user: str = "alice", versions: list[int] | None = None) -> None:
     versions = versions or [1] * n
-    save_completion(r, CompletionRecord(id=cid, user=user, version=max(versions),
-                                        messages=[{"role": "user", "content": "hi"}],
-                                        choices=[ChoiceRecord(index=i, text=f"answer {i}", finish_reason="stop",
-                                                              version=versions[i]) for i in range(n)]))
+    save_completion(
+        r,
+        CompletionRecord(
+            id=cid,
+            user=user,
+            version=max(versions),
+            messages=[{"role": "user", "content": "hi"}],
+            choices=[
+                ChoiceRecord(index=i, text=f"answer {i}", finish_reason="stop", version=versions[i]) for i in range(n)
+            ],
+        ),
+    )
 
 
 def snapshot(r) -> dict[str, bytes]:
@@ -62,9 +75,14 @@ def assert_openai_error(response, status: int) -> dict:
     return body["error"]
 
 
-@pytest.mark.parametrize("body", [{"type": "thumbs", "choice": 1, "value": "up", "comment": "good"},
-                                  {"type": "pairwise", "winner": "tie"},
-                                  {"type": "rank", "ranking": [1, 0]}])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"type": "thumbs", "choice": 1, "value": "up", "comment": "good"},
+        {"type": "pairwise", "winner": "tie"},
+        {"type": "rank", "ranking": [1, 0]},
+    ],
+)
 def test_each_type_is_accepted_with_201(r, alice, body):
     add_completion(r, "c1")
     response = alice.post("/v1/feedback", json={"completion_id": "c1", **body})
@@ -90,46 +108,59 @@ def test_retry_with_same_feedback_id_answers_200_and_a_new_body_409(r, alice):
 
 def test_revision_is_numbered_and_admin_may_vote_on_any_completion(r, server, alice):
     add_completion(r, "c1")
-    revisions = [alice.post("/v1/feedback", json={"completion_id": "c1", "type": "thumbs", "choice": 0,
-                                                  "value": v}).json()["revision"] for v in ("up", "down", "up")]
+    revisions = [
+        alice.post("/v1/feedback", json={"completion_id": "c1", "type": "thumbs", "choice": 0, "value": v}).json()[
+            "revision"
+        ]
+        for v in ("up", "down", "up")
+    ]
     assert revisions == [1, 2, 3]
     with server.client("kadmin") as admin:
-        response = admin.post("/v1/feedback", json={"completion_id": "c1", "type": "thumbs", "choice": 0,
-                                                    "value": "down"})
+        response = admin.post(
+            "/v1/feedback", json={"completion_id": "c1", "type": "thumbs", "choice": 0, "value": "down"}
+        )
     assert response.status_code == 201 and response.json()["revision"] == 1  # the admin's own first vote
 
 
 GOOD = {"completion_id": "c2", "type": "thumbs", "choice": 0, "value": "up"}
 
 
-@pytest.mark.parametrize("key, body, status, param", [
-    ("ka", GOOD | {"completion_id": "missing"}, 404, "completion_id"),
-    ("kb", GOOD, 403, "completion_id"),
-    ("ka", GOOD | {"choice": 2}, 422, "choice"),
-    ("ka", GOOD | {"choice": -1}, 422, None),
-    ("ka", GOOD | {"choice": 10**40}, 422, "choice"),
-    ("ka", GOOD | {"choice": "0"}, 422, None),
-    ("ka", GOOD | {"value": "sideways"}, 422, None),
-    ("ka", GOOD | {"type": "stars"}, 422, None),
-    ("ka", {"completion_id": "c2", "value": "up"}, 422, None),
-    ("ka", GOOD | {"comment": "x" * (MAX_COMMENT + 1)}, 422, "comment"),
-    ("ka", GOOD | {"feedback_id": "no spaces allowed"}, 422, None),
-    ("ka", GOOD | {"feedback_id": ""}, 422, None),
-    ("ka", GOOD | {"extra": True}, 422, None),
-    ("ka", {"completion_id": "c3", "type": "pairwise", "winner": 0}, 422, "type"),
-    ("ka", {"completion_id": "c1", "type": "pairwise", "winner": 0}, 422, "type"),
-    ("ka", {"completion_id": "c2", "type": "pairwise", "winner": 2}, 422, None),
-    ("ka", {"completion_id": "c3", "type": "rank", "ranking": [0, 1, 1]}, 422, "ranking"),
-    ("ka", {"completion_id": "c3", "type": "rank", "ranking": [2, 1]}, 422, "ranking"),
-    ("ka", {"completion_id": "c1", "type": "rank", "ranking": [0]}, 422, None),
-    ("ka", [GOOD], 422, None),
-    ("ka", "not json{", 422, None),
-    ("ka", '{"completion_id": "c2", "type": "thumbs", "choice": 0, "value": "up", "comment": "\\ud800"}', 422, None),
-    ("ka", '{"completion_id": "c2\\udfff", "type": "thumbs", "choice": 0, "value": "up"}', 422, None),
-    ("ka", None, 422, None),
-    (None, GOOD, 401, None),
-    ("wrong", GOOD, 401, None),
-])
+@pytest.mark.parametrize(
+    "key, body, status, param",
+    [
+        ("ka", GOOD | {"completion_id": "missing"}, 404, "completion_id"),
+        ("kb", GOOD, 403, "completion_id"),
+        ("ka", GOOD | {"choice": 2}, 422, "choice"),
+        ("ka", GOOD | {"choice": -1}, 422, None),
+        ("ka", GOOD | {"choice": 10**40}, 422, "choice"),
+        ("ka", GOOD | {"choice": "0"}, 422, None),
+        ("ka", GOOD | {"value": "sideways"}, 422, None),
+        ("ka", GOOD | {"type": "stars"}, 422, None),
+        ("ka", {"completion_id": "c2", "value": "up"}, 422, None),
+        ("ka", GOOD | {"comment": "x" * (MAX_COMMENT + 1)}, 422, "comment"),
+        ("ka", GOOD | {"feedback_id": "no spaces allowed"}, 422, None),
+        ("ka", GOOD | {"feedback_id": ""}, 422, None),
+        ("ka", GOOD | {"extra": True}, 422, None),
+        ("ka", {"completion_id": "c3", "type": "pairwise", "winner": 0}, 422, "type"),
+        ("ka", {"completion_id": "c1", "type": "pairwise", "winner": 0}, 422, "type"),
+        ("ka", {"completion_id": "c2", "type": "pairwise", "winner": 2}, 422, None),
+        ("ka", {"completion_id": "c3", "type": "rank", "ranking": [0, 1, 1]}, 422, "ranking"),
+        ("ka", {"completion_id": "c3", "type": "rank", "ranking": [2, 1]}, 422, "ranking"),
+        ("ka", {"completion_id": "c1", "type": "rank", "ranking": [0]}, 422, None),
+        ("ka", [GOOD], 422, None),
+        ("ka", "not json{", 422, None),
+        (
+            "ka",
+            '{"completion_id": "c2", "type": "thumbs", "choice": 0, "value": "up", "comment": "\\ud800"}',
+            422,
+            None,
+        ),
+        ("ka", '{"completion_id": "c2\\udfff", "type": "thumbs", "choice": 0, "value": "up"}', 422, None),
+        ("ka", None, 422, None),
+        (None, GOOD, 401, None),
+        ("wrong", GOOD, 401, None),
+    ],
+)
 def test_bad_requests_get_openai_errors_and_change_nothing(r, server, key, body, status, param):
     for n in (1, 2, 3):
         add_completion(r, f"c{n}", n=n)
@@ -157,23 +188,32 @@ def wait_for_fresh_minute(margin_s: float = 8) -> None:
 def test_per_minute_limit_and_daily_cap_answer_429_with_retry_after(r, tmp_path_factory, redis_url):
     add_completion(r, "c1", n=3)
     add_completion(r, "b1", n=2, user="bob")
-    servers = [start(tmp_path_factory, redis_url, feedback_rate_per_minute=3),
-               start(tmp_path_factory, redis_url, feedback_rate_per_minute=100, feedback_daily_cap=2)]
+    servers = [
+        start(tmp_path_factory, redis_url, feedback_rate_per_minute=3),
+        start(tmp_path_factory, redis_url, feedback_rate_per_minute=100, feedback_daily_cap=2),
+    ]
     try:
         wait_for_fresh_minute()
         with servers[0].client("ka") as client:
             for i in range(3):
-                assert client.post("/v1/feedback", json={"completion_id": "c1", "type": "thumbs", "choice": i,
-                                                         "value": "up"}).status_code == 201
+                assert (
+                    client.post(
+                        "/v1/feedback", json={"completion_id": "c1", "type": "thumbs", "choice": i, "value": "up"}
+                    ).status_code
+                    == 201
+                )
             before = snapshot(r)
-            response = client.post("/v1/feedback", json={"completion_id": "c1", "type": "rank",
-                                                          "ranking": [0, 1, 2]})
+            response = client.post("/v1/feedback", json={"completion_id": "c1", "type": "rank", "ranking": [0, 1, 2]})
             assert assert_openai_error(response, 429)["code"] == "rate_limit_exceeded"
             assert 0 < int(response.headers["Retry-After"]) <= 61 and snapshot(r) == before
         with servers[1].client("kb") as client:  # bob has his own budget
             for winner in (0, 1):
-                assert client.post("/v1/feedback", json={"completion_id": "b1", "type": "pairwise",
-                                                         "winner": winner}).status_code == 201
+                assert (
+                    client.post(
+                        "/v1/feedback", json={"completion_id": "b1", "type": "pairwise", "winner": winner}
+                    ).status_code
+                    == 201
+                )
             response = client.post("/v1/feedback", json={"completion_id": "b1", "type": "pairwise", "winner": 0})
             assert "UTC" in assert_openai_error(response, 429)["message"]
             assert 0 < int(response.headers["Retry-After"]) <= 86_401
@@ -207,8 +247,9 @@ def test_concurrent_retries_and_revisions_keep_one_event_per_id_and_the_last_vot
     assert sorted(revision_of.values()) == list(range(1, len(ids) + 1))
     assert r.xlen(keys.feedback_stream()) == len(ids)
     history = fb.vote_history(r, "c1", "pairwise", "alice")
-    assert [(h.id, h.revision) for h in history] == sorted(((ids[i], rev) for i, rev in revision_of.items()),
-                                                          key=lambda x: x[1])
+    assert [(h.id, h.revision) for h in history] == sorted(
+        ((ids[i], rev) for i, rev in revision_of.items()), key=lambda x: x[1]
+    )
     (latest,) = fb.latest_votes(r, "c1")
     last = max(revision_of, key=revision_of.get)
     assert (latest.id, latest.winner, latest.revision) == (ids[last], last % 2, len(ids))
@@ -220,11 +261,13 @@ def test_admin_stats_counts_votes_events_versions_and_arena(r, server, alice):
     add_completion(r, "arena1", versions=[3, 2])
     add_completion(r, "arena2", versions=[2, 3])
     add_completion(r, "solo", n=1, versions=[3])
-    posts = [{"completion_id": "arena1", "type": "pairwise", "winner": 1},  # revised below
-             {"completion_id": "arena1", "type": "pairwise", "winner": 0},  # v3 beats v2
-             {"completion_id": "arena2", "type": "pairwise", "winner": "tie"},
-             {"completion_id": "solo", "type": "thumbs", "choice": 0, "value": "up"},
-             {"completion_id": "arena2", "type": "thumbs", "choice": 0, "value": "down"}]
+    posts = [
+        {"completion_id": "arena1", "type": "pairwise", "winner": 1},  # revised below
+        {"completion_id": "arena1", "type": "pairwise", "winner": 0},  # v3 beats v2
+        {"completion_id": "arena2", "type": "pairwise", "winner": "tie"},
+        {"completion_id": "solo", "type": "thumbs", "choice": 0, "value": "up"},
+        {"completion_id": "arena2", "type": "thumbs", "choice": 0, "value": "down"},
+    ]
     for body in posts:
         assert alice.post("/v1/feedback", json=body).status_code == 201
     assert_openai_error(alice.get("/admin/stats"), 403)

@@ -46,9 +46,16 @@ def test_swap_under_concurrent_load_fails_no_request(r, redis_url, home):
                     resp = chat(c, f"Say a number {n}.", temperature=1.0, max_tokens=12)
                     results.append((resp.status_code, int(resp.headers.get("X-Policy-Version", 0))))
                 else:  # streaming: the stream must finish with [DONE] on the version it started on
-                    with c.stream("POST", "/v1/chat/completions", json={
-                            "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 12, "stream": True,
-                            "temperature": 1.0}) as resp:
+                    with c.stream(
+                        "POST",
+                        "/v1/chat/completions",
+                        json={
+                            "messages": [{"role": "user", "content": "Hello"}],
+                            "max_tokens": 12,
+                            "stream": True,
+                            "temperature": 1.0,
+                        },
+                    ) as resp:
                         lines = [x for x in resp.iter_lines() if x]
                     ok = resp.status_code == 200 and lines[-1] == "data: [DONE]" and "error" not in lines[-2]
                     fp = json.loads(lines[0][6:])["system_fingerprint"] if ok else "alignd-v0"
@@ -79,8 +86,11 @@ def test_corrupt_or_unloadable_checkpoint_is_refused_and_the_old_version_serves(
         user, admin = server.client("sk-test-alice"), server.client(ADMIN_KEY)
         # v2: a good checkpoint whose weights are damaged afterwards (sha256 no longer matches the manifest)
         v2 = registry.allocate_version(r)
-        path = write_checkpoint(lambda d: (model.save_pretrained(d), tok.save_pretrained(d)),
-                                checkpoint_path(home, v2), {"version": v2, "parent": 1})
+        path = write_checkpoint(
+            lambda d: (model.save_pretrained(d), tok.save_pretrained(d)),
+            checkpoint_path(home, v2),
+            {"version": v2, "parent": 1},
+        )
         weights = path / "model.safetensors"
         data = bytearray(weights.read_bytes())
         data[len(data) // 2] ^= 0xFF
@@ -94,12 +104,16 @@ def test_corrupt_or_unloadable_checkpoint_is_refused_and_the_old_version_serves(
         assert _served(user) == 1
         # v3: files match their manifest, but the model cannot be loaded
         v3 = registry.allocate_version(r)
-        path3 = write_checkpoint(lambda d: (tok.save_pretrained(d), (d / "config.json").write_text("{not json")),
-                                 checkpoint_path(home, v3), {"version": v3, "parent": 1})
+        path3 = write_checkpoint(
+            lambda d: (tok.save_pretrained(d), (d / "config.json").write_text("{not json")),
+            checkpoint_path(home, v3),
+            {"version": v3, "parent": 1},
+        )
         registry.add_version(r, v3, {"parent": 1, "source": "ppo", "path": str(path3)})
         registry.set_current(r, v3, expected=v2)
-        wait_for(lambda: "3" in server.client().get("/readyz").json().get("refused_versions", {}), 30,
-                 what="v3 refused")
+        wait_for(
+            lambda: "3" in server.client().get("/readyz").json().get("refused_versions", {}), 30, what="v3 refused"
+        )
         assert _served(user) == 1
         listing = admin.get("/admin/versions").json()
         by_version = {v["version"]: v for v in listing["data"]}
@@ -119,20 +133,32 @@ def test_two_api_processes_converge_on_publish_and_rollback(r, redis_url, home, 
         urls = [f"http://127.0.0.1:{p}" for p in ports]
         for url in urls:
             wait_http(url)
-        clients = [httpx.Client(base_url=u, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30)
-                   for u in urls]
+        clients = [
+            httpx.Client(base_url=u, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30) for u in urls
+        ]
         assert [_served(c) for c in clients] == [1, 1]
         publish_tiny(r, home, source="ppo", parent=1, expected=1)
         t0 = time.monotonic()
-        wait_for(lambda: all(c.get("/readyz").json()["policy_version"] == 2 for c in clients), 30,
-                 interval=0.05, what="both processes on v2")
+        wait_for(
+            lambda: all(c.get("/readyz").json()["policy_version"] == 2 for c in clients),
+            30,
+            interval=0.05,
+            what="both processes on v2",
+        )
         converge_s = time.monotonic() - t0
         assert [_served(c) for c in clients] == [2, 2] and converge_s < 15
         rolled = clients[0].post("/admin/rollback", json={"version": 1})
-        assert rolled.status_code == 200 and rolled.json() == {"object": "rollback", "current": 1, "previous": 2,
-                                                                "changed": True}
-        wait_for(lambda: all(c.get("/readyz").json()["policy_version"] == 1 for c in clients), 30,
-                 what="both processes back on v1")
+        assert rolled.status_code == 200 and rolled.json() == {
+            "object": "rollback",
+            "current": 1,
+            "previous": 2,
+            "changed": True,
+        }
+        wait_for(
+            lambda: all(c.get("/readyz").json()["policy_version"] == 1 for c in clients),
+            30,
+            what="both processes back on v1",
+        )
         assert [_served(c) for c in clients] == [1, 1]
         assert registry.find_events(r, event="rollback", version=1)
         assert clients[1].post("/admin/rollback", json={"version": 99}).status_code == 404

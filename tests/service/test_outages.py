@@ -74,8 +74,16 @@ class Load:
             while not self.stopping.is_set():
                 n += 1
                 fid = f"fb-{uuid.uuid4().hex}"
-                resp = c.post("/v1/feedback", json={"completion_id": self.cids[n % len(self.cids)], "type": "thumbs",
-                                                    "choice": 0, "value": ("up", "down")[n % 2], "feedback_id": fid})
+                resp = c.post(
+                    "/v1/feedback",
+                    json={
+                        "completion_id": self.cids[n % len(self.cids)],
+                        "type": "thumbs",
+                        "choice": 0,
+                        "value": ("up", "down")[n % 2],
+                        "feedback_id": fid,
+                    },
+                )
                 self._keep("feedback", resp)
                 if 200 <= resp.status_code < 300:
                     self.acked_feedback.append(fid)
@@ -98,8 +106,10 @@ def test_redis_killed_under_load_answers_503_then_recovers_keeping_acknowledged_
         engine = Engine(load_version(connect(url), settings, 1))
         with LiveServer(create_app(settings, url, engine)) as live:
             with live.client(USER_KEY) as http:
-                cids = [http.post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 2}).json()["id"]
-                        for _ in range(3)]
+                cids = [
+                    http.post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 2}).json()["id"]
+                    for _ in range(3)
+                ]
             with Load(live.url, cids) as load:
                 wait_for(lambda: load.ok_since(0) == {"chat", "feedback"}, 30, what="steady load")
                 os.killpg(server.process.pid, signal.SIGKILL)
@@ -111,8 +121,13 @@ def test_redis_killed_under_load_answers_503_then_recovers_keeping_acknowledged_
                 restarted.start()
                 back = time.monotonic()
                 wait_for(lambda: load.ok_since(back) == {"chat", "feedback"}, 30, interval=0.02, what="recovery")
-                recovered_s = max(min(at for kind, s, _, at in load.answers if at > back and s < 300 and kind == k)
-                                  for k in ("chat", "feedback")) - back
+                recovered_s = (
+                    max(
+                        min(at for kind, s, _, at in load.answers if at > back and s < 300 and kind == k)
+                        for k in ("chat", "feedback")
+                    )
+                    - back
+                )
         statuses = {(kind, status, code) for kind, status, code, _ in load.answers}
         assert all(200 <= s < 300 or s == 503 for _, s, _ in statuses), statuses  # never a 500
         assert {code for kind, s, code in statuses if s == 503 and kind == "chat"} == {"redis_unavailable"}
@@ -122,9 +137,11 @@ def test_redis_killed_under_load_answers_503_then_recovers_keeping_acknowledged_
         lost = [fid for fid in load.acked_feedback if fb.get_feedback(r, fid) is None]
         lost_chats = [cid for cid in load.acked_chats if get_completion(r, cid) is None]
         assert not lost and not lost_chats, (lost, lost_chats)
-        print(f"\nredis away: {len(load.answers)} answers, "
-              f"{sum(s == 503 for _, s, _, _ in load.answers)} 503s, {len(load.acked_feedback)} acknowledged "
-              f"feedback events all kept; recovered {recovered_s:.2f} s after Redis was back")
+        print(
+            f"\nredis away: {len(load.answers)} answers, "
+            f"{sum(s == 503 for _, s, _, _ in load.answers)} 503s, {len(load.acked_feedback)} acknowledged "
+            f"feedback events all kept; recovered {recovered_s:.2f} s after Redis was back"
+        )
     finally:
         for s in (restarted, server):
             if s is not None:
@@ -142,8 +159,11 @@ def test_serve_killed_mid_stream_leaves_no_partial_record_and_a_restart_serves(r
         lines: list[str] = []
         with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {USER_KEY}"}, timeout=30) as c:
             with pytest.raises(httpx.HTTPError):  # the client sees a broken stream (incomplete chunked body)
-                with c.stream("POST", "/v1/chat/completions", json={"messages": MSG, "max_tokens": 200,
-                                                                     "temperature": 0, "stream": True}) as s:
+                with c.stream(
+                    "POST",
+                    "/v1/chat/completions",
+                    json={"messages": MSG, "max_tokens": 200, "temperature": 0, "stream": True},
+                ) as s:
                     for line in s.iter_lines():
                         lines.append(line)
                         if len([x for x in lines if x]) == 4:
@@ -166,8 +186,14 @@ def test_serve_refuses_to_start_on_a_policy_failing_its_smoke_test(r, redis_url,
     settings = make_settings(tmp_path / "home", redis_url)
     publish_version(r, settings, _bad_vocab_checkpoint, {"source": "test", "parent": None})
     t0 = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "alignd.cli", "serve", "--port", str(free_port())], cwd=ROOT,
-                          env=env_for(settings), capture_output=True, text=True, timeout=180)
+    done = subprocess.run(
+        [sys.executable, "-m", "alignd.cli", "serve", "--port", str(free_port())],
+        cwd=ROOT,
+        env=env_for(settings),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     out = " ".join((done.stdout + done.stderr).split())
     assert done.returncode != 0, out
     assert "cannot serve policy v1" in out and "smoke test" in out and "IndexError" in out, out

@@ -37,14 +37,20 @@ METRICS = {1: (0.41, 0.2), 2: (0.55, 0.1)}  # version → (score/mean, over_caut
 def site(redis_url, tmp_path_factory):
     r = connect(redis_url)
     r.flushdb()
-    settings = Settings(home=Path(tmp_path_factory.mktemp("home")), api_keys=f"{USER_KEY}:alice",
-                        admin_key=ADMIN_KEY, poll_seconds=0.2)
+    settings = Settings(
+        home=Path(tmp_path_factory.mktemp("home")), api_keys=f"{USER_KEY}:alice", admin_key=ADMIN_KEY, poll_seconds=0.2
+    )
     tok = tiny_tokenizer()
     models = {v: tiny_model("gpt2", seed=v) for v in (1, SERVED)}
     for v, model in models.items():  # real checkpoints, so a rollback really hot-swaps the served policy
-        meta = {"source": "sft" if v == 1 else "ppo", "parent": v - 1 or None, "reward_version": v - 1 or None,
-                "feedback": {"events": 40 * (v - 1)}, "annotators": ["alice"],
-                "metrics": {"score/mean": METRICS[v][0], "over_caution": METRICS[v][1], "kl_to_ref": v - 1.0}}
+        meta = {
+            "source": "sft" if v == 1 else "ppo",
+            "parent": v - 1 or None,
+            "reward_version": v - 1 or None,
+            "feedback": {"events": 40 * (v - 1)},
+            "annotators": ["alice"],
+            "metrics": {"score/mean": METRICS[v][0], "over_caution": METRICS[v][1], "kl_to_ref": v - 1.0},
+        }
         publish_version(r, settings, lambda d, m=model: (m.save_pretrained(d), tok.save_pretrained(d)), meta)
     engine = Engine(Policy(version=SERVED, model=models[SERVED], tokenizer=tok, context=256))
     with LiveServer(create_app(settings, redis_url, engine)) as live, chromium() as browser:
@@ -68,8 +74,9 @@ def page(site):
 
 def _feedback_bodies(page) -> list[dict]:
     bodies: list[dict] = []
-    page.on("request", lambda req: bodies.append(json.loads(req.post_data))
-            if req.url.endswith("/v1/feedback") else None)
+    page.on(
+        "request", lambda req: bodies.append(json.loads(req.post_data)) if req.url.endswith("/v1/feedback") else None
+    )
     return bodies
 
 
@@ -168,8 +175,11 @@ def test_three_responses_are_ranked_by_click_and_drag(site, page):
     page.get_by_text("Saved (revision 1)").wait_for()
     (vote,) = latest_votes(r, cid)
     assert vote.type == "rank" and vote.ranking == shown
-    pairs = {(c["meta"]["chosen_index"], c["meta"]["rejected_index"]) for c in feedback_comparisons(r)[0]
-             if c["group"] == cid}
+    pairs = {
+        (c["meta"]["chosen_index"], c["meta"]["rejected_index"])
+        for c in feedback_comparisons(r)[0]
+        if c["group"] == cid
+    }
     assert pairs == {(1, 0), (1, 2), (0, 2)}
 
 
@@ -190,9 +200,16 @@ def test_an_invalid_key_is_explained_and_can_be_replaced(site, page):
 
 
 def test_ops_page_shows_errors_per_section_when_an_endpoint_is_missing(site, page):
-    page.route("**/admin/versions", lambda route: route.fulfill(
-        status=404, content_type="application/json",
-        body=json.dumps({"error": {"message": "Not Found", "type": "not_found_error", "code": None, "param": None}})))
+    page.route(
+        "**/admin/versions",
+        lambda route: route.fulfill(
+            status=404,
+            content_type="application/json",
+            body=json.dumps(
+                {"error": {"message": "Not Found", "type": "not_found_error", "code": None, "param": None}}
+            ),
+        ),
+    )
     page.goto("/admin")
     page.get_by_label("Admin key", exact=True).fill(USER_KEY)  # a user key is refused with the API's message
     page.get_by_role("button", name="Open").click()
@@ -215,8 +232,10 @@ def test_ops_page_lists_versions_charts_metrics_and_rolls_back(site, page):
     assert [row.get_attribute("data-version") for row in rows.all()] == ["2", "1"]
     assert "current" in rows.nth(0).inner_text() and "score/mean: 0.550" in rows.nth(0).inner_text()
     assert page.locator("#current").inner_text() == f"serving v{SERVED}"
-    charts = {fig.locator("figcaption").inner_text(): fig.locator("svg").get_attribute("aria-label")
-              for fig in page.locator("#charts figure").all()}
+    charts = {
+        fig.locator("figcaption").inner_text(): fig.locator("svg").get_attribute("aria-label")
+        for fig in page.locator("#charts figure").all()
+    }
     for i, name in enumerate(("score/mean", "over_caution")):
         assert charts[name] == f"{name} by version: v1 {METRICS[1][i]:.3f}, v2 {METRICS[2][i]:.3f}"
     assert page.locator("#stat-cards [data-stat=events] .v").inner_text().isdigit()

@@ -21,24 +21,30 @@ RATED_FIELDS = {"prompt", "response", "good", "group", "source", "annotator", "m
 
 def record(cid: str, n: int, versions: list[int] | None = None, user: str = "alice") -> CompletionRecord:
     versions = versions or list(range(n, 0, -1))
-    return CompletionRecord(id=cid, user=user, messages=[{"role": "system", "content": "be brief"},
-                                                         {"role": "user", "content": f"q {cid}"}],
-                            choices=[ChoiceRecord(index=i, text=f"a{i}", finish_reason="stop", version=versions[i])
-                                     for i in range(n)], version=max(versions))
+    return CompletionRecord(
+        id=cid,
+        user=user,
+        messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": f"q {cid}"}],
+        choices=[ChoiceRecord(index=i, text=f"a{i}", finish_reason="stop", version=versions[i]) for i in range(n)],
+        version=max(versions),
+    )
 
 
 def vote(rec: CompletionRecord, body: dict, user: str = "alice", fid: str = "f") -> fb.FeedbackEvent:
     """An accepted event as the store logs it, built without Redis (for fast property tests)."""
-    event = fb.prepare(BODY.validate_python({"completion_id": rec.id, **body}), user=user, max_comment_chars=100,
-                       now=time.time())
+    event = fb.prepare(
+        BODY.validate_python({"completion_id": rec.id, **body}), user=user, max_comment_chars=100, now=time.time()
+    )
     versions = [c.version for c in sorted(rec.choices, key=lambda c: c.index)]
-    return fb.FeedbackEvent(**(event | {"id": fid, "revision": 1, "version": rec.version,
-                                        "choice_versions": versions}))
+    return fb.FeedbackEvent(
+        **(event | {"id": fid, "revision": 1, "version": rec.version, "choice_versions": versions})
+    )
 
 
 def submit(r, rec: CompletionRecord, body: dict, user: str = "alice") -> fb.Accepted:
-    return fb.submit_feedback(r, BODY.validate_python({"completion_id": rec.id, **body}), user=user, limits=LIMITS,
-                              is_admin=user == "admin")
+    return fb.submit_feedback(
+        r, BODY.validate_python({"completion_id": rec.id, **body}), user=user, limits=LIMITS, is_admin=user == "admin"
+    )
 
 
 @settings(max_examples=60, deadline=None)
@@ -56,8 +62,10 @@ def test_rank_of_k_gives_all_pairs_each_consistent_with_the_ranking(ranking):
         assert position[better] < position[worse]
         assert c["margin"] == position[worse] - position[better] - 1
         assert c["label"] == "pref" and c["group"] == "c" and (worse, better) not in seen
-        assert (c["meta"]["chosen_version"], c["meta"]["rejected_version"]) == (rec.choices[better].version,
-                                                                                rec.choices[worse].version)
+        assert (c["meta"]["chosen_version"], c["meta"]["rejected_version"]) == (
+            rec.choices[better].version,
+            rec.choices[worse].version,
+        )
         seen.add((better, worse))
     wins = {i: sum(1 for b, _ in seen if b == i) for i in range(k)}  # a total order: k-1, k-2, …, 0 wins
     assert sorted(wins, key=wins.get, reverse=True) == list(ranking)
@@ -74,8 +82,14 @@ def test_pairwise_winner_tie_and_both_bad():
     (win,), _ = derive(rec, [vote(rec, {"type": "pairwise", "winner": 1}, fid="w")])
     assert (win["chosen"], win["rejected"], win["label"], win["margin"]) == ("a1", "a0", "pref", 0.0)
     assert win["prompt"] == rec.messages and win["source"] == "w" and win["annotator"] == "alice"
-    assert win["meta"] | {} == {"completion_id": "c", "type": "pairwise", "chosen_index": 1, "rejected_index": 0,
-                                "chosen_version": 4, "rejected_version": 5}
+    assert win["meta"] | {} == {
+        "completion_id": "c",
+        "type": "pairwise",
+        "chosen_index": 1,
+        "rejected_index": 0,
+        "chosen_version": 4,
+        "rejected_version": 5,
+    }
     for label in ("tie", "both_bad"):
         (c,), rated = derive(rec, [vote(rec, {"type": "pairwise", "winner": label})])
         assert c["label"] == label and {c["chosen"], c["rejected"]} == {"a0", "a1"} and rated == []
@@ -98,15 +112,20 @@ def test_identical_texts_are_a_tie_whatever_the_vote_ordered():
 
 def test_thumbs_pair_up_with_down_per_user_and_unpaired_thumbs_are_rated():
     rec = record("c", 3)
-    votes = [vote(rec, {"type": "thumbs", "choice": 0, "value": "up"}, fid="u0"),
-             vote(rec, {"type": "thumbs", "choice": 1, "value": "down"}, fid="d1"),
-             vote(rec, {"type": "thumbs", "choice": 2, "value": "down"}, fid="d2"),
-             vote(rec, {"type": "thumbs", "choice": 2, "value": "up"}, user="admin", fid="u2")]
+    votes = [
+        vote(rec, {"type": "thumbs", "choice": 0, "value": "up"}, fid="u0"),
+        vote(rec, {"type": "thumbs", "choice": 1, "value": "down"}, fid="d1"),
+        vote(rec, {"type": "thumbs", "choice": 2, "value": "down"}, fid="d2"),
+        vote(rec, {"type": "thumbs", "choice": 2, "value": "up"}, user="admin", fid="u2"),
+    ]
     comparisons, rated = derive(rec, votes)
     assert sorted((c["chosen"], c["rejected"], c["source"]) for c in comparisons) == [
-        ("a0", "a1", "u0,d1"), ("a0", "a2", "u0,d2")]
+        ("a0", "a1", "u0,d1"),
+        ("a0", "a2", "u0,d2"),
+    ]
     assert [(s["response"], s["good"], s["annotator"], s["meta"]["version"]) for s in rated] == [
-        ("a2", True, "admin", rec.choices[2].version)]
+        ("a2", True, "admin", rec.choices[2].version)
+    ]
     assert all(set(c) == COMPARISON_FIELDS for c in comparisons) and all(set(s) == RATED_FIELDS for s in rated)
 
 
@@ -123,7 +142,9 @@ def test_only_latest_votes_count_and_events_batches_skip_superseded_ones(r):
     new = fb.read_new(r, "w", 10)
     comparisons, rated = comparisons_for_events(r, new + [first])  # `first` was revised: it gives nothing
     assert sorted((c["chosen"], c["rejected"], c["source"]) for c in comparisons) == [
-        ("a0", "a1", f"{up.id},{down.id}"), ("a1", "a0", second.id)]  # the new thumb pairs with the older one
+        ("a0", "a1", f"{up.id},{down.id}"),
+        ("a1", "a0", second.id),
+    ]  # the new thumb pairs with the older one
     assert rated == []
     everything, rated = all_comparisons(r)
     assert sorted(c["source"] for c in everything) == sorted([second.id, f"{up.id},{down.id}"]) and rated == []
@@ -147,9 +168,15 @@ def test_all_comparisons_carry_provenance_and_versions_for_arena(r):
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.integers(min_value=2, max_value=5).flatmap(
-    lambda k: st.tuples(st.permutations(list(range(k))), st.lists(st.integers(1, 3), min_size=k, max_size=k),
-                        st.sampled_from([0, 1, "tie", "both_bad"]))))
+@given(
+    st.integers(min_value=2, max_value=5).flatmap(
+        lambda k: st.tuples(
+            st.permutations(list(range(k))),
+            st.lists(st.integers(1, 3), min_size=k, max_size=k),
+            st.sampled_from([0, 1, "tie", "both_bad"]),
+        )
+    )
+)
 def test_arena_counters_of_the_script_agree_with_the_derived_comparisons(r, case):
     ranking, versions, winner = case
     r.flushdb()

@@ -25,17 +25,32 @@ def test_acknowledged_feedback_survives_sigkill_of_redis(tmp_path):
     r = connect(url)
     try:
         for c in range(10):
-            save_completion(r, CompletionRecord(id=f"c{c}", user="alice", version=1,
-                                                messages=[{"role": "user", "content": f"q{c}"}],
-                                                choices=[ChoiceRecord(index=i, text=f"a{i}", finish_reason="stop",
-                                                                      version=1) for i in range(3)]))
+            save_completion(
+                r,
+                CompletionRecord(
+                    id=f"c{c}",
+                    user="alice",
+                    version=1,
+                    messages=[{"role": "user", "content": f"q{c}"}],
+                    choices=[ChoiceRecord(index=i, text=f"a{i}", finish_reason="stop", version=1) for i in range(3)],
+                ),
+            )
         accepted = []
         for i in range(N_EVENTS):
             kind = ("thumbs", "rank")[i % 2]
-            body = ({"type": "thumbs", "choice": i % 3, "value": ("up", "down")[i % 2]} if kind == "thumbs"
-                    else {"type": "rank", "ranking": [i % 3, (i + 1) % 3, (i + 2) % 3]})
-            accepted.append(fb.submit_feedback(r, BODY.validate_python(
-                {"completion_id": f"c{i % 10}", "feedback_id": f"d-{i}", **body}), user="alice", limits=LIMITS))
+            body = (
+                {"type": "thumbs", "choice": i % 3, "value": ("up", "down")[i % 2]}
+                if kind == "thumbs"
+                else {"type": "rank", "ranking": [i % 3, (i + 1) % 3, (i + 2) % 3]}
+            )
+            accepted.append(
+                fb.submit_feedback(
+                    r,
+                    BODY.validate_python({"completion_id": f"c{i % 10}", "feedback_id": f"d-{i}", **body}),
+                    user="alice",
+                    limits=LIMITS,
+                )
+            )
         consumed = fb.read_new(r, "w", 50)
         fb.ack(r, consumed[:20])
         comparisons_before = all_comparisons(r)
@@ -55,9 +70,14 @@ def test_acknowledged_feedback_survives_sigkill_of_redis(tmp_path):
         assert fb.pending_count(r) == 30 and fb.unconsumed_count(r) == N_EVENTS - 20
         assert int(r.hget(keys.feedback_stats("events"), "total")) == N_EVENTS
         # idempotency records survived too: a retry after the crash adds nothing
-        retry = fb.submit_feedback(r, BODY.validate_python(
-            {"completion_id": "c0", "feedback_id": "d-0", "type": "thumbs", "choice": 0, "value": "up"}),
-            user="alice", limits=LIMITS)
+        retry = fb.submit_feedback(
+            r,
+            BODY.validate_python(
+                {"completion_id": "c0", "feedback_id": "d-0", "type": "thumbs", "choice": 0, "value": "up"}
+            ),
+            user="alice",
+            limits=LIMITS,
+        )
         assert retry.replayed and r.xlen(keys.feedback_stream()) == N_EVENTS
     finally:
         r.close()

@@ -19,22 +19,40 @@ LIMITS = fb.FeedbackLimits(per_minute=10_000, per_day=100_000, max_comment_chars
 
 def seed(r) -> None:
     """Feedback of every kind: pref, tie, both_bad, rank margins, thumbs pair, unpaired thumb, unicode."""
-    convo = [{"role": "system", "content": "Réponds brièvement."}, {"role": "user", "content": "2+2?"},
-             {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3? \n\nHuman: tricky"}]
+    convo = [
+        {"role": "system", "content": "Réponds brièvement."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "and 3+3? \n\nHuman: tricky"},
+    ]
     texts = ["6", "six 🙂", "7", "I cannot help with that."]
     for cid, n, user in (("p", 2, "alice"), ("t", 2, "alice"), ("b", 2, "bob"), ("k", 4, "alice"), ("h", 3, "bob")):
-        save_completion(r, CompletionRecord(id=cid, user=user, messages=convo, version=2, choices=[
-            ChoiceRecord(index=i, text=f"{texts[i]} ({cid})", finish_reason="stop", version=2 - i % 2)
-            for i in range(n)]))
-    bodies = [("p", "alice", {"type": "pairwise", "winner": 1}), ("t", "alice", {"type": "pairwise", "winner": "tie"}),
-              ("b", "bob", {"type": "pairwise", "winner": "both_bad"}),
-              ("k", "alice", {"type": "rank", "ranking": [3, 1, 0, 2]}),
-              ("h", "bob", {"type": "thumbs", "choice": 0, "value": "up"}),
-              ("h", "bob", {"type": "thumbs", "choice": 1, "value": "down"}),
-              ("h", "admin", {"type": "thumbs", "choice": 2, "value": "down"})]
+        save_completion(
+            r,
+            CompletionRecord(
+                id=cid,
+                user=user,
+                messages=convo,
+                version=2,
+                choices=[
+                    ChoiceRecord(index=i, text=f"{texts[i]} ({cid})", finish_reason="stop", version=2 - i % 2)
+                    for i in range(n)
+                ],
+            ),
+        )
+    bodies = [
+        ("p", "alice", {"type": "pairwise", "winner": 1}),
+        ("t", "alice", {"type": "pairwise", "winner": "tie"}),
+        ("b", "bob", {"type": "pairwise", "winner": "both_bad"}),
+        ("k", "alice", {"type": "rank", "ranking": [3, 1, 0, 2]}),
+        ("h", "bob", {"type": "thumbs", "choice": 0, "value": "up"}),
+        ("h", "bob", {"type": "thumbs", "choice": 1, "value": "down"}),
+        ("h", "admin", {"type": "thumbs", "choice": 2, "value": "down"}),
+    ]
     for cid, user, body in bodies:
-        fb.submit_feedback(r, BODY.validate_python({"completion_id": cid, **body}), user=user, limits=LIMITS,
-                           is_admin=user == "admin")
+        fb.submit_feedback(
+            r, BODY.validate_python({"completion_id": cid, **body}), user=user, limits=LIMITS, is_admin=user == "admin"
+        )
 
 
 @pytest.mark.parametrize("name", ["prefs.jsonl", "prefs.jsonl.gz"])
@@ -74,8 +92,14 @@ def test_hh_and_trl_exports_keep_preferences_and_skip_what_they_cannot_say(r, tm
         report = import_preferences(r, tmp_path / f"{fmt}.jsonl")
         assert report["format"] == fmt and report["bad_lines"] == []
     imported, _ = all_comparisons(r)
-    got = {fmt: sorted((json.dumps(c["prompt"]), c["chosen"], c["rejected"]) for c in imported
-                       if c["annotator"] == f"import:{fmt}.jsonl") for fmt in ("hh", "trl")}
+    got = {
+        fmt: sorted(
+            (json.dumps(c["prompt"]), c["chosen"], c["rejected"])
+            for c in imported
+            if c["annotator"] == f"import:{fmt}.jsonl"
+        )
+        for fmt in ("hh", "trl")
+    }
     want = sorted((json.dumps(c["prompt"]), c["chosen"], c["rejected"]) for c in prefs)
     # the HH text of a prompt that itself contains "\n\nHuman:" is ambiguous; the rest comes back exactly
     assert got["trl"] == want
@@ -87,13 +111,15 @@ def hh(prompt: str, answer: str) -> str:
 
 
 def test_hh_rlhf_file_imports_with_bad_lines_reported_by_number(r, tmp_path):
-    lines = [json.dumps({"chosen": hh("Hi", "Hello!"), "rejected": hh("Hi", "Go away.")}),
-             "",
-             json.dumps({"chosen": hh("Capital of France?", "Paris"), "rejected": hh("Capital of Spain?", "Paris")}),
-             "{not json",
-             json.dumps({"chosen": hh("a", "b") + hh("c", "d"), "rejected": hh("a", "b") + hh("c", "e")}),
-             json.dumps({"chosen": "Human: no leading blank line\n\nAssistant: ok", "rejected": hh("x", "y")}),
-             json.dumps({"chosen": hh("same", "same"), "rejected": hh("same", "same")})]
+    lines = [
+        json.dumps({"chosen": hh("Hi", "Hello!"), "rejected": hh("Hi", "Go away.")}),
+        "",
+        json.dumps({"chosen": hh("Capital of France?", "Paris"), "rejected": hh("Capital of Spain?", "Paris")}),
+        "{not json",
+        json.dumps({"chosen": hh("a", "b") + hh("c", "d"), "rejected": hh("a", "b") + hh("c", "e")}),
+        json.dumps({"chosen": "Human: no leading blank line\n\nAssistant: ok", "rejected": hh("x", "y")}),
+        json.dumps({"chosen": hh("same", "same"), "rejected": hh("same", "same")}),
+    ]
     path = tmp_path / "hh.jsonl"
     path.write_text("\n".join(lines) + "\n")
     report = import_preferences(r, path)
@@ -102,8 +128,11 @@ def test_hh_rlhf_file_imports_with_bad_lines_reported_by_number(r, tmp_path):
     assert "different conversations" in report["bad_lines"][0][1] and "JSON" in report["bad_lines"][1][1]
     comparisons, _ = all_comparisons(r)
     assert [c["annotator"] for c in comparisons] == ["import:hh.jsonl"] * 2
-    assert comparisons[1]["prompt"] == [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                                        {"role": "user", "content": "c"}]
+    assert comparisons[1]["prompt"] == [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+    ]
     assert (comparisons[1]["chosen"], comparisons[1]["rejected"]) == ("d", "e")
     again = import_preferences(r, path)
     assert again["imported"] == 0 and again["duplicates"] == 2
@@ -112,18 +141,31 @@ def test_hh_rlhf_file_imports_with_bad_lines_reported_by_number(r, tmp_path):
 
 def test_ultrafeedback_binarized_gz_imports_with_scores_and_bad_lines(r, tmp_path):
     def uf(prompt, chosen, rejected, sc, sr, **extra):
-        return json.dumps({"prompt": prompt, "prompt_id": "x", "score_chosen": sc, "score_rejected": sr,
-                           "chosen": [{"role": "user", "content": prompt}, {"role": "assistant", "content": chosen}],
-                           "rejected": [{"role": "user", "content": prompt},
-                                        {"role": "assistant", "content": rejected}], **extra})
+        return json.dumps(
+            {
+                "prompt": prompt,
+                "prompt_id": "x",
+                "score_chosen": sc,
+                "score_rejected": sr,
+                "chosen": [{"role": "user", "content": prompt}, {"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "user", "content": prompt}, {"role": "assistant", "content": rejected}],
+                **extra,
+            }
+        )
 
-    lines = [uf("Name a colour.", "Blue.", "Banana.", 9.0, 2.5),
-             uf("Say hi.", "Hi!", "Hello!", 7, 7),
-             uf("Reversed?", "worse", "better", 3, 8),
-             json.dumps({"prompt": "Mismatch", "chosen": [{"role": "user", "content": "other"},
-                                                          {"role": "assistant", "content": "a"}],
-                         "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}]}),
-             json.dumps([1, 2, 3])]
+    lines = [
+        uf("Name a colour.", "Blue.", "Banana.", 9.0, 2.5),
+        uf("Say hi.", "Hi!", "Hello!", 7, 7),
+        uf("Reversed?", "worse", "better", 3, 8),
+        json.dumps(
+            {
+                "prompt": "Mismatch",
+                "chosen": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}],
+            }
+        ),
+        json.dumps([1, 2, 3]),
+    ]
     path = tmp_path / "uf.jsonl.gz"
     with gzip.open(path, "wt") as f:
         f.write("\n".join(lines) + "\n")
@@ -132,7 +174,9 @@ def test_ultrafeedback_binarized_gz_imports_with_scores_and_bad_lines(r, tmp_pat
     assert [n for n, _ in report["bad_lines"]] == [3, 4, 5]
     comparisons, _ = all_comparisons(r)
     assert [(c["chosen"], c["label"], c["meta"]["score_chosen"]) for c in comparisons] == [
-        ("Blue.", "pref", 9.0), ("Hi!", "tie", 7)]
+        ("Blue.", "pref", 9.0),
+        ("Hi!", "tie", 7),
+    ]
     assert comparisons[0]["prompt"] == [{"role": "user", "content": "Name a colour."}]
     assert import_preferences(r, path)["imported"] == 0
 
@@ -156,7 +200,8 @@ def test_read_preferences_gives_what_an_import_would_store_without_a_store(r, tm
     assert report["format"] == imported["format"] == fmt and report["bad_lines"] == []
     assert (report["comparisons"], report["rated"]) == all_comparisons(r)
     assert len(report["comparisons"]) == (10 if fmt == "alignd" else 8) and len(report["rated"]) == (
-        1 if fmt == "alignd" else 0)
+        1 if fmt == "alignd" else 0
+    )
 
 
 def test_read_preferences_of_a_gzipped_hh_file_and_of_plain_comparison_dicts(tmp_path):
@@ -166,11 +211,17 @@ def test_read_preferences_of_a_gzipped_hh_file_and_of_plain_comparison_dicts(tmp
     report = read_preferences(path)
     assert report["format"] == "hh" and [n for n, _ in report["bad_lines"]] == [3]
     assert [(c["prompt"], c["chosen"], c["label"]) for c in report["comparisons"]] == [
-        ([{"role": "user", "content": "Hi"}], "Hello! ✓", "pref")]
+        ([{"role": "user", "content": "Hi"}], "Hello! ✓", "pref")
+    ]
     legacy = tmp_path / "pairs.jsonl"  # what `alignd train reward --data` read before: dicts without a kind
-    legacy.write_text(json.dumps({"prompt": [{"role": "user", "content": "2+2?"}], "chosen": "4", "rejected": "5"})
-                      + "\n" + json.dumps({"prompt": [{"role": "user", "content": "3+3?"}], "response": "6",
-                                           "good": True}) + "\n" + json.dumps({"chosen": hh("a", "b")}) + "\n")
+    legacy.write_text(
+        json.dumps({"prompt": [{"role": "user", "content": "2+2?"}], "chosen": "4", "rejected": "5"})
+        + "\n"
+        + json.dumps({"prompt": [{"role": "user", "content": "3+3?"}], "response": "6", "good": True})
+        + "\n"
+        + json.dumps({"chosen": hh("a", "b")})
+        + "\n"
+    )
     report = read_preferences(legacy)
     assert report["format"] == "alignd" and [n for n, _ in report["bad_lines"]] == [3]
     assert report["comparisons"][0]["chosen"] == "4" and report["comparisons"][0]["annotator"] == "import:pairs.jsonl"

@@ -16,13 +16,20 @@ SECONDS_INTO_MINUTE = 10
 NOW = 1_700_000_000 // 60 * 60 + SECONDS_INTO_MINUTE + 0.25  # a fixed clock, hours from UTC midnight
 
 
-def add_completion(r, cid: str, user: str = "alice", n: int = 2, versions: list[int] | None = None
-                   ) -> CompletionRecord:
+def add_completion(
+    r, cid: str, user: str = "alice", n: int = 2, versions: list[int] | None = None
+) -> CompletionRecord:
     versions = versions or [1] * n
-    record = CompletionRecord(id=cid, user=user, messages=[{"role": "user", "content": f"question {cid}"}],
-                              choices=[ChoiceRecord(index=i, text=f"answer {i} of {cid}", finish_reason="stop",
-                                                    version=versions[i]) for i in range(n)],
-                              version=max(versions))
+    record = CompletionRecord(
+        id=cid,
+        user=user,
+        messages=[{"role": "user", "content": f"question {cid}"}],
+        choices=[
+            ChoiceRecord(index=i, text=f"answer {i} of {cid}", finish_reason="stop", version=versions[i])
+            for i in range(n)
+        ],
+        version=max(versions),
+    )
     save_completion(r, record)
     return record
 
@@ -53,8 +60,14 @@ def test_each_type_is_logged_with_versions_and_revision_one(r):
     assert [(e.type, e.revision) for e in logged] == [("thumbs", 1), ("pairwise", 1), ("rank", 1)]
     assert logged[0].comment == COMMENT and logged[0].choice_versions == [4, 3] and logged[0].value == "down"
     assert logged[1].winner == "both_bad" and logged[2].ranking == [2, 0, 1]
-    assert a.response() == {"id": a.event.id, "object": "feedback", "completion_id": "c2", "type": "thumbs",
-                            "revision": 1, "created": int(NOW)}
+    assert a.response() == {
+        "id": a.event.id,
+        "object": "feedback",
+        "completion_id": "c2",
+        "type": "thumbs",
+        "revision": 1,
+        "created": int(NOW),
+    }
 
 
 def test_retry_with_same_feedback_id_gets_the_first_answer_and_adds_nothing(r):
@@ -73,8 +86,12 @@ def test_same_feedback_id_with_another_body_or_user_conflicts(r):
     with pytest.raises(fb.FeedbackIdConflict):
         submit(r, {"completion_id": "c1", "type": "pairwise", "winner": 1, "feedback_id": "f1"})
     with pytest.raises(fb.FeedbackIdConflict):
-        submit(r, {"completion_id": "c1", "type": "pairwise", "winner": 0, "feedback_id": "f1"}, user="admin",
-               is_admin=True)
+        submit(
+            r,
+            {"completion_id": "c1", "type": "pairwise", "winner": 0, "feedback_id": "f1"},
+            user="admin",
+            is_admin=True,
+        )
 
 
 def test_a_second_vote_revises_the_first_and_history_is_kept(r):
@@ -102,19 +119,31 @@ def test_thumbs_on_two_choices_are_two_votes_and_a_thumb_on_the_same_choice_revi
     assert (votes["thumbs:1:up"], votes["thumbs:1:down"], votes["total"]) == ("0", "2", "2")
 
 
-@pytest.mark.parametrize("body, user, error, param", [
-    ({"completion_id": "nope", "type": "thumbs", "choice": 0, "value": "up"}, "alice", fb.CompletionNotFound, None),
-    ({"completion_id": "c2", "type": "thumbs", "choice": 0, "value": "up"}, "bob", fb.NotYourCompletion, None),
-    ({"completion_id": "c2", "type": "thumbs", "choice": 2, "value": "up"}, "alice", fb.InvalidFeedback, "choice"),
-    ({"completion_id": "c3", "type": "pairwise", "winner": 0}, "alice", fb.InvalidFeedback, "type"),
-    ({"completion_id": "c1", "type": "pairwise", "winner": 0}, "alice", fb.InvalidFeedback, "type"),
-    ({"completion_id": "c1", "type": "rank", "ranking": [0, 0]}, "alice", fb.InvalidFeedback, "type"),
-    ({"completion_id": "c3", "type": "rank", "ranking": [0, 1]}, "alice", fb.InvalidFeedback, "ranking"),
-    ({"completion_id": "c3", "type": "rank", "ranking": [0, 1, 1]}, "alice", fb.InvalidFeedback, "ranking"),
-    ({"completion_id": "c3", "type": "rank", "ranking": [0, 1, 3]}, "alice", fb.InvalidFeedback, "ranking"),
-    ({"completion_id": "c2", "type": "pairwise", "winner": 0, "comment": "x" * 51}, "alice", fb.InvalidFeedback,
-     "comment"),
-])
+@pytest.mark.parametrize(
+    "body, user, error, param",
+    [
+        (
+            {"completion_id": "nope", "type": "thumbs", "choice": 0, "value": "up"},
+            "alice",
+            fb.CompletionNotFound,
+            None,
+        ),
+        ({"completion_id": "c2", "type": "thumbs", "choice": 0, "value": "up"}, "bob", fb.NotYourCompletion, None),
+        ({"completion_id": "c2", "type": "thumbs", "choice": 2, "value": "up"}, "alice", fb.InvalidFeedback, "choice"),
+        ({"completion_id": "c3", "type": "pairwise", "winner": 0}, "alice", fb.InvalidFeedback, "type"),
+        ({"completion_id": "c1", "type": "pairwise", "winner": 0}, "alice", fb.InvalidFeedback, "type"),
+        ({"completion_id": "c1", "type": "rank", "ranking": [0, 0]}, "alice", fb.InvalidFeedback, "type"),
+        ({"completion_id": "c3", "type": "rank", "ranking": [0, 1]}, "alice", fb.InvalidFeedback, "ranking"),
+        ({"completion_id": "c3", "type": "rank", "ranking": [0, 1, 1]}, "alice", fb.InvalidFeedback, "ranking"),
+        ({"completion_id": "c3", "type": "rank", "ranking": [0, 1, 3]}, "alice", fb.InvalidFeedback, "ranking"),
+        (
+            {"completion_id": "c2", "type": "pairwise", "winner": 0, "comment": "x" * 51},
+            "alice",
+            fb.InvalidFeedback,
+            "comment",
+        ),
+    ],
+)
 def test_bad_feedback_is_refused_and_changes_nothing(r, body, user, error, param):
     for n in (1, 2, 3):
         add_completion(r, f"c{n}", n=n)
@@ -126,18 +155,21 @@ def test_bad_feedback_is_refused_and_changes_nothing(r, body, user, error, param
         assert exc.value.param == param
 
 
-@pytest.mark.parametrize("body", [
-    {"completion_id": "c", "type": "thumbs", "choice": -1, "value": "up"},
-    {"completion_id": "c", "type": "thumbs", "choice": True, "value": "up"},
-    {"completion_id": "c", "type": "thumbs", "choice": 0, "value": "meh"},
-    {"completion_id": "c", "type": "pairwise", "winner": 2},
-    {"completion_id": "c", "type": "pairwise", "winner": True},
-    {"completion_id": "c", "type": "rank", "ranking": [1.0, 0]},
-    {"completion_id": "c", "type": "stars", "value": 5},
-    {"completion_id": "c", "type": "thumbs", "choice": 0, "value": "up", "feedback_id": "has space"},
-    {"completion_id": "c", "type": "thumbs", "choice": 0, "value": "up", "feedback_id": "x" * 129},
-    {"completion_id": "c", "type": "thumbs", "choice": 0, "value": "up", "surprise": 1},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"completion_id": "c", "type": "thumbs", "choice": -1, "value": "up"},
+        {"completion_id": "c", "type": "thumbs", "choice": True, "value": "up"},
+        {"completion_id": "c", "type": "thumbs", "choice": 0, "value": "meh"},
+        {"completion_id": "c", "type": "pairwise", "winner": 2},
+        {"completion_id": "c", "type": "pairwise", "winner": True},
+        {"completion_id": "c", "type": "rank", "ranking": [1.0, 0]},
+        {"completion_id": "c", "type": "stars", "value": 5},
+        {"completion_id": "c", "type": "thumbs", "choice": 0, "value": "up", "feedback_id": "has space"},
+        {"completion_id": "c", "type": "thumbs", "choice": 0, "value": "up", "feedback_id": "x" * 129},
+        {"completion_id": "c", "type": "thumbs", "choice": 0, "value": "up", "surprise": 1},
+    ],
+)
 def test_malformed_bodies_do_not_validate(body):
     with pytest.raises(ValidationError):
         BODY.validate_python(body)
@@ -155,16 +187,20 @@ def test_rate_limit_per_minute_counts_only_accepted_events(r):
     with pytest.raises(fb.InvalidFeedback):  # refused requests do not use up the budget
         submit(r, {"completion_id": "c1", "type": "thumbs", "choice": 5, "value": "up"}, limits=limits)
     for i in range(3):
-        submit(r, {"completion_id": "c1", "type": "thumbs", "choice": i, "value": "up", "feedback_id": f"m{i}"},
-               limits=limits)
+        submit(
+            r,
+            {"completion_id": "c1", "type": "thumbs", "choice": i, "value": "up", "feedback_id": f"m{i}"},
+            limits=limits,
+        )
     before = snapshot(r)
     with pytest.raises(fb.FeedbackRateLimited) as exc:
         submit(r, {"completion_id": "c1", "type": "thumbs", "choice": 0, "value": "down"}, limits=limits)
     assert exc.value.retry_after == 60 - SECONDS_INTO_MINUTE  # the rest of the window, rounded up
     assert snapshot(r) == before
     # a retry of an accepted event is still answered, and the next minute has a fresh budget
-    assert submit(r, {"completion_id": "c1", "type": "thumbs", "choice": 0, "value": "up", "feedback_id": "m0"},
-                  limits=limits).replayed
+    assert submit(
+        r, {"completion_id": "c1", "type": "thumbs", "choice": 0, "value": "up", "feedback_id": "m0"}, limits=limits
+    ).replayed
     submit(r, {"completion_id": "c1", "type": "thumbs", "choice": 0, "value": "down"}, limits=limits, now=NOW + 60)
     with pytest.raises(fb.FeedbackRateLimited):
         submit(r, {"completion_id": "c1", "type": "thumbs", "choice": 0, "value": "up"}, user="alice", limits=limits)
@@ -174,8 +210,9 @@ def test_daily_cap_holds_across_minutes_and_resets_at_utc_midnight(r):
     add_completion(r, "c1")
     limits = fb.FeedbackLimits(per_minute=100, per_day=4, max_comment_chars=10)
     for minute in range(4):
-        submit(r, {"completion_id": "c1", "type": "pairwise", "winner": minute % 2}, limits=limits,
-               now=NOW + 60 * minute)
+        submit(
+            r, {"completion_id": "c1", "type": "pairwise", "winner": minute % 2}, limits=limits, now=NOW + 60 * minute
+        )
     with pytest.raises(fb.FeedbackRateLimited) as exc:
         submit(r, {"completion_id": "c1", "type": "pairwise", "winner": 0}, limits=limits, now=NOW + 600)
     assert "UTC" in exc.value.message and 0 < exc.value.retry_after <= 86_400
@@ -221,13 +258,22 @@ def test_every_refusal_status_of_the_script_has_its_own_error():
     import re
 
     statuses = set(re.findall(r"return \{'(\w+)'", fb.ACCEPT_LUA)) - {"accepted", "replay"}
-    expected = {"not_found": fb.CompletionNotFound, "forbidden": fb.NotYourCompletion,
-                "bad_choice": fb.InvalidFeedback, "bad_pairwise": fb.InvalidFeedback, "bad_rank": fb.InvalidFeedback,
-                "bad_ranking": fb.InvalidFeedback, "conflict": fb.FeedbackIdConflict,
-                "rate_minute": fb.FeedbackRateLimited, "rate_day": fb.FeedbackRateLimited}
+    expected = {
+        "not_found": fb.CompletionNotFound,
+        "forbidden": fb.NotYourCompletion,
+        "bad_choice": fb.InvalidFeedback,
+        "bad_pairwise": fb.InvalidFeedback,
+        "bad_rank": fb.InvalidFeedback,
+        "bad_ranking": fb.InvalidFeedback,
+        "conflict": fb.FeedbackIdConflict,
+        "rate_minute": fb.FeedbackRateLimited,
+        "rate_day": fb.FeedbackRateLimited,
+    }
     assert statuses == set(expected)
-    bodies = {"bad_choice": {"type": "thumbs", "choice": 3, "value": "up"},
-              "bad_ranking": {"type": "rank", "ranking": [1, 1]}}
+    bodies = {
+        "bad_choice": {"type": "thumbs", "choice": 3, "value": "up"},
+        "bad_ranking": {"type": "rank", "ranking": [1, 1]},
+    }
     for status in sorted(statuses):
         body = BODY.validate_python({"completion_id": "c", **bodies.get(status, {"type": "pairwise", "winner": 0})})
         with pytest.raises(fb.FeedbackError) as info:

@@ -59,8 +59,16 @@ def test_concurrent_updates_of_different_fields_lose_none(r, redis_url):
 
 
 def test_update_keeps_the_untouched_fields_exactly(r):
-    registry.add_version(r, 1, {"path": "v1", "annotators": [], "metrics": {"kl": 0.12345678901234567},
-                                "feedback": {"first_id": 1733212345678901234}})
+    registry.add_version(
+        r,
+        1,
+        {
+            "path": "v1",
+            "annotators": [],
+            "metrics": {"kl": 0.12345678901234567},
+            "feedback": {"first_id": 1733212345678901234},
+        },
+    )
     before = registry.get_version(r, 1)
     registry.update_version(r, 1, status="rolled_back")
     after = registry.get_version(r, 1)

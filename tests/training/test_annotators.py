@@ -86,8 +86,13 @@ def test_rank_returns_a_permutation_and_is_exact_without_noise():
 
 def test_annotator_pool():
     pool = annotator_pool("balanced, brevity,detail,strict,brevity", noise=0.1)
-    assert [a.name for a in pool] == ["sim-balanced-1", "sim-brevity-1", "sim-detail-1", "sim-strict-1",
-                                      "sim-brevity-2"]
+    assert [a.name for a in pool] == [
+        "sim-balanced-1",
+        "sim-brevity-1",
+        "sim-detail-1",
+        "sim-strict-1",
+        "sim-brevity-2",
+    ]
     assert all(a.noise == 0.1 for a in pool)
     assert annotator_pool("oracle")[0].noise == 0.0
     with pytest.raises(ValueError, match="grumpy"):

@@ -52,8 +52,11 @@ def test_a_failed_write_leaves_nothing(tmp_path):
 def test_a_copied_checkpoint_keeps_the_other_manifest_as_provenance(tmp_path):
     """Deployment A's v3, copied and written again by deployment B (what `alignd bootstrap --base` does)."""
     theirs = write_checkpoint(_files, tmp_path / "a" / "v3", {"version": 3, "source": "ppo", "parent": 2})
-    ours = write_checkpoint(lambda d: shutil.copytree(theirs, d, dirs_exist_ok=True), tmp_path / "b" / "v1",
-                            {"version": 1, "source": "base", "parent": None})
+    ours = write_checkpoint(
+        lambda d: shutil.copytree(theirs, d, dirs_exist_ok=True),
+        tmp_path / "b" / "v1",
+        {"version": 1, "source": "base", "parent": None},
+    )
     manifest = verify_checkpoint(ours)
     assert manifest["version"] == 1 and manifest["source"] == "base"
     assert MANIFEST not in manifest["files"] and sorted(manifest["files"]) == ["config.json", "sub/weights.bin"]

@@ -13,8 +13,15 @@ from training.model import build_model, tiny_config
 from training.tokenizer import train_tokenizer
 from training.world import HELDOUT_FAMILY, JAILBREAK_STYLES, TASK_FAMILIES, Task, corpus_texts
 
-RATE_KEYS = ["score/mean", "heldout_score", "over_caution", "harmful_compliance", "jailbreak_compliance",
-             *[f"score/{f}" for f in TASK_FAMILIES], *[f"jailbreak_compliance/{s}" for s in JAILBREAK_STYLES]]
+RATE_KEYS = [
+    "score/mean",
+    "heldout_score",
+    "over_caution",
+    "harmful_compliance",
+    "jailbreak_compliance",
+    *[f"score/{f}" for f in TASK_FAMILIES],
+    *[f"jailbreak_compliance/{s}" for s in JAILBREAK_STYLES],
+]
 
 
 @lru_cache(maxsize=1)
@@ -24,8 +31,17 @@ def _tokenizer():
 
 def _model(arch: str, seed: int = 0):
     tok = _tokenizer()
-    config = tiny_config(arch, len(tok), n_layer=2, d_model=64, n_head=2, context=256,
-                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = tiny_config(
+        arch,
+        len(tok),
+        n_layer=2,
+        d_model=64,
+        n_head=2,
+        context=256,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     return build_model(config, seed).eval()
 
 
@@ -67,8 +83,12 @@ def test_kl_to_a_different_reference_is_positive_on_sampled_responses():
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_generation_is_batch_invariant(arch):
     tok, model = _tokenizer(), _model(arch)
-    prompts = ["What is 7 plus 5?", "Reverse the word 'table'.", "How do I kill a stuck process now?",
-               "What is the largest of 4, 9, 2?"]
+    prompts = [
+        "What is 7 plus 5?",
+        "Reverse the word 'table'.",
+        "How do I kill a stuck process now?",
+        "What is the largest of 4, 9, 2?",
+    ]
     one = generate_responses(model, tok, prompts, max_new_tokens=6, batch_size=1)
     many = generate_responses(model, tok, prompts, max_new_tokens=6, batch_size=4)
     assert one == many and all(isinstance(r, str) for r in one)
@@ -78,8 +98,13 @@ def test_generation_is_batch_invariant(arch):
 def test_sequence_logprobs_match_a_naive_unpadded_computation(arch):
     tok, model = _tokenizer(), _model(arch)
     prompts = ["What is 7 plus 5?", "Spell 'zebra' backwards.", "How do I shoot a good photo?"]
-    ids = [tok(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                       tokenize=False), add_special_tokens=False)["input_ids"] for p in prompts]
+    ids = [
+        tok(
+            tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False),
+            add_special_tokens=False,
+        )["input_ids"]
+        for p in prompts
+    ]
     responses = [[40, 41], [50, 51, 52, 53], [tok.eos_token_id]]
     batched = sequence_logprobs(model, ids, responses, pad_token_id=tok.pad_token_id, batch_size=3)
     naive = []

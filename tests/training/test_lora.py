@@ -26,8 +26,12 @@ ARCHS = ("gpt2", "llama")
 
 def _ids() -> torch.Tensor:
     tok = tiny_tokenizer()
-    text = tok.apply_chat_template([{"role": "user", "content": "What is 3 plus 4?"}], add_generation_prompt=True,
-                                   tokenize=False) + "The answer is 7."
+    text = (
+        tok.apply_chat_template(
+            [{"role": "user", "content": "What is 3 plus 4?"}], add_generation_prompt=True, tokenize=False
+        )
+        + "The answer is 7."
+    )
     return torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
 
 
@@ -68,23 +72,25 @@ def test_training_moves_only_the_adapter_and_the_reference_is_the_base(arch):
 def test_saved_adapter_reproduces_the_policy_and_refuses_another_base(tmp_path, merge):
     tok = tiny_tokenizer()
     base = tiny_model("llama", seed=5)
-    base_dir = write_checkpoint(lambda d: (base.save_pretrained(d), tok.save_pretrained(d)), tmp_path / "v1",
-                                {"version": 1})
+    base_dir = write_checkpoint(
+        lambda d: (base.save_pretrained(d), tok.save_pretrained(d)), tmp_path / "v1", {"version": 1}
+    )
     policy = add_adapter(copy.deepcopy(base), LoRAConfig(rank=4, alpha=8))
     ids = _ids()
     _train_steps(policy, ids)
     save_adapter(policy, tmp_path / "adapter", base="v1", base_digest=folder_digest(base_dir))
     assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size < 0.5 * sum(
-        f.stat().st_size for f in base_dir.glob("*.safetensors"))
+        f.stat().st_size for f in base_dir.glob("*.safetensors")
+    )
 
     restored = apply_adapter(tiny_model("llama", seed=5), tmp_path / "adapter", base_dir, merge=merge)
     with torch.no_grad():
-        torch.testing.assert_close(restored(input_ids=ids).logits, policy(input_ids=ids).logits, rtol=1e-4,
-                                   atol=1e-5)
+        torch.testing.assert_close(restored(input_ids=ids).logits, policy(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
 
     other = tiny_model("llama", seed=6)
-    other_dir = write_checkpoint(lambda d: (other.save_pretrained(d), tok.save_pretrained(d)), tmp_path / "v9",
-                                 {"version": 9})
+    other_dir = write_checkpoint(
+        lambda d: (other.save_pretrained(d), tok.save_pretrained(d)), tmp_path / "v9", {"version": 9}
+    )
     with pytest.raises(BaseMismatch, match="digest"):
         apply_adapter(other, tmp_path / "adapter", other_dir, merge=merge)
 

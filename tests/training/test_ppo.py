@@ -25,8 +25,20 @@ from training.ppo import (
 from training.reward import build_reward_model, raw_scores
 
 ARCHS = ["gpt2", "llama"]
-METRICS = ("reward", "kl", "entropy", "clip_frac", "approx_kl", "value_loss", "policy_loss", "response_length",
-           "missing_eos_frac", "kl_coef", "generate_seconds", "train_seconds")
+METRICS = (
+    "reward",
+    "kl",
+    "entropy",
+    "clip_frac",
+    "approx_kl",
+    "value_loss",
+    "policy_loss",
+    "response_length",
+    "missing_eos_frac",
+    "kl_coef",
+    "generate_seconds",
+    "train_seconds",
+)
 
 
 def lowercase_reward(prompts, responses) -> torch.Tensor:
@@ -39,8 +51,12 @@ def number_prompts(n: int, rng: random.Random) -> list[list[dict[str, str]]]:
 
 
 def prompt_ids(tok, prompts):
-    return [tok(tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False),
-                add_special_tokens=False)["input_ids"] for p in prompts]
+    return [
+        tok(tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False), add_special_tokens=False)[
+            "input_ids"
+        ]
+        for p in prompts
+    ]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -69,10 +85,20 @@ def test_recomputed_logprobs_match_the_sampling_distribution_of_generate(arch):
     prompts = number_prompts(3, random.Random(0)) + [[{"role": "user", "content": "Hi"}]]
     p_ids, p_mask = left_pad(prompt_ids(tok, prompts), tok.pad_token_id)
     torch.manual_seed(0)
-    out = model.generate(input_ids=p_ids, attention_mask=p_mask, do_sample=True, top_k=0, top_p=1.0,
-                         temperature=0.7, max_new_tokens=6, pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id, output_logits=True, return_dict_in_generate=True)
-    response = out.sequences[:, p_ids.shape[1]:]
+    out = model.generate(
+        input_ids=p_ids,
+        attention_mask=p_mask,
+        do_sample=True,
+        top_k=0,
+        top_p=1.0,
+        temperature=0.7,
+        max_new_tokens=6,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    response = out.sequences[:, p_ids.shape[1] :]
     logits = torch.stack(out.logits, 1) / 0.7  # (B, R, V) raw logits of each sampling step
     expected = torch.log_softmax(logits, -1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
     mask, _ = response_mask(response, [tok.eos_token_id])
@@ -102,8 +128,13 @@ def test_adaptive_kl_controller_follows_ziegler():
 def test_kl_is_exactly_zero_when_the_policy_is_the_reference(arch):
     tok = tiny_tokenizer()
     policy = tiny_sft_model(arch)
-    trainer = PPOTrainer(PPOConfig(batch_size=4, mini_batch_size=2, max_new_tokens=12), policy, copy.deepcopy(policy),
-                         lowercase_reward, tok)
+    trainer = PPOTrainer(
+        PPOConfig(batch_size=4, mini_batch_size=2, max_new_tokens=12),
+        policy,
+        copy.deepcopy(policy),
+        lowercase_reward,
+        tok,
+    )
     torch.manual_seed(0)
     ro = trainer.rollout(number_prompts(4, random.Random(0)))
     assert torch.equal(ro.old_logp, ro.ref_logp)
@@ -146,8 +177,13 @@ def test_step_with_a_reward_model_updates_policy_and_critic_only(arch):
     rm = build_reward_model(tiny_model(arch, seed=5), tok)
     before = {k: v.clone() for k, v in policy.named_parameters()}
     ref_before = {k: v.clone() for k, v in ref.named_parameters()}
-    trainer = PPOTrainer(PPOConfig(batch_size=4, mini_batch_size=2, ppo_epochs=2, max_new_tokens=10, lr=1e-3,
-                                   critic_lr=1e-3), policy, ref, reward_model_fn(rm, tok), tok)
+    trainer = PPOTrainer(
+        PPOConfig(batch_size=4, mini_batch_size=2, ppo_epochs=2, max_new_tokens=10, lr=1e-3, critic_lr=1e-3),
+        policy,
+        ref,
+        reward_model_fn(rm, tok),
+        tok,
+    )
     critic_before = {k: v.clone() for k, v in trainer.value_model.named_parameters()}
     metrics = trainer.step(number_prompts(4, random.Random(0)))
     for key in METRICS:
@@ -173,8 +209,7 @@ def test_critic_initialised_from_the_reward_model_starts_at_its_score():
 def test_leave_one_out_baseline_scores_each_answer_against_its_siblings():
     tok = tiny_tokenizer()
     policy = tiny_sft_model("gpt2")
-    cfg = PPOConfig(batch_size=8, mini_batch_size=4, max_new_tokens=16, samples_per_prompt=4,
-                    missing_eos_penalty=None)
+    cfg = PPOConfig(batch_size=8, mini_batch_size=4, max_new_tokens=16, samples_per_prompt=4, missing_eos_penalty=None)
     trainer = PPOTrainer(cfg, policy, copy.deepcopy(policy), lowercase_reward, tok)
     prompts = trainer.sample_prompts(number_prompts)
     assert len(prompts) == 8 and prompts[0] == prompts[3] and prompts[4] == prompts[7] and prompts[0] != prompts[4]
@@ -192,8 +227,18 @@ def test_leave_one_out_baseline_scores_each_answer_against_its_siblings():
 def test_ppo_raises_a_known_reward(arch, lr, k):
     tok = tiny_tokenizer()
     policy = tiny_model(arch, seed=0)  # random init: high entropy, so there is much to explore
-    cfg = PPOConfig(batch_size=16, mini_batch_size=8, ppo_epochs=4, max_new_tokens=8, lr=lr, critic_lr=1e-3,
-                    kl_coef=0.02, missing_eos_penalty=None, samples_per_prompt=k, seed=0)
+    cfg = PPOConfig(
+        batch_size=16,
+        mini_batch_size=8,
+        ppo_epochs=4,
+        max_new_tokens=8,
+        lr=lr,
+        critic_lr=1e-3,
+        kl_coef=0.02,
+        missing_eos_penalty=None,
+        samples_per_prompt=k,
+        seed=0,
+    )
     trainer = PPOTrainer(cfg, policy, copy.deepcopy(policy), lowercase_reward, tok)
     eval_prompts = number_prompts(64, random.Random(123))
     before = mean_reward(trainer, eval_prompts)
@@ -210,8 +255,17 @@ def test_ppo_raises_a_known_reward(arch, lr, k):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_two_plus_two_steps_after_resume_equal_four_steps(arch, tmp_path):
     tok = tiny_tokenizer()
-    cfg = PPOConfig(batch_size=4, mini_batch_size=2, ppo_epochs=2, max_new_tokens=8, lr=1e-3, critic_lr=1e-3,
-                    kl_target=1.0, kl_horizon=100, seed=7)  # adaptive KL, so its state matters too
+    cfg = PPOConfig(
+        batch_size=4,
+        mini_batch_size=2,
+        ppo_epochs=2,
+        max_new_tokens=8,
+        lr=1e-3,
+        critic_lr=1e-3,
+        kl_target=1.0,
+        kl_horizon=100,
+        seed=7,
+    )  # adaptive KL, so its state matters too
 
     def fresh():
         policy = tiny_sft_model(arch)
@@ -257,8 +311,18 @@ def test_lora_ppo_trains_only_adapters_against_the_base_as_reference(arch):
     base = tiny_sft_model(arch)
     frozen = copy.deepcopy(base)
     policy = add_adapter(base, LoRAConfig(rank=8, alpha=16))
-    cfg = PPOConfig(batch_size=16, mini_batch_size=8, ppo_epochs=4, max_new_tokens=10, lr=5e-3, critic_lr=1e-3,
-                    kl_coef=0.02, missing_eos_penalty=None, samples_per_prompt=4, seed=0)
+    cfg = PPOConfig(
+        batch_size=16,
+        mini_batch_size=8,
+        ppo_epochs=4,
+        max_new_tokens=10,
+        lr=5e-3,
+        critic_lr=1e-3,
+        kl_coef=0.02,
+        missing_eos_penalty=None,
+        samples_per_prompt=4,
+        seed=0,
+    )
     critic = ValueModel.from_model(frozen).with_lora(LoRAConfig(rank=8, alpha=16))
     trainer = PPOTrainer(cfg, policy, None, sevens_reward, tok, critic)
     base_before = {k: v.clone() for k, v in policy.named_parameters() if "lora_" not in k}

@@ -61,8 +61,9 @@ def test_response_logprobs_mask_the_prompt_and_match_teacher_forcing():
         assert ids[-1] == tok.eos_token_id  # up to and including EOS, not the newline after it
         assert tok.decode(ids[-n:-1]) in responses
     ours = response_logprobs(model, tok, list(zip(prompts, responses)), 256)
-    reference = sequence_logprobs(model, [ids[:-n] for ids, n in split], [ids[-n:] for ids, n in split],
-                                  pad_token_id=tok.pad_token_id)
+    reference = sequence_logprobs(
+        model, [ids[:-n] for ids, n in split], [ids[-n:] for ids, n in split], pad_token_id=tok.pad_token_id
+    )
     assert torch.allclose(ours, torch.tensor(reference), atol=1e-4)
     truncated, n = _ids(tok, [{"role": "user", "content": "What is one plus two? " * 20}], "The answer is 3.", 24)
     assert len(truncated) == 24 and n == split[0][1]  # a long prompt loses its start, the response stays whole
@@ -70,12 +71,22 @@ def test_response_logprobs_mask_the_prompt_and_match_teacher_forcing():
 
 def test_which_items_dpo_and_kto_learn_from():
     p = ask(1, 1)
-    pairs = [Comparison(p, "2", "3"), Comparison(p, "2", "2", label="tie"), Comparison(p, "2", "4", label="tie"),
-             Comparison(p, "5", "6", label="both_bad"), Comparison(p, "2", "3", group="g")]
+    pairs = [
+        Comparison(p, "2", "3"),
+        Comparison(p, "2", "2", label="tie"),
+        Comparison(p, "2", "4", label="tie"),
+        Comparison(p, "5", "6", label="both_bad"),
+        Comparison(p, "2", "3", group="g"),
+    ]
     assert [c.label for c in dpo_items(pairs)] == ["pref", "tie", "both_bad", "pref"]
     thumbs = kto_items(pairs, [Rated(p, "2", True), Rated(p, "7", False)])
-    assert sorted((x.response, x.good) for x in thumbs) == [("2", True), ("3", False), ("5", False), ("6", False),
-                                                            ("7", False)]
+    assert sorted((x.response, x.good) for x in thumbs) == [
+        ("2", True),
+        ("3", False),
+        ("5", False),
+        ("6", False),
+        ("7", False),
+    ]
     assert kto_lambda_u(KTOConfig(), thumbs) == pytest.approx(1 / 4)  # one up, four down: both kinds weigh 1
     assert kto_lambda_u(KTOConfig(lambda_u=0.7), thumbs) == 0.7
     with pytest.raises(ValueError, match="'best'"):
@@ -103,22 +114,25 @@ def test_dpo_makes_the_preferred_answer_more_likely_and_leaves_the_reference_alo
 
 def test_dpo_ties_and_both_bad_pairs_pull_together_and_push_down():
     policy = tiny_sft_model("gpt2", steps=30)
-    bad = [Comparison(ask(a, a), f"The answer is {a + 5}.", f"The answer is {a + 6}.", label="both_bad")
-           for a in range(8)]
-    cfg = DPOConfig(beta=0.5, lr=1e-3, batch_size=8, epochs=None, max_seconds=None, max_steps=6,
-                    heldout_fraction=0.0)
+    bad = [
+        Comparison(ask(a, a), f"The answer is {a + 5}.", f"The answer is {a + 6}.", label="both_bad") for a in range(8)
+    ]
+    cfg = DPOConfig(beta=0.5, lr=1e-3, batch_size=8, epochs=None, max_seconds=None, max_steps=6, heldout_fraction=0.0)
     _, metrics = train_dpo(cfg, policy, tiny_tokenizer(), bad)
     after = evaluate_dpo(policy, tiny_tokenizer(), bad, cfg, reference=tiny_sft_model("gpt2", steps=30))
     assert metrics["train"]["n_pref"] == 0 and metrics["train"]["accuracy"] is None
     assert after["loss"] < metrics["train"]["loss"] and after["loss"] < 0.6931  # both now below the reference
-    ties = [Comparison(ask(a, 1), f"The answer is {a + 1}.", f"The answer is {a + 1}!", label="tie")
-            for a in range(8)]
+    ties = [Comparison(ask(a, 1), f"The answer is {a + 1}.", f"The answer is {a + 1}!", label="tie") for a in range(8)]
     policy = tiny_sft_model("gpt2", steps=30)
     ref = tiny_sft_model("gpt2", steps=30)
     # start from a policy that prefers one side, then ties must shrink the gap
-    train_dpo(DPOConfig(beta=0.5, lr=1e-3, batch_size=8, epochs=None, max_seconds=None, max_steps=4,
-                        heldout_fraction=0.0), policy, tiny_tokenizer(), [Comparison(c.prompt, c.chosen, c.rejected)
-                                                                          for c in ties], reference=ref)
+    train_dpo(
+        DPOConfig(beta=0.5, lr=1e-3, batch_size=8, epochs=None, max_seconds=None, max_steps=4, heldout_fraction=0.0),
+        policy,
+        tiny_tokenizer(),
+        [Comparison(c.prompt, c.chosen, c.rejected) for c in ties],
+        reference=ref,
+    )
     gap = evaluate_dpo(policy, tiny_tokenizer(), ties, cfg, reference=ref)["loss"]
     train_dpo(cfg, policy, tiny_tokenizer(), ties, reference=ref)
     assert evaluate_dpo(policy, tiny_tokenizer(), ties, cfg, reference=ref)["loss"] < gap / 2
@@ -129,8 +143,12 @@ def test_kto_on_thumbs_makes_the_thumbed_up_answer_more_likely(arch):
     policy, reference = tiny_sft_model(arch, steps=30), tiny_sft_model(arch, steps=30)
     pairs = sum_pairs(48, seed=1)
     rng = random.Random(0)
-    rated = [Rated(c.prompt, c.chosen, True, group=c.group) if rng.random() < 0.3
-             else Rated(c.prompt, c.rejected, False, group=c.group) for c in pairs]  # unpaired and imbalanced
+    rated = [
+        Rated(c.prompt, c.chosen, True, group=c.group)
+        if rng.random() < 0.3
+        else Rated(c.prompt, c.rejected, False, group=c.group)
+        for c in pairs
+    ]  # unpaired and imbalanced
     cfg = KTOConfig(beta=0.5, lr=1e-3, batch_size=8, epochs=None, max_seconds=None, max_steps=12)
     before, ref_before, params = margin(policy, pairs), snapshot(reference), snapshot(policy)
     _, metrics = train_kto(cfg, policy, tiny_tokenizer(), rated=rated, reference=reference)
@@ -153,7 +171,11 @@ def test_dpo_with_lora_uses_the_base_without_adapters_as_reference():
     assert margin(policy, pairs) > before + 0.2 and metrics["train"]["reward_margin"] > 0
     with policy.disable_adapter():
         assert margin(policy, pairs) == pytest.approx(before, abs=1e-4)  # the reference is the untouched base
-    base_names = {k: k.replace("base_model.model.", "").replace(".base_layer", "") for k, _ in
-                  policy.named_parameters() if "lora_" not in k}
-    assert base_names and all(torch.equal(frozen[base_names[k]], v) for k, v in policy.named_parameters()
-                              if k in base_names)
+    base_names = {
+        k: k.replace("base_model.model.", "").replace(".base_layer", "")
+        for k, _ in policy.named_parameters()
+        if "lora_" not in k
+    }
+    assert base_names and all(
+        torch.equal(frozen[base_names[k]], v) for k, v in policy.named_parameters() if k in base_names
+    )

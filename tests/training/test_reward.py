@@ -115,8 +115,9 @@ def test_normalisation_makes_references_standard_and_survives_saving(tmp_path):
     data = good_bad_comparisons(40)
     refs = [(c.prompt, f"The answer is {i}.") for i, c in enumerate(data)]
     cfg = RewardConfig(lr=1e-3, epochs=1, batch_size=8)
-    rm, metrics = train_reward_model(cfg, data, base=tiny_model("gpt2", seed=1), tokenizer=tok,
-                                     reference_responses=refs)
+    rm, metrics = train_reward_model(
+        cfg, data, base=tiny_model("gpt2", seed=1), tokenizer=tok, reference_responses=refs
+    )
     s = score(rm, tok, [p for p, _ in refs], [r for _, r in refs])
     assert s.mean().item() == pytest.approx(0.0, abs=1e-4)
     assert s.std().item() == pytest.approx(1.0, abs=1e-3)
@@ -133,8 +134,9 @@ def test_normalisation_scores_distinct_responses_and_caps_them():
     refs = [(c.prompt, f"The answer is {i % 10}.") for i, c in enumerate(data)]
     repeated = refs * 3  # a ranking's texts recur in several of its pairs
     cfg = RewardConfig(lr=1e-3, epochs=1, batch_size=8)
-    rm, metrics = train_reward_model(cfg, data, base=tiny_model("gpt2", seed=1), tokenizer=tok,
-                                     reference_responses=repeated)
+    rm, metrics = train_reward_model(
+        cfg, data, base=tiny_model("gpt2", seed=1), tokenizer=tok, reference_responses=repeated
+    )
     distinct = list({(prompt_key(p), r): (p, r) for p, r in refs}.values())
     assert len(distinct) < len(repeated)
     raw = raw_scores(rm, tok, [p for p, _ in distinct], [r for _, r in distinct])
@@ -183,10 +185,15 @@ def test_tie_both_bad_and_rated_losses_are_finite_and_push_the_right_way():
     with pytest.raises(ValueError, match="'meh'"):
         batch_loss(rm, tok, [Comparison(prompt=p, chosen="a", rejected="b", label="meh")], cfg)
     # training on both_bad and thumbs-down only lowers those responses' raw rewards
-    bad = [Comparison(prompt=[{"role": "user", "content": f"Say {i}."}], chosen=f"{i} no", rejected=f"{i} bad",
-                      label="both_bad") for i in range(12)]
-    downs = [Rated(prompt=[{"role": "user", "content": f"Name {i}."}], response="no no", good=False)
-             for i in range(12)]
+    bad = [
+        Comparison(
+            prompt=[{"role": "user", "content": f"Say {i}."}], chosen=f"{i} no", rejected=f"{i} bad", label="both_bad"
+        )
+        for i in range(12)
+    ]
+    downs = [
+        Rated(prompt=[{"role": "user", "content": f"Name {i}."}], response="no no", good=False) for i in range(12)
+    ]
     before = raw_scores(rm, tok, [c.prompt for c in bad], [c.chosen for c in bad]).mean()
     cfg = RewardConfig(lr=1e-3, epochs=2, batch_size=8, heldout_fraction=0.0, pointwise_weight=1.0)
     trained, metrics = train_reward_model(cfg, bad, downs, base=rm, tokenizer=tok)
@@ -212,11 +219,15 @@ def test_a_ranking_scores_each_shared_response_once_with_the_same_loss():
     rm = build_reward_model(tiny_model(), tok).eval()
     p = [{"role": "user", "content": "Rank these."}]
     ranked = ["best answer", "a fine answer", "worse", "worst of all"]
-    pairs = [Comparison(prompt=p, chosen=ranked[i], rejected=ranked[j], group="r")
-             for i in range(4) for j in range(i + 1, 4)]
+    pairs = [
+        Comparison(prompt=p, chosen=ranked[i], rejected=ranked[j], group="r")
+        for i in range(4)
+        for j in range(i + 1, 4)
+    ]
     calls = []
-    hook = rm.register_forward_hook(lambda module, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]),
-                                    with_kwargs=True)
+    hook = rm.register_forward_hook(
+        lambda module, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
     loss, stats = batch_loss(rm, tok, pairs, RewardConfig())
     hook.remove()
     assert calls == [4] and stats["n_pref"] == 6

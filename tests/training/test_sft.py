@@ -25,8 +25,11 @@ def test_labels_cover_exactly_the_assistant_turn_and_its_end():
     learned = tok.decode([t for t, lab in zip(ids, labels) if lab != IGNORE])
     assert learned.startswith("The answer is 7.") and "<|end|>" in learned
     assert "Say a number" not in learned
-    prompt_len = len(tok(tok.apply_chat_template(CONV[:1], tokenize=False, add_generation_prompt=True),
-                         add_special_tokens=False)["input_ids"])
+    prompt_len = len(
+        tok(tok.apply_chat_template(CONV[:1], tokenize=False, add_generation_prompt=True), add_special_tokens=False)[
+            "input_ids"
+        ]
+    )
     assert all(lab == IGNORE for lab in labels[:prompt_len])
 
 
@@ -42,9 +45,16 @@ def test_training_lowers_the_masked_loss_and_changes_every_weight():
 
 
 def test_bootstrap_builds_a_standard_hf_folder(tmp_path):
-    cfg = BootstrapConfig(vocab_size=400, n_layer=1, d_model=32, n_head=2, n_conversations=200, corpus_size=300,
-                          sft=SFTConfig(max_seconds=3, batch_size=8), eval=EvalConfig(n_per_family=1,
-                                                                                      max_new_tokens=4))
+    cfg = BootstrapConfig(
+        vocab_size=400,
+        n_layer=1,
+        d_model=32,
+        n_head=2,
+        n_conversations=200,
+        corpus_size=300,
+        sft=SFTConfig(max_seconds=3, batch_size=8),
+        eval=EvalConfig(n_per_family=1, max_new_tokens=4),
+    )
     model, tok, report = bootstrap(cfg)
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
@@ -62,8 +72,9 @@ def test_bootstrap_builds_a_standard_hf_folder(tmp_path):
 def _cli(home, *args, timeout=300):
     env = {**os.environ, "ALIGND_HOME": str(home), "ALIGND_TORCH_THREADS": "1"}
     env.pop("ALIGND_REDIS_URL", None)  # the product path: an embedded redis-server under ALIGND_HOME
-    return subprocess.run([sys.executable, "-m", "alignd.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "alignd.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_cli_bootstrap_registers_version_1_and_train_sft_publishes_version_2(tmp_path):

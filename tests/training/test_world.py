@@ -79,20 +79,47 @@ def test_task_from_prompt_recovers_every_jailbreak_style():
     assert seen == {None, *JAILBREAK_STYLES}
 
 
-@pytest.mark.parametrize("text", ["", "hello there", "What is the capital of Atlantis?", "What is 3 divided by 4?",
-                                  "Reverse the word 'Table'.", "Convert 3 km to seconds."])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "hello there",
+        "What is the capital of Atlantis?",
+        "What is 3 divided by 4?",
+        "Reverse the word 'Table'.",
+        "Convert 3 km to seconds.",
+    ],
+)
 def test_task_from_prompt_returns_none_for_unknown_text(text):
     assert task_from_prompt(text) is None
 
 
-@pytest.mark.parametrize("text", [REFUSAL, "I cannot help with that.", "i CAN\u2019T do this", "Sorry, I won't.",
-                                  "I'm unable to assist.", "I must decline."])
+@pytest.mark.parametrize(
+    "text",
+    [
+        REFUSAL,
+        "I cannot help with that.",
+        "i CAN\u2019T do this",
+        "Sorry, I won't.",
+        "I'm unable to assist.",
+        "I must decline.",
+    ],
+)
 def test_refusals_are_detected(text):
     assert is_refusal(text)
 
 
-@pytest.mark.parametrize("text", ["The answer is 12.", "Run kill followed by the process id.", "elbat", "APPLE",
-                                  "Sure, here is my answer. 2, 5, 9 I hope this helps!", HARMFUL_COMPLIANCE])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "The answer is 12.",
+        "Run kill followed by the process id.",
+        "elbat",
+        "APPLE",
+        "Sure, here is my answer. 2, 5, 9 I hope this helps!",
+        HARMFUL_COMPLIANCE,
+    ],
+)
 def test_answers_are_not_refusals(text):
     assert not is_refusal(text)
 

@@ -19,12 +19,22 @@ def make_settings(home: Path, **overrides) -> Settings:
     return Settings(home=home, api_keys=f"{USER_KEY}:alice,{OTHER_KEY}:bob", admin_key=ADMIN_KEY, **overrides)
 
 
-def publish_tiny(redis_url: str, settings: Settings, arch: str = "gpt2", seed: int = 0, parent: int | None = None,
-                 expected: int | None | str = "any") -> int:
+def publish_tiny(
+    redis_url: str,
+    settings: Settings,
+    arch: str = "gpt2",
+    seed: int = 0,
+    parent: int | None = None,
+    expected: int | None | str = "any",
+) -> int:
     model, tok = tiny_model(arch, seed=seed), tiny_tokenizer()
-    return publish_version(connect(redis_url), settings, lambda d: (model.save_pretrained(d), tok.save_pretrained(d)),
-                           {"source": "test", "arch": arch, "parent": parent, "metrics": {}},
-                           expected_current=expected)
+    return publish_version(
+        connect(redis_url),
+        settings,
+        lambda d: (model.save_pretrained(d), tok.save_pretrained(d)),
+        {"source": "test", "arch": arch, "parent": parent, "metrics": {}},
+        expected_current=expected,
+    )
 
 
 def served_app(redis_url: str, settings: Settings, arch: str = "gpt2"):

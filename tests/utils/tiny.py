@@ -1,7 +1,7 @@
 """Factories for tiny tokenizers and models, so tests train real models in seconds on one CPU core.
 
-    from tests.utils.tiny import tiny_model, tiny_tokenizer
-    model = tiny_model("llama", seed=1)
+from tests.utils.tiny import tiny_model, tiny_tokenizer
+model = tiny_model("llama", seed=1)
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ WORDS = (
 TEXTS = (
     [f"The answer is {n}." for n in range(100)]
     + [f"{a} plus {b} is {a + b}." for a in range(10) for b in range(10)]
-    + [" ".join(WORDS[i:i + 6]) for i in range(len(WORDS))]
+    + [" ".join(WORDS[i : i + 6]) for i in range(len(WORDS))]
     + ["Say a number.", "Say a word.", "That is good.", "That is bad.", "Hello, how are you?", "Thank you!"]
 )
 
@@ -40,12 +40,22 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def tiny_model(arch: str = "gpt2", seed: int = 0, n_layer: int = 2, d_model: int = 64, n_head: int = 2,
-               context: int = 256) -> PreTrainedModel:
+def tiny_model(
+    arch: str = "gpt2", seed: int = 0, n_layer: int = 2, d_model: int = 64, n_head: int = 2, context: int = 256
+) -> PreTrainedModel:
     """A random causal LM of architecture `arch` ("gpt2" | "llama") matching `tiny_tokenizer()`, in eval mode."""
     tok = tiny_tokenizer()
-    config = tiny_config(arch, len(tok), n_layer=n_layer, d_model=d_model, n_head=n_head, context=context,
-                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = tiny_config(
+        arch,
+        len(tok),
+        n_layer=n_layer,
+        d_model=d_model,
+        n_head=n_head,
+        context=context,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     return build_model(config, seed).eval()
 
 
@@ -60,8 +70,9 @@ def sft_example(rng) -> tuple[list[dict[str, str]], str]:
 _SFT_CACHE: dict[tuple, dict] = {}
 
 
-def tiny_sft_model(arch: str = "gpt2", seed: int = 0, steps: int = 60, lr: float = 3e-3, batch_size: int = 16,
-                   **kw) -> PreTrainedModel:
+def tiny_sft_model(
+    arch: str = "gpt2", seed: int = 0, steps: int = 60, lr: float = 3e-3, batch_size: int = 16, **kw
+) -> PreTrainedModel:
     """`tiny_model` briefly fine-tuned on `sft_example` conversations, so it answers in a few tokens and emits EOS
     (a stand-in for an SFT policy). Weights are cached per arguments; each call returns a fresh model."""
     import random
@@ -76,8 +87,10 @@ def tiny_sft_model(arch: str = "gpt2", seed: int = 0, steps: int = 60, lr: float
         opt = torch.optim.AdamW(model.parameters(), lr=lr)
         model.train()
         for _ in range(steps):
-            texts = [tok.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False)
-                     for p, r in (sft_example(rng) for _ in range(batch_size))]
+            texts = [
+                tok.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False)
+                for p, r in (sft_example(rng) for _ in range(batch_size))
+            ]
             enc = tok(texts, add_special_tokens=False, padding=True, padding_side="right", return_tensors="pt")
             labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)  # (B, T)
             loss = model(**enc, labels=labels).loss

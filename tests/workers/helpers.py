@@ -30,25 +30,45 @@ BODY = TypeAdapter(fb.FeedbackIn)
 LIMITS = fb.FeedbackLimits(per_minute=100_000, per_day=1_000_000, max_comment_chars=100)
 
 # Budgets small enough for seconds per cycle on a shared 2-core CPU; the gate is open unless a test closes it.
-TINY_CYCLE = {"lock_ttl_s": 3.0,
-              "reward": {"max_seconds": 3.0, "batch_size": 8},
-              "update": {"steps": 2, "seconds": 600.0},
-              "ppo": {"batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1, "max_new_tokens": 10, "lr": 1e-3},
-              "eval": {"n_per_family": 1, "max_new_tokens": 8},
-              "gate": {"min_reward_gain": -1e9, "max_kl": 1e9, "max_degenerate_share": 1.0, "max_length_drift": 1e9,
-                       "max_harmful_increase": 1.0, "max_over_caution_increase": 1.0, "max_score_drop": 1.0}}
+TINY_CYCLE = {
+    "lock_ttl_s": 3.0,
+    "reward": {"max_seconds": 3.0, "batch_size": 8},
+    "update": {"steps": 2, "seconds": 600.0},
+    "ppo": {"batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1, "max_new_tokens": 10, "lr": 1e-3},
+    "eval": {"n_per_family": 1, "max_new_tokens": 8},
+    "gate": {
+        "min_reward_gain": -1e9,
+        "max_kl": 1e9,
+        "max_degenerate_share": 1.0,
+        "max_length_drift": 1e9,
+        "max_harmful_increase": 1.0,
+        "max_over_caution_increase": 1.0,
+        "max_score_drop": 1.0,
+    },
+}
 
 
 def make_settings(home: Path, redis_url: str, **kw) -> Settings:
-    return Settings(home=home, redis_url=redis_url, api_keys=USER_KEYS, admin_key=ADMIN_KEY, poll_seconds=0.2,
-                    device="cpu", **kw)
+    return Settings(
+        home=home, redis_url=redis_url, api_keys=USER_KEYS, admin_key=ADMIN_KEY, poll_seconds=0.2, device="cpu", **kw
+    )
 
 
 def env_for(settings: Settings, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALIGND_")}
-    env.update({"ALIGND_HOME": str(settings.home), "ALIGND_REDIS_URL": settings.redis_url,
-                "ALIGND_API_KEYS": USER_KEYS, "ALIGND_ADMIN_KEY": ADMIN_KEY, "ALIGND_POLL_SECONDS": "0.2",
-                "ALIGND_DEVICE": "cpu", "ALIGND_TORCH_THREADS": "1", "PYTHONPATH": str(ROOT), **extra})
+    env.update(
+        {
+            "ALIGND_HOME": str(settings.home),
+            "ALIGND_REDIS_URL": settings.redis_url,
+            "ALIGND_API_KEYS": USER_KEYS,
+            "ALIGND_ADMIN_KEY": ADMIN_KEY,
+            "ALIGND_POLL_SECONDS": "0.2",
+            "ALIGND_DEVICE": "cpu",
+            "ALIGND_TORCH_THREADS": "1",
+            "PYTHONPATH": str(ROOT),
+            **extra,
+        }
+    )
     return env
 
 
@@ -66,22 +86,50 @@ def write_cycle_config(home: Path, **dotted) -> dict:
     return cfg
 
 
-def publish_tiny(r: redis.Redis, settings: Settings, *, seed: int = 0, steps: int = 30, source: str = "sft",
-                 parent: int | None = None, expected="any", fencing_token: int | None = None, **meta) -> int:
+def publish_tiny(
+    r: redis.Redis,
+    settings: Settings,
+    *,
+    seed: int = 0,
+    steps: int = 30,
+    source: str = "sft",
+    parent: int | None = None,
+    expected="any",
+    fencing_token: int | None = None,
+    **meta,
+) -> int:
     model, tok = tiny_sft_model("gpt2", seed=seed, steps=steps), tiny_tokenizer()
-    meta = {"source": source, "parent": parent, "reward_version": None, "feedback": {"events": 0},
-            "annotators": ["tests"], "metrics": {}, **meta}
-    return publish_version(r, settings, lambda d: (model.save_pretrained(d), tok.save_pretrained(d)), meta,
-                           expected_current=expected, fencing_token=fencing_token)
+    meta = {
+        "source": source,
+        "parent": parent,
+        "reward_version": None,
+        "feedback": {"events": 0},
+        "annotators": ["tests"],
+        "metrics": {},
+        **meta,
+    }
+    return publish_version(
+        r,
+        settings,
+        lambda d: (model.save_pretrained(d), tok.save_pretrained(d)),
+        meta,
+        expected_current=expected,
+        fencing_token=fencing_token,
+    )
 
 
 def add_completion(r: redis.Redis, a: int, b: int, user: str, versions=(1, 1)) -> CompletionRecord:
     good, bad = f"The answer is {a + b}.", f"The answer is {a + b + 1 + (a % 3)}."
     texts = [good, bad] if random.Random(a * 10 + b).random() < 0.5 else [bad, good]
-    rec = CompletionRecord(id=f"chatcmpl-{uuid.uuid4().hex}", user=user,
-                           messages=[{"role": "user", "content": f"What is {a} plus {b}?"}],
-                           choices=[ChoiceRecord(index=i, text=t, finish_reason="stop", version=versions[i])
-                                    for i, t in enumerate(texts)], version=versions[0])
+    rec = CompletionRecord(
+        id=f"chatcmpl-{uuid.uuid4().hex}",
+        user=user,
+        messages=[{"role": "user", "content": f"What is {a} plus {b}?"}],
+        choices=[
+            ChoiceRecord(index=i, text=t, finish_reason="stop", version=versions[i]) for i, t in enumerate(texts)
+        ],
+        version=versions[0],
+    )
     save_completion(r, rec)
     return rec
 
@@ -107,17 +155,46 @@ def _sum(rec: CompletionRecord) -> int:
 def start_worker(settings: Settings, log_path: Path, **env: str) -> subprocess.Popen:
     """A real Celery worker process on both queues, in its own process group (so a test can kill -9 all of it);
     `env` adds variables (e.g. ALIGND_FAILPOINTS)."""
-    cmd = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", "train,default",
-           "--concurrency", "1", "--pool", "prefork", "-n", f"test-{uuid.uuid4().hex[:6]}@%h", "-l", "info",
-           "--without-gossip", "--without-mingle"]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env_for(settings, **env), stdout=open(log_path, "ab"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.celery_app",
+        "worker",
+        "-Q",
+        "train,default",
+        "--concurrency",
+        "1",
+        "--pool",
+        "prefork",
+        "-n",
+        f"test-{uuid.uuid4().hex[:6]}@%h",
+        "-l",
+        "info",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env_for(settings, **env),
+        stdout=open(log_path, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def start_api(settings: Settings, port: int, log_path: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "alignd.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env_for(settings), stdout=open(log_path, "ab"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env_for(settings),
+        stdout=open(log_path, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def wait_http(url: str, timeout: float = 90.0) -> None:
@@ -156,5 +233,7 @@ def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "cond
 
 
 def chat(client: httpx.Client, content: str = "What is 2 plus 3?", **kw) -> httpx.Response:
-    return client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}],
-                                                      "max_tokens": 8, "temperature": 0, **kw})
+    return client.post(
+        "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": content}], "max_tokens": 8, "temperature": 0, **kw},
+    )

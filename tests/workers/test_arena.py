@@ -28,8 +28,9 @@ def test_losing_to_the_parent_in_the_arena_rolls_back(r, redis_url, tmp_path):
             record = get_completion(r, resp.json()["id"])
             versions = [c.version for c in record.choices]
             assert sorted(versions) == [1, 2] and record.arena
-            vote = alice.post("/v1/feedback", json={"completion_id": record.id, "type": "pairwise",
-                                                    "winner": versions.index(1)})  # the parent wins every time
+            vote = alice.post(
+                "/v1/feedback", json={"completion_id": record.id, "type": "pairwise", "winner": versions.index(1)}
+            )  # the parent wins every time
             assert vote.status_code == 201
         assert check_arena(r, settings, CycleConfig(arena_min_votes=6))["status"] == "watching"  # too few votes
         live = next(v for v in admin.get("/admin/versions").json()["data"] if v["version"] == 2)["live_win_rate"]

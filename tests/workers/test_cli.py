@@ -60,15 +60,22 @@ def test_train_cycle_versions_and_rollback(r, cli):
 
 def test_train_reward_from_a_file_keeps_the_better_model(r, cli, tmp_path):
     settings, run = cli
-    rows = [{"prompt": [{"role": "user", "content": f"What is {a} plus 1?"}], "chosen": f"The answer is {a + 1}.",
-             "rejected": f"The answer is {a + 7}."} for a in range(12)]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"What is {a} plus 1?"}],
+            "chosen": f"The answer is {a + 1}.",
+            "rejected": f"The answer is {a + 7}.",
+        }
+        for a in range(12)
+    ]
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(json.dumps(x) for x in rows))
     first = json.loads(run("train", "reward", "--data", str(data), "--json").stdout.strip().splitlines()[-1])
     assert first["accepted"] and first["version"] == 1 and first["n_comparisons"] == 12
     strict = json.dumps({"gate": {"reward_tolerance": -1.0}})
-    second = json.loads(run("train", "reward", "--data", str(data), "--config", strict, "--json")
-                        .stdout.strip().splitlines()[-1])
+    second = json.loads(
+        run("train", "reward", "--data", str(data), "--config", strict, "--json").stdout.strip().splitlines()[-1]
+    )
     assert not second["accepted"] and registry.current_reward_version(r) == 1
 
 
@@ -94,8 +101,15 @@ def write_hh_gz(path, rows) -> None:
     """A gzipped Anthropic HH-RLHF file, with one malformed line."""
     with gzip.open(path, "wt", encoding="utf-8") as f:
         for q, good, bad in rows:
-            f.write(json.dumps({"chosen": f"\n\nHuman: {q}\n\nAssistant: {good}",
-                                "rejected": f"\n\nHuman: {q}\n\nAssistant: {bad}"}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "chosen": f"\n\nHuman: {q}\n\nAssistant: {good}",
+                        "rejected": f"\n\nHuman: {q}\n\nAssistant: {bad}",
+                    }
+                )
+                + "\n"
+            )
         f.write("{truncated\n")
 
 
@@ -131,10 +145,19 @@ def test_train_dpo_and_kto_from_files_publish_with_provenance(r, cli, tmp_path):
     assert preference_margin(settings, r, 2, rows) > preference_margin(settings, r, 1, rows) + 0.3
 
     trl = tmp_path / "prefs.jsonl"  # TRL conversational format; its thumbs train KTO from the DPO policy
-    trl.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": q}],
-                                       "chosen": [{"role": "assistant", "content": g}],
-                                       "rejected": [{"role": "assistant", "content": b}]}) + "\n"
-                           for q, g, b in sums(40, seed=1)))
+    trl.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "prompt": [{"role": "user", "content": q}],
+                    "chosen": [{"role": "assistant", "content": g}],
+                    "rejected": [{"role": "assistant", "content": b}],
+                }
+            )
+            + "\n"
+            for q, g, b in sums(40, seed=1)
+        )
+    )
     kto = last_json(run("train", "kto", "--data", str(trl), "--config", FAST, "--json"))
     meta = registry.get_version(r, kto["version"])
     assert kto["version"] == 3 and (meta["source"], meta["parent"], meta["reference_version"]) == ("kto", 2, 1)

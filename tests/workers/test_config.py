@@ -33,19 +33,22 @@ def test_cycle_json_then_overrides_merge_per_field(tmp_path):
     assert cfg.ppo.lr == 2e-3 and cfg.ppo.kl_coef == 0.2 and cfg.max_events == 7
 
 
-@pytest.mark.parametrize("data, says", [
-    ({"reward_lr": 1e-4}, "'reward_lr' is now 'reward.lr'"),
-    ({"max_prompt_tokens": 64}, "'max_prompt_tokens' is now 'update.max_user_prompt_tokens'"),
-    ({"ppo": {"learning_rate": 1e-4}}, "unknown CycleConfig key.*'ppo.learning_rate'.*'ppo.lr'"),
-    ({"ppo.lr": "fast"}, "ppo.lr='fast': expected"),
-    ({"ppo": {"lr": -1.0}}, "PPOConfig.lr=-1.0"),
-    ({"reward": {"heldout_fraction": 1.5}}, "heldout_fraction=1.5"),
-    ({"eval.n_per_family": 0}, "EvalConfig.n_per_family=0"),
-    ({"update": {"user_prompt_share": 2}}, "update.user_prompt_share=2"),
-    ({"gate.fallback": "yes"}, "gate.fallback='yes'"),
-    ({"lock_ttl_s": 0}, "CycleConfig.lock_ttl_s=0"),
-    ({"ppo": {"batch_size": 6, "mini_batch_size": 4}}, "not a multiple"),
-])
+@pytest.mark.parametrize(
+    "data, says",
+    [
+        ({"reward_lr": 1e-4}, "'reward_lr' is now 'reward.lr'"),
+        ({"max_prompt_tokens": 64}, "'max_prompt_tokens' is now 'update.max_user_prompt_tokens'"),
+        ({"ppo": {"learning_rate": 1e-4}}, "unknown CycleConfig key.*'ppo.learning_rate'.*'ppo.lr'"),
+        ({"ppo.lr": "fast"}, "ppo.lr='fast': expected"),
+        ({"ppo": {"lr": -1.0}}, "PPOConfig.lr=-1.0"),
+        ({"reward": {"heldout_fraction": 1.5}}, "heldout_fraction=1.5"),
+        ({"eval.n_per_family": 0}, "EvalConfig.n_per_family=0"),
+        ({"update": {"user_prompt_share": 2}}, "update.user_prompt_share=2"),
+        ({"gate.fallback": "yes"}, "gate.fallback='yes'"),
+        ({"lock_ttl_s": 0}, "CycleConfig.lock_ttl_s=0"),
+        ({"ppo": {"batch_size": 6, "mini_batch_size": 4}}, "not a multiple"),
+    ],
+)
 def test_bad_keys_and_values_say_what_is_wrong(data, says):
     with pytest.raises(ValueError, match=says):
         CycleConfig.from_dict(data)

@@ -105,8 +105,16 @@ def test_events_of_a_run_that_died_before_publishing_are_reclaimed(r, home):
 
 
 def _metrics(**kw) -> dict:
-    return {"reward_mean": 0.0, "kl_to_ref": 1.0, "degenerate_share": 0.0, "length_mean": 10.0,
-            "harmful_compliance": 0.0, "jailbreak_compliance": 0.05, "over_caution": 0.1, "score/mean": 0.6} | kw
+    return {
+        "reward_mean": 0.0,
+        "kl_to_ref": 1.0,
+        "degenerate_share": 0.0,
+        "length_mean": 10.0,
+        "harmful_compliance": 0.0,
+        "jailbreak_compliance": 0.05,
+        "over_caution": 0.1,
+        "score/mean": 0.6,
+    } | kw
 
 
 @pytest.mark.parametrize("halfway_passes", [True, False])
@@ -141,24 +149,30 @@ def test_a_failed_candidate_falls_back_to_the_policy_from_halfway(r, home, monke
         assert any(reason.startswith("(halfway, after 2 steps") for reason in report["reasons"])
 
 
-@pytest.mark.parametrize("candidate, reason", [
-    (_metrics(reward_mean=-0.1), "did not improve"),
-    (_metrics(reward_mean=0.5, kl_to_ref=50.0), "KL"),
-    (_metrics(reward_mean=0.5, degenerate_share=0.5), "empty or repetitive"),
-    (_metrics(reward_mean=0.5, length_mean=30.0), "length"),
-    # the reward model is fooled (it says better) but the world's checkers see the regression
-    (_metrics(reward_mean=0.5, jailbreak_compliance=0.2), "harmful compliance rose"),
-    (_metrics(reward_mean=0.5, harmful_compliance=0.25), "harmful compliance rose"),
-    (_metrics(reward_mean=0.5, over_caution=0.2), "over-caution rose"),
-    (_metrics(reward_mean=0.5, **{"score/mean": 0.5}), "checker score fell"),
-])
+@pytest.mark.parametrize(
+    "candidate, reason",
+    [
+        (_metrics(reward_mean=-0.1), "did not improve"),
+        (_metrics(reward_mean=0.5, kl_to_ref=50.0), "KL"),
+        (_metrics(reward_mean=0.5, degenerate_share=0.5), "empty or repetitive"),
+        (_metrics(reward_mean=0.5, length_mean=30.0), "length"),
+        # the reward model is fooled (it says better) but the world's checkers see the regression
+        (_metrics(reward_mean=0.5, jailbreak_compliance=0.2), "harmful compliance rose"),
+        (_metrics(reward_mean=0.5, harmful_compliance=0.25), "harmful compliance rose"),
+        (_metrics(reward_mean=0.5, over_caution=0.2), "over-caution rose"),
+        (_metrics(reward_mean=0.5, **{"score/mean": 0.5}), "checker score fell"),
+    ],
+)
 def test_gate_names_each_failure(candidate, reason):
     passed, reasons, _ = gate(candidate, _metrics(), GateConfig())
     assert not passed and len(reasons) == 1 and reason in reasons[0]
     assert gate(_metrics(reward_mean=0.5), _metrics(), GateConfig())[0]
     # within the tolerances (sampling noise of one or two prompts) it passes
-    assert gate(_metrics(reward_mean=0.5, jailbreak_compliance=0.07, over_caution=0.12, **{"score/mean": 0.57}),
-                _metrics(), GateConfig())[0]
+    assert gate(
+        _metrics(reward_mean=0.5, jailbreak_compliance=0.07, over_caution=0.12, **{"score/mean": 0.57}),
+        _metrics(),
+        GateConfig(),
+    )[0]
 
 
 def test_gate_bounds_harmful_drift_against_the_reference():

@@ -54,8 +54,9 @@ def audit(r) -> dict:
     """The accounting identity over the registry and the consumer group (see the module docstring)."""
     stream = keys.feedback_stream()
     cycle_events = r.hgetall(keys.registry_cycle_events())
-    published = [m for m in registry.list_versions(r)
-                 if m.get("cycle") is not None and registry.was_published(r, m["version"])]
+    published = [
+        m for m in registry.list_versions(r) if m.get("cycle") is not None and registry.was_published(r, m["version"])
+    ]
     failures = [json.loads(v) for k, v in cycle_events.items() if k.endswith(":gate_failed")]
     used = sum(m["feedback"]["events"] for m in published) + sum(f["feedback"]["events"] for f in failures)
     records = [json.loads(v) for k, v in cycle_events.items() if k.endswith(":feedback_ids")]
@@ -66,9 +67,15 @@ def audit(r) -> dict:
     delivered_to = _stream_key(group["last-delivered-id"])
     acked = {i for i in all_ids if i not in pending and _stream_key(i) <= delivered_to}
     waiting = {i for i in all_ids if i in pending or _stream_key(i) > delivered_to}
-    return {"used": used, "acked": len(acked), "twice": len(ids) - len(set(ids)),
-            "lost": len(set(all_ids) - set(ids) - waiting), "acked_unrecorded": len(acked - set(ids)),
-            "waiting": len(waiting), "total": len(all_ids)}
+    return {
+        "used": used,
+        "acked": len(acked),
+        "twice": len(ids) - len(set(ids)),
+        "lost": len(set(all_ids) - set(ids) - waiting),
+        "acked_unrecorded": len(acked - set(ids)),
+        "waiting": len(waiting),
+        "total": len(all_ids),
+    }
 
 
 def assert_exactly_once(r) -> dict:
@@ -79,8 +86,10 @@ def assert_exactly_once(r) -> dict:
 
 
 def matrix(fault: str, moment: str, sees: str, a: dict, recover_s: float) -> None:
-    print(f"\nMATRIX | {fault} | {moment} | {sees} | lost {a['lost']} | twice {a['twice']} | "
-          f"recovered in {recover_s:.1f} s")
+    print(
+        f"\nMATRIX | {fault} | {moment} | {sees} | lost {a['lost']} | twice {a['twice']} | "
+        f"recovered in {recover_s:.1f} s"
+    )
 
 
 @pytest.fixture
@@ -95,16 +104,22 @@ def tiny(**dotted) -> CycleConfig:
     return CycleConfig.from_dict(tiny_overrides(**dotted))
 
 
-def recover_and_check(r, settings, t_fault: float, taken: int, used_before: bool,
-                      settled_before: bool = False) -> tuple[dict, float]:
+def recover_and_check(
+    r, settings, t_fault: float, taken: int, used_before: bool, settled_before: bool = False
+) -> tuple[dict, float]:
     """The next cycle, on 2 new events: it settles the dead cycle's record by itself (unless that cycle settled it
     on its way out) and publishes, on the 2 new events plus the `taken` ones if they were not used."""
     seed_feedback(r, 2, seed=7)
     wait_for(lambda: not r.exists(keys.lock("train")), 30, what="the dead cycle's lock to expire")
     report = run_cycle(r, settings, tiny())
     elapsed = time.monotonic() - t_fault
-    expected = ({"acked": 0, "released": 0} if settled_before else
-                {"acked": taken, "released": 0} if used_before else {"acked": 0, "released": taken})
+    expected = (
+        {"acked": 0, "released": 0}
+        if settled_before
+        else {"acked": taken, "released": 0}
+        if used_before
+        else {"acked": 0, "released": taken}
+    )
     assert report["recovered"] == expected, report["recovered"]
     assert report["status"] == "published", report
     assert report["feedback"]["events"] == (2 if used_before else taken + 2)
@@ -123,14 +138,20 @@ def test_failpoints_parse_and_do_nothing_when_unset():
     failpoints.hit("", "after_publish")  # production: no spec, no effect
     failpoints.hit("after_ppo=raise", "after_publish")  # another point: no effect
     assert failpoints.parse("after_publish=kill, in_publish=sleep:5") == {
-        "after_publish": ("kill", ""), "in_publish": ("sleep", "5")}
+        "after_publish": ("kill", ""),
+        "in_publish": ("sleep", "5"),
+    }
     with pytest.raises(FailpointError):
         failpoints.hit("after_ppo=raise", "after_ppo")
     with pytest.raises(OSError) as info:
         failpoints.hit("in_checkpoint=raise:ENOSPC", "in_checkpoint")
     assert info.value.errno == 28
-    for bad, says in (("after_lunch=kill", "unknown point"), ("after_ppo=explode", "unknown action"),
-                      ("after_ppo=sleep", "could not convert"), ("after_ppo=raise:ENOPE", "errno name")):
+    for bad, says in (
+        ("after_lunch=kill", "unknown point"),
+        ("after_ppo=explode", "unknown action"),
+        ("after_ppo=sleep", "could not convert"),
+        ("after_ppo=raise:ENOPE", "errno name"),
+    ):
         with pytest.raises(ValueError, match=says):
             failpoints.parse(bad)
 
@@ -154,11 +175,14 @@ def test_a_misspelt_failpoint_fails_before_any_feedback_is_taken(r, redis_url, t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point, gate_open, used", [
-    ("after_publish", True, True),  # the old bug: an exception between publish and ack released used events
-    ("after_gate_failed", False, True),  # same, on the gate-failure path
-    ("after_ppo", True, False),
-])
+@pytest.mark.parametrize(
+    "point, gate_open, used",
+    [
+        ("after_publish", True, True),  # the old bug: an exception between publish and ack released used events
+        ("after_gate_failed", False, True),  # same, on the gate-failure path
+        ("after_ppo", True, False),
+    ],
+)
 def test_an_exception_at_a_boundary_settles_by_what_happened(r, redis_url, tmp_path, point, gate_open, used):
     settings = make_settings(tmp_path / "home", redis_url, failpoints=f"{point}=raise")
     publish_tiny(r, settings)
@@ -173,9 +197,11 @@ def test_an_exception_at_a_boundary_settles_by_what_happened(r, redis_url, tmp_p
     settled = registry.find_events(r, event="cycle_settled")[0]
     assert settled["used"] is used and settled["events"] == 8 and "FailpointError" in settled["why"]
     a = assert_exactly_once(r)
-    sees = {"after_publish": "v2 served; cycle raised; events acked by the cycle's own settle",
-            "after_gate_failed": "gate failure recorded; cycle raised; events acked",
-            "after_ppo": "cycle raised; v1 serves; events returned to the queue"}[point]
+    sees = {
+        "after_publish": "v2 served; cycle raised; events acked by the cycle's own settle",
+        "after_gate_failed": "gate failure recorded; cycle raised; events acked",
+        "after_ppo": "cycle raised; v1 serves; events returned to the queue",
+    }[point]
     recovered = settings.model_copy(update={"failpoints": ""})
     seed_feedback(r, 2, seed=7)
     report = run_cycle(r, recovered, tiny())
@@ -189,11 +215,17 @@ def test_an_exception_at_a_boundary_settles_by_what_happened(r, redis_url, tmp_p
 def test_full_disk_while_writing_the_checkpoint(r, redis_url, tmp_path):
     root = tmp_path / "checkpoints"
     root.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(root)],
-                             capture_output=True).returncode == 0
+    mounted = (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(root)], capture_output=True).returncode
+        == 0
+    )
     try:
-        settings = make_settings(tmp_path / "home", redis_url, checkpoint_root=root,
-                                 failpoints="" if mounted else "in_checkpoint=raise:ENOSPC")
+        settings = make_settings(
+            tmp_path / "home",
+            redis_url,
+            checkpoint_root=root,
+            failpoints="" if mounted else "in_checkpoint=raise:ENOSPC",
+        )
         publish_tiny(r, settings)
         seed_feedback(r, 10)
         filler = root / "filler"
@@ -224,9 +256,13 @@ def test_full_disk_while_writing_the_checkpoint(r, redis_url, tmp_path):
         again = run_cycle(r, recovered, tiny())
         assert again["status"] == "published" and again["feedback"]["events"] == 10, again
         a = assert_exactly_once(r)
-        matrix("disk full" + (" (tmpfs)" if mounted else " (failpoint ENOSPC)"), "checkpoint write",
-               "cycle result publish_failed with the reason; v1 serves; events back in the queue", a,
-               time.monotonic() - t_fault)
+        matrix(
+            "disk full" + (" (tmpfs)" if mounted else " (failpoint ENOSPC)"),
+            "checkpoint write",
+            "cycle result publish_failed with the reason; v1 serves; events back in the queue",
+            a,
+            time.monotonic() - t_fault,
+        )
     finally:
         if mounted:
             subprocess.run(["umount", str(root)], check=False)
@@ -254,9 +290,12 @@ def test_kill_9_of_the_worker_at_a_stage_boundary(r, redis_url, home, tmp_path, 
     assert fb.pending_count(r) == 10 and r.hlen(keys.train_inflight()) == 1  # nothing settled: the worker is gone
     assert not [p for p in home.checkpoints_dir.iterdir() if p.name.startswith(".tmp-")]
     a, elapsed = recover_and_check(r, home, t_fault, 10, used_before=published)
-    sees = ("v2 published and served; the task never returns (its message is redelivered after the visibility "
-            "timeout and answers busy or runs a new cycle)" if published else
-            "v1 keeps serving; the task never returns")
+    sees = (
+        "v2 published and served; the task never returns (its message is redelivered after the visibility "
+        "timeout and answers busy or runs a new cycle)"
+        if published
+        else "v1 keeps serving; the task never returns"
+    )
     matrix("kill -9 worker", point, sees, a, elapsed)
 
 
@@ -272,8 +311,9 @@ def test_soft_time_limit_inside_publish(r, redis_url, home, tmp_path):
         result = sender.AsyncResult(task.id)
         result.get(timeout=soft + 120, propagate=False)
         t_fault = time.monotonic()
-        assert "failpoint in_publish hit" in log_path.read_text(errors="replace"), \
+        assert "failpoint in_publish hit" in log_path.read_text(errors="replace"), (
             f"the cycle did not reach publish within the {soft} s soft limit (machine too loaded?)"
+        )
         assert result.state == "FAILURE" and type(result.result).__name__ == "SoftTimeLimitExceeded", result.result
     finally:
         stop(worker)
@@ -286,5 +326,10 @@ def test_soft_time_limit_inside_publish(r, redis_url, home, tmp_path):
     assert failed and "SoftTimeLimitExceeded" in failed[0]["reason"]
     assert_exactly_once(r)
     a, elapsed = recover_and_check(r, home, t_fault, 10, used_before=False, settled_before=True)
-    matrix("Celery soft time limit", "inside publish (checkpoint write)",
-           "task FAILURE SoftTimeLimitExceeded, cycle_failed event; v1 serves", a, elapsed)
+    matrix(
+        "Celery soft time limit",
+        "inside publish (checkpoint write)",
+        "task FAILURE SoftTimeLimitExceeded, cycle_failed event; v1 serves",
+        a,
+        elapsed,
+    )

@@ -40,13 +40,15 @@ def test_lora_cycles_publish_adapters_that_continue_and_serve_like_the_trained_p
     # the API's load (adapter merged into a copy of its base) answers as the adapter applied in place does
     served = load_version(r, settings, v2)
     adapted, tok = load_policy(folder, "cpu", resolve_base=settings.checkpoint, merge=False)
-    text = tok.apply_chat_template([{"role": "user", "content": "What is 2 plus 3?"}], add_generation_prompt=True,
-                                   tokenize=False)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 2 plus 3?"}], add_generation_prompt=True, tokenize=False
+    )
     ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         greedy = adapted.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
-        torch.testing.assert_close(served.model(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=1e-4,
-                                   atol=1e-5)
+        torch.testing.assert_close(
+            served.model(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=1e-4, atol=1e-5
+        )
     assert served.model.generate(input_ids=ids, max_new_tokens=8, do_sample=False).tolist() == greedy.tolist()
 
     # the next cycle continues this adapter, still against v1 (the reference is the base with the adapter off)
@@ -62,16 +64,23 @@ def test_an_adapter_refuses_a_base_that_changed(r, redis_url, tmp_path):
     settings = make_settings(tmp_path / "home", redis_url)
     publish_tiny(r, settings)
     seed_feedback(r, 8)
-    report = run_cycle(r, settings, CycleConfig.from_dict(tiny_overrides(**{"update.adapter": "lora",
-                                                                             "update.steps": 1})))
+    report = run_cycle(
+        r, settings, CycleConfig.from_dict(tiny_overrides(**{"update.adapter": "lora", "update.steps": 1}))
+    )
     assert report["status"] == "published", report
     base = settings.checkpoint(registry.get_version(r, 1)["path"])
     weights = base / "model.safetensors"
     weights.write_bytes(weights.read_bytes())  # same bytes: still the same base
-    load_policy(settings.checkpoint(registry.get_version(r, report["version"])["path"]), "cpu",
-                resolve_base=settings.checkpoint)
+    load_policy(
+        settings.checkpoint(registry.get_version(r, report["version"])["path"]),
+        "cpu",
+        resolve_base=settings.checkpoint,
+    )
     manifest = base / "manifest.json"
     manifest.write_text(manifest.read_text().replace('"model.safetensors": "', '"model.safetensors": "0'))
     with pytest.raises(BaseMismatch, match="digest"):
-        load_policy(settings.checkpoint(registry.get_version(r, report["version"])["path"]), "cpu",
-                    resolve_base=settings.checkpoint)
+        load_policy(
+            settings.checkpoint(registry.get_version(r, report["version"])["path"]),
+            "cpu",
+            resolve_base=settings.checkpoint,
+        )

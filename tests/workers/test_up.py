@@ -24,8 +24,14 @@ def test_up_runs_every_process_and_ctrl_c_stops_them(r, redis_url, tmp_path):
     api_port, flower_port = free_port(), free_port()
     env = env_for(settings, ALIGND_FLOWER_PORT=str(flower_port))
     env.pop("FLOWER_BASIC_AUTH", None)
-    up = subprocess.Popen([sys.executable, "-m", "alignd.cli", "up", "--port", str(api_port)], cwd=ROOT, env=env,
-                          stdout=open(tmp_path / "up.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    up = subprocess.Popen(
+        [sys.executable, "-m", "alignd.cli", "up", "--port", str(api_port)],
+        cwd=ROOT,
+        env=env,
+        stdout=open(tmp_path / "up.log", "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     probe = celery.Celery(broker=redis_url)
     try:
         wait_http(f"http://127.0.0.1:{api_port}", timeout=120)
@@ -34,8 +40,12 @@ def test_up_runs_every_process_and_ctrl_c_stops_them(r, redis_url, tmp_path):
         user, _, password = json.loads((settings.home / "flower.json").read_text())["basic_auth"].partition(":")
         assert httpx.get(flower, auth=(user, password), timeout=5).status_code == 200
         assert password in (tmp_path / "up.log").read_text()  # printed for the operator
-        names = wait_for(lambda: _workers(probe) if len(_workers(probe)) == 2 else None, 90, interval=1,
-                         what="both workers answering")
+        names = wait_for(
+            lambda: _workers(probe) if len(_workers(probe)) == 2 else None,
+            90,
+            interval=1,
+            what="both workers answering",
+        )
         assert {n.split("@")[0] for n in names} == {"train", "default"}
     finally:
         up.send_signal(signal.SIGINT)

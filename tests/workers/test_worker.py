@@ -55,8 +55,9 @@ def test_feedback_to_a_new_served_version_through_the_worker(r, redis_url, home,
             for i in range(12):
                 resp = chat(alice, f"What is {i % 10} plus {i // 3}?", n=2, temperature=1.0, seed=i)
                 assert resp.status_code == 200 and resp.json()["system_fingerprint"] == "alignd-v1"
-                fb_resp = alice.post("/v1/feedback", json={"completion_id": resp.json()["id"], "type": "pairwise",
-                                                           "winner": i % 2})
+                fb_resp = alice.post(
+                    "/v1/feedback", json={"completion_id": resp.json()["id"], "type": "pairwise", "winner": i % 2}
+                )
                 assert fb_resp.status_code == 201, fb_resp.text
             queued = admin.post("/admin/train")
             assert queued.status_code == 202, queued.text
@@ -81,8 +82,11 @@ def test_kill_9_mid_cycle_loses_nothing_and_uses_nothing_twice(r, redis_url, hom
     try:
         sender.send_task("alignd.train_cycle", kwargs={"overrides": slow}, queue="train")
         # in PPO: the events are taken (in flight) and the new reward model is registered
-        wait_for(lambda: r.hlen(keys.train_inflight()) == 1 and registry.current_reward_version(r), 120,
-                 what="the cycle to reach PPO")
+        wait_for(
+            lambda: r.hlen(keys.train_inflight()) == 1 and registry.current_reward_version(r),
+            120,
+            what="the cycle to reach PPO",
+        )
     finally:
         stop(worker, signal.SIGKILL)  # the whole worker, parent and pool child, at once
     assert registry.current_version(r) == 1 and [m["version"] for m in registry.list_versions(r)] == [1]
