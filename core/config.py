@@ -35,6 +35,12 @@ class Settings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = 8000
+    serve_workers: int = Field(
+        1,
+        ge=1,
+        description="API processes of `alignd serve`, each with its own engine and "
+        "registry follower (uvicorn workers sharing the port)",
+    )
 
     # --- serving limits
     max_batch_size: int = Field(32, ge=1, le=256, description="sequences decoded together by the engine")
@@ -138,13 +144,15 @@ class Settings(BaseSettings):
         return p
 
     def apply_torch_threads(self, serving: bool = False) -> None:
-        """ALIGND_TORCH_THREADS, else every core for training and all but one for serving: the API's event loop
-        (HTTP, JSON, streaming) needs a core of its own, and a small model's decode step gains little from the
-        last one (bench/serve.py: 16 streaming clients got 4.1x the baseline with 1 of 2 cores, 2.9x with 2)."""
+        """ALIGND_TORCH_THREADS, else every core for training and all but one for serving, shared by the
+        `serve_workers` API processes: the API's event loop (HTTP, JSON, streaming) needs a core of its own, and a
+        small model's decode step gains little from the last one (bench/serve.py: 16 streaming clients got 4.1x the
+        baseline with 1 of 2 cores, 2.9x with 2)."""
         import torch
 
         cores = os.cpu_count() or 1
-        torch.set_num_threads(self.torch_threads or (max(1, cores - 1) if serving else cores))
+        serving_threads = max(1, (cores - 1) // self.serve_workers)
+        torch.set_num_threads(self.torch_threads or (serving_threads if serving else cores))
 
     def torch_device(self) -> str:
         if self.device != "auto":

@@ -47,6 +47,28 @@ class BodyLimit:
         return await self.app(scope, receive, send)
 
 
+def app_from_env() -> FastAPI:
+    """The app of one `alignd serve --workers N` process (uvicorn's factory): the settings from the environment
+    (ALIGND_REDIS_URL set by the parent), the registry's current version loaded, verified and smoke-tested here, an
+    engine and a registry follower of its own."""
+    import sys
+
+    from core.config import get_settings
+    from service.engine import Engine
+    from service.loader import load_version
+    from store import registry
+
+    settings = get_settings()
+    settings.apply_torch_threads(serving=True)
+    sys.setswitchinterval(0.0005)  # as `alignd serve` (alignd/commands/run.py says why)
+    r = connect(settings.redis_url)
+    version = registry.current_version(r)
+    if version is None:
+        raise RuntimeError("no policy version is registered: run `alignd bootstrap` first")
+    engine = Engine(load_version(r, settings, version), max_batch_size=settings.max_batch_size)
+    return create_app(settings, settings.redis_url, engine)
+
+
 def create_app(settings: Settings, redis_url: str, engine=None) -> FastAPI:
     state = AppState(
         settings=settings,

@@ -75,6 +75,12 @@ def _run_child(cmd: list[str], env: dict[str, str], embedded) -> None:
 def serve(
     host: Annotated[Optional[str], typer.Option(help="bind address (default ALIGND_HOST)")] = None,
     port: Annotated[Optional[int], typer.Option(help="port (default ALIGND_PORT)")] = None,
+    workers: Annotated[
+        Optional[int],
+        typer.Option(
+            help="API processes sharing the port, each following the registry (default ALIGND_SERVE_WORKERS)"
+        ),
+    ] = None,
 ):
     """Run the API: OpenAI-compatible chat, feedback, admin, metrics."""
     import uvicorn
@@ -103,6 +109,11 @@ def serve(
             "again"
         )
         raise typer.Exit(3) from None
+    workers = workers or settings.serve_workers
+    if workers > 1:  # the version passed its checks here; each worker loads it again (service.app.app_from_env)
+        del policy
+        _serve_workers(settings, url, host, port, workers)
+        return
     engine = Engine(policy, max_batch_size=settings.max_batch_size)
     application = create_app(settings, url, engine)
     keyring = application.state.alignd.keyring
@@ -113,6 +124,30 @@ def serve(
         console.print(f"  admin: {keyring.admin_key}")
     console.print(f"serving policy v{version} on http://{host or settings.host}:{port or settings.port}")
     uvicorn.run(application, host=host or settings.host, port=port or settings.port, log_level="info")
+
+
+def _serve_workers(settings, url: str, host: str | None, port: int | None, workers: int) -> None:
+    """uvicorn with `workers` processes, each building its app with service.app.app_from_env; keys are generated
+    here once, so the processes share them."""
+    import uvicorn
+
+    from service.auth import load_keyring
+
+    keyring = load_keyring(settings)
+    if keyring.generated:
+        console.print(f"[bold]generated API keys (kept in {settings.home / 'keys.json'}); `alignd keys` prints them")
+    os.environ.update(
+        {"ALIGND_REDIS_URL": url, "ALIGND_HOME": str(settings.home), "ALIGND_SERVE_WORKERS": str(workers)}
+    )
+    console.print(f"serving with {workers} API processes on http://{host or settings.host}:{port or settings.port}")
+    uvicorn.run(
+        "service.app:app_from_env",
+        factory=True,
+        workers=workers,
+        host=host or settings.host,
+        port=port or settings.port,
+        log_level="info",
+    )
 
 
 @app.command()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -42,6 +44,7 @@ async def readyz(state: StateDep):
     except Exception as exc:  # any Redis failure means not ready, and says why
         checks["redis"] = f"error: {exc}"
     checks["policy_version"] = state.engine.current_version if state.engine else None
+    checks["pid"] = os.getpid()  # which API process answered (`alignd serve --workers N` runs several)
     if state.extras.get("refused"):
         checks["refused_versions"] = state.extras["refused"]
     ready = checks["redis"] is True and checks["policy_version"] is not None
