@@ -266,6 +266,30 @@ def _version_row(v: int, meta: dict, metrics: dict, source: str, rewards: dict[i
     return row
 
 
+BEFORE_AFTER = (
+    "score/mean",
+    "heldout_score",
+    "over_caution",
+    "harmful_compliance",
+    "jailbreak_compliance",
+    "length_mean",
+    "words_mean",
+    "kl_to_ref",
+    "reward_heldout_accuracy",
+    "oracle_utility",
+)
+
+
+def _before_after(before: dict, after: dict) -> dict[str, dict[str, Any]]:
+    """Each headline metric of the baseline and the final version, and the change where both are numbers."""
+
+    def delta(k: str) -> float | None:
+        a, b = after.get(k), before.get(k)
+        return a - b if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None
+
+    return {k: {"before": before.get(k), "after": after.get(k), "delta": delta(k)} for k in BEFORE_AFTER}
+
+
 def build_report(
     r: redis.Redis,
     out: Path,
@@ -308,27 +332,6 @@ def build_report(
             oracle = {"error": f"{type(exc).__name__}: {exc}"}
     by_v = {row["version"]: row for row in rows}
     before, after = by_v[baseline], by_v[final]
-    before_after = {
-        k: {
-            "before": before.get(k),
-            "after": after.get(k),
-            "delta": (after[k] - before[k])
-            if isinstance(after.get(k), (int, float)) and isinstance(before.get(k), (int, float))
-            else None,
-        }
-        for k in (
-            "score/mean",
-            "heldout_score",
-            "over_caution",
-            "harmful_compliance",
-            "jailbreak_compliance",
-            "length_mean",
-            "words_mean",
-            "kl_to_ref",
-            "reward_heldout_accuracy",
-            "oracle_utility",
-        )
-    }
     report: dict[str, Any] = {
         "object": "alignd.report",
         "generated": time.time(),
@@ -337,7 +340,7 @@ def build_report(
         "final_version": final,
         "baseline_version": baseline,
         "versions": rows,
-        "before_after": before_after,
+        "before_after": _before_after(before, after),
         "oracle": oracle,
         "targets": targets(before, after, oracle),
         "cycles": data["cycles"],
@@ -656,6 +659,20 @@ def _fmt(v: Any) -> str:
     return html.escape(str(v))
 
 
+def _oracle_line(oracle: dict) -> str:
+    if "win_rate" not in oracle:
+        return html.escape(oracle.get("error", "no oracle figures: not a built-in-world deployment"))
+    line = (
+        f"v{oracle['final']} beats v{oracle['baseline']} in {oracle['win_rate']:.1%} of {oracle['n']} "
+        f"held-out prompts (95 % CI {oracle['ci_low']:.1%} – {oracle['ci_high']:.1%}), judged by the "
+        f"noise-free oracle on {html.escape(oracle.get('decoding', ''))} responses"
+    )
+    if oracle.get("greedy"):
+        g = oracle["greedy"]
+        line += f"; greedy responses: {g['win_rate']:.1%} (95 % CI {g['ci_low']:.1%} – {g['ci_high']:.1%})"
+    return line
+
+
 def render_html(report: dict) -> str:
     e = html.escape
     rows = report["versions"]
@@ -689,18 +706,7 @@ def render_html(report: dict) -> str:
         f"<tr><td>{e(k)}</td><td>{_fmt(v.get('value', v.get('after')))}</td><td>{_fmt(v['met'])}</td></tr>"
         for k, v in report["targets"].items()
     )
-    oracle = report.get("oracle") or {}
-    if "win_rate" in oracle:
-        oracle_line = (
-            f"v{oracle['final']} beats v{oracle['baseline']} in {oracle['win_rate']:.1%} of {oracle['n']} "
-            f"held-out prompts (95 % CI {oracle['ci_low']:.1%} – {oracle['ci_high']:.1%}), judged by the "
-            f"noise-free oracle on {e(oracle.get('decoding', ''))} responses"
-        )
-        if oracle.get("greedy"):
-            g = oracle["greedy"]
-            oracle_line += f"; greedy responses: {g['win_rate']:.1%} (95 % CI {g['ci_low']:.1%} – {g['ci_high']:.1%})"
-    else:
-        oracle_line = e(oracle.get("error", "no oracle figures: not a built-in-world deployment"))
+    oracle_line = _oracle_line(report.get("oracle") or {})
     figs = "".join(
         f"<figure><img src='{e(f['file'])}' alt='{e(f['title'])}'><figcaption>{e(f['title'])}</figcaption></figure>"
         for f in report["figures"].values()

@@ -347,6 +347,22 @@ def _distinct_sample(pairs: Sequence[tuple[list[Message], str]], k: int, seed: i
     return distinct if len(distinct) <= k else random.Random(seed).sample(distinct, k)
 
 
+def _normalise(model, tokenizer, reference_responses, cfg: RewardConfig) -> tuple[float, float]:
+    """Store the mean and std of the raw reward over (a capped sample of) the distinct reference responses in the
+    model's config, so `score` returns normalised rewards (mean 0, std 1 there); returns them."""
+    sample = _distinct_sample(reference_responses, cfg.norm_samples, cfg.seed)
+    ref = raw_scores(
+        model, tokenizer, [p for p, _ in sample], [r for _, r in sample], cfg.eval_batch_size, cfg.max_length
+    )
+    mean = float(ref.mean())
+    std = float(ref.std()) if len(ref) > 1 else 1.0
+    if not math.isfinite(std) or std < 1e-6:  # a constant reward carries no signal; avoid dividing by ~0
+        std = 1.0
+    setattr(model.config, MEAN_KEY, mean)
+    setattr(model.config, STD_KEY, std)
+    return mean, std
+
+
 def train_reward_model(
     cfg: RewardConfig,
     comparisons: Sequence[Comparison],
@@ -400,21 +416,7 @@ def train_reward_model(
     if reference_responses is None:
         compared = [(c.prompt, c.chosen) for c in comparisons] + [(c.prompt, c.rejected) for c in comparisons]
         reference_responses = compared or [(r.prompt, r.response) for r in rated]
-    reference_responses = _distinct_sample(reference_responses, cfg.norm_samples, cfg.seed)
-    ref = raw_scores(
-        model,
-        tokenizer,
-        [p for p, _ in reference_responses],
-        [r for _, r in reference_responses],
-        cfg.eval_batch_size,
-        cfg.max_length,
-    )
-    mean = float(ref.mean())
-    std = float(ref.std()) if len(ref) > 1 else 1.0
-    if not math.isfinite(std) or std < 1e-6:  # a constant reward carries no signal; avoid dividing by ~0
-        std = 1.0
-    setattr(model.config, MEAN_KEY, mean)
-    setattr(model.config, STD_KEY, std)
+    mean, std = _normalise(model, tokenizer, reference_responses, cfg)
     metrics = {
         "heldout_accuracy": held["accuracy"],
         "heldout_loss": held["loss"],
