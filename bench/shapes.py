@@ -100,11 +100,8 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print one JSON line")
     args = ap.parse_args()
 
-    import torch
-
     from training.model import count_parameters
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.perf_counter()
     model, tok = build_shape(args.shape, tokenizer_vocab=args.tokenizer_vocab, seed=args.seed)
     sft = sft_briefly(model, tok, args.sft_seconds, args.seed) if args.sft_seconds > 0 else None

@@ -41,6 +41,7 @@ def logits(model, tok, text: str) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
+@pytest.mark.slow
 def test_export_model_merges_a_lora_version_into_a_plain_hf_folder(r, cli, tmp_path):
     settings, run = cli
     seed_feedback(r, 8)
