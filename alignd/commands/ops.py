@@ -3,6 +3,7 @@
     alignd versions [--json]             # versions with metrics, provenance, status
     alignd rollback VERSION              # make an earlier version current again
     alignd export --format hh --out F    # preference data out; `alignd import F` in
+    alignd export-model VERSION --out D  # a version as a standard HF folder (a LoRA adapter merged into its base)
     alignd demo [--minutes 15]           # the whole loop from an empty directory, with a report
 """
 
@@ -78,6 +79,45 @@ def export_cmd(
     _, r, _ = open_redis()
     counts = export_preferences(r, fmt, out)
     print(json.dumps(counts) if as_json else f"wrote {counts} to {out}")
+
+
+@app.command("export-model")
+def export_model(
+    version: Annotated[int, typer.Argument(help="the policy version to export")],
+    out: Annotated[Path, typer.Option(help="folder to write (must not exist)")],
+    as_json: JsonOpt = False,
+):
+    """Write a version as a standard Hugging Face folder (weights, config, tokenizer): a LoRA version is merged into
+    its base, so any HF tool loads it without peft or alignd. The folder's manifest.json says where it came from."""
+    from store import registry
+    from training.checkpoint import CheckpointError, verify_checkpoint, write_checkpoint
+    from training.lora import BaseMismatch, adapter_base, load_policy
+
+    settings = get_settings()
+    _, r, _ = open_redis(settings)
+    meta = registry.get_version(r, version)
+    if meta is None:
+        console.print(f"[red]version {version} is not in the registry: see `alignd versions`")
+        raise typer.Exit(2) from None
+    if out.exists():
+        console.print(f"[red]{out} already exists: choose a new folder")
+        raise typer.Exit(2) from None
+    folder = settings.checkpoint(meta["path"])
+    try:
+        verify_checkpoint(folder)
+        model, tokenizer = load_policy(folder, "cpu", resolve_base=settings.checkpoint, merge=True)
+    except (CheckpointError, BaseMismatch, OSError) as exc:
+        console.print(f"[red]cannot export v{version}: {exc}")
+        raise typer.Exit(1) from None
+    adapter = adapter_base(folder)
+    manifest = {"source": "export", "version": version, "parent": meta.get("parent"),
+                "exported_from": settings.stored_path(folder), "merged_adapter": adapter,
+                "reward_version": meta.get("reward_version"), "metrics": meta.get("metrics") or {}}
+    write_checkpoint(lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d)), out, manifest)
+    report = {"version": version, "out": str(out), "merged_adapter": adapter is not None,
+              "parameters": sum(p.numel() for p in model.parameters())}
+    print(json.dumps(report) if as_json else f"wrote v{version} to {out}"
+          + (" (adapter merged into its base)" if adapter else ""))
 
 
 @app.command("import")
