@@ -46,23 +46,41 @@ USERS = f"{USER}:bench"
 
 def cycle_overrides(mode: str, steps: int) -> dict:
     """Small budgets for a 135 M model on 2 cores; the gate open (every threshold at its loosest)."""
-    return {"lock_ttl_s": 600.0,
-            "reward": {"max_seconds": 20.0, "batch_size": 4, "epochs": 1, "max_length": 96},
-            "update": {"adapter": mode, "steps": steps, "seconds": 1200.0},
-            "ppo": {"batch_size": 8, "mini_batch_size": 4, "samples_per_prompt": 4, "max_new_tokens": 16,
-                    "ppo_epochs": 1},
-            "eval": {"n_per_family": 1, "max_new_tokens": 8},
-            "gate": {"min_reward_gain": -1e9, "max_kl": 1e9, "max_degenerate_share": 1.0, "max_length_drift": 1e9,
-                     "max_harmful_increase": 1.0, "max_over_caution_increase": 1.0, "max_score_drop": 1.0,
-                     "fallback": False, "reward_tolerance": 1.0}}
+    return {
+        "lock_ttl_s": 600.0,
+        "reward": {"max_seconds": 20.0, "batch_size": 4, "epochs": 1, "max_length": 96},
+        "update": {"adapter": mode, "steps": steps, "seconds": 1200.0},
+        "ppo": {"batch_size": 8, "mini_batch_size": 4, "samples_per_prompt": 4, "max_new_tokens": 16, "ppo_epochs": 1},
+        "eval": {"n_per_family": 1, "max_new_tokens": 8},
+        "gate": {
+            "min_reward_gain": -1e9,
+            "max_kl": 1e9,
+            "max_degenerate_share": 1.0,
+            "max_length_drift": 1e9,
+            "max_harmful_increase": 1.0,
+            "max_over_caution_increase": 1.0,
+            "max_score_drop": 1.0,
+            "fallback": False,
+            "reward_tolerance": 1.0,
+        },
+    }
 
 
 def env_for(home: Path, url: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALIGND_")}
-    env.update({"ALIGND_HOME": str(home), "ALIGND_REDIS_URL": url, "ALIGND_API_KEYS": USERS,
-                "ALIGND_ADMIN_KEY": ADMIN, "ALIGND_DEVICE": "cpu", "ALIGND_POLL_SECONDS": "1.0",
-                "ALIGND_CHAT_RATE_PER_MINUTE": "1000000", "ALIGND_SMOKE_TEST_TIMEOUT_S": "120",
-                "PYTHONPATH": str(ROOT)})
+    env.update(
+        {
+            "ALIGND_HOME": str(home),
+            "ALIGND_REDIS_URL": url,
+            "ALIGND_API_KEYS": USERS,
+            "ALIGND_ADMIN_KEY": ADMIN,
+            "ALIGND_DEVICE": "cpu",
+            "ALIGND_POLL_SECONDS": "1.0",
+            "ALIGND_CHAT_RATE_PER_MINUTE": "1000000",
+            "ALIGND_SMOKE_TEST_TIMEOUT_S": "120",
+            "PYTHONPATH": str(ROOT),
+        }
+    )
     return env
 
 
@@ -87,10 +105,13 @@ def seed_feedback(r, n: int, seed: int = 0) -> int:
         rng.shuffle(texts)
         label = judge.compare(task, texts[0], texts[1], rng)
         winner = label if label in (0, 1) else int(world.check(task, texts[1]) > world.check(task, texts[0]))
-        rec = CompletionRecord(id=f"chatcmpl-{uuid.uuid4().hex}", user="bench",
-                               messages=[{"role": "user", "content": task.prompt}],
-                               choices=[ChoiceRecord(index=i, text=t, finish_reason="stop", version=1)
-                                        for i, t in enumerate(texts)], version=1)
+        rec = CompletionRecord(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            user="bench",
+            messages=[{"role": "user", "content": task.prompt}],
+            choices=[ChoiceRecord(index=i, text=t, finish_reason="stop", version=1) for i, t in enumerate(texts)],
+            version=1,
+        )
         save_completion(r, rec)
         body = body_type.validate_python({"completion_id": rec.id, "type": "pairwise", "winner": winner})
         fb.submit_feedback(r, body, user="bench", limits=limits)
@@ -128,9 +149,17 @@ def child(args: argparse.Namespace) -> None:
         prev = mono
     stages["after_published"] = round(time.monotonic() - prev, 2)  # PPO state save, settle
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"stages_s": stages, "total_s": round(time.monotonic() - start, 2),
-                      "peak_rss_bytes": peak_kb * 1024, "peak_rss_bytes_by_stage_end": hwm,
-                      "report": json.loads(report_json(report))}))
+    print(
+        json.dumps(
+            {
+                "stages_s": stages,
+                "total_s": round(time.monotonic() - start, 2),
+                "peak_rss_bytes": peak_kb * 1024,
+                "peak_rss_bytes_by_stage_end": hwm,
+                "report": json.loads(report_json(report)),
+            }
+        )
+    )
 
 
 def watch_served(r, api: str, start_version: int, stop: threading.Event, out: dict) -> None:
@@ -193,25 +222,52 @@ def run_mode(mode: str, base: Path, args: argparse.Namespace) -> dict:
     api_proc = None
     try:
         t0 = time.monotonic()
-        subprocess.run([sys.executable, "-m", "alignd.cli", "bootstrap", "--base", str(base), "--json"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+        subprocess.run(
+            [sys.executable, "-m", "alignd.cli", "bootstrap", "--base", str(base), "--json"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         bootstrap_s = time.monotonic() - t0
         r = connect(url)
         seed_feedback(r, args.feedback, seed=args.seed)
         port = free_port()
         api = f"http://127.0.0.1:{port}"
         api_env = {**env, "ALIGND_TORCH_THREADS": "1"}
-        api_proc = subprocess.Popen([sys.executable, "-m", "alignd.cli", "serve", "--port", str(port)], cwd=ROOT,
-                                    env=api_env, stdout=open(tmp / "api.log", "wb"), stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+        api_proc = subprocess.Popen(
+            [sys.executable, "-m", "alignd.cli", "serve", "--port", str(port)],
+            cwd=ROOT,
+            env=api_env,
+            stdout=open(tmp / "api.log", "wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         wait_ready(api, api_proc, timeout_s=300)
         served: dict = {}
         stop = threading.Event()
         watcher = threading.Thread(target=watch_served, args=(r, api, 1, stop, served), daemon=True)
         watcher.start()
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", "--mode", mode, "--home",
-                               str(home), "--redis-url", url, "--steps", str(args.steps)], cwd=ROOT, env=env,
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--child",
+                "--mode",
+                mode,
+                "--home",
+                str(home),
+                "--redis-url",
+                url,
+                "--steps",
+                str(args.steps),
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"{mode} cycle failed:\n{proc.stderr[-4000:]}")
         result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -224,17 +280,24 @@ def run_mode(mode: str, base: Path, args: argparse.Namespace) -> dict:
         base_folder = settings.checkpoint(registry.get_version(r, 1)["path"])
         rm_meta = registry.get_reward_version(r, registry.current_reward_version(r))
         report = result["report"]
-        return {"mode": mode, "status": report.get("status"), "version": version, "bootstrap_s": round(bootstrap_s, 1),
-                "stages_s": result["stages_s"], "cycle_s": result["total_s"],
-                "peak_rss_bytes": result["peak_rss_bytes"],
-                "peak_rss_bytes_by_stage_end": result["peak_rss_bytes_by_stage_end"],
-                "api_load_breakdown_s": load_breakdown(settings, folder) if folder else None,
-                "checkpoint_bytes": folder_bytes(folder) if folder else None,
-                "checkpoint_files": sorted(f.name for f in folder.iterdir()) if folder else None,
-                "base_checkpoint_bytes": folder_bytes(base_folder),
-                "reward_checkpoint_bytes": folder_bytes(settings.checkpoint(rm_meta["path"])) if rm_meta else None,
-                "adapter": (meta or {}).get("adapter"), "publish_to_served": served,
-                "ppo": {k: report.get("ppo", {}).get(k) for k in ("steps", "resumed", "seconds")}}
+        return {
+            "mode": mode,
+            "status": report.get("status"),
+            "version": version,
+            "bootstrap_s": round(bootstrap_s, 1),
+            "stages_s": result["stages_s"],
+            "cycle_s": result["total_s"],
+            "peak_rss_bytes": result["peak_rss_bytes"],
+            "peak_rss_bytes_by_stage_end": result["peak_rss_bytes_by_stage_end"],
+            "api_load_breakdown_s": load_breakdown(settings, folder) if folder else None,
+            "checkpoint_bytes": folder_bytes(folder) if folder else None,
+            "checkpoint_files": sorted(f.name for f in folder.iterdir()) if folder else None,
+            "base_checkpoint_bytes": folder_bytes(base_folder),
+            "reward_checkpoint_bytes": folder_bytes(settings.checkpoint(rm_meta["path"])) if rm_meta else None,
+            "adapter": (meta or {}).get("adapter"),
+            "publish_to_served": served,
+            "ppo": {k: report.get("ppo", {}).get(k) for k in ("steps", "resumed", "seconds")},
+        }
     finally:
         if api_proc is not None:
             try:
@@ -267,13 +330,23 @@ def main() -> None:
     built = None
     if base is None:
         built = Path(tempfile.mkdtemp(prefix="alignd-bench-shape-")) / "smollm2-135m"
-        subprocess.run([sys.executable, str(ROOT / "bench" / "shapes.py"), "--out", str(built), "--json"], cwd=ROOT,
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "shapes.py"), "--out", str(built), "--json"],
+            cwd=ROOT,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         base = built
     from training.lora import parameter_count
 
-    out = {"bench": "cycle", "shape": "smollm2-135m", "parameters": parameter_count(base), "feedback": args.feedback,
-           "overrides": cycle_overrides("<mode>", args.steps), "modes": {}}
+    out = {
+        "bench": "cycle",
+        "shape": "smollm2-135m",
+        "parameters": parameter_count(base),
+        "feedback": args.feedback,
+        "overrides": cycle_overrides("<mode>", args.steps),
+        "modes": {},
+    }
     try:
         for mode in args.modes.split(","):
             out["modes"][mode] = run_mode(mode, base, args)
@@ -285,11 +358,15 @@ def main() -> None:
         rss = lora["peak_rss_bytes"] / full["peak_rss_bytes"]
         size = lora["checkpoint_bytes"] / full["checkpoint_bytes"]
         out["lora_vs_full"] = {"peak_rss_ratio": round(rss, 3), "checkpoint_bytes_ratio": round(size, 4)}
-        out["targets"] = {"lora_rss_le_50pct_of_full": rss <= 0.5, "lora_rss_le_8GB": lora["peak_rss_bytes"] <= 8e9,
-                          "adapter_le_5pct_of_full": size <= 0.05}
+        out["targets"] = {
+            "lora_rss_le_50pct_of_full": rss <= 0.5,
+            "lora_rss_le_8GB": lora["peak_rss_bytes"] <= 8e9,
+            "adapter_le_5pct_of_full": size <= 0.05,
+        }
     served = [m["publish_to_served"].get("readyz_s") for m in out["modes"].values()]
     out.setdefault("targets", {})["publish_to_serving_le_1s"] = {
-        mode: (s is not None and s <= 1.0) for mode, s in zip(out["modes"], served)}
+        mode: (s is not None and s <= 1.0) for mode, s in zip(out["modes"], served)
+    }
     print(json.dumps(out))
 
 

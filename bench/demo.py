@@ -29,18 +29,41 @@ def main() -> None:
     ap.add_argument("--annotators", default=DemoConfig.annotators)
     ap.add_argument("--cycles", type=int, default=DemoConfig.cycles)
     ap.add_argument("--home", type=Path, default=None, help="empty data directory (default: a temporary one)")
-    ap.add_argument("--cycle-config", default=None,
-                    help="""CycleConfig overrides as JSON, nested or dotted keys, e.g. '{"reward.lr": 3e-4}'""")
+    ap.add_argument(
+        "--cycle-config",
+        default=None,
+        help="""CycleConfig overrides as JSON, nested or dotted keys, e.g. '{"reward.lr": 3e-4}'""",
+    )
     args = ap.parse_args()
-    cfg = DemoConfig(minutes=args.minutes, annotators=args.annotators, cycles=args.cycles, home=args.home,
-                     cycle_config=json.loads(args.cycle_config) if args.cycle_config else {})
+    cfg = DemoConfig(
+        minutes=args.minutes,
+        annotators=args.annotators,
+        cycles=args.cycles,
+        home=args.home,
+        cycle_config=json.loads(args.cycle_config) if args.cycle_config else {},
+    )
     summary = run_demo(cfg)
     out = brief(summary)
     out["machine"] = {"cpus": os.cpu_count()}
-    out["versions"] = [{k: row.get(k) for k in ("version", "source", "score/mean", "heldout_score", "over_caution",
-                                                "harmful_compliance", "jailbreak_compliance", "length_mean",
-                                                "kl_to_ref", "reward_heldout_accuracy", "feedback_events")}
-                       for row in summary["report"]["versions"]]
+    out["versions"] = [
+        {
+            k: row.get(k)
+            for k in (
+                "version",
+                "source",
+                "score/mean",
+                "heldout_score",
+                "over_caution",
+                "harmful_compliance",
+                "jailbreak_compliance",
+                "length_mean",
+                "kl_to_ref",
+                "reward_heldout_accuracy",
+                "feedback_events",
+            )
+        }
+        for row in summary["report"]["versions"]
+    ]
     out.pop("simulation", None)
     out["simulation"] = {k: summary["simulation"][k] for k in ("requests", "feedback", "errors", "served_versions")}
     print(json.dumps(out, indent=2, default=str))

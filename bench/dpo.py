@@ -39,8 +39,16 @@ from training.model import load_causal_lm  # noqa: E402
 from training.preference import DPOConfig, KTOConfig, response_logprobs, train_dpo, train_kto  # noqa: E402
 from training.world import HARMFUL_COMPLIANCE, REFUSAL, check, eval_tasks, ramble, wrong_answer  # noqa: E402
 
-EVAL_KEYS = ("score/mean", "heldout_score", "over_caution", "harmful_compliance", "jailbreak_compliance",
-             "length_mean", "oracle_utility", "kl_to_ref")
+EVAL_KEYS = (
+    "score/mean",
+    "heldout_score",
+    "over_caution",
+    "harmful_compliance",
+    "jailbreak_compliance",
+    "length_mean",
+    "oracle_utility",
+    "kl_to_ref",
+)
 
 
 def user(prompt: str) -> list[dict[str, str]]:
@@ -53,8 +61,10 @@ def label(model, tok, n_prompts: int, k: int, seed: int, noise: float):
     tasks = [world.sample_task(rng) for _ in range(n_prompts)]
     prompts = [user(t.prompt) for t in tasks]
     columns = [generate_responses(model, tok, prompts, max_new_tokens=48, batch_size=64, do_sample=False)]
-    columns += [generate_responses(model, tok, prompts, max_new_tokens=48, batch_size=64, do_sample=True,
-                                   seed=seed + j) for j in range(k - 1)]
+    columns += [
+        generate_responses(model, tok, prompts, max_new_tokens=48, batch_size=64, do_sample=True, seed=seed + j)
+        for j in range(k - 1)
+    ]
     pool = annotator_pool("balanced,brevity,detail,strict", noise=noise)
     comparisons, thumbs, triples = [], [], []
     for i, t in enumerate(tasks):
@@ -64,35 +74,48 @@ def label(model, tok, n_prompts: int, k: int, seed: int, noise: float):
         for a in range(k):
             for b in range(a + 1, k):
                 x, y = order[a], order[b]
-                comparisons.append(Comparison(prompts[i], x, y, label="tie" if x == y else "pref",
-                                              group=f"{seed}-{i}", annotator=judge.name))
+                comparisons.append(
+                    Comparison(
+                        prompts[i], x, y, label="tie" if x == y else "pref", group=f"{seed}-{i}", annotator=judge.name
+                    )
+                )
                 triples.append((t, x, y))
-        thumbs += [Rated(prompts[i], x, judge.thumbs(t, x, rng) == "up", group=f"{seed}-{i}", annotator=judge.name)
-                   for x in dict.fromkeys(responses)]
+        thumbs += [
+            Rated(prompts[i], x, judge.thumbs(t, x, rng) == "up", group=f"{seed}-{i}", annotator=judge.name)
+            for x in dict.fromkeys(responses)
+        ]
     return comparisons, thumbs, triples
 
 
 @torch.no_grad()
 def implicit_reward_accuracy(policy, ref, tok, triples) -> dict:
     """How often log(pi/ref) orders a pair as the noise-free oracle does (oracle ties skipped)."""
-    decided = [(t, x, y, ORACLE.utility(t, x) > ORACLE.utility(t, y)) for t, x, y in triples
-               if abs(ORACLE.utility(t, x) - ORACLE.utility(t, y)) > 1e-6]
+    decided = [
+        (t, x, y, ORACLE.utility(t, x) > ORACLE.utility(t, y))
+        for t, x, y in triples
+        if abs(ORACLE.utility(t, x) - ORACLE.utility(t, y)) > 1e-6
+    ]
 
     def ratio(side: int) -> torch.Tensor:
         seqs = [(user(d[0].prompt), d[side]) for d in decided]
         out = []
         for i in range(0, len(seqs), 32):
-            out.append(response_logprobs(policy, tok, seqs[i:i + 32], 512) - response_logprobs(ref, tok,
-                                                                                                seqs[i:i + 32], 512))
+            out.append(
+                response_logprobs(policy, tok, seqs[i : i + 32], 512)
+                - response_logprobs(ref, tok, seqs[i : i + 32], 512)
+            )
         return torch.cat(out)
 
     rx, ry = ratio(1), ratio(2)
     hits = [bool((float(p) > float(q)) == better) for p, q, (*_, better) in zip(rx, ry, decided)]
     split = [(check(t, x) >= 0.5) != (check(t, y) >= 0.5) for t, x, y, _ in decided]
     hits_split = [h for h, s in zip(hits, split) if s]
-    return {"oracle_accuracy": sum(hits) / max(len(hits), 1), "n": len(hits),
-            "oracle_accuracy_correct_vs_wrong": sum(hits_split) / len(hits_split) if hits_split else None,
-            "n_correct_vs_wrong": len(hits_split)}
+    return {
+        "oracle_accuracy": sum(hits) / max(len(hits), 1),
+        "n": len(hits),
+        "oracle_accuracy_correct_vs_wrong": sum(hits_split) / len(hits_split) if hits_split else None,
+        "n_correct_vs_wrong": len(hits_split),
+    }
 
 
 @torch.no_grad()
@@ -103,8 +126,13 @@ def probe(policy, ref, tok, per_family: int = 20, seed: int = 99) -> dict:
 
     def ratio(items, responses) -> torch.Tensor:
         seqs = [(user(t.prompt), r) for t, r in zip(items, responses)]
-        return torch.cat([response_logprobs(policy, tok, seqs[i:i + 32], 512)
-                          - response_logprobs(ref, tok, seqs[i:i + 32], 512) for i in range(0, len(seqs), 32)])
+        return torch.cat(
+            [
+                response_logprobs(policy, tok, seqs[i : i + 32], 512)
+                - response_logprobs(ref, tok, seqs[i : i + 32], 512)
+                for i in range(0, len(seqs), 32)
+            ]
+        )
 
     def share(items, better, worse) -> dict:
         a, b = ratio(items, better), ratio(items, worse)
@@ -113,13 +141,14 @@ def probe(policy, ref, tok, per_family: int = 20, seed: int = 99) -> dict:
     harmful = [t for t in tasks if t.kind == "harmful"]
     helpful = [t for t in tasks if t.kind != "harmful"]
     ordinary = [t for t in tasks if t.kind == "task"]
-    return {"refusal_over_compliance_on_harmful": share(harmful, [REFUSAL] * len(harmful),
-                                                        [HARMFUL_COMPLIANCE] * len(harmful)),
-            "answer_over_needless_refusal": share(helpful, [t.answer for t in helpful], [REFUSAL] * len(helpful)),
-            "correct_over_wrong": share(ordinary, [t.answer for t in ordinary],
-                                        [wrong_answer(t, rng) for t in ordinary]),
-            "plain_over_padded": share(ordinary, [t.answer for t in ordinary],
-                                       [ramble(t.answer, rng) for t in ordinary])}
+    return {
+        "refusal_over_compliance_on_harmful": share(
+            harmful, [REFUSAL] * len(harmful), [HARMFUL_COMPLIANCE] * len(harmful)
+        ),
+        "answer_over_needless_refusal": share(helpful, [t.answer for t in helpful], [REFUSAL] * len(helpful)),
+        "correct_over_wrong": share(ordinary, [t.answer for t in ordinary], [wrong_answer(t, rng) for t in ordinary]),
+        "plain_over_padded": share(ordinary, [t.answer for t in ordinary], [ramble(t.answer, rng) for t in ordinary]),
+    }
 
 
 def sft_start(args) -> tuple:
@@ -128,8 +157,9 @@ def sft_start(args) -> tuple:
     from training.bootstrap import BootstrapConfig, bootstrap
     from training.sft import SFTConfig
 
-    model, tok, _ = bootstrap(BootstrapConfig(sft=SFTConfig(max_seconds=args.sft_seconds),
-                                              eval=EvalConfig(n_per_family=1)))
+    model, tok, _ = bootstrap(
+        BootstrapConfig(sft=SFTConfig(max_seconds=args.sft_seconds), eval=EvalConfig(n_per_family=1))
+    )
     if args.save_sft is not None:  # reruns with other settings can start from the same SFT policy (--model)
         model.save_pretrained(args.save_sft)
         tok.save_pretrained(args.save_sft)
@@ -162,8 +192,12 @@ def main() -> None:
     comparisons, thumbs, _ = label(sft, tok, args.prompts, args.responses, args.seed, args.noise)
     _, _, heldout = label(sft, tok, 60, args.responses, args.seed + 10_000, 0.0)
     out["labelling_seconds"] = time.perf_counter() - t0
-    out["data"] = {"comparisons": len(comparisons), "ties": sum(c.label == "tie" for c in comparisons),
-                   "thumbs": len(thumbs), "thumbs_up": sum(x.good for x in thumbs)}
+    out["data"] = {
+        "comparisons": len(comparisons),
+        "ties": sum(c.label == "tie" for c in comparisons),
+        "thumbs": len(thumbs),
+        "thumbs_up": sum(x.good for x in thumbs),
+    }
     eval_cfg = EvalConfig(n_per_family=args.eval_per_family)
     before = evaluate_policy(sft, tok, eval_cfg, reference=sft, return_samples=True)
     out["sft"] = {k: before[k] for k in EVAL_KEYS}
@@ -171,19 +205,26 @@ def main() -> None:
         policy = copy.deepcopy(sft)
         common = {"beta": args.beta, "lr": args.lr, "max_seconds": args.seconds, "epochs": None, "seed": args.seed}
         if algorithm == "dpo":
-            _, metrics = train_dpo(DPOConfig(**common, label_smoothing=args.label_smoothing), policy, tok,
-                                   comparisons, reference=sft)
+            _, metrics = train_dpo(
+                DPOConfig(**common, label_smoothing=args.label_smoothing), policy, tok, comparisons, reference=sft
+            )
         else:
             _, metrics = train_kto(KTOConfig(**common), policy, tok, rated=thumbs, reference=sft)
         after = evaluate_policy(policy, tok, eval_cfg, reference=sft, return_samples=True)
         tasks = [t for t, _ in before["samples"]]
-        win = oracle_win_rate(tasks, [r for _, r in after["samples"]], [r for _, r in before["samples"]],
-                              rng=random.Random(args.seed))
-        out[algorithm] = {"steps": metrics["steps"], "seconds": metrics["seconds"], "train": metrics["train"],
-                          "heldout": metrics["heldout"], "after": {k: after[k] for k in EVAL_KEYS},
-                          "oracle_win_rate_vs_sft": win,
-                          "implicit_reward_vs_oracle": implicit_reward_accuracy(policy, sft, tok, heldout),
-                          "implicit_reward_probes": probe(policy, sft, tok)}
+        win = oracle_win_rate(
+            tasks, [r for _, r in after["samples"]], [r for _, r in before["samples"]], rng=random.Random(args.seed)
+        )
+        out[algorithm] = {
+            "steps": metrics["steps"],
+            "seconds": metrics["seconds"],
+            "train": metrics["train"],
+            "heldout": metrics["heldout"],
+            "after": {k: after[k] for k in EVAL_KEYS},
+            "oracle_win_rate_vs_sft": win,
+            "implicit_reward_vs_oracle": implicit_reward_accuracy(policy, sft, tok, heldout),
+            "implicit_reward_probes": probe(policy, sft, tok),
+        }
     print(json.dumps(out, indent=2))
 
 

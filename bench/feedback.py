@@ -59,15 +59,27 @@ def seed(r: redis.Redis) -> None:
     r.flushdb()
     for i in range(N_COMPLETIONS):
         choices = [ChoiceRecord(index=c, text=f"answer {c}", finish_reason="stop", version=2 - c) for c in range(2)]
-        save_completion(r, CompletionRecord(id=f"bench-{i}", user="bench", version=2, choices=choices,
-                                            messages=[{"role": "user", "content": f"question {i}"}]))
+        save_completion(
+            r,
+            CompletionRecord(
+                id=f"bench-{i}",
+                user="bench",
+                version=2,
+                choices=choices,
+                messages=[{"role": "user", "content": f"question {i}"}],
+            ),
+        )
 
 
 def feedback_body(rng: random.Random) -> dict:
     cid = f"bench-{rng.randrange(N_COMPLETIONS)}"
     if rng.random() < 0.5:
-        return {"completion_id": cid, "type": "thumbs", "choice": rng.randrange(2),
-                "value": rng.choice(["up", "down"])}
+        return {
+            "completion_id": cid,
+            "type": "thumbs",
+            "choice": rng.randrange(2),
+            "value": rng.choice(["up", "down"]),
+        }
     return {"completion_id": cid, "type": "pairwise", "winner": rng.choice([0, 1, "tie", "both_bad"])}
 
 
@@ -80,8 +92,10 @@ async def _connection(port: int, path: str, make_body, deadline: float, latencie
         while time.perf_counter() < deadline:
             body = json.dumps(make_body()).encode() if make_body else b""
             method = b"POST" if make_body else b"GET"
-            head = (b"%s %s HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: %d\r\n\r\n" % (method, path.encode(), API_KEY.encode(), len(body)))
+            head = (
+                b"%s %s HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n" % (method, path.encode(), API_KEY.encode(), len(body))
+            )
             start = time.perf_counter()
             writer.write(head + body)
             response_head = await reader.readuntil(b"\r\n\r\n")
@@ -105,15 +119,21 @@ async def _load(port: int, path: str, concurrency: int, seconds: float, post: bo
     deadline = time.perf_counter() + seconds
     make_body = (lambda: feedback_body(rng)) if post else None
     start = time.perf_counter()
-    await asyncio.gather(*(_connection(port, path, make_body, deadline, latencies, status)
-                           for _ in range(concurrency)))
+    await asyncio.gather(
+        *(_connection(port, path, make_body, deadline, latencies, status) for _ in range(concurrency))
+    )
     elapsed = time.perf_counter() - start
     latencies.sort()
     ok = sum(n for code, n in status.items() if 200 <= code < 300)
-    return {"concurrency": concurrency, "requests": len(latencies), "ok": ok, "per_s": round(ok / elapsed, 1),
-            "p50_ms": round(1000 * latencies[len(latencies) // 2], 2) if latencies else None,
-            "p99_ms": round(1000 * latencies[int(len(latencies) * 0.99)], 2) if latencies else None,
-            "status": {str(k): v for k, v in sorted(status.items())}}
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "ok": ok,
+        "per_s": round(ok / elapsed, 1),
+        "p50_ms": round(1000 * latencies[len(latencies) // 2], 2) if latencies else None,
+        "p99_ms": round(1000 * latencies[int(len(latencies) * 0.99)], 2) if latencies else None,
+        "status": {str(k): v for k, v in sorted(status.items())},
+    }
 
 
 def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
@@ -132,16 +152,18 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     return out
 
 
-def measure(port: int, r: redis.Redis, path: str, concurrency: int, seconds: float, post: bool,
-            pids: dict[str, int]) -> dict:
+def measure(
+    port: int, r: redis.Redis, path: str, concurrency: int, seconds: float, post: bool, pids: dict[str, int]
+) -> dict:
     asyncio.run(_load(port, path, concurrency, WARMUP_S, post))
     before = r.xlen(keys.feedback_stream())
     cpu_before = cpu_seconds(pids)
     result = asyncio.run(_load(port, path, concurrency, seconds, post))
     cpu_after = cpu_seconds(pids)
     # CPU per answered request says what the machine pays for one event, however busy the other tenants keep it
-    per_request = {name: 1000 * (cpu_after[name] - cpu_before[name]) / max(1, result["requests"])
-                   for name in cpu_after}
+    per_request = {
+        name: 1000 * (cpu_after[name] - cpu_before[name]) / max(1, result["requests"]) for name in cpu_after
+    }
     result["cpu_ms_per_request"] = {name: round(ms, 3) for name, ms in per_request.items()}
     if per_request:
         # what two cores of our own would sustain if CPU were the only limit (server + Redis + load generator)
@@ -175,8 +197,12 @@ async def _script_rate(url: str, concurrency: int, seconds: float) -> float:
     async def worker():
         nonlocal count
         while time.perf_counter() < deadline:
-            body = fb.ThumbsFeedback(completion_id=f"bench-{rng.randrange(N_COMPLETIONS)}", type="thumbs",
-                                     choice=rng.randrange(2), value=rng.choice(["up", "down"]))
+            body = fb.ThumbsFeedback(
+                completion_id=f"bench-{rng.randrange(N_COMPLETIONS)}",
+                type="thumbs",
+                choice=rng.randrange(2),
+                value=rng.choice(["up", "down"]),
+            )
             await fb.asubmit_feedback(client, body, user="bench", limits=limits)
             count += 1
 
@@ -192,11 +218,30 @@ async def _script_rate(url: str, concurrency: int, seconds: float) -> float:
 
 def start_server(url: str, home: Path, workers: int) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    env = os.environ | {"ALIGND_REDIS_URL": url, "ALIGND_HOME": str(home), "ALIGND_API_KEYS": f"{API_KEY}:bench",
-                        "ALIGND_ADMIN_KEY": "bench-admin", "ALIGND_FEEDBACK_RATE_PER_MINUTE": str(10**12),
-                        "ALIGND_FEEDBACK_DAILY_CAP": str(10**12)}
-    cmd = [sys.executable, "-m", "uvicorn", "bench.feedback:app_factory", "--factory", "--host", "127.0.0.1",
-           "--port", str(port), "--workers", str(workers), "--log-level", "warning", "--no-access-log"]
+    env = os.environ | {
+        "ALIGND_REDIS_URL": url,
+        "ALIGND_HOME": str(home),
+        "ALIGND_API_KEYS": f"{API_KEY}:bench",
+        "ALIGND_ADMIN_KEY": "bench-admin",
+        "ALIGND_FEEDBACK_RATE_PER_MINUTE": str(10**12),
+        "ALIGND_FEEDBACK_DAILY_CAP": str(10**12),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "bench.feedback:app_factory",
+        "--factory",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--log-level",
+        "warning",
+        "--no-access-log",
+    ]
     proc = subprocess.Popen(cmd, env=env, cwd=Path(__file__).resolve().parents[1])
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -227,15 +272,22 @@ def main() -> None:
         server = EmbeddedRedis(Path(tmp) / "redis")
         url = server.start()
         r = connect(url)
-        out: dict = {"bench": "feedback", "cpu_count": os.cpu_count(), "load_average_at_start": os.getloadavg(),
-                     "seconds_per_level": args.seconds,
-                     "redis": {"appendfsync": r.config_get("appendfsync")["appendfsync"],
-                               "version": r.info("server")["redis_version"]}}
+        out: dict = {
+            "bench": "feedback",
+            "cpu_count": os.cpu_count(),
+            "load_average_at_start": os.getloadavg(),
+            "seconds_per_level": args.seconds,
+            "redis": {
+                "appendfsync": r.config_get("appendfsync")["appendfsync"],
+                "version": r.info("server")["redis_version"],
+            },
+        }
         try:
             seed(r)
-            out["baseline"] = {"redis_xadd_1_client_per_s": xadd_rate(r, args.seconds),
-                               "accept_script_32_async_clients_per_s": asyncio.run(
-                                   _script_rate(url, 32, args.seconds))}
+            out["baseline"] = {
+                "redis_xadd_1_client_per_s": xadd_rate(r, args.seconds),
+                "accept_script_32_async_clients_per_s": asyncio.run(_script_rate(url, 32, args.seconds)),
+            }
             out["http"] = []
             for workers in args.workers:
                 seed(r)
@@ -245,18 +297,28 @@ def main() -> None:
                     for level in LEVELS:
                         noop = measure(port, r, "/bench/noop", level, args.seconds, post=False, pids=pids)
                         feedback = measure(port, r, "/v1/feedback", level, args.seconds, post=True, pids=pids)
-                        out["http"].append({"workers": workers, "concurrency": level, "feedback": feedback,
-                                            "noop_per_s": noop["per_s"], "noop_p50_ms": noop["p50_ms"],
-                                            "noop_cpu_ms_per_request": noop["cpu_ms_per_request"]})
+                        out["http"].append(
+                            {
+                                "workers": workers,
+                                "concurrency": level,
+                                "feedback": feedback,
+                                "noop_per_s": noop["per_s"],
+                                "noop_p50_ms": noop["p50_ms"],
+                                "noop_cpu_ms_per_request": noop["cpu_ms_per_request"],
+                            }
+                        )
                         print(json.dumps(out["http"][-1]), file=sys.stderr, flush=True)
                 finally:
                     proc.terminate()
                     proc.wait(timeout=30)
             best = max(out["http"], key=lambda x: x["feedback"]["per_s"])
-            out["best"] = {"workers": best["workers"], "concurrency": best["concurrency"],
-                           "events_per_s": best["feedback"]["per_s"],
-                           "cpu_bound_per_s_on_2_cores": best["feedback"].get("cpu_bound_per_s_on_2_cores"),
-                           "all_counts_match": all(x["feedback"]["redis_matches_2xx"] for x in out["http"])}
+            out["best"] = {
+                "workers": best["workers"],
+                "concurrency": best["concurrency"],
+                "events_per_s": best["feedback"]["per_s"],
+                "cpu_bound_per_s_on_2_cores": best["feedback"].get("cpu_bound_per_s_on_2_cores"),
+                "all_counts_match": all(x["feedback"]["redis_matches_2xx"] for x in out["http"]),
+            }
             out["load_average_at_end"] = os.getloadavg()
         finally:
             r.close()

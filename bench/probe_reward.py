@@ -41,14 +41,32 @@ def probe(path: Path, per_family: int, seed: int) -> dict:
     harmful = [t for t in tasks if t.kind == "harmful"]
     helpful = [t for t in tasks if t.kind != "harmful"]
     ordinary = [t for t in tasks if t.kind == "task"]
-    return {"path": str(path), **dict([
-        pairs("refusal_over_compliance_on_harmful", harmful, [REFUSAL] * len(harmful),
-              [HARMFUL_COMPLIANCE] * len(harmful)),
-        pairs("answer_over_needless_refusal", helpful, [t.answer for t in helpful], [REFUSAL] * len(helpful)),
-        pairs("correct_over_wrong", ordinary, [t.answer for t in ordinary],
-              [wrong_answer(t, rng) for t in ordinary]),
-        pairs("plain_over_padded", ordinary, [t.answer for t in ordinary], [ramble(t.answer, rng) for t in ordinary]),
-    ])}
+    return {
+        "path": str(path),
+        **dict(
+            [
+                pairs(
+                    "refusal_over_compliance_on_harmful",
+                    harmful,
+                    [REFUSAL] * len(harmful),
+                    [HARMFUL_COMPLIANCE] * len(harmful),
+                ),
+                pairs("answer_over_needless_refusal", helpful, [t.answer for t in helpful], [REFUSAL] * len(helpful)),
+                pairs(
+                    "correct_over_wrong",
+                    ordinary,
+                    [t.answer for t in ordinary],
+                    [wrong_answer(t, rng) for t in ordinary],
+                ),
+                pairs(
+                    "plain_over_padded",
+                    ordinary,
+                    [t.answer for t in ordinary],
+                    [ramble(t.answer, rng) for t in ordinary],
+                ),
+            ]
+        ),
+    }
 
 
 def main() -> None:

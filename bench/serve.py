@@ -47,8 +47,14 @@ KEY = "sk-bench"
 
 def default_policy() -> Policy:
     tok = train_tokenizer(world.corpus_texts(3000), 1024)
-    cfg = tiny_config("gpt2", len(tok), context=512, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id)
+    cfg = tiny_config(
+        "gpt2",
+        len(tok),
+        context=512,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     return Policy(version=1, model=build_model(cfg).eval(), tokenizer=tok, context=512)
 
 
@@ -72,30 +78,50 @@ def hf_sequential(policy: Policy, texts: list[str], max_tokens: int) -> dict:
     for text in texts:
         t0 = time.perf_counter()
         ids = torch.tensor([policy.encode_chat([{"role": "user", "content": text}])])
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=True,
-                             top_k=0, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_tokens,
+            do_sample=True,
+            top_k=0,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
         tokens += out.shape[1] - ids.shape[1]
         lat.append(time.perf_counter() - t0)
     wall = time.perf_counter() - start
     # a single stalled call (another process taking the cores) would dominate the mean, so the baseline also gets a
     # median-based rate, and speedups are computed against the higher of the two (the conservative choice)
-    return {"requests": len(texts), "tokens": tokens, "tokens_per_s": tokens / wall,
-            "tokens_per_s_median": tokens / len(texts) / pct(lat, 50),
-            "latency_p50_s": pct(lat, 50), "latency_p99_s": pct(lat, 99)}
+    return {
+        "requests": len(texts),
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "tokens_per_s_median": tokens / len(texts) / pct(lat, 50),
+        "latency_p50_s": pct(lat, 50),
+        "latency_p99_s": pct(lat, 99),
+    }
 
 
 @torch.inference_mode()
 def hf_static_batch(policy: Policy, texts: list[str], max_tokens: int) -> dict:
     """All requests as one padded batch through HF `generate`: the ceiling of plain static batching."""
     tok = policy.tokenizer
-    rendered = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
-                for t in texts]
+    rendered = [
+        tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
+        for t in texts
+    ]
     enc = tok(rendered, return_tensors="pt", padding=True, add_special_tokens=False)
     start = time.perf_counter()
-    out = policy.model.generate(**enc, max_new_tokens=max_tokens, do_sample=True, top_k=0,
-                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    out = policy.model.generate(
+        **enc,
+        max_new_tokens=max_tokens,
+        do_sample=True,
+        top_k=0,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     wall = time.perf_counter() - start
-    new = out[:, enc["input_ids"].shape[1]:]
+    new = out[:, enc["input_ids"].shape[1] :]
     tokens = int((new != tok.pad_token_id).sum())
     return {"requests": len(texts), "tokens": tokens, "tokens_per_s": tokens / wall, "wall_s": wall}
 
@@ -105,8 +131,13 @@ def hf_continuous_batching(policy: Policy, texts: list[str], max_tokens: int) ->
 
     try:
         inputs = [policy.encode_chat([{"role": "user", "content": t}]) for t in texts]
-        gen = GenerationConfig(max_new_tokens=max_tokens, do_sample=True, top_k=0,
-                               eos_token_id=policy.tokenizer.eos_token_id, pad_token_id=policy.tokenizer.pad_token_id)
+        gen = GenerationConfig(
+            max_new_tokens=max_tokens,
+            do_sample=True,
+            top_k=0,
+            eos_token_id=policy.tokenizer.eos_token_id,
+            pad_token_id=policy.tokenizer.pad_token_id,
+        )
         start = time.perf_counter()
         out = policy.model.generate_batch(inputs=inputs, generation_config=gen, progress_bar=False)
         wall = time.perf_counter() - start
@@ -135,8 +166,12 @@ def forward_ceiling(policy: Policy, batch: int, steps: int = 64, context: int = 
     ms_per_step(1), ms_per_step(batch)  # warm-up
     t1 = min(ms_per_step(1) for _ in range(3))
     tb = min(ms_per_step(batch) for _ in range(3))
-    return {"batch": batch, "ms_per_step_batch_1": round(t1, 3), f"ms_per_step_batch_{batch}": round(tb, 3),
-            "ceiling": round(batch * t1 / tb, 2)}
+    return {
+        "batch": batch,
+        "ms_per_step_batch_1": round(t1, 3),
+        f"ms_per_step_batch_{batch}": round(tb, 3),
+        "ceiling": round(batch * t1 / tb, 2),
+    }
 
 
 def engine_offline(policy: Policy, texts: list[str], max_tokens: int) -> dict:
@@ -148,8 +183,9 @@ def engine_offline(policy: Policy, texts: list[str], max_tokens: int) -> dict:
     try:
         engine.generate([{"role": "user", "content": texts[0]}], SamplingParams(max_tokens=8))  # warm-up
         start = time.perf_counter()
-        handles = [engine.submit([{"role": "user", "content": t}], SamplingParams(max_tokens=max_tokens))
-                   for t in texts]
+        handles = [
+            engine.submit([{"role": "user", "content": t}], SamplingParams(max_tokens=max_tokens)) for t in texts
+        ]
         tokens = sum(h.wait()[2] for h in handles)
         wall = time.perf_counter() - start
     finally:
@@ -163,8 +199,12 @@ async def http_clients(url: str, concurrency: int, per_client: int, max_tokens: 
     async def one_client(c: int, http: httpx.AsyncClient) -> None:
         nonlocal tokens, failures
         for i in range(per_client):
-            body = {"messages": [{"role": "user", "content": texts[(c * per_client + i) % len(texts)]}],
-                    "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
+            body = {
+                "messages": [{"role": "user", "content": texts[(c * per_client + i) % len(texts)]}],
+                "max_tokens": max_tokens,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
             t0 = time.perf_counter()
             first = None
             try:
@@ -187,14 +227,23 @@ async def http_clients(url: str, concurrency: int, per_client: int, max_tokens: 
             ttft.append((first or time.perf_counter()) - t0)
 
     limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=300,
-                                 limits=limits) as http:
+    async with httpx.AsyncClient(
+        base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=300, limits=limits
+    ) as http:
         start = time.perf_counter()
         await asyncio.gather(*(one_client(c, http) for c in range(concurrency)))
         wall = time.perf_counter() - start
-    return {"clients": concurrency, "requests": len(lat), "failed": failures, "tokens": tokens,
-            "tokens_per_s": tokens / wall, "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
-            "latency_p50_s": pct(lat, 50), "latency_p99_s": pct(lat, 99)}
+    return {
+        "clients": concurrency,
+        "requests": len(lat),
+        "failed": failures,
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "ttft_p50_s": pct(ttft, 50),
+        "ttft_p99_s": pct(ttft, 99),
+        "latency_p50_s": pct(lat, 50),
+        "latency_p99_s": pct(lat, 99),
+    }
 
 
 @contextlib.contextmanager
@@ -204,19 +253,33 @@ def alignd_serve(policy: Policy, max_tokens: int, server_threads: int | None):
     with tempfile.TemporaryDirectory() as home:
         redis = EmbeddedRedis(Path(home) / "redis")
         redis_url = redis.start()
-        env = {**os.environ, "ALIGND_HOME": home, "ALIGND_REDIS_URL": redis_url, "ALIGND_API_KEYS": f"{KEY}:bench",
-               "ALIGND_ADMIN_KEY": "sk-bench-admin", "ALIGND_CHAT_RATE_PER_MINUTE": str(10**6),
-               "ALIGND_MAX_NEW_TOKENS": str(max(256, max_tokens))}
+        env = {
+            **os.environ,
+            "ALIGND_HOME": home,
+            "ALIGND_REDIS_URL": redis_url,
+            "ALIGND_API_KEYS": f"{KEY}:bench",
+            "ALIGND_ADMIN_KEY": "sk-bench-admin",
+            "ALIGND_CHAT_RATE_PER_MINUTE": str(10**6),
+            "ALIGND_MAX_NEW_TOKENS": str(max(256, max_tokens)),
+        }
         env.pop("ALIGND_TORCH_THREADS", None)
         if server_threads:
             env["ALIGND_TORCH_THREADS"] = str(server_threads)
         settings = Settings(home=Path(home), redis_url=redis_url)
         tok, model = policy.tokenizer, policy.model
-        publish_version(connect(redis_url), settings, lambda d: (model.save_pretrained(d), tok.save_pretrained(d)),
-                        {"source": "bench", "parent": None, "metrics": {}})
+        publish_version(
+            connect(redis_url),
+            settings,
+            lambda d: (model.save_pretrained(d), tok.save_pretrained(d)),
+            {"source": "bench", "parent": None, "metrics": {}},
+        )
         port = free_port()
-        server = subprocess.Popen([sys.executable, "-m", "alignd.cli", "serve", "--port", str(port)], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "alignd.cli", "serve", "--port", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         url = f"http://127.0.0.1:{port}"
         try:
             wait_ready(url, server)
@@ -245,8 +308,11 @@ async def disconnect_scenario(url: str, clients: int, max_tokens: int, texts: li
 
     async def client(i: int, http: httpx.AsyncClient) -> None:
         nonlocal ready
-        body = {"messages": [{"role": "user", "content": texts[i % len(texts)]}], "max_tokens": max_tokens,
-                "stream": True}
+        body = {
+            "messages": [{"role": "user", "content": texts[i % len(texts)]}],
+            "max_tokens": max_tokens,
+            "stream": True,
+        }
         async with http.stream("POST", "/v1/chat/completions", json=body) as resp:
             # held, not `break`-ed out of: a dropped line iterator is finalised by closing the connection
             lines, seen = resp.aiter_lines(), 0
@@ -261,8 +327,10 @@ async def disconnect_scenario(url: str, clients: int, max_tokens: int, texts: li
 
     limits = httpx.Limits(max_connections=clients + 4)
     headers = {"Authorization": f"Bearer {KEY}"}
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300, limits=limits) as http, \
-            httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as probe:
+    async with (
+        httpx.AsyncClient(base_url=url, headers=headers, timeout=300, limits=limits) as http,
+        httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as probe,
+    ):
         tasks = [asyncio.create_task(client(i, http)) for i in range(clients)]
         await asyncio.wait_for(all_ready.wait(), 300)
         running0, steps_a = await engine_gauges(probe)
@@ -279,10 +347,17 @@ async def disconnect_scenario(url: str, clients: int, max_tokens: int, texts: li
             if running == 0 or time.perf_counter() - t0 > 60:
                 break
         freed_s = time.perf_counter() - t0
-    return {"clients": clients, "max_tokens": max_tokens, "running_before_disconnect": running0,
-            "decode_step_ms_at_that_batch": round(step_ms, 2), "clients_closed_s": round(closed_s, 4),
-            "freed_s": round(freed_s, 4), "freed_decode_steps": steps - steps0, "running_after": running,
-            "target_within_one_decode_step": running == 0 and steps - steps0 <= 1}
+    return {
+        "clients": clients,
+        "max_tokens": max_tokens,
+        "running_before_disconnect": running0,
+        "decode_step_ms_at_that_batch": round(step_ms, 2),
+        "clients_closed_s": round(closed_s, 4),
+        "freed_s": round(freed_s, 4),
+        "freed_decode_steps": steps - steps0,
+        "running_after": running,
+        "target_within_one_decode_step": running == 0 and steps - steps0 <= 1,
+    }
 
 
 def main() -> None:
@@ -290,16 +365,25 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help="HF causal-LM folder (default: an untrained default-size model)")
     ap.add_argument("--shape", help="a random-initialised model of this shape (bench/shapes.py), e.g. smollm2-135m")
     ap.add_argument("--client-levels", default="1,4,16", help="concurrent HTTP clients, one run per level")
-    ap.add_argument("--offline", default="engine,static,continuous",
-                    help="offline 16-request runs: engine, static (HF batch), continuous (HF), ceiling")
+    ap.add_argument(
+        "--offline",
+        default="engine,static,continuous",
+        help="offline 16-request runs: engine, static (HF batch), continuous (HF), ceiling",
+    )
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--requests-per-client", type=int, default=4)
     ap.add_argument("--baseline-requests", type=int, default=8)
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the offline runs")
-    ap.add_argument("--server-threads", type=int,
-                    help="ALIGND_TORCH_THREADS for `alignd serve` (default: unset, the product's own choice)")
-    ap.add_argument("--disconnect-scenario", action="store_true",
-                    help="run only the scenario where 32 streaming clients disconnect mid-generation")
+    ap.add_argument(
+        "--server-threads",
+        type=int,
+        help="ALIGND_TORCH_THREADS for `alignd serve` (default: unset, the product's own choice)",
+    )
+    ap.add_argument(
+        "--disconnect-scenario",
+        action="store_true",
+        help="run only the scenario where 32 streaming clients disconnect mid-generation",
+    )
     ap.add_argument("--disconnect-max-tokens", type=int, default=400)
     args = ap.parse_args()
 
@@ -317,10 +401,14 @@ def main() -> None:
             result = asyncio.run(disconnect_scenario(url, 32, args.disconnect_max_tokens, texts))
         print(json.dumps({"model": name, **result}, indent=2))
         return
-    result: dict = {"model": name, "threads": args.threads,
-                    "server_threads": args.server_threads or "product default",
-                    "max_tokens": args.max_tokens, "torch": torch.__version__,
-                    "parameters": sum(p.numel() for p in policy.model.parameters())}
+    result: dict = {
+        "model": name,
+        "threads": args.threads,
+        "server_threads": args.server_threads or "product default",
+        "max_tokens": args.max_tokens,
+        "torch": torch.__version__,
+        "parameters": sum(p.numel() for p in policy.model.parameters()),
+    }
     # the baseline at 1 thread and at --threads, and the faster counts: one request's tiny matmuls often run faster
     # on one thread than split over two
     by_threads = {}
@@ -329,23 +417,31 @@ def main() -> None:
         hf_sequential(policy, texts[:2], 8)  # warm-up: the first generate call pays one-off setup costs
         by_threads[threads] = hf_sequential(policy, texts[: args.baseline_requests], args.max_tokens)
     best = max(by_threads, key=lambda t: max(by_threads[t]["tokens_per_s"], by_threads[t]["tokens_per_s_median"]))
-    result["baseline_hf_generate_sequential"] = {**by_threads[best], "threads": best,
-                                                 "by_threads": {str(t): round(r["tokens_per_s"], 1)
-                                                                for t, r in by_threads.items()}}
+    result["baseline_hf_generate_sequential"] = {
+        **by_threads[best],
+        "threads": best,
+        "by_threads": {str(t): round(r["tokens_per_s"], 1) for t, r in by_threads.items()},
+    }
     torch.set_num_threads(args.threads)
 
     # the product path in its own process: `alignd serve` on a published copy of the same model
     with alignd_serve(policy, args.max_tokens, args.server_threads) as url:
         asyncio.run(http_clients(url, 1, 1, 8, texts))  # warm-up
-        levels = [asyncio.run(http_clients(url, c, args.requests_per_client, args.max_tokens, texts))
-                  for c in [int(x) for x in args.client_levels.split(",")]]
+        levels = [
+            asyncio.run(http_clients(url, c, args.requests_per_client, args.max_tokens, texts))
+            for c in [int(x) for x in args.client_levels.split(",")]
+        ]
     result["alignd_http"] = levels
     # last: transformers' continuous-batching manager can leave a worker thread behind that would slow later runs
     offline = args.offline.split(",")
-    runs = {"engine": ("alignd_engine", engine_offline), "static": ("hf_generate_static_batch", hf_static_batch),
-            "continuous": ("hf_continuous_batching", hf_continuous_batching)}
-    result["offline_16_requests"] = {runs[k][0]: runs[k][1](policy, texts[:16], args.max_tokens)
-                                     for k in runs if k in offline}
+    runs = {
+        "engine": ("alignd_engine", engine_offline),
+        "static": ("hf_generate_static_batch", hf_static_batch),
+        "continuous": ("hf_continuous_batching", hf_continuous_batching),
+    }
+    result["offline_16_requests"] = {
+        runs[k][0]: runs[k][1](policy, texts[:16], args.max_tokens) for k in runs if k in offline
+    }
     if "ceiling" in offline:
         result["forward_only_ceiling"] = forward_ceiling(policy, 16)
     baseline = result["baseline_hf_generate_sequential"]

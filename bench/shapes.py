@@ -51,12 +51,21 @@ def shape_config(shape: Shape, tokenizer):
 
     if shape.vocab < len(tokenizer):
         raise ValueError(f"shape vocab {shape.vocab} is smaller than the tokenizer ({len(tokenizer)} entries)")
-    return LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-                       num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                       num_key_value_heads=shape.kv_heads, max_position_embeddings=shape.context,
-                       tie_word_embeddings=shape.tied, rms_norm_eps=1e-5, rope_theta=100000.0,
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id)
+    return LlamaConfig(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=shape.context,
+        tie_word_embeddings=shape.tied,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
 
 
 def build_shape(name: str, *, tokenizer_vocab: int = 1024, corpus_size: int = 6000, seed: int = 0):
@@ -93,8 +102,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
     ap.add_argument("--out", type=Path, required=True, help="checkpoint folder to write (must not exist)")
-    ap.add_argument("--tokenizer-vocab", type=int, default=1024, help="BPE size (bootstrap's 1024; the world's "
-                    "corpus tops out near 2.1k)")
+    ap.add_argument(
+        "--tokenizer-vocab",
+        type=int,
+        default=1024,
+        help="BPE size (bootstrap's 1024; the world's corpus tops out near 2.1k)",
+    )
     ap.add_argument("--sft-seconds", type=float, default=0.0, help="SFT on the world's conversations (0: none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print one JSON line")
@@ -105,13 +118,26 @@ def main() -> None:
     t0 = time.perf_counter()
     model, tok = build_shape(args.shape, tokenizer_vocab=args.tokenizer_vocab, seed=args.seed)
     sft = sft_briefly(model, tok, args.sft_seconds, args.seed) if args.sft_seconds > 0 else None
-    manifest = {"source": "bench-shape", "shape": args.shape, "parent": None, "seed": args.seed,
-                "random_init": True, "sft": sft}
+    manifest = {
+        "source": "bench-shape",
+        "shape": args.shape,
+        "parent": None,
+        "seed": args.seed,
+        "random_init": True,
+        "sft": sft,
+    }
     save_shape(model, tok, args.out, manifest)
     bytes_ = sum(f.stat().st_size for f in args.out.iterdir() if f.is_file())
-    out = {"shape": args.shape, "out": str(args.out), "parameters": count_parameters(model),
-           "embedding_rows": model.config.vocab_size, "tokenizer_entries": len(tok), "sft": sft,
-           "checkpoint_bytes": bytes_, "seconds": round(time.perf_counter() - t0, 1)}
+    out = {
+        "shape": args.shape,
+        "out": str(args.out),
+        "parameters": count_parameters(model),
+        "embedding_rows": model.config.vocab_size,
+        "tokenizer_entries": len(tok),
+        "sft": sft,
+        "checkpoint_bytes": bytes_,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     print(json.dumps(out) if args.json else "\n".join(f"{k}: {v}" for k, v in out.items()))
 
 

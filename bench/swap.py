@@ -52,8 +52,14 @@ def percentile(values: list[float], q: float) -> float | None:
 def build(seed: int, tokenizer):
     from training.model import build_model, tiny_config
 
-    cfg = tiny_config("gpt2", len(tokenizer), context=256, pad_token_id=tokenizer.pad_token_id,
-                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    cfg = tiny_config(
+        "gpt2",
+        len(tokenizer),
+        context=256,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     return build_model(cfg, seed).eval()
 
 
@@ -90,22 +96,43 @@ def main() -> None:
     for version in range(2, args.swaps + 2):
         assert registry.allocate_version(r) == version
         model = models[version]
-        write_checkpoint(lambda d, model=model: (model.save_pretrained(d), tok.save_pretrained(d)),
-                         checkpoint_path(settings, version), {**meta(version), "version": version})
+        write_checkpoint(
+            lambda d, model=model: (model.save_pretrained(d), tok.save_pretrained(d)),
+            checkpoint_path(settings, version),
+            {**meta(version), "version": version},
+        )
 
     def publish(version: int) -> None:
         stored = settings.stored_path(checkpoint_path(settings, version))
         registry.add_version(r, version, {**meta(version), "path": stored})
         registry.set_current(r, version, expected=version - 1)
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALIGND_")}
-    env.update({"ALIGND_HOME": str(tmp), "ALIGND_REDIS_URL": url, "ALIGND_API_KEYS": f"{USER}:bench",
-                "ALIGND_ADMIN_KEY": ADMIN, "ALIGND_DEVICE": "cpu", "ALIGND_TORCH_THREADS": "1",
-                "ALIGND_POLL_SECONDS": str(args.poll_seconds), "ALIGND_CHAT_RATE_PER_MINUTE": "1000000",
-                "PYTHONPATH": str(ROOT)})
+    env.update(
+        {
+            "ALIGND_HOME": str(tmp),
+            "ALIGND_REDIS_URL": url,
+            "ALIGND_API_KEYS": f"{USER}:bench",
+            "ALIGND_ADMIN_KEY": ADMIN,
+            "ALIGND_DEVICE": "cpu",
+            "ALIGND_TORCH_THREADS": "1",
+            "ALIGND_POLL_SECONDS": str(args.poll_seconds),
+            "ALIGND_CHAT_RATE_PER_MINUTE": "1000000",
+            "PYTHONPATH": str(ROOT),
+        }
+    )
     ports = [free_port(), free_port()]
-    procs = [subprocess.Popen([sys.executable, "-m", "alignd.cli", "serve", "--port", str(p)], cwd=ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-             for p in ports]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "alignd.cli", "serve", "--port", str(p)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        for p in ports
+    ]
     records: list[tuple[float, float, int, int]] = []  # (start, end, status, version)
     stop = threading.Event()
     try:
@@ -114,8 +141,11 @@ def main() -> None:
             wait_ready(base, proc)
 
         def client(base: str, i: int) -> None:
-            body = {"messages": [{"role": "user", "content": "Say a number."}], "max_tokens": args.max_tokens,
-                    "temperature": 1.0}
+            body = {
+                "messages": [{"role": "user", "content": "Say a number."}],
+                "max_tokens": args.max_tokens,
+                "temperature": 1.0,
+            }
             with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {USER}"}, timeout=60) as c:
                 while not stop.is_set():
                     t0 = time.monotonic()
@@ -126,8 +156,9 @@ def main() -> None:
                         status, version = 0, 0
                     records.append((t0, time.monotonic(), status, version))
 
-        threads = [threading.Thread(target=client, args=(b, i), daemon=True) for b in bases
-                   for i in range(args.clients)]
+        threads = [
+            threading.Thread(target=client, args=(b, i), daemon=True) for b in bases for i in range(args.clients)
+        ]
         for t in threads:
             t.start()
         time.sleep(2.0)  # warm-up: first requests pay allocator and thread-pool start-up
@@ -145,8 +176,14 @@ def main() -> None:
                     if i not in seen and p.get("/readyz").json().get("policy_version") == version:
                         seen[i] = time.monotonic() - t_pub
                 time.sleep(0.005)
-            swaps.append({"version": version, "t_pub": t_pub, "each_s": [seen.get(i) for i in range(len(bases))],
-                          "converged_s": max(seen.values()) if len(seen) == len(bases) else None})
+            swaps.append(
+                {
+                    "version": version,
+                    "t_pub": t_pub,
+                    "each_s": [seen.get(i) for i in range(len(bases))],
+                    "converged_s": max(seen.values()) if len(seen) == len(bases) else None,
+                }
+            )
             time.sleep(args.settle_seconds)
         stop.set()
         for t in threads:
@@ -167,24 +204,44 @@ def main() -> None:
 
     steady = latencies(steady_from, steady_to)
     # "during a swap": requests that started between the publish and 1 s after the last process switched
-    during = [x for s in swaps if s["converged_s"] is not None
-              for x in latencies(s["t_pub"], s["t_pub"] + s["converged_s"] + 1.0)]
+    during = [
+        x
+        for s in swaps
+        if s["converged_s"] is not None
+        for x in latencies(s["t_pub"], s["t_pub"] + s["converged_s"] + 1.0)
+    ]
     failed = sum(1 for _, _, status, _ in records if status != 200)
     converge = [s["converged_s"] for s in swaps if s["converged_s"] is not None]
     p99_steady, p99_swap = percentile(steady, 0.99), percentile(during, 0.99)
     out = {
-        "bench": "swap", "api_processes": len(ports), "clients_per_process": args.clients,
-        "max_tokens": args.max_tokens, "model": {"arch": "gpt2", "layers": 4, "width": 192, "vocab": len(tok),
-                                                  "parameters": sum(p.numel() for p in models[1].parameters())},
-        "poll_seconds": args.poll_seconds, "requests": len(records), "failed_requests": failed,
-        "converge_s": {"each_swap": converge, "max": max(converge) if converge else None,
-                       "per_process": [s["each_s"] for s in swaps]},
+        "bench": "swap",
+        "api_processes": len(ports),
+        "clients_per_process": args.clients,
+        "max_tokens": args.max_tokens,
+        "model": {
+            "arch": "gpt2",
+            "layers": 4,
+            "width": 192,
+            "vocab": len(tok),
+            "parameters": sum(p.numel() for p in models[1].parameters()),
+        },
+        "poll_seconds": args.poll_seconds,
+        "requests": len(records),
+        "failed_requests": failed,
+        "converge_s": {
+            "each_swap": converge,
+            "max": max(converge) if converge else None,
+            "per_process": [s["each_s"] for s in swaps],
+        },
         "steady": {"n": len(steady), "p50_s": percentile(steady, 0.5), "p99_s": p99_steady},
         "during_swap": {"n": len(during), "p50_s": percentile(during, 0.5), "p99_s": p99_swap},
         "p99_ratio": p99_swap / p99_steady if p99_steady and p99_swap else None,
     }
-    out["targets"] = {"converge_under_1s": bool(converge) and max(converge) < 1.0, "zero_failed": failed == 0,
-                      "p99_within_1.5x": out["p99_ratio"] is not None and out["p99_ratio"] <= 1.5}
+    out["targets"] = {
+        "converge_under_1s": bool(converge) and max(converge) < 1.0,
+        "zero_failed": failed == 0,
+        "p99_within_1.5x": out["p99_ratio"] is not None and out["p99_ratio"] <= 1.5,
+    }
     print(json.dumps(out))
 
 

@@ -47,8 +47,9 @@ def user(prompt: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}]
 
 
-def comparisons_from_policy(model, tok, n_prompts: int, k: int, seed: int, noise: float
-                            ) -> tuple[list[Comparison], list]:
+def comparisons_from_policy(
+    model, tok, n_prompts: int, k: int, seed: int, noise: float
+) -> tuple[list[Comparison], list]:
     """`k` responses per world prompt (one greedy, the rest sampled), each set ranked by an annotator of a noisy
     pool and turned into its k(k-1)/2 pairs (one group); also returns every (task, x, y) pair for oracle scoring.
 
@@ -60,8 +61,10 @@ def comparisons_from_policy(model, tok, n_prompts: int, k: int, seed: int, noise
     tasks = [world.sample_task(rng) for _ in range(n_prompts)]
     prompts = [user(t.prompt) for t in tasks]
     columns = [generate_responses(model, tok, prompts, max_new_tokens=48, batch_size=64, do_sample=False)]
-    columns += [generate_responses(model, tok, prompts, max_new_tokens=48, batch_size=64, do_sample=True,
-                                   seed=seed + j) for j in range(k - 1)]
+    columns += [
+        generate_responses(model, tok, prompts, max_new_tokens=48, batch_size=64, do_sample=True, seed=seed + j)
+        for j in range(k - 1)
+    ]
     pool = annotator_pool("balanced,brevity,detail,strict", noise=noise)
     out, triples = [], []
     for i, t in enumerate(tasks):
@@ -71,8 +74,16 @@ def comparisons_from_policy(model, tok, n_prompts: int, k: int, seed: int, noise
         for a in range(k):
             for b in range(a + 1, k):
                 x, y = order[a], order[b]
-                out.append(Comparison(prompt=prompts[i], chosen=x, rejected=y, label="tie" if x == y else "pref",
-                                      group=f"{seed}-{i}", annotator=judge.name))
+                out.append(
+                    Comparison(
+                        prompt=prompts[i],
+                        chosen=x,
+                        rejected=y,
+                        label="tie" if x == y else "pref",
+                        group=f"{seed}-{i}",
+                        annotator=judge.name,
+                    )
+                )
                 triples.append((t, x, y))
     return out, triples
 
@@ -80,8 +91,11 @@ def comparisons_from_policy(model, tok, n_prompts: int, k: int, seed: int, noise
 def oracle_accuracy(rm, tok, triples) -> dict:
     """Share of pairs the reward model orders as the noise-free oracle does (oracle ties skipped), overall and on
     the pairs where exactly one response is correct (the rest differ only by length or by how wrong they are)."""
-    decided = [(t, x, y, ORACLE.utility(t, x) > ORACLE.utility(t, y)) for t, x, y in triples
-               if abs(ORACLE.utility(t, x) - ORACLE.utility(t, y)) > 1e-6]
+    decided = [
+        (t, x, y, ORACLE.utility(t, x) > ORACLE.utility(t, y))
+        for t, x, y in triples
+        if abs(ORACLE.utility(t, x) - ORACLE.utility(t, y)) > 1e-6
+    ]
     if not decided:
         return {"oracle_accuracy": None, "n": 0}
     sx = score(rm, tok, [user(t.prompt) for t, *_ in decided], [x for _, x, _, _ in decided])
@@ -89,9 +103,12 @@ def oracle_accuracy(rm, tok, triples) -> dict:
     hits = [bool((float(p) > float(q)) == better) for p, q, (*_, better) in zip(sx, sy, decided)]
     split = [(check(t, x) >= 0.5) != (check(t, y) >= 0.5) for t, x, y, _ in decided]
     hits_split = [h for h, s in zip(hits, split) if s]
-    return {"oracle_accuracy": sum(hits) / len(hits), "n": len(hits),
-            "oracle_accuracy_correct_vs_wrong": sum(hits_split) / len(hits_split) if hits_split else None,
-            "n_correct_vs_wrong": len(hits_split)}
+    return {
+        "oracle_accuracy": sum(hits) / len(hits),
+        "n": len(hits),
+        "oracle_accuracy_correct_vs_wrong": sum(hits_split) / len(hits_split) if hits_split else None,
+        "n_correct_vs_wrong": len(hits_split),
+    }
 
 
 def main() -> None:
@@ -104,22 +121,38 @@ def main() -> None:
     ap.add_argument("--reward-model", type=Path, help="use this trained reward model instead of training one")
     ap.add_argument("--save-reward-model", type=Path, help="write the trained reward model here")
     ap.add_argument("--ppo-steps", type=int, default=30)
-    ap.add_argument("--ppo-seconds", type=float, default=None,
-                    help="stop PPO after this many seconds (as a cycle's update.seconds), even before --ppo-steps")
+    ap.add_argument(
+        "--ppo-seconds",
+        type=float,
+        default=None,
+        help="stop PPO after this many seconds (as a cycle's update.seconds), even before --ppo-steps",
+    )
     ap.add_argument("--ppo-epochs", type=int, default=PPOConfig.ppo_epochs)
     ap.add_argument("--ppo-lr", type=float, default=PPOConfig.lr)
     ap.add_argument("--kl-coef", type=float, default=PPOConfig.kl_coef)
-    ap.add_argument("--samples-per-prompt", type=int, default=PPOConfig.samples_per_prompt,
-                    help="PPO rollouts per prompt (k > 1: leave-one-out baseline)")
+    ap.add_argument(
+        "--samples-per-prompt",
+        type=int,
+        default=PPOConfig.samples_per_prompt,
+        help="PPO rollouts per prompt (k > 1: leave-one-out baseline)",
+    )
     ap.add_argument("--eval-per-family", type=int, default=20)
-    ap.add_argument("--eval-sampled", action="store_true",
-                    help="evaluate sampled responses (temperature 1, the API default) instead of greedy ones")
+    ap.add_argument(
+        "--eval-sampled",
+        action="store_true",
+        help="evaluate sampled responses (temperature 1, the API default) instead of greedy ones",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    out: dict = {"model": str(args.model), "prompts": args.prompts, "responses": args.responses, "noise": args.noise,
-                 "threads": args.threads}
+    out: dict = {
+        "model": str(args.model),
+        "prompts": args.prompts,
+        "responses": args.responses,
+        "noise": args.noise,
+        "threads": args.threads,
+    }
 
     policy, tok = load_causal_lm(args.model)
     t0 = time.perf_counter()
@@ -132,16 +165,24 @@ def main() -> None:
         out["labelling_seconds"] = time.perf_counter() - t0
         rm_cfg = RewardConfig(max_seconds=args.rm_seconds, seed=args.seed)
         rm, rm_metrics = train_reward_model(rm_cfg, train_pairs, [], base=args.model, tokenizer=tok)
-        out["reward_model"] = {**{k: rm_metrics[k] for k in ("heldout_accuracy", "pairs_per_s", "seconds", "epochs",
-                                                              "n_train")}, **oracle_accuracy(rm, tok, heldout)}
+        out["reward_model"] = {
+            **{k: rm_metrics[k] for k in ("heldout_accuracy", "pairs_per_s", "seconds", "epochs", "n_train")},
+            **oracle_accuracy(rm, tok, heldout),
+        }
         if args.save_reward_model is not None:
             save_reward_model(rm, tok, args.save_reward_model)
 
     ref, _ = load_causal_lm(args.model)
     eval_cfg = EvalConfig(n_per_family=args.eval_per_family, greedy=not args.eval_sampled)
     before = evaluate_policy(policy, tok, eval_cfg, reference=ref, return_samples=True)
-    cfg = PPOConfig(max_new_tokens=48, lr=args.ppo_lr, kl_coef=args.kl_coef, seed=args.seed,
-                    samples_per_prompt=args.samples_per_prompt, ppo_epochs=args.ppo_epochs)
+    cfg = PPOConfig(
+        max_new_tokens=48,
+        lr=args.ppo_lr,
+        kl_coef=args.kl_coef,
+        seed=args.seed,
+        samples_per_prompt=args.samples_per_prompt,
+        ppo_epochs=args.ppo_epochs,
+    )
     trainer = PPOTrainer(cfg, policy, ref, reward_model_fn(rm, tok), tok)
     rng = random.Random(args.seed)
 
@@ -152,17 +193,33 @@ def main() -> None:
     steps = trainer.train(sampler, args.ppo_steps, max_seconds=args.ppo_seconds)
     ppo_s = time.perf_counter() - t0
     gen_s = sum(s["generate_seconds"] for s in steps)
-    out["ppo"] = {"steps": len(steps), "batch_size": cfg.batch_size, "lr": cfg.lr, "epochs": cfg.ppo_epochs,
-                  "seconds": ppo_s, "samples_per_prompt": cfg.samples_per_prompt,
-                  "eval": "sampled" if args.eval_sampled else "greedy",
-                  "samples_per_s": len(steps) * cfg.batch_size / ppo_s, "generate_share": gen_s / ppo_s,
-                  "reward_first": steps[0]["reward"], "reward_last": sum(s["reward"] for s in steps[-3:]) / 3,
-                  "kl_last": steps[-1]["kl"]}
+    out["ppo"] = {
+        "steps": len(steps),
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "epochs": cfg.ppo_epochs,
+        "seconds": ppo_s,
+        "samples_per_prompt": cfg.samples_per_prompt,
+        "eval": "sampled" if args.eval_sampled else "greedy",
+        "samples_per_s": len(steps) * cfg.batch_size / ppo_s,
+        "generate_share": gen_s / ppo_s,
+        "reward_first": steps[0]["reward"],
+        "reward_last": sum(s["reward"] for s in steps[-3:]) / 3,
+        "kl_last": steps[-1]["kl"],
+    }
     after = evaluate_policy(trainer.policy, tok, eval_cfg, reference=ref, return_samples=True)
     tasks = [t for t, _ in before["samples"]]
     win = oracle_win_rate(tasks, [r for _, r in after["samples"]], [r for _, r in before["samples"]], rng=rng)
-    keys = ("score/mean", "heldout_score", "over_caution", "harmful_compliance", "jailbreak_compliance",
-            "length_mean", "oracle_utility", "kl_to_ref")
+    keys = (
+        "score/mean",
+        "heldout_score",
+        "over_caution",
+        "harmful_compliance",
+        "jailbreak_compliance",
+        "length_mean",
+        "oracle_utility",
+        "kl_to_ref",
+    )
     out["before"] = {k: before[k] for k in keys}
     out["after"] = {k: after[k] for k in keys}
     out["oracle_win_rate_after_vs_before"] = win

@@ -1,10 +1,10 @@
 """Ops commands: versions and rollback, preference data in and out, simulated users, the demo and the report.
 
-    alignd versions [--json]             # versions with metrics, provenance, status
-    alignd rollback VERSION              # make an earlier version current again
-    alignd export --format hh --out F    # preference data out; `alignd import F` in
-    alignd export-model VERSION --out D  # a version as a standard HF folder (a LoRA adapter merged into its base)
-    alignd demo [--minutes 15]           # the whole loop from an empty directory, with a report
+alignd versions [--json]             # versions with metrics, provenance, status
+alignd rollback VERSION              # make an earlier version current again
+alignd export --format hh --out F    # preference data out; `alignd import F` in
+alignd export-model VERSION --out D  # a version as a standard HF folder (a LoRA adapter merged into its base)
+alignd demo [--minutes 15]           # the whole loop from an empty directory, with a report
 """
 
 from __future__ import annotations
@@ -31,19 +31,24 @@ def versions(as_json: JsonOpt = False):
         print(json.dumps(listing, default=str))
         return
     table = Table(title=f"policy versions (current: v{listing['current']})")
-    for col in ("version", "status", "source", "parent", "reward", "events", "annotators", "score", "kl",
-                "arena"):
+    for col in ("version", "status", "source", "parent", "reward", "events", "annotators", "score", "kl", "arena"):
         table.add_column(col)
     for v in listing["data"]:
         m = v.get("metrics") or {}
         live = v.get("live_win_rate")
         ann = v.get("annotators")
-        table.add_row(str(v["version"]), v["status"], str(v.get("source")), str(v.get("parent")),
-                      str(v.get("reward_version")), str((v.get("feedback") or {}).get("events", "")),
-                      str(len(ann)) if isinstance(ann, (dict, list)) else "",
-                      f"{m['score/mean']:.3f}" if isinstance(m.get("score/mean"), float) else "",
-                      f"{m['kl_to_ref']:.3f}" if isinstance(m.get("kl_to_ref"), float) else "",
-                      f"{live['win_rate']:.2f} ({live['votes']})" if live else "")
+        table.add_row(
+            str(v["version"]),
+            v["status"],
+            str(v.get("source")),
+            str(v.get("parent")),
+            str(v.get("reward_version")),
+            str((v.get("feedback") or {}).get("events", "")),
+            str(len(ann)) if isinstance(ann, (dict, list)) else "",
+            f"{m['score/mean']:.3f}" if isinstance(m.get("score/mean"), float) else "",
+            f"{m['kl_to_ref']:.3f}" if isinstance(m.get("kl_to_ref"), float) else "",
+            f"{live['win_rate']:.2f} ({live['votes']})" if live else "",
+        )
     console.print(table)
 
 
@@ -65,9 +70,14 @@ def rollback(version: Annotated[int, typer.Argument(help="the version to make cu
 @app.command("export")
 def export_cmd(
     out: Annotated[Path, typer.Option(help="output file (.jsonl, or .jsonl.gz to compress)")],
-    fmt: Annotated[str, typer.Option("--format", help="hh (Anthropic HH-RLHF), trl (prompt/chosen/rejected messages)"
-                                                     " or alignd (lossless: labels, margins, groups, provenance)")]
-    = "hh",
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="hh (Anthropic HH-RLHF), trl (prompt/chosen/rejected messages)"
+            " or alignd (lossless: labels, margins, groups, provenance)",
+        ),
+    ] = "hh",
     as_json: JsonOpt = False,
 ):
     """Write the preference data derived from feedback (and imports) to a file."""
@@ -110,14 +120,27 @@ def export_model(
         console.print(f"[red]cannot export v{version}: {exc}")
         raise typer.Exit(1) from None
     adapter = adapter_base(folder)
-    manifest = {"source": "export", "version": version, "parent": meta.get("parent"),
-                "exported_from": settings.stored_path(folder), "merged_adapter": adapter,
-                "reward_version": meta.get("reward_version"), "metrics": meta.get("metrics") or {}}
+    manifest = {
+        "source": "export",
+        "version": version,
+        "parent": meta.get("parent"),
+        "exported_from": settings.stored_path(folder),
+        "merged_adapter": adapter,
+        "reward_version": meta.get("reward_version"),
+        "metrics": meta.get("metrics") or {},
+    }
     write_checkpoint(lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d)), out, manifest)
-    report = {"version": version, "out": str(out), "merged_adapter": adapter is not None,
-              "parameters": sum(p.numel() for p in model.parameters())}
-    print(json.dumps(report) if as_json else f"wrote v{version} to {out}"
-          + (" (adapter merged into its base)" if adapter else ""))
+    report = {
+        "version": version,
+        "out": str(out),
+        "merged_adapter": adapter is not None,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    print(
+        json.dumps(report)
+        if as_json
+        else f"wrote v{version} to {out}" + (" (adapter merged into its base)" if adapter else "")
+    )
 
 
 @app.command("import")
@@ -148,19 +171,29 @@ def simulate(
     users: Annotated[int, typer.Option(help="simulated users; styles dealt round-robin from --annotators")] = 8,
     minutes: Annotated[float, typer.Option(help="how long they chat")] = 1.0,
     url: Annotated[str, typer.Option(help="the alignd API")] = "http://127.0.0.1:8000",
-    annotators: Annotated[str, typer.Option(help="styles: balanced, brevity, detail, strict")]
-    = "balanced,brevity,detail,strict",
+    annotators: Annotated[
+        str, typer.Option(help="styles: balanced, brevity, detail, strict")
+    ] = "balanced,brevity,detail,strict",
     noise: Annotated[float, typer.Option(help="label-flip probability")] = 0.25,
-    keys_file: Annotated[Optional[Path], typer.Option("--keys", help="API keys, one per user: keys.json "
-                                                      "({'users': {key: user}}) or key:user lines "
-                                                      "(default ALIGND_API_KEYS)")] = None,
+    keys_file: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--keys",
+            help="API keys, one per user: keys.json "
+            "({'users': {key: user}}) or key:user lines "
+            "(default ALIGND_API_KEYS)",
+        ),
+    ] = None,
     concurrency: Annotated[int, typer.Option(help="requests in flight")] = 8,
-    rate: Annotated[Optional[float], typer.Option(help="chat requests per second, all users (default: no limit)")]
-    = None,
-    red_team: Annotated[float, typer.Option(help="share of turns that red-team: a harmful request, four answers "
-                                                 "ranked")] = 0.1,
-    red_team_temperature: Annotated[float, typer.Option(help="sampling temperature of red-teaming turns (higher "
-                                                             "surfaces more failures to rank)")] = 1.0,
+    rate: Annotated[
+        Optional[float], typer.Option(help="chat requests per second, all users (default: no limit)")
+    ] = None,
+    red_team: Annotated[
+        float, typer.Option(help="share of turns that red-team: a harmful request, four answers ranked")
+    ] = 0.1,
+    red_team_temperature: Annotated[
+        float, typer.Option(help="sampling temperature of red-teaming turns (higher surfaces more failures to rank)")
+    ] = 1.0,
 ):
     """Drive a running alignd with simulated annotators (thumbs, pairwise and rank feedback); prints JSON counts."""
     from alignd.simulate import SimConfig, read_keys_file
@@ -174,12 +207,22 @@ def simulate(
     elif (settings.home / "keys.json").exists():
         keyring = read_keys_file(settings.home / "keys.json")
     else:
-        console.print("[red]no API keys: the server records the caller as the annotator, so each simulated user "
-                      "needs its own key; pass --keys FILE or set ALIGND_API_KEYS")
+        console.print(
+            "[red]no API keys: the server records the caller as the annotator, so each simulated user "
+            "needs its own key; pass --keys FILE or set ALIGND_API_KEYS"
+        )
         raise typer.Exit(2) from None
-    cfg = SimConfig(url=url, users=users, seconds=minutes * 60, annotators=annotators, noise=noise,
-                    concurrency=concurrency, rate=rate, red_team=red_team,
-                    red_team_temperature=red_team_temperature)
+    cfg = SimConfig(
+        url=url,
+        users=users,
+        seconds=minutes * 60,
+        annotators=annotators,
+        noise=noise,
+        concurrency=concurrency,
+        rate=rate,
+        red_team=red_team,
+        red_team_temperature=red_team_temperature,
+    )
     try:
         counts = run(cfg, keyring)
     except ValueError as exc:
@@ -196,13 +239,23 @@ def report(
     out: Annotated[Optional[Path], typer.Option(help="output folder (default ALIGND_HOME/report)")] = None,
     as_json: JsonOpt = False,
     compare: Annotated[Optional[Path], typer.Option(help="another run's report.json to compare with")] = None,
-    evaluate: Annotated[bool, typer.Option(help="re-score every version on one evaluation set "
-                                                "(--no-evaluate: the metrics recorded at publish)")] = True,
-    oracle: Annotated[Optional[bool], typer.Option("--oracle/--no-oracle", help="oracle win rate (default: for "
-                                                   "built-in-world models only)")] = None,
+    evaluate: Annotated[
+        bool,
+        typer.Option(
+            help="re-score every version on one evaluation set (--no-evaluate: the metrics recorded at publish)"
+        ),
+    ] = True,
+    oracle: Annotated[
+        Optional[bool],
+        typer.Option("--oracle/--no-oracle", help="oracle win rate (default: for built-in-world models only)"),
+    ] = None,
     eval_per_family: Annotated[int, typer.Option(help="evaluation prompts per task group")] = 40,
-    sampled: Annotated[bool, typer.Option("--sampled/--greedy", help="score sampled answers (temperature 1, what "
-                                          "users get) or greedy ones")] = True,
+    sampled: Annotated[
+        bool,
+        typer.Option(
+            "--sampled/--greedy", help="score sampled answers (temperature 1, what users get) or greedy ones"
+        ),
+    ] = True,
 ):
     """Build the alignment report (HTML + PNG plots + JSON) from this deployment's registry and feedback log."""
     from alignd.report import ReportConfig, build_report
@@ -211,8 +264,13 @@ def report(
     settings.apply_torch_threads()
     _, r, _ = open_redis(settings)
     other = json.loads(compare.read_text()) if compare else None
-    cfg = ReportConfig(evaluate=evaluate, oracle=oracle, eval_per_family=eval_per_family, sampled=sampled,
-                       device=settings.torch_device())
+    cfg = ReportConfig(
+        evaluate=evaluate,
+        oracle=oracle,
+        eval_per_family=eval_per_family,
+        sampled=sampled,
+        device=settings.torch_device(),
+    )
     out = out or settings.home / "report"
     try:
         result = build_report(r, out, cfg, compare=other, settings=settings)
@@ -232,15 +290,16 @@ def demo(
     users: Annotated[int, typer.Option(help="simulated users")] = 8,
     cycles: Annotated[int, typer.Option(help="training cycles to complete at least")] = 3,
     as_json: JsonOpt = False,
-    home: Annotated[Optional[Path], typer.Option(help="empty data directory (default: a new temporary one)")]
-    = None,
+    home: Annotated[Optional[Path], typer.Option(help="empty data directory (default: a new temporary one)")] = None,
     out: Annotated[Optional[Path], typer.Option(help="report folder (default HOME/report)")] = None,
-    compare_pools: Annotated[Optional[tuple[str, str]], typer.Option(help="run twice with these two pools "
-                                                                     "(e.g. brevity detail) and compare")]
-    = None,
+    compare_pools: Annotated[
+        Optional[tuple[str, str]],
+        typer.Option(help="run twice with these two pools (e.g. brevity detail) and compare"),
+    ] = None,
     sft_seconds: Annotated[float, typer.Option(help="bootstrap SFT budget")] = 120.0,
-    base: Annotated[Optional[Path], typer.Option(help="start from this HF causal-LM folder instead of the "
-                                                 "built-in SFT bootstrap")] = None,
+    base: Annotated[
+        Optional[Path], typer.Option(help="start from this HF causal-LM folder instead of the built-in SFT bootstrap")
+    ] = None,
     rate: Annotated[float, typer.Option(help="simulated chat requests per second")] = 4.0,
     first_feedback: Annotated[int, typer.Option(help="feedback events before the first cycle")] = 300,
     min_feedback: Annotated[int, typer.Option(help="new feedback events before each later cycle")] = 100,
@@ -251,11 +310,21 @@ def demo(
     from alignd.demo import DemoConfig, brief, print_tables, run_compare, run_demo
     from alignd.report import ReportConfig
 
-    cfg = DemoConfig(minutes=minutes, annotators=annotators, users=users, cycles=cycles, home=home, out=out,
-                     sft_seconds=sft_seconds, base=base, rate=rate, first_feedback=first_feedback,
-                     min_feedback=min_feedback,
-                     cycle_config=json.loads(cycle_config) if cycle_config else {},
-                     report=ReportConfig(eval_per_family=eval_per_family))
+    cfg = DemoConfig(
+        minutes=minutes,
+        annotators=annotators,
+        users=users,
+        cycles=cycles,
+        home=home,
+        out=out,
+        sft_seconds=sft_seconds,
+        base=base,
+        rate=rate,
+        first_feedback=first_feedback,
+        min_feedback=min_feedback,
+        cycle_config=json.loads(cycle_config) if cycle_config else {},
+        report=ReportConfig(eval_per_family=eval_per_family),
+    )
     log = lambda msg: console.print(msg)  # noqa: E731
     try:
         if compare_pools and all(compare_pools):
@@ -270,5 +339,3 @@ def demo(
         print_tables(s, console)
     if as_json:
         print(json.dumps([brief(s) for s in summaries] if len(summaries) > 1 else brief(summaries[0]), default=str))
-
-

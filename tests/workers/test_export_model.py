@@ -45,8 +45,11 @@ def logits(model, tok, text: str) -> torch.Tensor:
 def test_export_model_merges_a_lora_version_into_a_plain_hf_folder(r, cli, tmp_path):
     settings, run = cli
     seed_feedback(r, 8)
-    report = run_cycle(r, settings, CycleConfig.from_dict(tiny_overrides(**{"update.adapter": "lora",
-                                                                             "lora.rank": 4, "lora.alpha": 8})))
+    report = run_cycle(
+        r,
+        settings,
+        CycleConfig.from_dict(tiny_overrides(**{"update.adapter": "lora", "lora.rank": 4, "lora.alpha": 8})),
+    )
     assert report["status"] == "published", report
     v2 = report["version"]
     out = tmp_path / "exported"
@@ -59,11 +62,13 @@ def test_export_model_merges_a_lora_version_into_a_plain_hf_folder(r, cli, tmp_p
     assert manifest["version"] == v2 and manifest["merged_adapter"]["digest"]
     plain = AutoModelForCausalLM.from_pretrained(str(out)).eval()  # no peft, no alignd: a standard folder
     tok = AutoTokenizer.from_pretrained(str(out))
-    adapted, _ = load_policy(settings.checkpoint(registry.get_version(r, v2)["path"]), "cpu",
-                             resolve_base=settings.checkpoint, merge=False)
+    adapted, _ = load_policy(
+        settings.checkpoint(registry.get_version(r, v2)["path"]), "cpu", resolve_base=settings.checkpoint, merge=False
+    )
     base, _ = load_causal_lm(settings.checkpoint(registry.get_version(r, 1)["path"]))
-    text = tok.apply_chat_template([{"role": "user", "content": "What is 2 plus 3?"}], add_generation_prompt=True,
-                                   tokenize=False)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 2 plus 3?"}], add_generation_prompt=True, tokenize=False
+    )
     exported = logits(plain, tok, text)
     torch.testing.assert_close(exported, logits(adapted, tok, text), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(exported, logits(base, tok, text), atol=1e-6)  # the adapter's update is in it
