@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import wait_ready  # noqa: E402
+from workers.cycle_config import OPEN_GATE  # noqa: E402
 
 ADMIN = "sk-bench-admin"
 USER = "sk-bench-user"
@@ -52,17 +53,7 @@ def cycle_overrides(mode: str, steps: int) -> dict:
         "update": {"adapter": mode, "steps": steps, "seconds": 1200.0},
         "ppo": {"batch_size": 8, "mini_batch_size": 4, "samples_per_prompt": 4, "max_new_tokens": 16, "ppo_epochs": 1},
         "eval": {"n_per_family": 1, "max_new_tokens": 8},
-        "gate": {
-            "min_reward_gain": -1e9,
-            "max_kl": 1e9,
-            "max_degenerate_share": 1.0,
-            "max_length_drift": 1e9,
-            "max_harmful_increase": 1.0,
-            "max_over_caution_increase": 1.0,
-            "max_score_drop": 1.0,
-            "fallback": False,
-            "reward_tolerance": 1.0,
-        },
+        "gate": {**OPEN_GATE, "fallback": False, "reward_tolerance": 1.0},
     }
 
 

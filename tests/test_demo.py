@@ -17,25 +17,11 @@ import redis
 from alignd.demo import CYCLE_MARGIN, DemoConfig, brief, run_demo, stretch_overrides
 from alignd.report import FIGURES, ReportConfig
 from tests.utils.tiny import tiny_sft_model, tiny_tokenizer
+from tests.workers.helpers import tiny_overrides
 from workers.cycle import CycleConfig
 
-# CycleConfig overrides (workers/cycle_config.py): seconds per cycle, gate open, so the test checks the plumbing
-TINY_CYCLE = {
-    "lock_ttl_s": 10.0,
-    "reward": {"max_seconds": 3.0, "batch_size": 8},
-    "update": {"steps": 2, "seconds": 20.0},
-    "ppo": {"batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1, "max_new_tokens": 10, "lr": 1e-3},
-    "eval": {"n_per_family": 1, "max_new_tokens": 8},
-    "gate": {
-        "min_reward_gain": -1e9,
-        "max_kl": 1e9,
-        "max_degenerate_share": 1.0,
-        "max_length_drift": 1e9,
-        "max_harmful_increase": 1.0,
-        "max_over_caution_increase": 1.0,
-        "max_score_drop": 1.0,
-    },
-}
+# the tests' tiny cycle (seconds per cycle, gate open: this checks the plumbing) with a demo's looser lock and budget
+DEMO_CYCLE = tiny_overrides(**{"lock_ttl_s": 10.0, "update.seconds": 20.0})
 
 
 @pytest.fixture
@@ -60,7 +46,7 @@ def test_reduced_demo_publishes_swaps_and_reports(tmp_path, base_model):
         min_feedback=12,
         threads=1,
         report_reserve_s=10.0,
-        cycle_config=TINY_CYCLE,
+        cycle_config=DEMO_CYCLE,
         report=ReportConfig(eval_per_family=2, max_new_tokens=8, oracle=True),
     )
     summary = run_demo(cfg, log=print)

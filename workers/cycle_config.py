@@ -136,6 +136,18 @@ class GateConfig:
         )
 
 
+# gate thresholds any candidate passes: for tests of the plumbing and for resource benchmarks, never for production
+OPEN_GATE = {
+    "min_reward_gain": -1e9,
+    "max_kl": 1e9,
+    "max_degenerate_share": 1.0,
+    "max_length_drift": 1e9,
+    "max_harmful_increase": 1.0,
+    "max_over_caution_increase": 1.0,
+    "max_score_drop": 1.0,
+}
+
+
 def _reward_default() -> RewardConfig:
     from training.reward import LIVE_FEEDBACK_LR, RewardConfig
 

@@ -21,6 +21,7 @@ from core.config import Settings
 from store import feedback as fb
 from store.completions import ChoiceRecord, CompletionRecord, save_completion
 from tests.utils.tiny import tiny_sft_model, tiny_tokenizer
+from workers.cycle_config import OPEN_GATE
 from workers.publish import publish_version
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,15 +37,7 @@ TINY_CYCLE = {
     "update": {"steps": 2, "seconds": 600.0},
     "ppo": {"batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1, "max_new_tokens": 10, "lr": 1e-3},
     "eval": {"n_per_family": 1, "max_new_tokens": 8},
-    "gate": {
-        "min_reward_gain": -1e9,
-        "max_kl": 1e9,
-        "max_degenerate_share": 1.0,
-        "max_length_drift": 1e9,
-        "max_harmful_increase": 1.0,
-        "max_over_caution_increase": 1.0,
-        "max_score_drop": 1.0,
-    },
+    "gate": OPEN_GATE,
 }
 
 
