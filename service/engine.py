@@ -59,10 +59,11 @@ class Policy:
     context: int = 512
 
     @classmethod
-    def load(cls, version: int, path: str | Path, device: str = "cpu", resolve_base=None) -> Policy:
+    def load(cls, version: int, path: str | Path, device: str = "cpu", resolve_base=None, base_cache=None) -> Policy:
         """A full checkpoint, or an adapter merged into a copy of its base (found with `resolve_base`, the
-        registry's path rule; training/lora.py), so an adapter version decodes at the base's speed."""
-        model, tokenizer = load_policy(path, device, resolve_base=resolve_base)
+        registry's path rule; kept in memory by `base_cache`; training/lora.py), so an adapter version decodes at the
+        base's speed."""
+        model, tokenizer = load_policy(path, device, resolve_base=resolve_base, base_cache=base_cache)
         cfg = model.config
         context = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None) or 2048
         return cls(version=version, model=model, tokenizer=tokenizer, path=str(path), context=int(context))

@@ -12,8 +12,11 @@ from core.config import Settings
 from service.engine import Engine, Policy, SamplingParams
 from store import registry
 from training.checkpoint import verify_checkpoint
+from training.lora import BaseCache
 
 SMOKE_PROMPT = [{"role": "user", "content": "Hello"}]
+SMOKE_TOKENS = 2  # a prefill and one decode step: both paths a request takes (each more token only adds time)
+BASES = BaseCache()  # adapter versions: their base stays in memory, so a swap reads and hashes only the adapter
 
 
 class PolicyRejected(RuntimeError):
@@ -25,7 +28,9 @@ def smoke_test(policy: Policy, timeout_s: float = 60.0) -> None:
     engine = Engine(policy, max_batch_size=1)
     engine.start()
     try:
-        _, _, n = engine.generate(SMOKE_PROMPT, SamplingParams(temperature=0, max_tokens=4), timeout=timeout_s)
+        _, _, n = engine.generate(
+            SMOKE_PROMPT, SamplingParams(temperature=0, max_tokens=SMOKE_TOKENS), timeout=timeout_s
+        )
     except TimeoutError:
         raise PolicyRejected(f"smoke test: policy v{policy.version} produced no answer within {timeout_s} s") from None
     except Exception as exc:  # the engine reports the forward's own error: keep its text for the refusal reason
@@ -44,6 +49,6 @@ def load_version(r: redis.Redis, settings: Settings, version: int) -> Policy:
         raise KeyError(f"version {version} is not in the registry")
     path = settings.checkpoint(meta["path"])
     verify_checkpoint(path)
-    policy = Policy.load(version, path, settings.torch_device(), resolve_base=settings.checkpoint)
+    policy = Policy.load(version, path, settings.torch_device(), resolve_base=settings.checkpoint, base_cache=BASES)
     smoke_test(policy, settings.smoke_test_timeout_s)
     return policy

@@ -14,9 +14,11 @@ manifest names the digest of the base it was trained on, so a follower refuses a
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import math
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,14 +181,45 @@ class ReferenceView(torch.nn.Module):
             return self.adapted.generate(*args, **kwargs)
 
 
+class BaseCache:
+    """The base the last adapter was applied to, verified (sha256 manifest) and loaded once per process. A later
+    adapter version on the same base is then a copy of it in memory with the adapter merged in — no disk read and no
+    hash of the base — which is what makes an adapter swap fast (bench/cycle.py). Costs one extra copy of the base."""
+
+    def __init__(self) -> None:
+        self._key: tuple[str, str, str] | None = None
+        self._model = self._tokenizer = None
+        self._lock = threading.Lock()
+
+    def get(self, base_dir: Path, device: str):
+        from training.checkpoint import MANIFEST, verify_checkpoint
+        from training.model import load_causal_lm
+
+        key = (str(base_dir), folder_digest(base_dir), device)
+        with self._lock:
+            if key != self._key:
+                if (base_dir / MANIFEST).is_file():
+                    verify_checkpoint(base_dir)
+                self._model, self._tokenizer = load_causal_lm(base_dir, device)
+                self._key = key
+            return copy.deepcopy(self._model), self._tokenizer
+
+
 def load_policy(
-    path: str | Path, device: str = "cpu", *, resolve_base=None, trainable: bool = False, merge: bool = True
+    path: str | Path,
+    device: str = "cpu",
+    *,
+    resolve_base=None,
+    trainable: bool = False,
+    merge: bool = True,
+    base_cache: BaseCache | None = None,
 ):
     """(model, tokenizer) of a policy folder, full or adapter. An adapter folder is applied to its base, found with
     `resolve_base(recorded base)` (the registry's path rule; by default a relative base is a sibling folder, as
     versions sit side by side under the checkpoint root) and checked against the recorded digest; the base's
     tokenizer is the adapter's. `trainable` keeps the adapter as a trainable PeftModel (a cycle continuing it);
-    otherwise `merge` folds it into the base weights (serving at the base's speed)."""
+    otherwise `merge` folds it into the base weights (serving at the base's speed). `base_cache` keeps the base in
+    memory between adapter versions (the API's follower)."""
     from training.model import load_causal_lm
 
     info = adapter_base(path)
@@ -197,7 +230,7 @@ def load_policy(
         base_dir = recorded if recorded.is_absolute() else Path(path).parent / recorded
     else:
         base_dir = Path(resolve_base(info["base"]))
-    base, tokenizer = load_causal_lm(base_dir, device)
+    base, tokenizer = base_cache.get(base_dir, device) if base_cache else load_causal_lm(base_dir, device)
     _check_base(path, base_dir)
     if trainable:
         return PeftModel.from_pretrained(base, str(path), is_trainable=True), tokenizer

@@ -10,8 +10,8 @@ import torch
 from service.loader import load_version
 from store import registry
 from tests.workers.helpers import make_settings, publish_tiny, seed_feedback, tiny_overrides
-from training.checkpoint import verify_checkpoint
-from training.lora import BaseMismatch, adapter_base, load_policy
+from training.checkpoint import CheckpointError, verify_checkpoint
+from training.lora import BaseCache, BaseMismatch, adapter_base, load_policy
 from workers.cycle import run_cycle
 from workers.cycle_config import CycleConfig
 
@@ -58,6 +58,17 @@ def test_lora_cycles_publish_adapters_that_continue_and_serve_like_the_trained_p
     meta3 = registry.get_version(r, second["version"])
     assert meta3["parent"] == v2 and meta3["reference_version"] == v1 and meta3["adapter"]["base_version"] == v1
     assert second["ppo"]["resumed"] is False  # an adapter trainer starts afresh from the published adapter
+
+    # the API keeps the verified base in memory (service.loader.BASES): the next adapter swap reads only the adapter
+    folder3 = settings.checkpoint(meta3["path"])
+    expected, _ = load_policy(folder3, "cpu", resolve_base=settings.checkpoint)
+    base_weights = settings.checkpoint(registry.get_version(r, v1)["path"]) / "model.safetensors"
+    base_weights.rename(base_weights.with_suffix(".moved"))
+    served3 = load_version(r, settings, second["version"])  # the base file is gone: only the cache can supply it
+    with torch.no_grad():
+        torch.testing.assert_close(served3.model(input_ids=ids).logits, expected(input_ids=ids).logits)
+    with pytest.raises(CheckpointError, match="missing"):  # a fresh cache verifies the base, and finds it gone
+        load_policy(folder3, "cpu", resolve_base=settings.checkpoint, base_cache=BaseCache())
 
 
 def test_an_adapter_refuses_a_base_that_changed(r, redis_url, tmp_path):
