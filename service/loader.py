@@ -12,7 +12,7 @@ from core.config import Settings
 from service.engine import Engine, Policy, SamplingParams
 from store import registry
 from training.checkpoint import verify_checkpoint
-from training.lora import BaseCache
+from training.lora import BaseCache, adapter_base
 
 SMOKE_PROMPT = [{"role": "user", "content": "Hello"}]
 SMOKE_TOKENS = 2  # a prefill and one decode step: both paths a request takes (each more token only adds time)
@@ -51,4 +51,6 @@ def load_version(r: redis.Redis, settings: Settings, version: int) -> Policy:
     verify_checkpoint(path)
     policy = Policy.load(version, path, settings.torch_device(), resolve_base=settings.checkpoint, base_cache=BASES)
     smoke_test(policy, settings.smoke_test_timeout_s)
+    if adapter_base(path) is None:  # verified and smoke-tested: the base of adapter versions that may follow
+        BASES.offer(path, policy.model, policy.tokenizer, settings.torch_device())
     return policy

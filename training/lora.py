@@ -184,12 +184,21 @@ class ReferenceView(torch.nn.Module):
 class BaseCache:
     """The base the last adapter was applied to, verified (sha256 manifest) and loaded once per process. A later
     adapter version on the same base is then a copy of it in memory with the adapter merged in — no disk read and no
-    hash of the base — which is what makes an adapter swap fast (bench/cycle.py). Costs one extra copy of the base."""
+    hash of the base — which is what makes an adapter swap fast (bench/cycle.py). A full version being served is
+    offered as a base (`offer`), so even the first adapter on it needs no disk read. Keeps the last base (or the last
+    full version served) alive: one model's memory."""
 
     def __init__(self) -> None:
         self._key: tuple[str, str, str] | None = None
         self._model = self._tokenizer = None
         self._lock = threading.Lock()
+
+    def offer(self, base_dir: Path, model, tokenizer, device: str) -> None:
+        """A verified full model loaded from `base_dir` (not copied: `get` copies, and the server never changes a
+        served model's weights)."""
+        with self._lock:
+            self._key = (str(base_dir), folder_digest(base_dir), device)
+            self._model, self._tokenizer = model, tokenizer
 
     def get(self, base_dir: Path, device: str):
         from training.checkpoint import MANIFEST, verify_checkpoint
