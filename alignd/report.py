@@ -117,7 +117,7 @@ def collect(r: redis.Redis, settings: Settings) -> dict[str, Any]:
         "rewards": rewards,
         "current": listing["current"],
         "cycles": {
-            "published": sum(1 for v in served if metas[v].get("source") == "ppo"),
+            "published": sum(1 for v in served if metas[v].get("cycle") is not None),  # any update algorithm
             "gate_failed": outcomes["gate_failed"],
             "failed": outcomes["cycle_failed"],
             "rollbacks": outcomes["rollback"],

@@ -327,6 +327,9 @@ def _stage_policy(run: CycleRun) -> None:
     from training.ppo import PPOTrainer, ValueModel
 
     r, settings, cfg, update = run.r, run.settings, run.cfg, run.cfg.update
+    if update.algorithm != "ppo":
+        _preference_update(run)
+        return
     device = settings.torch_device()
     state = json.loads(r.get(keys.ppo_state()) or "null")
     state_dir = _ppo_state_dir(settings, state["path"]) if state else None
@@ -376,9 +379,18 @@ def _lora_trainer(run: CycleRun, current_path: Path):
     """A PPO trainer on a LoRA adapter over the frozen reference: the current version's adapter continued, or a
     fresh one on the reference itself; the reference is the same base with the adapter off, the critic the reward
     model's trunk with an adapter of its own. One copy of the base in memory instead of three."""
+    from training.ppo import PPOTrainer, ValueModel
+
+    policy, tokenizer = _lora_policy(run, current_path)
+    critic = ValueModel.from_model(run.value_init).with_lora(run.cfg.lora)
+    return PPOTrainer(run.cfg.ppo, policy, None, run.reward_fn, tokenizer, critic)
+
+
+def _lora_policy(run: CycleRun, current_path: Path):
+    """(LoRA policy, tokenizer): the current version's adapter continued, or a fresh one on the reference itself;
+    sets the run's reference (the base with the adapter off) and the parent's adapter weights for the gate."""
     from training.lora import ReferenceView, adapter_state, add_adapter, load_policy
     from training.model import load_causal_lm
-    from training.ppo import PPOTrainer, ValueModel
 
     settings, device = run.settings, run.settings.torch_device()
     if run.start_version == run.ref_version:
@@ -388,8 +400,61 @@ def _lora_trainer(run: CycleRun, current_path: Path):
         policy, tokenizer = load_policy(current_path, device, resolve_base=settings.checkpoint, trainable=True)
     run.parent_adapter = adapter_state(policy)
     run.ref_model = ReferenceView(policy)
-    critic = ValueModel.from_model(run.value_init).with_lora(run.cfg.lora)
-    return PPOTrainer(run.cfg.ppo, policy, None, run.reward_fn, tokenizer, critic)
+    return policy, tokenizer
+
+
+def _preference_data(run: CycleRun) -> tuple[list, list, dict[str, int]]:
+    """This cycle's new comparisons and thumbs (on-policy: answers of the current version) plus a seeded replay of
+    up to `update.replay` older ones, as training items."""
+    from training.data import Comparison, Rated
+
+    new_c, new_r = comparisons_for_events(run.r, run.events)
+    all_c, all_r = all_comparisons(run.r)
+    fresh = {json.dumps(x, sort_keys=True) for x in new_c + new_r}
+    older = [x for x in all_c + all_r if json.dumps(x, sort_keys=True) not in fresh]
+    rng = random.Random(run.cfg.seed + run.token)
+    replay = rng.sample(older, min(len(older), run.cfg.update.replay))
+    items = new_c + new_r + replay
+    comparisons = [Comparison.from_dict(x) for x in items if "chosen" in x]
+    rated = [Rated.from_dict(x) for x in items if "chosen" not in x]
+    return comparisons, rated, {"new": len(new_c) + len(new_r), "replay": len(replay)}
+
+
+def _preference_update(run: CycleRun) -> None:
+    """DPO or KTO (update.algorithm) from the current policy against the SFT reference, on `_preference_data`; the
+    gate and publish that follow are the same as after PPO (there is no halfway policy to fall back to)."""
+    from types import SimpleNamespace
+
+    from training.lora import load_policy
+    from training.preference import train_dpo, train_kto
+
+    algorithm, settings = run.cfg.update.algorithm, run.settings
+    current_path = settings.checkpoint(registry.get_version(run.r, run.start_version)["path"])
+    if run.lora:
+        policy, tokenizer = _lora_policy(run, current_path)
+        reference = None  # the adapter switched off (training/preference.py)
+    else:
+        policy, tokenizer = load_policy(current_path, settings.torch_device(), resolve_base=settings.checkpoint)
+        reference = run.ref_model
+    comparisons, rated, counts = _preference_data(run)
+    t0 = time.perf_counter()
+    try:
+        if algorithm == "dpo":
+            policy, metrics = train_dpo(run.cfg.dpo, policy, tokenizer, comparisons, reference=reference)
+        else:
+            policy, metrics = train_kto(run.cfg.kto, policy, tokenizer, comparisons, rated, reference=reference)
+    except ValueError as exc:  # nothing this algorithm can learn from (e.g. only ties): the events wait for more
+        raise CycleError(f"{algorithm}: {exc}") from None
+    run.trainer = SimpleNamespace(policy=policy, tokenizer=tokenizer)
+    run.ppo_info = {
+        "algorithm": algorithm,
+        "steps": metrics.get("steps", 0),
+        "seconds": time.perf_counter() - t0,
+        "data": counts,
+        "metrics": metrics,
+        "resumed": False,
+    }
+    run.progress(algorithm, run.ppo_info)
 
 
 def _snapshot(policy) -> dict[str, Any]:
@@ -491,7 +556,7 @@ def _stage_publish(run: CycleRun) -> dict[str, Any]:
             **base,
         }
     meta = {
-        "source": "ppo",
+        "source": run.cfg.update.algorithm,  # ppo, dpo or kto: the update that made this version
         "cycle": run.token,
         "trigger": run.trigger,
         **base,
@@ -563,7 +628,7 @@ def _save_ppo_state(run: CycleRun, version: int) -> None:
     """One state folder per version, so a rollback to an older version can never resume a newer version's state; a
     halfway fallback saves none (the trainer's optimisers and critic belong to the full run): the next cycle starts
     PPO afresh from this version."""
-    if run.fallback_steps is not None or run.lora:
+    if run.fallback_steps is not None or run.lora or run.cfg.update.algorithm != "ppo":
         return
     home = run.settings.home
     state_dir = run.trainer.save_state(home / PPO_STATE_DIR / f"state-v{version}")

@@ -7,6 +7,8 @@
       eval:   training.evaluate.EvalConfig   the gate's held-out evaluation
       gate:   GateConfig                     what a candidate must pass to be published
       lora:   training.lora.LoRAConfig       the adapter, when the policy update trains one (update.adapter)
+      dpo:    training.preference.DPOConfig  the policy update when update.algorithm is "dpo"
+      kto:    training.preference.KTOConfig  the policy update when update.algorithm is "kto"
 
 Where the cycle wants a value other than the section's own default, the section is built with it below, next to
 the reason. Overrides come from `ALIGND_HOME/cycle.json`, `alignd train … --config`, the Celery task's `overrides`
@@ -28,12 +30,14 @@ if TYPE_CHECKING:
     from training.evaluate import EvalConfig
     from training.lora import LoRAConfig
     from training.ppo import PPOConfig
+    from training.preference import DPOConfig, KTOConfig
     from training.reward import RewardConfig
 
 CYCLE_FILE = "cycle.json"  # optional CycleConfig overrides under ALIGND_HOME (operators, tests)
 GATE_SEED_OFFSET = 10_000  # gate evaluation seeds start here, above the report's (alignd/report.py: 4321)
-SECTIONS = ("reward", "update", "ppo", "eval", "gate", "lora")
+SECTIONS = ("reward", "update", "ppo", "eval", "gate", "lora", "dpo", "kto")
 ADAPTER_MODES = ("auto", "full", "lora")
+ALGORITHMS = ("ppo", "dpo", "kto")
 # the flat names of CycleConfig before it was a tree, for a helpful error
 RENAMED = {
     "reward_seconds": "reward.max_seconds",
@@ -84,6 +88,10 @@ class UpdateConfig:
     #                                    response must fit the context); the API's own limit is another setting
     #                                    (Settings.max_prompt_tokens)
 
+    algorithm: str = "ppo"  # the policy update: "ppo" against the reward model (the measured default), or "dpo" /
+    #                         "kto" straight from the labels (this cycle's new comparisons plus a replay of older
+    #                         ones, reference = the SFT model; training/preference.py); recorded in each version
+    replay: int = 2_000  # dpo/kto: older comparisons sampled beside the cycle's new ones (iterative DPO's replay)
     adapter: str = "auto"  # "full": every weight trains; "lora": an adapter on the frozen SFT base (the reference is
     #                        the base with the adapter off, a version is published as its adapter); "auto": LoRA for
     #                        bases of at least lora_min_parameters
@@ -91,6 +99,8 @@ class UpdateConfig:
     #                                        real sizes a full cycle holds policy, reference, critic and two optimisers
 
     def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"update.algorithm={self.algorithm!r}: expected one of {ALGORITHMS}")
         if self.adapter not in ADAPTER_MODES:
             raise ValueError(f"update.adapter={self.adapter!r}: expected one of {ADAPTER_MODES}")
         _check_ranges(
@@ -174,6 +184,18 @@ def _eval_default() -> EvalConfig:
     return EvalConfig(n_per_family=24, greedy=False, seed=GATE_SEED_OFFSET)
 
 
+def _dpo_default() -> DPOConfig:
+    from training.preference import DPOConfig
+
+    return DPOConfig(max_seconds=75.0)  # the PPO stage's budget (update.seconds), so a cycle keeps its length
+
+
+def _kto_default() -> KTOConfig:
+    from training.preference import KTOConfig
+
+    return KTOConfig(max_seconds=75.0)
+
+
 def _lora_default() -> LoRAConfig:
     from training.lora import LoRAConfig
 
@@ -192,6 +214,8 @@ class CycleConfig:
     eval: EvalConfig = field(default_factory=_eval_default)
     gate: GateConfig = field(default_factory=GateConfig)
     lora: LoRAConfig = field(default_factory=_lora_default)
+    dpo: DPOConfig = field(default_factory=_dpo_default)
+    kto: KTOConfig = field(default_factory=_kto_default)
 
     def __post_init__(self) -> None:
         for name in SECTIONS:
