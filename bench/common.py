@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import subprocess
 import time
 
@@ -20,3 +21,24 @@ def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout_s: float 
         if time.monotonic() > deadline or (proc is not None and proc.poll() is not None):
             raise RuntimeError(f"{url} did not become ready")
         time.sleep(0.2)
+
+
+def user(prompt: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}]
+
+
+def world_responses(model, tok, n_prompts: int, k: int, seed: int, rng: random.Random):
+    """(tasks, prompts, columns): `n_prompts` world tasks and k responses to each — the greedy one first (what the
+    evaluation and the served policy give), then k - 1 samples (seeds seed + j) — for labelling by simulated
+    annotators. The tasks are drawn from `rng`, which the caller goes on using for the labels."""
+    from training import world
+    from training.evaluate import generate_responses
+
+    tasks = [world.sample_task(rng) for _ in range(n_prompts)]
+    prompts = [user(t.prompt) for t in tasks]
+    columns = [generate_responses(model, tok, prompts, max_new_tokens=48, batch_size=64, do_sample=False)]
+    columns += [
+        generate_responses(model, tok, prompts, max_new_tokens=48, batch_size=64, do_sample=True, seed=seed + j)
+        for j in range(k - 1)
+    ]
+    return tasks, prompts, columns

@@ -31,10 +31,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training import world  # noqa: E402
+from bench.common import user, world_responses  # noqa: E402
 from training.annotators import ORACLE, annotator_pool, oracle_win_rate  # noqa: E402
 from training.data import Comparison, Rated  # noqa: E402
-from training.evaluate import EvalConfig, evaluate_policy, generate_responses  # noqa: E402
+from training.evaluate import EvalConfig, evaluate_policy  # noqa: E402
 from training.model import load_causal_lm  # noqa: E402
 from training.preference import DPOConfig, KTOConfig, response_logprobs, train_dpo, train_kto  # noqa: E402
 from training.world import HARMFUL_COMPLIANCE, REFUSAL, check, eval_tasks, ramble, wrong_answer  # noqa: E402
@@ -51,20 +51,10 @@ EVAL_KEYS = (
 )
 
 
-def user(prompt: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": prompt}]
-
-
 def label(model, tok, n_prompts: int, k: int, seed: int, noise: float):
     """(comparisons, thumbs, oracle triples) from k responses per world prompt, labelled by a noisy pool."""
-    rng = random.Random(seed)
-    tasks = [world.sample_task(rng) for _ in range(n_prompts)]
-    prompts = [user(t.prompt) for t in tasks]
-    columns = [generate_responses(model, tok, prompts, max_new_tokens=48, batch_size=64, do_sample=False)]
-    columns += [
-        generate_responses(model, tok, prompts, max_new_tokens=48, batch_size=64, do_sample=True, seed=seed + j)
-        for j in range(k - 1)
-    ]
+    rng = random.Random(seed)  # draws the tasks, then the annotators' noise: one stream, as before the refactor
+    tasks, prompts, columns = world_responses(model, tok, n_prompts, k, seed, rng)
     pool = annotator_pool("balanced,brevity,detail,strict", noise=noise)
     comparisons, thumbs, triples = [], [], []
     for i, t in enumerate(tasks):

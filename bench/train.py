@@ -27,10 +27,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import user, world_responses  # noqa: E402
 from training import world  # noqa: E402
 from training.annotators import ORACLE, annotator_pool, oracle_win_rate  # noqa: E402
 from training.data import Comparison  # noqa: E402
-from training.evaluate import EvalConfig, evaluate_policy, generate_responses  # noqa: E402
+from training.evaluate import EvalConfig, evaluate_policy  # noqa: E402
 from training.model import load_causal_lm  # noqa: E402
 from training.ppo import PPOConfig, PPOTrainer, reward_model_fn  # noqa: E402
 from training.reward import (  # noqa: E402
@@ -43,10 +44,6 @@ from training.reward import (  # noqa: E402
 from training.world import check  # noqa: E402
 
 
-def user(prompt: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": prompt}]
-
-
 def comparisons_from_policy(
     model, tok, n_prompts: int, k: int, seed: int, noise: float
 ) -> tuple[list[Comparison], list]:
@@ -57,14 +54,8 @@ def comparisons_from_policy(
     greedy response is the one the evaluation and the served policy give. Two samples of the small SFT policy
     alone are identical or both wrong in ~75 % of pairs (both_bad or tie labels, no ordering signal).
     """
-    rng = random.Random(seed)
-    tasks = [world.sample_task(rng) for _ in range(n_prompts)]
-    prompts = [user(t.prompt) for t in tasks]
-    columns = [generate_responses(model, tok, prompts, max_new_tokens=48, batch_size=64, do_sample=False)]
-    columns += [
-        generate_responses(model, tok, prompts, max_new_tokens=48, batch_size=64, do_sample=True, seed=seed + j)
-        for j in range(k - 1)
-    ]
+    rng = random.Random(seed)  # draws the tasks, then the annotators' noise: one stream, as before the refactor
+    tasks, prompts, columns = world_responses(model, tok, n_prompts, k, seed, rng)
     pool = annotator_pool("balanced,brevity,detail,strict", noise=noise)
     out, triples = [], []
     for i, t in enumerate(tasks):
