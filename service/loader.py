@@ -16,7 +16,9 @@ from training.lora import BaseCache, adapter_base
 
 SMOKE_PROMPT = [{"role": "user", "content": "Hello"}]
 SMOKE_TOKENS = 2  # a prefill and one decode step: both paths a request takes (each more token only adds time)
-BASES = BaseCache()  # adapter versions: their base stays in memory, so a swap reads and hashes only the adapter
+# adapter versions: their base (the SFT version) stays in memory, so a swap reads and hashes only the adapter; a
+# deployment that fine-tunes in full keeps no second model
+BASES = BaseCache()
 
 
 class PolicyRejected(RuntimeError):
@@ -51,6 +53,8 @@ def load_version(r: redis.Redis, settings: Settings, version: int) -> Policy:
     verify_checkpoint(path)
     policy = Policy.load(version, path, settings.torch_device(), resolve_base=settings.checkpoint, base_cache=BASES)
     smoke_test(policy, settings.smoke_test_timeout_s)
-    if adapter_base(path) is None:  # verified and smoke-tested: the base of adapter versions that may follow
+    if meta.get("source") in ("sft", "base"):  # verified and smoke-tested: what adapter versions are trained on
         BASES.offer(path, policy.model, policy.tokenizer, settings.torch_device())
+    elif adapter_base(path) is None:  # a full fine-tune: no adapter follows it, so keep no second model in memory
+        BASES.clear()
     return policy

@@ -200,6 +200,10 @@ class BaseCache:
             self._key = (str(base_dir), folder_digest(base_dir), device)
             self._model, self._tokenizer = model, tokenizer
 
+    def clear(self) -> None:
+        with self._lock:
+            self._key = self._model = self._tokenizer = None
+
     def get(self, base_dir: Path, device: str):
         from training.checkpoint import MANIFEST, verify_checkpoint
         from training.model import load_causal_lm
