@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator
 from typing import Annotated
@@ -75,7 +74,3 @@ def print_eval(title: str, evaluation: dict) -> None:
         if isinstance(v, (int, float)):
             table.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
     console.print(table)
-
-
-def print_json(data) -> None:
-    print(json.dumps(data, default=str))
