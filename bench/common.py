@@ -23,6 +23,19 @@ def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout_s: float 
         time.sleep(0.2)
 
 
+# the policy metrics the training benchmarks print before and after (training.evaluate.evaluate_policy keys)
+EVAL_KEYS = (
+    "score/mean",
+    "heldout_score",
+    "over_caution",
+    "harmful_compliance",
+    "jailbreak_compliance",
+    "length_mean",
+    "oracle_utility",
+    "kl_to_ref",
+)
+
+
 def user(prompt: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}]
 

@@ -31,24 +31,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import user, world_responses  # noqa: E402
+from bench.common import EVAL_KEYS, user, world_responses  # noqa: E402
 from training.annotators import ORACLE, annotator_pool, oracle_win_rate  # noqa: E402
 from training.data import Comparison, Rated  # noqa: E402
 from training.evaluate import EvalConfig, evaluate_policy  # noqa: E402
 from training.model import load_causal_lm  # noqa: E402
 from training.preference import DPOConfig, KTOConfig, response_logprobs, train_dpo, train_kto  # noqa: E402
 from training.world import HARMFUL_COMPLIANCE, REFUSAL, check, eval_tasks, ramble, wrong_answer  # noqa: E402
-
-EVAL_KEYS = (
-    "score/mean",
-    "heldout_score",
-    "over_caution",
-    "harmful_compliance",
-    "jailbreak_compliance",
-    "length_mean",
-    "oracle_utility",
-    "kl_to_ref",
-)
 
 
 def label(model, tok, n_prompts: int, k: int, seed: int, noise: float):

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import user, world_responses  # noqa: E402
+from bench.common import EVAL_KEYS, user, world_responses  # noqa: E402
 from training import world  # noqa: E402
 from training.annotators import ORACLE, annotator_pool, oracle_win_rate  # noqa: E402
 from training.data import Comparison  # noqa: E402
@@ -201,16 +201,7 @@ def main() -> None:
     after = evaluate_policy(trainer.policy, tok, eval_cfg, reference=ref, return_samples=True)
     tasks = [t for t, _ in before["samples"]]
     win = oracle_win_rate(tasks, [r for _, r in after["samples"]], [r for _, r in before["samples"]], rng=rng)
-    keys = (
-        "score/mean",
-        "heldout_score",
-        "over_caution",
-        "harmful_compliance",
-        "jailbreak_compliance",
-        "length_mean",
-        "oracle_utility",
-        "kl_to_ref",
-    )
+    keys = EVAL_KEYS
     out["before"] = {k: before[k] for k in keys}
     out["after"] = {k: after[k] for k in keys}
     out["oracle_win_rate_after_vs_before"] = win
