@@ -188,11 +188,11 @@ class ValueModel(nn.Module):
         trunk = copy.deepcopy(model.base_model)
         head = None
         score = getattr(model, "score", None)
-        if isinstance(score, nn.Linear) and score.out_features == 1:  # OpenRLHF: the critic starts as the RM
+        if isinstance(score, nn.Linear):  # OpenRLHF: the critic starts as the RM (the mean of its heads)
             head = nn.Linear(score.in_features, 1).to(score.weight.device)
             with torch.no_grad():
-                head.weight.copy_(score.weight)
-                head.bias.copy_(score.bias if score.bias is not None else torch.zeros(1))
+                head.weight.copy_(score.weight.mean(dim=0, keepdim=True))
+                head.bias.copy_(score.bias.mean().reshape(1) if score.bias is not None else torch.zeros(1))
         return cls(trunk, head)
 
     def with_lora(self, cfg: LoRAConfig) -> ValueModel:
@@ -283,11 +283,14 @@ def sequence_logprobs(
     return logp, entropy
 
 
-def reward_model_fn(rm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 32) -> RewardFn:
-    """Adapt a reward model (training/reward.py) to `reward_fn(prompts, responses) -> normalised scores (B,)`."""
+def reward_model_fn(
+    rm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 32, uncertainty_penalty: float = 0.0
+) -> RewardFn:
+    """Adapt a reward model (training/reward.py) to `reward_fn(prompts, responses) -> normalised scores (B,)`, less
+    `uncertainty_penalty` times its heads' disagreement where it has several."""
 
     def reward_fn(prompts: list[list[Message]], responses: list[str]) -> torch.Tensor:
-        return score(rm, tokenizer, prompts, responses, batch_size=batch_size)
+        return score(rm, tokenizer, prompts, responses, batch_size=batch_size, uncertainty_penalty=uncertainty_penalty)
 
     return reward_fn
 

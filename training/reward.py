@@ -1,11 +1,11 @@
 """Reward model: a causal LM with a scalar head, trained on user feedback to predict which response people prefer.
 
-The model is `AutoModelForSequenceClassification(num_labels=1)` initialised from a causal-LM folder (the SFT policy
-by default, any Hugging Face model) or from an in-memory causal LM, as in Ouyang et al. 2022 (InstructGPT) and
-Stiennon et al. 2020. Its input is the conversation rendered with the tokenizer's chat template, the response as
-the final assistant turn; the score is read at the last non-pad token (the Hugging Face head finds the rightmost
-token that is not `config.pad_token_id`; alignd pads on the right here, so that token is the end of the text and
-absolute positions match an unpadded forward).
+The model is `AutoModelForSequenceClassification(num_labels=K)` (K = `RewardConfig.heads`, 1 by default) initialised
+from a causal-LM folder (the SFT policy by default, any Hugging Face model) or from an in-memory causal LM, as in
+Ouyang et al. 2022 (InstructGPT) and Stiennon et al. 2020. Its input is the conversation rendered with the
+tokenizer's chat template, the response as the final assistant turn; the score is read at the last non-pad token
+(the Hugging Face head finds the rightmost token that is not `config.pad_token_id`; alignd pads on the right here,
+so that token is the end of the text and absolute positions match an unpadded forward).
 
 Losses, per kind of feedback (see `training/data.py`):
 - `Comparison(label="pref")`: Bradley–Terry, -log sigmoid(r_chosen - r_rejected - margin). Chosen and rejected go
@@ -17,6 +17,8 @@ Losses, per kind of feedback (see `training/data.py`):
 - `Rated` (a thumb on one response): pointwise -log sigmoid(+r) for up and -log sigmoid(-r) for down, weighted by
   `RewardConfig.pointwise_weight` (0 disables it) because a lone thumb says less than a comparison.
 A batch's loss is the weighted mean over its items (pairs weigh 1, rated responses `pointwise_weight`).
+With K > 1 heads each head trains on its own bootstrap resample (`bootstrap_weights`): the reward is their mean, their
+spread the model's uncertainty, reported after training and optionally subtracted from the reward PPO optimises.
 
 Pairs of one rank or one completion (same `group`) stay together in one batch, and a text shared by several pairs
 is scored once (a ranking of K responses costs K forwards, not K(K-1)). Ties between identical responses carry no
@@ -76,6 +78,14 @@ class RewardConfig:
     norm_samples: int = 2048  # distinct reference responses scored for the normalisation: its mean and std are
     #                           settled by then, and scoring every compared text cost ~40 s per cycle at 8k pairs
     seed: int = 0  # seeds the head initialisation, the shuffling and the held-out split
+    heads: int = 1  # score heads on one trunk, each trained on its own bootstrap resample of the items: their spread
+    #                 is the model's uncertainty (an ensemble at the cost of one trunk; Coste et al. 2023 use
+    #                 separate models); 1 = the plain reward model
+    uncertainty_penalty: float = 0.0  # reward = mean - this x the heads' std (normalised units), an uncertainty-
+    #                                   weighted optimisation (Coste et al. 2023, "Reward model ensembles help
+    #                                   mitigate overoptimization"); 0 reports the spread without using it
+    warm_start: bool = False  # the cycle starts from the previous accepted reward model (same base, same heads)
+    #                           instead of a fresh head on the SFT trunk (workers/cycle.py)
 
     def __post_init__(self) -> None:
         checks = {
@@ -88,6 +98,8 @@ class RewardConfig:
             "pointwise_weight": self.pointwise_weight >= 0,
             "eval_batch_size": self.eval_batch_size >= 1,
             "norm_samples": self.norm_samples >= 1,
+            "heads": 1 <= self.heads <= 64,
+            "uncertainty_penalty": self.uncertainty_penalty >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -109,18 +121,22 @@ def _set_pad(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None
     model.config.pad_token_id = tokenizer.pad_token_id
 
 
-def build_reward_model(base: str | Path | PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """A one-label sequence classifier initialised from `base` (a model folder or an in-memory causal LM).
+def build_reward_model(
+    base: str | Path | PreTrainedModel, tokenizer: PreTrainedTokenizerBase, heads: int = 1
+) -> PreTrainedModel:
+    """A sequence classifier with `heads` outputs initialised from `base` (a model folder or an in-memory causal LM).
 
-    An existing reward model (folder or object) keeps its head; a causal LM gets a freshly initialised one.
+    An existing reward model with as many heads (folder or object) keeps them; otherwise the heads are fresh.
     """
     if isinstance(base, (str, Path)):
-        model = AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=1, dtype=torch.float32)
-    elif getattr(base.config, "num_labels", None) == 1 and hasattr(base, "score"):
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(base), num_labels=heads, dtype=torch.float32, ignore_mismatched_sizes=True
+        )
+    elif getattr(base.config, "num_labels", None) == heads and hasattr(base, "score"):
         model = copy.deepcopy(base)
     else:
         config = copy.deepcopy(base.config)
-        config.num_labels = 1
+        config.num_labels = heads
         model = AutoModelForSequenceClassification.from_config(config)
         result = model.load_state_dict(base.state_dict(), strict=False)
         missing = [k for k in result.missing_keys if not k.startswith("score.")]
@@ -157,19 +173,46 @@ def encode(
     return input_ids.to(device), attention_mask.to(device)
 
 
-def forward_scores(
+def head_scores(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int | None = None
 ) -> torch.Tensor:
-    """Raw (unnormalised) rewards of rendered conversations, (B,), with gradients if enabled."""
+    """Raw (unnormalised) rewards of rendered conversations, one per head, (B, K), with gradients if enabled."""
     limits = [x for x in (max_length, _context_length(model.config)) if x]
     device = next(model.parameters()).device
     input_ids, attention_mask = encode(
         tokenizer, texts, min(limits) if limits else None, model.config.pad_token_id, device
     )
-    return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]  # (B,)
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, K)
+
+
+def forward_scores(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int | None = None
+) -> torch.Tensor:
+    """Raw rewards of rendered conversations, the mean over the heads, (B,), with gradients if enabled."""
+    return head_scores(model, tokenizer, texts, max_length).mean(dim=-1)  # (B,)
 
 
 @torch.no_grad()
+def raw_head_scores(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[list[Message]],
+    responses: Sequence[str],
+    batch_size: int = 32,
+    max_length: int | None = None,
+) -> torch.Tensor:
+    """Unnormalised rewards per head, (B, K) float32 on CPU, in eval mode (dropout off)."""
+    was_training = model.training
+    model.eval()
+    texts = [format_conversation(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
+    out = [
+        head_scores(model, tokenizer, texts[i : i + batch_size], max_length).float().cpu()
+        for i in range(0, len(texts), batch_size)
+    ]
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, model.config.num_labels)
+
+
 def raw_scores(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -178,16 +221,28 @@ def raw_scores(
     batch_size: int = 32,
     max_length: int | None = None,
 ) -> torch.Tensor:
-    """Unnormalised rewards, (B,) float32 on CPU, in eval mode (dropout off)."""
-    was_training = model.training
-    model.eval()
-    texts = [format_conversation(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
-    out = [
-        forward_scores(model, tokenizer, texts[i : i + batch_size], max_length).float().cpu()
-        for i in range(0, len(texts), batch_size)
-    ]
-    model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0)
+    """Unnormalised rewards (the mean over the heads), (B,) float32 on CPU, in eval mode (dropout off)."""
+    return raw_head_scores(model, tokenizer, prompts, responses, batch_size, max_length).mean(dim=-1)
+
+
+def _normalised(model: PreTrainedModel, raw: torch.Tensor) -> torch.Tensor:
+    mean = float(getattr(model.config, MEAN_KEY, 0.0))
+    std = float(getattr(model.config, STD_KEY, 1.0))
+    return (raw - mean) / std
+
+
+def score_with_spread(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[list[Message]],
+    responses: Sequence[str],
+    batch_size: int = 32,
+    max_length: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normalised mean reward, std of the normalised heads), each (B,) on CPU; the std is 0 with one head."""
+    heads = _normalised(model, raw_head_scores(model, tokenizer, prompts, responses, batch_size, max_length))
+    spread = heads.std(dim=-1) if heads.shape[-1] > 1 else torch.zeros(heads.shape[0])
+    return heads.mean(dim=-1), spread
 
 
 def score(
@@ -197,12 +252,12 @@ def score(
     responses: Sequence[str],
     batch_size: int = 32,
     max_length: int | None = None,
+    uncertainty_penalty: float = 0.0,
 ) -> torch.Tensor:
-    """Normalised rewards (mean 0, std 1 on the reference responses), (B,) float32 on CPU."""
-    raw = raw_scores(model, tokenizer, prompts, responses, batch_size, max_length)
-    mean = float(getattr(model.config, MEAN_KEY, 0.0))
-    std = float(getattr(model.config, STD_KEY, 1.0))
-    return (raw - mean) / std
+    """Normalised rewards (mean 0, std 1 on the reference responses), (B,) float32 on CPU, less
+    `uncertainty_penalty` times the heads' disagreement where there are several."""
+    mean, spread = score_with_spread(model, tokenizer, prompts, responses, batch_size, max_length)
+    return mean - uncertainty_penalty * spread if uncertainty_penalty else mean
 
 
 def save_reward_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
@@ -217,8 +272,8 @@ def save_reward_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
 def load_reward_model(path: str | Path, device: str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32)
-    if model.config.num_labels != 1:
-        raise ValueError(f"{path}: a reward model has one output, this one has {model.config.num_labels}")
+    if not 1 <= model.config.num_labels <= 64:
+        raise ValueError(f"{path}: a reward model has 1 to 64 score heads, this one has {model.config.num_labels}")
     _set_pad(model, tokenizer)
     return model.to(device).eval(), tokenizer
 
@@ -270,6 +325,19 @@ def make_batches(items: Sequence[Item], batch_size: int, rng: random.Random) -> 
 # ---------------------------------------------------------------------------------------------------- the loss
 
 
+def bootstrap_weights(keys: Sequence[str], heads: int, seed: int) -> torch.Tensor:
+    """(N, heads) item weights: all 1 with one head; with several, each head sees its own resample of the data by
+    the double-or-nothing bootstrap (weight 0 or 2, probability 1/2; Owen & Eckles 2012), decided by a seeded hash
+    of the item so an item keeps its weights across epochs and cycles — the heads' spread is then the ensemble's."""
+    if heads == 1:
+        return torch.ones(len(keys), 1)
+    rows = []
+    for key in keys:
+        digest = hashlib.sha256(f"{seed}\x00boot\x00{key}".encode()).digest()
+        rows.append([2.0 * ((digest[h // 8] >> (h % 8)) & 1) for h in range(heads)])
+    return torch.tensor(rows).reshape(len(keys), heads)
+
+
 def batch_loss(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch: Sequence[Item], cfg: RewardConfig
 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -289,27 +357,31 @@ def batch_loss(
     # The pairs of one ranking share responses (K responses make K(K-1)/2 pairs): score each distinct text once.
     position = {t: i for i, t in enumerate(dict.fromkeys(texts))}
     unique, index = list(position), torch.tensor([position[t] for t in texts])  # index: (2P + R,) into `unique`
-    scores = forward_scores(model, tokenizer, unique, cfg.max_length)[index.to(next(model.parameters()).device)]
+    scores = head_scores(model, tokenizer, unique, cfg.max_length)[index.to(next(model.parameters()).device)]
+    K = scores.shape[-1]  # scores: (2P + R, K)
     P = len(pairs)
+    keys = [f"{prompt_key(c.prompt)}\x00{c.chosen}\x00{c.rejected}" for c in pairs]
+    keys += [f"{prompt_key(r.prompt)}\x00{r.response}" for r in rated]
+    boot = bootstrap_weights(keys, K, cfg.seed).to(scores.device, scores.dtype)  # (P + R, K)
     total = scores.new_zeros(())
     n_pref = n_correct = 0
     if P:
-        chosen, rejected = torch.chunk(scores[: 2 * P], 2)  # (P,), (P,)
+        chosen, rejected = torch.chunk(scores[: 2 * P], 2)  # (P, K), (P, K)
         label = [c.label for c in pairs]
-        is_pref = torch.tensor([x == "pref" for x in label], device=scores.device)
-        is_tie = torch.tensor([x == "tie" for x in label], device=scores.device)
-        margin = torch.tensor([c.margin for c in pairs], dtype=scores.dtype, device=scores.device)
+        is_pref = torch.tensor([x == "pref" for x in label], device=scores.device)[:, None]  # (P, 1)
+        is_tie = torch.tensor([x == "tie" for x in label], device=scores.device)[:, None]
+        margin = torch.tensor([c.margin for c in pairs], dtype=scores.dtype, device=scores.device)[:, None]
         pref, _ = PairWiseLoss(reduction="none")(chosen, rejected, margin)
         tie = tie_loss(chosen, rejected)
-        bad = torch.zeros_like(is_pref)
+        bad = torch.zeros_like(chosen, dtype=torch.bool)
         both_bad = 0.5 * (pointwise_loss(chosen, bad) + pointwise_loss(rejected, bad))
-        per_pair = torch.where(is_pref, pref, torch.where(is_tie, tie, both_bad))  # (P,)
-        total = total + per_pair.sum()
+        per_pair = torch.where(is_pref, pref, torch.where(is_tie, tie, both_bad))  # (P, K)
+        total = total + (per_pair * boot[:P]).sum() / K
         n_pref = int(is_pref.sum())
-        n_correct = int(((chosen > rejected) & is_pref).sum())
+        n_correct = int(((chosen.mean(-1) > rejected.mean(-1)) & is_pref[:, 0]).sum())
     if rated:
-        good = torch.tensor([r.good for r in rated], device=scores.device)
-        total = total + cfg.pointwise_weight * pointwise_loss(scores[2 * P :], good).sum()
+        good = torch.tensor([r.good for r in rated], device=scores.device)[:, None].expand(-1, K)
+        total = total + cfg.pointwise_weight * (pointwise_loss(scores[2 * P :], good) * boot[P:]).sum() / K
     weight = P + cfg.pointwise_weight * len(rated)
     loss = total / weight
     return loss, {"loss_sum": float(total.detach()), "weight": weight, "n_pref": n_pref, "n_correct": n_correct}
@@ -347,20 +419,23 @@ def _distinct_sample(pairs: Sequence[tuple[list[Message], str]], k: int, seed: i
     return distinct if len(distinct) <= k else random.Random(seed).sample(distinct, k)
 
 
-def _normalise(model, tokenizer, reference_responses, cfg: RewardConfig) -> tuple[float, float]:
+def _normalise(model, tokenizer, reference_responses, cfg: RewardConfig) -> tuple[float, float, float | None]:
     """Store the mean and std of the raw reward over (a capped sample of) the distinct reference responses in the
-    model's config, so `score` returns normalised rewards (mean 0, std 1 there); returns them."""
+    model's config, so `score` returns normalised rewards (mean 0, std 1 there); returns them and, with several
+    heads, their mean disagreement there (std across heads, normalised units)."""
     sample = _distinct_sample(reference_responses, cfg.norm_samples, cfg.seed)
-    ref = raw_scores(
+    heads = raw_head_scores(
         model, tokenizer, [p for p, _ in sample], [r for _, r in sample], cfg.eval_batch_size, cfg.max_length
     )
+    ref = heads.mean(dim=-1)
     mean = float(ref.mean())
     std = float(ref.std()) if len(ref) > 1 else 1.0
     if not math.isfinite(std) or std < 1e-6:  # a constant reward carries no signal; avoid dividing by ~0
         std = 1.0
     setattr(model.config, MEAN_KEY, mean)
     setattr(model.config, STD_KEY, std)
-    return mean, std
+    spread = float((heads / std).std(dim=-1).mean()) if heads.shape[-1] > 1 and len(ref) else None
+    return mean, std, spread
 
 
 def train_reward_model(
@@ -379,7 +454,7 @@ def train_reward_model(
         raise ValueError("no training data: pass comparisons (or rated responses with pointwise_weight > 0)")
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)  # the score head's initialisation
-    model = build_reward_model(base, tokenizer)
+    model = build_reward_model(base, tokenizer, cfg.heads)
     train, heldout = split_by_prompt(list(comparisons) + list(rated), cfg.heldout_fraction, cfg.seed)
     # A tie between two identical responses has zero gradient (d = 0 is the tie loss's minimum): skipping it saves
     # compute (a fifth of the pairs of two samples of a small SFT policy) without changing what is learned.
@@ -416,13 +491,15 @@ def train_reward_model(
     if reference_responses is None:
         compared = [(c.prompt, c.chosen) for c in comparisons] + [(c.prompt, c.rejected) for c in comparisons]
         reference_responses = compared or [(r.prompt, r.response) for r in rated]
-    mean, std = _normalise(model, tokenizer, reference_responses, cfg)
+    mean, std, disagreement = _normalise(model, tokenizer, reference_responses, cfg)
     metrics = {
         "heldout_accuracy": held["accuracy"],
         "heldout_loss": held["loss"],
         "train_loss": sum(losses) / len(losses) if losses else None,
         "reward_mean": mean,  # raw reward on the reference responses = the normalisation's shift
         "reward_std": std,  # and its scale
+        "heads": cfg.heads,
+        "head_disagreement": disagreement,  # mean std across heads on the reference responses (normalised units)
         "n_train": len(train),
         "n_heldout": len(heldout),
         "epochs": epoch,

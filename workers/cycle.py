@@ -283,7 +283,8 @@ def _stage_reward(run: CycleRun, retrain: bool) -> None:
         raise CycleError("no reward model yet: there is no preference data (send feedback first)")
     rm_meta = registry.get_reward_version(r, run.rm_version)
     rm, rm_tok = load_reward_model(settings.checkpoint(rm_meta["path"]), device)
-    run.reward_fn, run.value_init = reward_model_fn(rm, rm_tok), rm
+    run.reward_fn = reward_model_fn(rm, rm_tok, uncertainty_penalty=run.cfg.reward.uncertainty_penalty)
+    run.value_init = rm
     run.lora = _use_lora(run)
     if not run.lora:  # LoRA: the reference is the policy's own base, loaded once in the policy stage
         run.ref_model, _ = load_causal_lm(run.ref_path, device)
@@ -676,7 +677,9 @@ def train_reward(
     rcfg = cfg.reward
     _, tokenizer = load_causal_lm(ref_path)
     tokenizer.padding_side = "right"  # reward.encode pads by hand; this only matters for tokenizer.pad callers
-    model, metrics = train_reward_model(rcfg, items_c, items_r, base=ref_path, tokenizer=tokenizer)
+    init = _reward_init(r, settings, rcfg, previous, ref_path)
+    model, metrics = train_reward_model(rcfg, items_c, items_r, base=init or ref_path, tokenizer=tokenizer)
+    metrics["warm_start"] = init is not None
     report: dict[str, Any] = {
         "metrics": metrics,
         "n_comparisons": len(items_c),
@@ -716,6 +719,17 @@ def train_reward(
     report |= {"accepted": True, "version": version, "path": str(path)}
     progress("reward", report)
     return report
+
+
+def _reward_init(r: redis.Redis, settings: Settings, rcfg, previous: int | None, ref_path: str) -> str | None:
+    """The previous accepted reward model's folder when `reward.warm_start` is on and it was trained on the same
+    base with as many heads (a new bootstrap or a changed `reward.heads` starts fresh); else None."""
+    if not rcfg.warm_start or previous is None:
+        return None
+    meta = registry.get_reward_version(r, previous) or {}
+    if meta.get("base") != settings.stored_path(ref_path) or meta.get("metrics", {}).get("heads", 1) != rcfg.heads:
+        return None
+    return str(settings.checkpoint(meta["path"]))
 
 
 def _prompt_sampler(r: redis.Redis, tokenizer, cfg: CycleConfig):

@@ -198,3 +198,27 @@ def test_train_dpo_is_refused_by_the_cycle_gate_unless_told_otherwise(r, cli, tm
     assert registry.current_version(r) == 1 and registry.find_events(r, event="gate_failed")[0]["source"] == "dpo"
     forced = last_json(run("train", "dpo", "--data", str(hh), "--config", FAST, "--no-gate", "--json"))
     assert forced["status"] == "published" and registry.get_version(r, forced["version"])["gate"].startswith("skipped")
+
+
+def test_train_reward_warm_starts_from_the_previous_model_with_several_heads(r, cli, tmp_path):
+    settings, run = cli
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"What is {a} plus 2?"}],
+            "chosen": f"The answer is {a + 2}.",
+            "rejected": f"The answer is {a + 5}.",
+        }
+        for a in range(12)
+    ]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(x) for x in rows))
+    warm = json.dumps({"reward": {"warm_start": True, "heads": 2}})
+
+    def train() -> dict:
+        out = run("train", "reward", "--data", str(data), "--config", warm, "--json")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first, second = train(), train()
+    assert first["metrics"]["warm_start"] is False and first["metrics"]["heads"] == 2  # nothing to start from
+    assert second["metrics"]["warm_start"] is True and second["previous"] == first["version"]
+    assert second["metrics"]["head_disagreement"] > 0
