@@ -55,3 +55,22 @@ def world_responses(model, tok, n_prompts: int, k: int, seed: int, rng: random.R
         for j in range(k - 1)
     ]
     return tasks, prompts, columns
+
+
+def sft_start(args) -> tuple:
+    """(SFT policy, tokenizer): `--model` if given, else a bootstrap of `--sft-seconds` (saved to `--save-sft`)."""
+    from training.evaluate import EvalConfig
+    from training.model import load_causal_lm
+
+    if args.model is not None:
+        return load_causal_lm(args.model)
+    from training.bootstrap import BootstrapConfig, bootstrap
+    from training.sft import SFTConfig
+
+    model, tok, _ = bootstrap(
+        BootstrapConfig(sft=SFTConfig(max_seconds=args.sft_seconds), eval=EvalConfig(n_per_family=1))
+    )
+    if args.save_sft is not None:  # reruns with other settings can start from the same SFT policy (--model)
+        model.save_pretrained(args.save_sft)
+        tok.save_pretrained(args.save_sft)
+    return model.eval(), tok

@@ -31,11 +31,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import EVAL_KEYS, user, world_responses  # noqa: E402
+from bench.common import EVAL_KEYS, sft_start, user, world_responses  # noqa: E402
 from training.annotators import ORACLE, annotator_pool, oracle_win_rate  # noqa: E402
 from training.data import Comparison, Rated  # noqa: E402
 from training.evaluate import EvalConfig, evaluate_policy  # noqa: E402
-from training.model import load_causal_lm  # noqa: E402
 from training.preference import DPOConfig, KTOConfig, response_logprobs, train_dpo, train_kto  # noqa: E402
 from training.world import HARMFUL_COMPLIANCE, REFUSAL, check, eval_tasks, ramble, wrong_answer  # noqa: E402
 
@@ -128,21 +127,6 @@ def probe(policy, ref, tok, per_family: int = 20, seed: int = 99) -> dict:
         "correct_over_wrong": share(ordinary, [t.answer for t in ordinary], [wrong_answer(t, rng) for t in ordinary]),
         "plain_over_padded": share(ordinary, [t.answer for t in ordinary], [ramble(t.answer, rng) for t in ordinary]),
     }
-
-
-def sft_start(args) -> tuple:
-    if args.model is not None:
-        return load_causal_lm(args.model)
-    from training.bootstrap import BootstrapConfig, bootstrap
-    from training.sft import SFTConfig
-
-    model, tok, _ = bootstrap(
-        BootstrapConfig(sft=SFTConfig(max_seconds=args.sft_seconds), eval=EvalConfig(n_per_family=1))
-    )
-    if args.save_sft is not None:  # reruns with other settings can start from the same SFT policy (--model)
-        model.save_pretrained(args.save_sft)
-        tok.save_pretrained(args.save_sft)
-    return model.eval(), tok
 
 
 def main() -> None:
