@@ -58,7 +58,7 @@ from store.registry import reference_version
 from store.stats import feedback_stats
 from workers import failpoints
 from workers import settle as settlement
-from workers.cycle_config import CYCLE_FILE, CycleConfig, GateConfig, UpdateConfig, load_cycle_config
+from workers.cycle_config import CYCLE_FILE, CycleConfig, GateConfig, UpdateConfig, load_cycle_config, with_suites
 from workers.gate import evaluate as evaluate_gate_metrics
 from workers.gate import gate, harmful_rate, is_degenerate
 from workers.publish import checkpoint_path, publish_version
@@ -181,7 +181,7 @@ def run_cycle(
     "gate_failed", "publish_failed" (the checkpoint could not be written), "skipped" (fewer than `min_events` new
     events) or "conflict" (overtaken). Raises store.lock.LockBusy when another cycle runs and CycleError when it
     cannot run at all."""
-    cfg = cfg or load_cycle_config(settings)
+    cfg = with_suites(cfg or load_cycle_config(settings), settings)  # a bad suite file fails before any work
     if failpoints.parse(settings.failpoints):  # a misspelt failpoint fails here, before any feedback is taken
         log.warning(
             "failpoints armed (ALIGND_FAILPOINTS=%r): this cycle will be faulted on purpose", settings.failpoints
@@ -745,6 +745,7 @@ def run_ppo(
     """PPO increments against the current reward model, gated and published, without reading feedback
     (`alignd train ppo`). Same lock, stages, gate and publish path as a cycle; no events, so nothing to settle."""
     failpoints.parse(settings.failpoints)
+    cfg = with_suites(cfg, settings)
     lock = FencedLock(r, names.TRAIN_LOCK, ttl_ms=int(cfg.lock_ttl_s * 1000))
     lock.acquire()
     try:
