@@ -511,6 +511,14 @@ def _summary(groups: dict[str, list[tuple[float, bool]]]) -> dict[str, dict[str,
     }
 
 
+def score_item(item: Item, response: str, refusal: RefusalFn = is_refusal) -> float:
+    """One response's score under `item`'s grader, in [0, 1] (a failing callable is a GraderError naming the item)."""
+    try:
+        return item.grader.score(item.prompt, response, item.raw, refusal)
+    except GraderError as exc:
+        raise GraderError(f"line {item.line} (id {item.id!r}): {exc}") from exc
+
+
 def grade(suite: Suite, responses: Sequence[str], *, refusal: RefusalFn = is_refusal) -> SuiteResult:
     """Score `responses` (one per item, in the suite's order) with each item's grader. `refusal` recognises a
     refusal for the refusal kinds that have no `pattern` of their own (default: training.world.is_refusal)."""

@@ -76,9 +76,13 @@ class RewardConfig:
     norm_samples: int = 2048  # distinct reference responses scored for the normalisation: its mean and std are
     #                           settled by then, and scoring every compared text cost ~40 s per cycle at 8k pairs
     seed: int = 0  # seeds the head initialisation, the shuffling and the held-out split
+    grader_weight: float = 0.0  # PPO in the cycle only (not reward-model training): weight x a grader suite item's
+    #                             score (eval.suites) added to the learned, normalised reward of rollouts on that
+    #                             item's prompt; 0 = off, so measured figures come from human feedback alone
 
     def __post_init__(self) -> None:
         checks = {
+            "grader_weight": self.grader_weight >= 0,
             "lr": self.lr > 0,
             "batch_size": self.batch_size >= 1,
             "max_length": self.max_length >= 8,

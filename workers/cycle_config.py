@@ -97,6 +97,8 @@ class UpdateConfig:
     #                        bases of at least lora_min_parameters
     lora_min_parameters: int = 50_000_000  # the built-in 2 M model's measured figures are all full fine-tuning; at
     #                                        real sizes a full cycle holds policy, reference, critic and two optimisers
+    grader_prompt_share: float = 0.0  # PPO prompts drawn from the grader suites' items (eval.suites), so a grader
+    #                                   reward (reward.grader_weight) has rollouts to score; 0 = off
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -109,6 +111,7 @@ class UpdateConfig:
                 "steps": self.steps >= 1,
                 "seconds": self.seconds > 0,
                 "user_prompt_share": 0 <= self.user_prompt_share <= 1,
+                "grader_prompt_share": 0 <= self.grader_prompt_share <= 1 - self.user_prompt_share,
                 "max_user_prompt_tokens": self.max_user_prompt_tokens >= 1,
             },
             self,
@@ -228,6 +231,8 @@ class CycleConfig:
                 raise ValueError(f"CycleConfig.{name} must be a {default.__name__}, not {getattr(self, name)!r}")
             _check_types(f"{name}.", getattr(self, name))
         _check_types("", self, {type(getattr(self, s)).__name__: type(getattr(self, s)) for s in SECTIONS})
+        if (self.reward.grader_weight or self.update.grader_prompt_share) and not self.eval.suites:
+            raise ValueError("reward.grader_weight and update.grader_prompt_share need grader suites in eval.suites")
         _check_ranges(
             "CycleConfig",
             {

@@ -5,6 +5,7 @@ the user's suite file."""
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -117,3 +118,30 @@ def test_a_published_version_records_its_suite_scores(r, home):
     assert mine["families"]["sums"]["n"] == len(PROMPTS) and mine["kinds"]["exact"]["n"] == len(PROMPTS)
     assert metrics["parent_eval"]["graders"]["mine"]["pass_rate"] == 1.0
     assert metrics["gate"]["graders"]["mine"]["parent_pass_rate"] == 1.0
+
+
+def test_grader_reward_and_prompt_share_need_suites_and_fit_the_prompt_mix():
+    with pytest.raises(ValueError, match="need grader suites in eval.suites"):
+        CycleConfig.from_dict({"reward.grader_weight": 1.0})
+    with pytest.raises(ValueError, match="update.grader_prompt_share=0.6 is out of range"):
+        CycleConfig.from_dict({"eval.suites": ["x.jsonl"], "update.grader_prompt_share": 0.6})  # + 0.5 users > 1
+    assert CycleConfig().reward.grader_weight == 0.0 and CycleConfig().update.grader_prompt_share == 0.0  # off
+
+
+def test_ppo_prompts_mix_in_the_suites_prompts(r, home):
+    from workers.cycle import _prompt_sampler
+
+    cfg = with_suites(_cycle(**{"update.grader_prompt_share": 0.25, "update.user_prompt_share": 0.0}), home)
+    sampler, _ = _prompt_sampler(r, tiny_tokenizer(), cfg)
+    prompts = [m[-1]["content"] for m in sampler(400, random.Random(0))]
+    from_suite = sum(p in PROMPTS for p in prompts)
+    assert from_suite == 100  # exactly the share: the rest are world prompts, which never match the suite's
+    assert len(set(p for p in prompts if p in PROMPTS)) > 10  # drawn across the suite, not one item
+
+
+def test_a_cycle_with_the_grader_reward_publishes(r, home):
+    seed_feedback(r, 12)
+    dotted = {"reward.grader_weight": 1.0, "update.grader_prompt_share": 0.5, "gate.max_grader_drop": 1.0}
+    report = run_cycle(r, home, _cycle(**dotted))
+    assert report["status"] == "published", report
+    assert registry.get_version(r, report["version"])["metrics"]["graders"]["mine"]["n"] == len(PROMPTS)
