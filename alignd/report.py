@@ -22,7 +22,7 @@ import html
 import json
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,9 @@ class ReportConfig:
     max_new_tokens: int = 48  # as EvalConfig
     batch_size: int = 32  # as EvalConfig
     device: str = "cpu"
+    suites: list[str] = field(default_factory=list)  # the user's grader suite files (training/graders.py), scored
+    #                                                 greedy on every version; `alignd report` takes the cycle's
+    #                                                 eval.suites unless told otherwise
 
 
 # ------------------------------------------------------------------------------------------------ collecting
@@ -154,8 +157,10 @@ def evaluate_versions(
     `reference`."""
     import torch
 
-    from training.evaluate import EvalConfig, evaluate_policy
+    from training.evaluate import EvalConfig, evaluate_policy, evaluate_suites
+    from training.graders import load_suites
 
+    suites = load_suites(cfg.suites)  # a bad file fails here, before any version is loaded
     ecfg = EvalConfig(
         n_per_family=cfg.eval_per_family,
         max_new_tokens=cfg.max_new_tokens,
@@ -176,6 +181,8 @@ def evaluate_versions(
             continue
         with torch.no_grad():
             m = evaluate_policy(model, tok, ecfg, reference=ref_model, return_samples=True)
+            if suites:
+                m["graders"] = evaluate_suites(model, tok, suites, ecfg)
         samples = m.pop("samples")
         m["words_mean"] = _words_mean(samples)
         metrics[v], responses[v] = m, [text for _, text in samples]
@@ -261,6 +268,8 @@ def _version_row(v: int, meta: dict, metrics: dict, source: str, rewards: dict[i
     }
     for k in (*METRIC_KEYS, "words_mean"):
         row[k] = metrics.get(k)
+    # pass rate per grader suite: re-scored by the report, or as the gate recorded it at publish
+    row["graders"] = {name: s.get("pass_rate") for name, s in (metrics.get("graders") or {}).items()}
     if row["kl_to_ref"] is None and meta.get("source") in ("sft", "base"):
         row["kl_to_ref"] = 0.0  # the reference itself
     return row
@@ -287,7 +296,16 @@ def _before_after(before: dict, after: dict) -> dict[str, dict[str, Any]]:
         a, b = after.get(k), before.get(k)
         return a - b if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None
 
-    return {k: {"before": before.get(k), "after": after.get(k), "delta": delta(k)} for k in BEFORE_AFTER}
+    out = {k: {"before": before.get(k), "after": after.get(k), "delta": delta(k)} for k in BEFORE_AFTER}
+    b_suites, a_suites = before.get("graders") or {}, after.get("graders") or {}
+    for name in sorted({*b_suites, *a_suites}):
+        b, a = b_suites.get(name), a_suites.get(name)
+        out[f"grader pass rate/{name}"] = {
+            "before": b,
+            "after": a,
+            "delta": a - b if isinstance(a, float | int) and isinstance(b, float | int) else None,
+        }
+    return out
 
 
 def build_report(
@@ -673,6 +691,22 @@ def _oracle_line(oracle: dict) -> str:
     return line
 
 
+def _graders_html(rows: list[dict]) -> str:
+    """Pass rate per grader suite (the user's own checks) and version; empty when no suite was scored."""
+    names = sorted({n for row in rows for n in row.get("graders") or {}})
+    if not names:
+        return ""
+    e = html.escape
+    head = "".join(f"<th>{e(n)}</th>" for n in ["version", "metrics", *names])
+    body = "".join(
+        f"<tr><td>{_fmt(row['version'])}</td><td>{_fmt(row['metrics_source'])}</td>"
+        + "".join(f"<td>{_fmt((row.get('graders') or {}).get(n))}</td>" for n in names)
+        + "</tr>"
+        for row in rows
+    )
+    return f"<h2>Grader suites (pass rate)</h2><table><tr>{head}</tr>{body}</table>"
+
+
 def render_html(report: dict) -> str:
     e = html.escape
     rows = report["versions"]
@@ -741,6 +775,7 @@ rollbacks: {cyc["rollbacks"]}. {run_line}</p>
 <h2>Targets</h2><table><tr><th>target</th><th>value</th><th>met</th></tr>{tg}</table>
 <h2>Before / after</h2><table><tr><th>metric</th><th>SFT</th><th>final</th><th>change</th></tr>{ba}</table>
 <h2>Versions</h2><table><tr>{head}</tr>{body}</table>
+{_graders_html(rows)}
 <h2>Figures</h2>{figs}
 <h2>Feedback log</h2><p>{_fmt(events.get("total"))} events accepted, {_fmt(fb.get("unconsumed"))} not yet trained
 on, {_fmt(fb.get("imported"))} imported preference items.</p>

@@ -163,3 +163,26 @@ def test_report_has_every_figure(tmp_path, redis_url, r):
     assert (tmp_path / "report2" / "compare.png").is_file()
     assert other["compare"]["other"]["label"] == "brevity,detail"
     assert set(other["compare"]["this"]["final"]) >= {"length_mean", "over_caution"}
+
+
+def test_report_shows_each_versions_grader_suite_scores(tmp_path, redis_url, r):
+    settings = Settings(home=tmp_path / "home", api_keys="k:u", admin_key=ADMIN)
+    v1 = publish_tiny(redis_url, settings)
+    v2 = publish_child(redis_url, settings, v1, None, seed=3)
+    suite = tmp_path / "mine.jsonl"
+    lines = [  # one item every response passes, one none does: a pass rate of exactly 0.5 for any policy
+        {"id": "any", "prompt": "Say a number.", "grader": {"type": "regex", "pattern": ""}},
+        {"id": "never", "prompt": "Say a word.", "grader": {"type": "exact", "answer": "\u2603 never said"}},
+    ]
+    suite.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    cfg = ReportConfig(eval_per_family=1, max_new_tokens=6, oracle=False, suites=[str(suite)])
+    report = build_report(r, tmp_path / "report", cfg, settings=settings)
+    assert [row["graders"] for row in report["versions"]] == [{"mine": 0.5}, {"mine": 0.5}]
+    assert report["before_after"]["grader pass rate/mine"] == {"before": 0.5, "after": 0.5, "delta": 0.0}
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert "Grader suites (pass rate)" in html and "<th>mine</th>" in html
+    assert {row["version"] for row in report["versions"]} == {v1, v2}
+
+    suite.write_text('{"id": "x", "prompt": "Q", "grader": {"type": "numeric"}}\n')
+    with pytest.raises(ValueError, match=r"mine\.jsonl:1: numeric grader: missing field 'answer'"):
+        build_report(r, tmp_path / "report", cfg, settings=settings)

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from training.annotators import ORACLE
+from training.graders import Suite, grade
 from training.world import HELDOUT_FAMILY, JAILBREAK_STYLES, TASK_FAMILIES, Task, check, eval_tasks, is_refusal
 
 Conversation = list[dict[str, str]]
@@ -33,11 +34,16 @@ class EvalConfig:
     batch_size: int = 32  # generation throughput grows ~linearly with batch on CPU up to about here
     seed: int = 1234  # evaluation tasks come from their own seed stream, disjoint from the training data's
     greedy: bool = True  # deterministic scores, comparable between versions; sampling measures the served policy
+    suites: list[str] = field(default_factory=list)  # the user's grader suite files (training/graders.py), scored
+    #                                                 greedy beside the world's checkers: a user's model is judged
+    #                                                 on the user's tasks, not only on the built-in world's
 
     def __post_init__(self) -> None:
         for name in ("n_per_family", "max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EvalConfig.{name}={getattr(self, name)!r}: must be at least 1")
+        if not isinstance(self.suites, list) or not all(isinstance(p, str) and p for p in self.suites):
+            raise ValueError(f"EvalConfig.suites={self.suites!r}: must be a list of suite file paths")
 
 
 @dataclass
@@ -240,3 +246,22 @@ def evaluate_policy(
     if return_samples:
         metrics["samples"] = list(zip(tasks, responses))
     return metrics
+
+
+def evaluate_suites(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, suites: Sequence[Suite], cfg: EvalConfig = EvalConfig()
+) -> dict[str, dict[str, Any]]:
+    """Each grader suite's summary (`SuiteResult.metrics`: n, pass_rate, score, per family and per grader kind) on
+    `model`'s greedy responses to its prompts. Greedy whatever `cfg.greedy` says: a suite is a regression check, so
+    two policies differ on it only where their answers differ, never by sampling luck."""
+    out = {}
+    for suite in suites:
+        responses = generate_responses(
+            model,
+            tokenizer,
+            [item.prompt for item in suite.items],
+            max_new_tokens=cfg.max_new_tokens,
+            batch_size=cfg.batch_size,
+        )
+        out[suite.name] = grade(suite, responses).metrics()
+    return out

@@ -50,6 +50,7 @@ from transformers import (
 )
 
 from training.data import Message
+from training.graders import Item, Suite, score_item
 from training.lora import LoRAConfig, is_adapted, reference_mode
 from training.losses import PolicyLoss, ValueLoss, compute_gae, kl_penalty, masked_mean, masked_whiten
 from training.reward import score
@@ -293,6 +294,31 @@ def reward_model_fn(
         return score(rm, tokenizer, prompts, responses, batch_size=batch_size, uncertainty_penalty=uncertainty_penalty)
 
     return reward_fn
+
+
+def grader_reward_fn(reward_fn: RewardFn, suites: Sequence[Suite], weight: float) -> RewardFn:
+    """`reward_fn` plus `weight` x the grader score (training/graders.py) for each rollout whose prompt is a suite
+    item's — the programmatic rewards of TRL's `reward_funcs`, summed with the learned one; other rollouts keep the
+    learned reward alone. A prompt in several items gets the mean of their scores."""
+    by_prompt: dict[tuple, list[Item]] = {}
+    for suite in suites:
+        for item in suite.items:
+            by_prompt.setdefault(_prompt_key(item.prompt), []).append(item)
+
+    def combined(prompts: list[list[Message]], responses: list[str]) -> torch.Tensor:
+        scores = reward_fn(prompts, responses)
+        bonus = []
+        for prompt, response in zip(prompts, responses):
+            items = by_prompt.get(_prompt_key(prompt), [])
+            bonus.append(sum(score_item(it, response) for it in items) / len(items) if items else 0.0)
+        return scores + weight * torch.tensor(bonus, dtype=scores.dtype, device=scores.device)  # (B,)
+
+    return combined
+
+
+def _prompt_key(prompt: str | list[Message]) -> tuple:
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return tuple((m["role"], m["content"]) for m in messages)
 
 
 @dataclass

@@ -86,9 +86,13 @@ class RewardConfig:
     #                                   mitigate overoptimization"); 0 reports the spread without using it
     warm_start: bool = False  # the cycle starts from the previous accepted reward model (same base, same heads)
     #                           instead of a fresh head on the SFT trunk (workers/cycle.py)
+    grader_weight: float = 0.0  # PPO in the cycle only (not reward-model training): weight x a grader suite item's
+    #                             score (eval.suites) added to the learned, normalised reward of rollouts on that
+    #                             item's prompt; 0 = off, so measured figures come from human feedback alone
 
     def __post_init__(self) -> None:
         checks = {
+            "grader_weight": self.grader_weight >= 0,
             "lr": self.lr > 0,
             "batch_size": self.batch_size >= 1,
             "max_length": self.max_length >= 8,

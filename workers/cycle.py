@@ -58,7 +58,7 @@ from store.registry import reference_version
 from store.stats import feedback_stats
 from workers import failpoints
 from workers import settle as settlement
-from workers.cycle_config import CYCLE_FILE, CycleConfig, GateConfig, UpdateConfig, load_cycle_config
+from workers.cycle_config import CYCLE_FILE, CycleConfig, GateConfig, UpdateConfig, load_cycle_config, with_suites
 from workers.gate import evaluate as evaluate_gate_metrics
 from workers.gate import gate, harmful_rate, is_degenerate
 from workers.publish import checkpoint_path, publish_version
@@ -119,6 +119,7 @@ class CycleRun:
     reward: dict[str, Any] = field(default_factory=dict)
     rm_version: int | None = None
     reward_fn: Any = None
+    ppo_reward_fn: Any = None  # reward_fn, plus the grader reward when reward.grader_weight is on
     ref_model: Any = None  # the SFT reference: a frozen copy, or the LoRA policy's base (training.lora.ReferenceView)
     lora: bool = False  # the policy update trains a LoRA adapter on the frozen reference (CycleConfig.update.adapter)
     parent_adapter: dict[str, Any] | None = None  # LoRA: the current version's adapter weights, for the gate
@@ -181,7 +182,7 @@ def run_cycle(
     "gate_failed", "publish_failed" (the checkpoint could not be written), "skipped" (fewer than `min_events` new
     events) or "conflict" (overtaken). Raises store.lock.LockBusy when another cycle runs and CycleError when it
     cannot run at all."""
-    cfg = cfg or load_cycle_config(settings)
+    cfg = with_suites(cfg or load_cycle_config(settings), settings)  # a bad suite file fails before any work
     if failpoints.parse(settings.failpoints):  # a misspelt failpoint fails here, before any feedback is taken
         log.warning(
             "failpoints armed (ALIGND_FAILPOINTS=%r): this cycle will be faulted on purpose", settings.failpoints
@@ -265,8 +266,9 @@ def _train_and_publish(run: CycleRun, retrain_reward: bool = True) -> dict[str, 
 
 def _stage_reward(run: CycleRun, retrain: bool) -> None:
     """Retrain the reward model (unless `retrain` is off), then load the current one and the SFT reference."""
+    from training.graders import load_suites
     from training.model import load_causal_lm
-    from training.ppo import reward_model_fn
+    from training.ppo import grader_reward_fn, reward_model_fn
     from training.reward import load_reward_model
 
     r, settings = run.r, run.settings
@@ -285,6 +287,10 @@ def _stage_reward(run: CycleRun, retrain: bool) -> None:
     rm, rm_tok = load_reward_model(settings.checkpoint(rm_meta["path"]), device)
     run.reward_fn = reward_model_fn(rm, rm_tok, uncertainty_penalty=run.cfg.reward.uncertainty_penalty)
     run.value_init = rm
+    run.ppo_reward_fn = run.reward_fn
+    if run.cfg.reward.grader_weight > 0:  # the gate keeps judging by the learned reward alone
+        suites, weight = load_suites(run.cfg.eval.suites), run.cfg.reward.grader_weight
+        run.ppo_reward_fn = grader_reward_fn(run.reward_fn, suites, weight)
     run.lora = _use_lora(run)
     if not run.lora:  # LoRA: the reference is the policy's own base, loaded once in the policy stage
         run.ref_model, _ = load_causal_lm(run.ref_path, device)
@@ -340,12 +346,12 @@ def _stage_policy(run: CycleRun) -> None:
         resumed, trainer = False, _lora_trainer(run, current_path)  # a few-MB adapter: no state worth resuming
     elif resumed:
         trainer = PPOTrainer.load_state(
-            state_dir, ref=run.ref_model, reward_fn=run.reward_fn, cfg=cfg.ppo, device=device
+            state_dir, ref=run.ref_model, reward_fn=run.ppo_reward_fn, cfg=cfg.ppo, device=device
         )
     else:
         policy, tokenizer = load_policy(current_path, device, resolve_base=settings.checkpoint)
         trainer = PPOTrainer(
-            cfg.ppo, policy, run.ref_model, run.reward_fn, tokenizer, ValueModel.from_model(run.value_init)
+            cfg.ppo, policy, run.ref_model, run.ppo_reward_fn, tokenizer, ValueModel.from_model(run.value_init)
         )
     run.trainer = trainer
     sampler, n_user_prompts = _prompt_sampler(r, trainer.tokenizer, cfg)
@@ -384,7 +390,7 @@ def _lora_trainer(run: CycleRun, current_path: Path):
 
     policy, tokenizer = _lora_policy(run, current_path)
     critic = ValueModel.from_model(run.value_init).with_lora(run.cfg.lora)
-    return PPOTrainer(run.cfg.ppo, policy, None, run.reward_fn, tokenizer, critic)
+    return PPOTrainer(run.cfg.ppo, policy, None, run.ppo_reward_fn, tokenizer, critic)
 
 
 def _lora_policy(run: CycleRun, current_path: Path):
@@ -733,24 +739,39 @@ def _reward_init(r: redis.Redis, settings: Settings, rcfg, previous: int | None,
 
 
 def _prompt_sampler(r: redis.Redis, tokenizer, cfg: CycleConfig):
-    """PPO prompts: recent user prompts (short enough) topped up with world prompts outside the held-out family."""
+    """PPO prompts: recent user prompts (short enough), a share of grader suite prompts (update.grader_prompt_share),
+    topped up with world prompts outside the held-out family."""
+    from training.graders import load_suites
     from training.world import sample_task
 
-    pool = []
-    for messages in sample_prompts(r, USER_PROMPT_POOL, random.Random(cfg.seed)):
-        if not messages or messages[-1].get("role") != "user":
-            continue
+    def fits(messages) -> bool:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        if len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= cfg.update.max_user_prompt_tokens:
-            pool.append(messages)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= cfg.update.max_user_prompt_tokens
+
+    pool = [
+        messages
+        for messages in sample_prompts(r, USER_PROMPT_POOL, random.Random(cfg.seed))
+        if messages and messages[-1].get("role") == "user" and fits(messages)
+    ]
+    graded = []
+    if cfg.update.grader_prompt_share > 0:
+        for suite in load_suites(cfg.eval.suites):
+            convs = (_as_messages(it.prompt) for it in suite.items)
+            graded += [m for m in convs if fits(m)]
 
     def sampler(n: int, rng: random.Random) -> list[list[dict[str, str]]]:
-        k = round(n * cfg.update.user_prompt_share) if pool else 0
-        prompts = [pool[rng.randrange(len(pool))] for _ in range(k)]
-        prompts += [[{"role": "user", "content": sample_task(rng).prompt}] for _ in range(n - k)]
+        g = round(n * cfg.update.grader_prompt_share) if graded else 0
+        k = min(round(n * cfg.update.user_prompt_share), n - g) if pool else 0
+        prompts = [graded[rng.randrange(len(graded))] for _ in range(g)]
+        prompts += [pool[rng.randrange(len(pool))] for _ in range(k)]
+        prompts += [[{"role": "user", "content": sample_task(rng).prompt}] for _ in range(n - g - k)]
         return prompts
 
     return sampler, len(pool)
+
+
+def _as_messages(prompt: str | list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
 def run_ppo(
@@ -759,6 +780,7 @@ def run_ppo(
     """PPO increments against the current reward model, gated and published, without reading feedback
     (`alignd train ppo`). Same lock, stages, gate and publish path as a cycle; no events, so nothing to settle."""
     failpoints.parse(settings.failpoints)
+    cfg = with_suites(cfg, settings)
     lock = FencedLock(r, names.TRAIN_LOCK, ttl_ms=int(cfg.lock_ttl_s * 1000))
     lock.acquire()
     try:

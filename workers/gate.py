@@ -102,15 +102,43 @@ def gate(
             f"checker score fell {current['score/mean']:.3f} → {candidate['score/mean']:.3f} "
             f"(at most -{cfg.max_score_drop})"
         )
+    reasons += grader_regressions(candidate, current, cfg, numbers)
     return not reasons, reasons, numbers
+
+
+def grader_regressions(
+    candidate: dict[str, Any], current: dict[str, Any], cfg: GateConfig, numbers: dict[str, Any]
+) -> list[str]:
+    """Reasons the candidate fails the user's own regression checks: its pass rate on a grader suite (eval.suites,
+    `evaluate_suites` metrics under "graders") fell more than `cfg.max_grader_drop` below the current policy's on the
+    same prompts. Adds each suite's two pass rates to `numbers` under "graders". A suite only one side was scored on
+    (added since the parent was evaluated) is not compared."""
+    reasons, compared = [], {}
+    for name, cand in sorted((candidate.get("graders") or {}).items()):
+        parent = (current.get("graders") or {}).get(name)
+        if parent is None:
+            continue
+        compared[name] = {"pass_rate": cand["pass_rate"], "parent_pass_rate": parent["pass_rate"], "n": cand["n"]}
+        # pass rates are fractions k/n: a drop of exactly the threshold passes, whatever the float rounding
+        if not cand["pass_rate"] >= parent["pass_rate"] - cfg.max_grader_drop - 1e-9:
+            reasons.append(
+                f"grader suite {name!r}: pass rate fell {parent['pass_rate']:.1%} → {cand['pass_rate']:.1%} on its "
+                f"{cand['n']} items (at most -{cfg.max_grader_drop:.0%})"
+            )
+    if compared:
+        numbers["graders"] = compared
+    return reasons
 
 
 def evaluate(model, tokenizer, ecfg, *, reference=None, reward_fn=None) -> dict[str, Any]:
     """`evaluate_policy` metrics of `model` on the gate's held-out prompts (`ecfg`), JSON-safe, with the share of
-    degenerate responses added: what `gate` compares."""
-    from training.evaluate import evaluate_policy, json_safe
+    degenerate responses added and, under "graders", each of `ecfg.suites`' scores: what `gate` compares."""
+    from training.evaluate import evaluate_policy, evaluate_suites, json_safe
+    from training.graders import load_suites
 
     m = evaluate_policy(model, tokenizer, ecfg, reference=reference, reward_fn=reward_fn, return_samples=True)
     samples = m.pop("samples")
     m["degenerate_share"] = sum(is_degenerate(text) for _, text in samples) / max(len(samples), 1)
+    if ecfg.suites:
+        m["graders"] = evaluate_suites(model, tokenizer, load_suites(ecfg.suites), ecfg)
     return json_safe(m)

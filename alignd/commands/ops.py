@@ -256,26 +256,37 @@ def report(
             "--sampled/--greedy", help="score sampled answers (temperature 1, what users get) or greedy ones"
         ),
     ] = True,
+    suite: Annotated[
+        Optional[list[Path]],
+        typer.Option("--suite", help="grader suite file to score every version on (default: the cycle's eval.suites)"),
+    ] = None,
 ):
     """Build the alignment report (HTML + PNG plots + JSON) from this deployment's registry and feedback log."""
     from alignd.report import ReportConfig, build_report
+    from workers.cycle_config import load_cycle_config
 
     settings = get_settings()
     settings.apply_torch_threads()
     _, r, _ = open_redis(settings)
     other = json.loads(compare.read_text()) if compare else None
+    try:
+        suites = [str(p) for p in suite] if suite else load_cycle_config(settings).eval.suites
+    except ValueError as exc:  # a bad cycle.json or suite file: say which, report nothing
+        console.print(f"[red]{exc}", soft_wrap=True)
+        raise typer.Exit(2) from None
     cfg = ReportConfig(
         evaluate=evaluate,
         oracle=oracle,
         eval_per_family=eval_per_family,
         sampled=sampled,
         device=settings.torch_device(),
+        suites=suites,
     )
     out = out or settings.home / "report"
     try:
         result = build_report(r, out, cfg, compare=other, settings=settings)
-    except ValueError as exc:
-        console.print(f"[red]{exc}")
+    except ValueError as exc:  # no version yet, or a bad --suite file (every bad line named)
+        console.print(f"[red]{exc}", soft_wrap=True)
         raise typer.Exit(2) from None
     if as_json:
         print(json.dumps(result, default=str))

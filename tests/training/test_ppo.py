@@ -341,3 +341,22 @@ def test_lora_ppo_trains_only_adapters_against_the_base_as_reference(arch):
         PPOTrainer(cfg, tiny_model(arch), None, sevens_reward, tok)
     with pytest.raises(ValueError, match="LoRA"):
         ValueModel.from_model(policy)
+
+
+def test_grader_reward_adds_the_weighted_grader_score_on_suite_prompts_only():
+    from training.graders import Item, Suite, parse_grader
+    from training.ppo import grader_reward_fn
+
+    exact = parse_grader({"type": "exact", "answer": "4"})
+    items = (Item("a", "What is 2 plus 2?", exact), Item("b", [{"role": "user", "content": "Hi"}], exact))
+    suite = Suite("s", "s", items)
+    learned = lambda prompts, responses: torch.full((len(prompts),), 0.25)  # noqa: E731
+    fn = grader_reward_fn(learned, [suite], weight=2.0)
+    prompts = [
+        [{"role": "user", "content": "What is 2 plus 2?"}],
+        [{"role": "user", "content": "What is 2 plus 2?"}],
+        [{"role": "user", "content": "Hi"}],
+        [{"role": "user", "content": "Not a suite prompt"}],
+    ]
+    got = fn(prompts, ["4", "5", "4", "4"])
+    assert got.tolist() == [2.25, 0.25, 2.25, 0.25]
