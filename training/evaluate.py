@@ -11,6 +11,7 @@ hacking and over-alignment (InstructGPT, Ouyang et al., 2022, sec. 4; the length
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,9 @@ class EvalConfig:
     suites: list[str] = field(default_factory=list)  # the user's grader suite files (training/graders.py), scored
     #                                                 greedy beside the world's checkers: a user's model is judged
     #                                                 on the user's tasks, not only on the built-in world's
+    sample_seed: int | None = None  # None: `seed`. Two policies compared on the same prompts share the sampling
+    #                                 stream (less noise in the paired difference); another value here redraws the
+    #                                 samples on the same prompts (bench/gate.py: a policy against itself)
 
     def __post_init__(self) -> None:
         for name in ("n_per_family", "max_new_tokens", "batch_size"):
@@ -195,14 +199,23 @@ def evaluate_policy(
     reference: PreTrainedModel | None = None,
     reward_fn: RewardFn | None = None,
     return_samples: bool = False,
+    return_outcomes: bool = False,
 ) -> dict[str, Any]:
-    """Score `model` on the world's evaluation set; a flat dict of numbers (plus "samples" if asked for).
+    """Score `model` on the world's evaluation set; a flat dict of numbers (plus "samples" and "outcomes" if asked
+    for).
 
     Keys: score/<family> for every ordinary family (held-out included), score/mean (without the held-out one),
     heldout_score, over_caution (benign requests refused), harmful_compliance (plain harmful requests answered),
     jailbreak_compliance and jailbreak_compliance/<style>, length_mean (response tokens, eos excluded),
     oracle_utility, n; kl_to_ref with `reference` (mean over responses of the summed per-token log-ratio
     log pi - log ref on the policy's own responses); reward_mean with `reward_fn`.
+
+    "outcomes" (`return_outcomes`): the per-prompt results behind three of the rates, for paired comparisons of two
+    policies on the same prompts (workers/gate.py) — 0/1 lists, each in evaluation-set order:
+    harmful (answered, over every harmful prompt: plain, then each jailbreak style — their mean weighs plain and
+    jailbroken alike, as the gate's harmful rate does), over_caution (refused, over benign prompts), score (`check`,
+    over the trained families' prompts — the mean is score/mean, the families having equal counts), and prompts: a
+    digest of the evaluation prompts, so a comparison can tell that both policies saw the same ones.
     """
     tasks = eval_tasks(cfg.n_per_family, seed=cfg.seed)
     gens = _generate(
@@ -212,7 +225,7 @@ def evaluate_policy(
         max_new_tokens=cfg.max_new_tokens,
         batch_size=cfg.batch_size,
         do_sample=not cfg.greedy,
-        seed=cfg.seed,
+        seed=cfg.seed if cfg.sample_seed is None else cfg.sample_seed,
     )
     responses = [g.text for g in gens]
 
@@ -243,6 +256,8 @@ def evaluate_policy(
     if reward_fn is not None:
         rewards = reward_fn([[{"role": "user", "content": t.prompt}] for t in tasks], responses)
         metrics["reward_mean"] = _mean([float(x) for x in rewards])
+    if return_outcomes:
+        metrics["outcomes"] = _outcomes(tasks, responses)
     if return_samples:
         metrics["samples"] = list(zip(tasks, responses))
     return metrics
@@ -265,3 +280,13 @@ def evaluate_suites(
         )
         out[suite.name] = grade(suite, responses).metrics()
     return out
+
+
+def _outcomes(tasks: Sequence[Task], responses: Sequence[str]) -> dict[str, Any]:
+    pairs = list(zip(tasks, responses))
+    return {
+        "harmful": [int(not is_refusal(r)) for t, r in pairs if t.kind == "harmful"],
+        "over_caution": [int(is_refusal(r)) for t, r in pairs if t.kind == "benign"],
+        "score": [int(check(t, r)) for t, r in pairs if t.kind == "task" and t.family != HELDOUT_FAMILY],
+        "prompts": hashlib.sha256("\x00".join(t.prompt for t in tasks).encode()).hexdigest()[:16],
+    }

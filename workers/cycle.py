@@ -60,7 +60,7 @@ from workers import failpoints
 from workers import settle as settlement
 from workers.cycle_config import CYCLE_FILE, CycleConfig, GateConfig, UpdateConfig, load_cycle_config, with_suites
 from workers.gate import evaluate as evaluate_gate_metrics
-from workers.gate import gate, harmful_rate, is_degenerate
+from workers.gate import gate, harmful_rate, is_degenerate, without_outcomes
 from workers.publish import checkpoint_path, publish_version
 
 __all__ = [
@@ -567,7 +567,11 @@ def _stage_publish(run: CycleRun) -> dict[str, Any]:
         "cycle": run.token,
         "trigger": run.trigger,
         **base,
-        "metrics": {**run.cand_eval, "gate": run.numbers, "parent_eval": run.parent_eval},
+        "metrics": {
+            **without_outcomes(run.cand_eval),
+            "gate": run.numbers,
+            "parent_eval": without_outcomes(run.parent_eval),
+        },
         "reward": {k: run.reward.get(k) for k in ("accepted", "version", "previous", "metrics", "reason")},
         "ppo": run.ppo_info,
     }
@@ -605,7 +609,7 @@ def _stage_publish(run: CycleRun) -> dict[str, Any]:
         "gate": run.numbers,
         "reward": run.reward,
         "ppo": run.ppo_info,
-        "metrics": run.cand_eval,
+        "metrics": without_outcomes(run.cand_eval),
         **base,
     }
 

@@ -23,7 +23,7 @@ from store import registry
 from store.comparisons import all_comparisons
 from store.lock import FencedLock
 from workers.cycle_config import load_cycle_config
-from workers.gate import evaluate, gate
+from workers.gate import evaluate, gate, without_outcomes
 from workers.publish import publish_version
 
 ALGORITHMS = ("dpo", "kto")
@@ -143,5 +143,5 @@ def _gate(
         "passed": passed,
         "reasons": reasons,
         "numbers": {**numbers, "eval_seed": ecfg.seed},
-        "candidate": candidate,
+        "candidate": without_outcomes(candidate),
     }

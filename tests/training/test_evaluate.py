@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import replace
 from functools import lru_cache
 
 import pytest
@@ -122,3 +124,29 @@ def test_sampling_is_reproducible_with_a_seed():
     a = generate_responses(model, tok, prompts, max_new_tokens=6, batch_size=4, do_sample=True, seed=3)
     b = generate_responses(model, tok, prompts, max_new_tokens=6, batch_size=4, do_sample=True, seed=3)
     assert a == b
+
+
+def test_outcomes_are_per_prompt_results_behind_the_rates():
+    tok, model = _tokenizer(), _model("gpt2")
+    cfg = EvalConfig(n_per_family=3, max_new_tokens=8, batch_size=8, greedy=False)
+    m = evaluate_policy(model, tok, cfg, return_outcomes=True)
+    o, k = m["outcomes"], len(JAILBREAK_STYLES)
+    assert len(o["harmful"]) == 3 * (1 + k) and len(o["over_caution"]) == 3
+    assert len(o["score"]) == 3 * (len(TASK_FAMILIES) - 1)  # the trained families: the held-out one is apart
+    assert all(v in (0, 1) for key in ("harmful", "over_caution", "score") for v in o[key])
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    assert mean(o["harmful"]) == pytest.approx((m["harmful_compliance"] + k * m["jailbreak_compliance"]) / (1 + k))
+    assert mean(o["over_caution"]) == pytest.approx(m["over_caution"])
+    assert mean(o["score"]) == pytest.approx(m["score/mean"])
+    json.dumps(m)  # stored with the gate's numbers: plain JSON
+    # the same config draws the same samples (the gate gives both policies one seed stream); another sample seed
+    # redraws them on the same prompts; another seed is another prompt set
+    assert evaluate_policy(model, tok, cfg, return_outcomes=True)["outcomes"] == o
+    texts = lambda c: [r for _, r in evaluate_policy(model, tok, c, return_samples=True)["samples"]]  # noqa: E731
+    redrawn = replace(cfg, sample_seed=cfg.seed + 1)
+    assert texts(redrawn) != texts(cfg)
+    assert evaluate_policy(model, tok, redrawn, return_outcomes=True)["outcomes"]["prompts"] == o["prompts"]
+    assert (
+        evaluate_policy(model, tok, replace(cfg, seed=7), return_outcomes=True)["outcomes"]["prompts"] != o["prompts"]
+    )
+    assert "outcomes" not in evaluate_policy(model, tok, cfg)

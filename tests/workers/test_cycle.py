@@ -12,7 +12,8 @@ from store import keys, registry
 from store.lock import FencedLock
 from tests.workers.helpers import TINY_CYCLE, make_settings, publish_tiny, seed_feedback, tiny_overrides
 from training.checkpoint import verify_checkpoint
-from workers.cycle import CycleConfig, GateConfig, gate, is_degenerate, run_cycle
+from workers.cycle import CycleConfig, GateConfig, gate, harmful_rate, is_degenerate, run_cycle
+from workers.gate import without_outcomes
 
 
 @pytest.fixture
@@ -105,7 +106,9 @@ def test_events_of_a_run_that_died_before_publishing_are_reclaimed(r, home):
 
 
 def _metrics(**kw) -> dict:
-    return {
+    """Gate inputs with these rates, and per-prompt outcomes that give them on 400 prompts per check, the bad ones
+    first: two such policies differ on |difference| x 400 prompts, all one way — an unmistakable change."""
+    m = {
         "reward_mean": 0.0,
         "kl_to_ref": 1.0,
         "degenerate_share": 0.0,
@@ -115,6 +118,16 @@ def _metrics(**kw) -> dict:
         "over_caution": 0.1,
         "score/mean": 0.6,
     } | kw
+    bad = lambda rate: [1] * round(rate * 400) + [0] * (400 - round(rate * 400))  # noqa: E731
+    score = [1 - x for x in bad(1 - m["score/mean"])]
+    return m | {
+        "outcomes": {
+            "harmful": bad(harmful_rate(m)),
+            "over_caution": bad(m["over_caution"]),
+            "score": score,
+            "prompts": "p",
+        }
+    }
 
 
 @pytest.mark.parametrize("halfway_passes", [True, False])
@@ -138,7 +151,7 @@ def test_a_failed_candidate_falls_back_to_the_policy_from_halfway(r, home, monke
         assert report["status"] == "published" and registry.current_version(r) == 2
         assert report["gate"]["fallback"]["steps"] == 2 and report["gate"]["fallback"]["of"] == 4
         assert "forced: overshot" in report["gate"]["fallback"]["full_run_reasons"]
-        assert report["ppo"]["published_steps"] == 2 and report["metrics"] == calls[1]
+        assert report["ppo"]["published_steps"] == 2 and report["metrics"] == without_outcomes(calls[1])
         assert registry.get_version(r, 2)["metrics"]["gate"]["fallback"]["steps"] == 2
         assert r.get(keys.ppo_state()) is None  # no trainer state matches the published weights: next cycle is fresh
         seed_feedback(r, 4, seed=3)
