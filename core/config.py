@@ -165,11 +165,12 @@ class Settings(BaseSettings):
         """ALIGND_TORCH_THREADS, else every core for training and all but one for serving, shared by the
         `serve_workers` API processes: the API's event loop (HTTP, JSON, streaming) needs a core of its own, and a
         small model's decode step gains little from the last one (bench/serve.py: 16 streaming clients got 4.1x the
-        baseline with 1 of 2 cores, 2.9x with 2)."""
+        baseline with 1 of 2 cores, 2.9x with 2). On a GPU (ALIGND_DEVICE=cuda…) nothing is pinned unless
+        ALIGND_TORCH_THREADS says so: the CPU threads there only launch kernels."""
         import torch
 
         if self.torch_device().startswith("cuda") and self.torch_threads is None:
-            return  # the GPU does the math: the CPU threads only launch kernels, nothing to divide between processes
+            return
         cores = os.cpu_count() or 1
         serving_threads = max(1, (cores - 1) // self.serve_workers)
         torch.set_num_threads(self.torch_threads or (serving_threads if serving else cores))
