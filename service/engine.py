@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.cache_utils import DynamicLayer
 
 from service import metrics
 from training.lora import load_policy
@@ -38,7 +37,6 @@ from training.lora import load_policy
 log = logging.getLogger("alignd.engine")
 
 IDLE_WAIT_S = 0.05  # how long the idle scheduler blocks waiting for work before re-checking swaps
-KV_SPARE = 128  # positions a KV buffer is allocated beyond its need: one reallocation per 128 decode steps
 
 
 @dataclass
@@ -258,44 +256,6 @@ class _Batch:
         self.next_logits: torch.Tensor | None = None  # (B, V) logits for each row's next token
 
 
-class _SpareLayer(DynamicLayer):
-    """A DynamicLayer whose keys and values are views into buffers with `KV_SPARE` free positions: a decode step
-    writes its column in place instead of `torch.cat`-copying the layer's whole cache, as DynamicLayer (and HF's
-    static-batch `generate`) does every step. Keys the engine replaced (merge, select) are copied into fresh buffers
-    at the next update."""
-
-    _kbuf: torch.Tensor | None = None
-    _vbuf: torch.Tensor | None = None
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        t, n = self.keys.shape[-2] if self.keys.dim() == 4 else 0, key_states.shape[-2]
-        buf = self._kbuf
-        if (
-            buf is None
-            or self.keys.data_ptr() != buf.data_ptr()
-            or t + n > buf.shape[-2]
-            or buf.shape[0] != len(key_states)
-        ):
-            b, h, _, d = key_states.shape  # (B, kv heads, T, head dim)
-            self._kbuf = key_states.new_empty((b, h, t + n + KV_SPARE, d))
-            self._vbuf = value_states.new_empty((b, h, t + n + KV_SPARE, value_states.shape[-1]))
-            if t:
-                self._kbuf[:, :, :t] = self.keys
-                self._vbuf[:, :, :t] = self.values
-        self._kbuf[:, :, t : t + n] = key_states
-        self._vbuf[:, :, t : t + n] = value_states
-        self.keys, self.values = self._kbuf[:, :, : t + n], self._vbuf[:, :, : t + n]
-        return self.keys, self.values
-
-
-def _new_cache(config) -> DynamicCache:
-    cache = DynamicCache(config=config)
-    cache.layers = [_SpareLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
-    return cache
-
-
 class Engine:
     """Continuous-batching generation over one or more policy versions."""
 
@@ -491,7 +451,7 @@ class Engine:
         ids = torch.tensor([[pad] * (width - len(s.prompt_ids)) + s.prompt_ids for s in seqs]).to(device)
         mask = torch.tensor([[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in seqs]).to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = _new_cache(policy.model.config)
+        cache = DynamicCache(config=policy.model.config)
         out = policy.forward(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
         logits = out.logits[:, -1, :].float()  # (B, V)
         return cache, mask, mask.sum(-1), logits  # next positions: (B,)
