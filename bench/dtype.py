@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--sft-seconds", type=float, default=90.0)
     ap.add_argument("--per-family", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--save", type=Path, help="keep the bootstrapped model here (for bench/serve.py --model)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.model:
@@ -44,6 +45,9 @@ def main() -> None:
         cfg = BootstrapConfig(sft=SFTConfig(max_seconds=args.sft_seconds), eval=EvalConfig(n_per_family=2))
         model, tok, _ = bootstrap(cfg)
         name = f"built-in gpt2 after {args.sft_seconds:.0f} s of bootstrap SFT"
+        if args.save:
+            model.save_pretrained(args.save)
+            tok.save_pretrained(args.save)
     model.eval()
     cfg = EvalConfig(n_per_family=args.per_family)
     result: dict = {"model": name, "parameters": sum(p.numel() for p in model.parameters()), "prompts": None}
