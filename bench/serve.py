@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -305,105 +306,97 @@ def best_of_threads(fn, threads: int) -> dict:
         runs[t] = fn()
     torch.set_num_threads(threads)
     best = max(runs, key=lambda t: runs[t]["tokens_per_s"])
-    return {
-        **runs[best],
-        "threads": best,
-        "by_threads": {str(t): round(r["tokens_per_s"], 1) for t, r in runs.items()},
-    }
+    by_threads = {str(t): round(r["tokens_per_s"], 1) for t, r in runs.items()}
+    return {**runs[best], "threads": best, "by_threads": by_threads}
 
 
 @torch.inference_mode()
-def hf_greedy_one_at_a_time(policy: Policy, texts: list[str], max_tokens: int) -> dict:
-    tok, out_texts, tokens = policy.tokenizer, [], 0
-    start = time.perf_counter()
-    for text in texts:
-        ids = torch.tensor([policy.encode_chat([{"role": "user", "content": text}])])
-        out = policy.model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_tokens,
-            do_sample=False,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
-        tokens += out.shape[1] - ids.shape[1]
-        out_texts.append(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
-    wall = time.perf_counter() - start
-    return {"tokens": tokens, "tokens_per_s": tokens / wall, "texts": out_texts}
+def hf_greedy(policy: Policy, text: str, max_tokens: int) -> list[int]:
+    tok = policy.tokenizer
+    ids = torch.tensor([policy.encode_chat([{"role": "user", "content": text}])])
+    out = policy.model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_tokens,
+        do_sample=False,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    return [t for t in out[0, ids.shape[1] :].tolist() if t != tok.eos_token_id]
 
 
-def engine_greedy_one_at_a_time(policy: Policy, texts: list[str], max_tokens: int) -> dict:
+def engine_greedy(engine: Engine, text: str, max_tokens: int) -> list[int]:
     from service.engine import SamplingParams
 
-    engine = Engine(policy, max_batch_size=1)
-    engine.start()
-    try:
-        engine.generate([{"role": "user", "content": texts[0]}], SamplingParams(temperature=0, max_tokens=4))
-        start = time.perf_counter()
-        results = [
-            engine.generate([{"role": "user", "content": t}], SamplingParams(temperature=0, max_tokens=max_tokens))
-            for t in texts
-        ]
-        wall = time.perf_counter() - start
-    finally:
-        engine.stop()
-    tokens = sum(n for _, _, n in results)
-    return {"tokens": tokens, "tokens_per_s": tokens / wall, "texts": [t for t, _, _ in results]}
+    handle = engine.submit([{"role": "user", "content": text}], SamplingParams(temperature=0, max_tokens=max_tokens))
+    handle.wait()
+    return handle.token_ids
 
 
-def http_greedy_one_at_a_time(url: str, texts: list[str], max_tokens: int) -> dict:
-    out_texts, tokens = [], 0
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=300) as http:
-        body = {"messages": [{"role": "user", "content": texts[0]}], "max_tokens": 4, "temperature": 0}
-        http.post("/v1/chat/completions", json=body).raise_for_status()  # warm-up
-        start = time.perf_counter()
-        for text in texts:
-            body = {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "temperature": 0}
-            reply = http.post("/v1/chat/completions", json=body)
-            reply.raise_for_status()
-            tokens += reply.json()["usage"]["completion_tokens"]
-            out_texts.append(reply.json()["choices"][0]["message"]["content"])
-        wall = time.perf_counter() - start
-    return {"tokens": tokens, "tokens_per_s": tokens / wall, "texts": out_texts}
-
-
-def agreement(reference: list[str], texts: list[str]) -> dict:
-    """Greedy agreement with the float32 reference: identical answers, and the share of reference characters
-    before the first difference."""
-    prefix = sum(len(os.path.commonprefix([a, b])) for a, b in zip(reference, texts, strict=True))
-    same = sum(a == b for a, b in zip(reference, texts, strict=True))
-    return {
-        "identical": f"{same}/{len(texts)}",
-        "common_prefix_share": round(prefix / max(1, sum(map(len, reference))), 3),
-    }
+def http_greedy(http: httpx.Client, text: str, max_tokens: int) -> tuple[int, str]:
+    body = {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "temperature": 0}
+    reply = http.post("/v1/chat/completions", json=body)
+    reply.raise_for_status()
+    return reply.json()["usage"]["completion_tokens"], reply.json()["choices"][0]["message"]["content"]
 
 
 def single_stream(policy: Policy, served: Policy, args, texts: list[str]) -> dict:
-    """One request at a time, greedy: HF float32 eager `generate` (batch 1) against HF in the serving dtype, the
-    alignd engine in-process and `alignd serve` over HTTP, all on the same prompts; each run's speed is the better
-    of 1 and --threads torch threads (the server keeps the product's own thread choice)."""
-    n, m = args.baseline_requests, args.max_tokens
-    hf_greedy_one_at_a_time(policy, texts[:1], 4)  # warm-up
-    runs = {
-        "hf_generate_float32": best_of_threads(lambda: hf_greedy_one_at_a_time(policy, texts[:n], m), args.threads)
-    }
+    """One request at a time, greedy, at 1 torch thread (what `alignd serve` uses on 2 cores): HF float32 eager
+    `generate` (batch 1), HF in the serving dtype, the alignd engine in-process, and `alignd serve` over HTTP. The
+    runs take turns prompt by prompt, so that load from other processes spreads over all of them alike. Greedy
+    agreement is per token against HF float32 (HTTP answers are compared as text: a random-weight shape's padding
+    rows decode to nothing, so only the in-process token ids say anything there)."""
+    torch.set_num_threads(1)
+    m = args.max_tokens
+    runs: dict[str, Callable] = {"hf_generate_float32": lambda t: hf_greedy(policy, t, m)}
     if served is not policy:
-        runs[f"hf_generate_{str(served.dtype)[6:]}"] = best_of_threads(
-            lambda: hf_greedy_one_at_a_time(served, texts[:n], m), args.threads
-        )
-    runs["alignd_engine"] = best_of_threads(lambda: engine_greedy_one_at_a_time(served, texts[:n], m), args.threads)
-    with alignd_serve(policy, m, args.server_threads, args.dtype) as url:
-        runs["alignd_http"] = http_greedy_one_at_a_time(url, texts[:n], m)
-    reference = runs["hf_generate_float32"]
-    base = reference["tokens_per_s"]
-    return {
-        name: {
-            **{k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items() if k != "texts"},
-            "speedup_vs_hf_float32": round(r["tokens_per_s"] / base, 2),
-            "greedy_vs_hf_float32": agreement(reference["texts"], r["texts"]),
-        }
-        for name, r in runs.items()
-    }
+        runs[f"hf_generate_{str(served.dtype)[6:]}"] = lambda t: hf_greedy(served, t, m)
+    engine = Engine(served, max_batch_size=1)
+    engine.start()
+    runs["alignd_engine"] = lambda t: engine_greedy(engine, t, m)
+    outputs: dict[str, list] = {k: [] for k in [*runs, "alignd_http"]}
+    seconds = dict.fromkeys(outputs, 0.0)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    try:
+        with (
+            alignd_serve(policy, m, args.server_threads, args.dtype) as url,
+            httpx.Client(base_url=url, headers=headers, timeout=600) as http,
+        ):
+            runs["alignd_http"] = lambda t: http_greedy(http, t, m)
+            for run in runs.values():  # warm-up: one-off setup costs
+                run(texts[0])
+            for text in texts[: args.baseline_requests]:
+                for name, run in runs.items():
+                    t0 = time.perf_counter()
+                    outputs[name].append(run(text))
+                    seconds[name] += time.perf_counter() - t0
+    finally:
+        engine.stop()
+    ref = outputs["hf_generate_float32"]
+    base = sum(map(len, ref)) / seconds["hf_generate_float32"]
+    http = outputs.pop("alignd_http")
+    http_texts = [t for _, t in http]
+    ref_texts = [policy.tokenizer.decode(ids, skip_special_tokens=True) for ids in ref]
+    result = {}
+    for name, outs in outputs.items():
+        tokens = sum(map(len, outs))
+        result[name] = {"tokens": tokens, "tokens_per_s": round(tokens / seconds[name], 2)}
+        result[name]["greedy_vs_hf_float32"] = agreement(ref, outs)
+    tokens = sum(n for n, _ in http)
+    result["alignd_http"] = {"tokens": tokens, "tokens_per_s": round(tokens / seconds["alignd_http"], 2)}
+    result["alignd_http"]["greedy_text_vs_hf_float32"] = agreement(ref_texts, http_texts)
+    for r in result.values():
+        r["speedup_vs_hf_float32"] = round(r["tokens_per_s"] / base, 2)
+    return result
+
+
+def agreement(reference: list, outputs: list) -> dict:
+    """Greedy agreement with the float32 reference: identical answers, and the share of reference tokens (or
+    characters) before the first difference."""
+    prefix = sum(len(os.path.commonprefix([a, b])) for a, b in zip(reference, outputs, strict=True))
+    same = sum(a == b for a, b in zip(reference, outputs, strict=True))
+    share = round(prefix / max(1, sum(map(len, reference))), 3)
+    return {"identical": f"{same}/{len(outputs)}", "common_prefix_share": share}
 
 
 async def engine_gauges(http: httpx.AsyncClient) -> tuple[int, int]:

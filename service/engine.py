@@ -132,6 +132,7 @@ class Handle:
         self.prompt_tokens = 0
         self.first_token_at: float | None = None
         self.cancelled = False  # set by Engine.cancel from any thread; read by the scheduler between steps
+        self.token_ids: list[int] = []  # the completion's token ids (eos excluded), set when it is done
 
     def push(self, event: Event) -> None:
         if self.loop is not None:
@@ -543,6 +544,7 @@ class Engine:
             s.emitted = end
         if finish is None:
             return False
+        s.handle.token_ids = s.out_ids
         outbox.append((s.handle, Event("done", finish_reason=finish, tokens=len(s.out_ids) + int(token == eos))))
         return True
 
