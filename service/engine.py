@@ -89,7 +89,7 @@ class Policy:
         if dtype is not None and dtype != self.dtype:
             self.model.to(dtype)
         if compile:  # kept beside the model, not patched into it: a base cache deep-copies the model
-            self.compiled = torch.compile(self.model, dynamic=True)
+            self.compiled = torch.compile(self.model.forward, dynamic=True)
         return self
 
     def forward(self, **inputs):
