@@ -20,6 +20,7 @@ starts), the way vLLM aborts requests, so a disconnected client stops costing fo
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import queue
 import threading
@@ -58,6 +59,12 @@ class Policy:
     path: str = ""
     context: int = 512
     compiled: Callable | None = field(default=None, repr=False)  # torch.compile of the model (`prepared`)
+    # the forward can compute the LM head for the last position only (transformers' `logits_to_keep`): a prefill
+    # then skips (prompt length - 1) x vocab of output, at 49k vocab costlier than several decode steps
+    last_logits_only: bool = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.last_logits_only = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
     @classmethod
     def load(
@@ -453,7 +460,10 @@ class Engine:
         mask = torch.tensor([[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in seqs]).to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=policy.model.config)
-        out = policy.forward(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        kw = {"logits_to_keep": 1} if policy.last_logits_only else {}
+        out = policy.forward(
+            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, **kw
+        )
         logits = out.logits[:, -1, :].float()  # (B, V)
         return cache, mask, mask.sum(-1), logits  # next positions: (B,)
 
