@@ -19,12 +19,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import copy
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -102,8 +104,12 @@ def hf_sequential(policy: Policy, texts: list[str], max_tokens: int) -> dict:
     }
 
 
+def hf_static_batch(policy: Policy, texts: list[str], max_tokens: int, threads: int = 1) -> dict:
+    return best_of_threads(lambda: hf_static_batch_once(policy, texts, max_tokens), threads)
+
+
 @torch.inference_mode()
-def hf_static_batch(policy: Policy, texts: list[str], max_tokens: int) -> dict:
+def hf_static_batch_once(policy: Policy, texts: list[str], max_tokens: int) -> dict:
     """All requests as one padded batch through HF `generate`: the ceiling of plain static batching."""
     tok = policy.tokenizer
     rendered = [
@@ -126,7 +132,7 @@ def hf_static_batch(policy: Policy, texts: list[str], max_tokens: int) -> dict:
     return {"requests": len(texts), "tokens": tokens, "tokens_per_s": tokens / wall, "wall_s": wall}
 
 
-def hf_continuous_batching(policy: Policy, texts: list[str], max_tokens: int) -> dict:
+def hf_continuous_batching(policy: Policy, texts: list[str], max_tokens: int, threads: int = 1) -> dict:
     from transformers import GenerationConfig
 
     try:
@@ -174,7 +180,7 @@ def forward_ceiling(policy: Policy, batch: int, steps: int = 64, context: int = 
     }
 
 
-def engine_offline(policy: Policy, texts: list[str], max_tokens: int) -> dict:
+def engine_offline(policy: Policy, texts: list[str], max_tokens: int, threads: int = 1) -> dict:
     """Same workload as hf_continuous_batching: all requests submitted at once, no HTTP."""
     from service.engine import SamplingParams
 
@@ -247,7 +253,7 @@ async def http_clients(url: str, concurrency: int, per_client: int, max_tokens: 
 
 
 @contextlib.contextmanager
-def alignd_serve(policy: Policy, max_tokens: int, server_threads: int | None):
+def alignd_serve(policy: Policy, max_tokens: int, server_threads: int | None, dtype: str = "auto"):
     """`alignd serve` in its own process on a published copy of `policy`, with its own embedded Redis: yields
     its URL."""
     with tempfile.TemporaryDirectory() as home:
@@ -261,6 +267,7 @@ def alignd_serve(policy: Policy, max_tokens: int, server_threads: int | None):
             "ALIGND_ADMIN_KEY": "sk-bench-admin",
             "ALIGND_CHAT_RATE_PER_MINUTE": str(10**6),
             "ALIGND_MAX_NEW_TOKENS": str(max(256, max_tokens)),
+            "ALIGND_DTYPE": dtype,
         }
         env.pop("ALIGND_TORCH_THREADS", None)
         if server_threads:
@@ -288,6 +295,108 @@ def alignd_serve(policy: Policy, max_tokens: int, server_threads: int | None):
             server.terminate()
             server.wait(timeout=30)
             redis.stop()
+
+
+def best_of_threads(fn, threads: int) -> dict:
+    """`fn()` at 1 thread and at `threads`, the faster: one request's small matmuls often run faster on one thread,
+    and under contention either can win (the higher baseline is the conservative one)."""
+    runs = {}
+    for t in sorted({1, threads}):
+        torch.set_num_threads(t)
+        runs[t] = fn()
+    torch.set_num_threads(threads)
+    best = max(runs, key=lambda t: runs[t]["tokens_per_s"])
+    by_threads = {str(t): round(r["tokens_per_s"], 1) for t, r in runs.items()}
+    return {**runs[best], "threads": best, "by_threads": by_threads}
+
+
+@torch.inference_mode()
+def hf_greedy(policy: Policy, text: str, max_tokens: int) -> list[int]:
+    tok = policy.tokenizer
+    ids = torch.tensor([policy.encode_chat([{"role": "user", "content": text}])])
+    out = policy.model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_tokens,
+        do_sample=False,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    return [t for t in out[0, ids.shape[1] :].tolist() if t != tok.eos_token_id]
+
+
+def engine_greedy(engine: Engine, text: str, max_tokens: int) -> list[int]:
+    from service.engine import SamplingParams
+
+    handle = engine.submit([{"role": "user", "content": text}], SamplingParams(temperature=0, max_tokens=max_tokens))
+    handle.wait()
+    return handle.token_ids
+
+
+def http_greedy(http: httpx.Client, text: str, max_tokens: int) -> tuple[int, str]:
+    body = {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "temperature": 0}
+    reply = http.post("/v1/chat/completions", json=body)
+    reply.raise_for_status()
+    return reply.json()["usage"]["completion_tokens"], reply.json()["choices"][0]["message"]["content"]
+
+
+def single_stream(policy: Policy, served: Policy, args, texts: list[str]) -> dict:
+    """One request at a time, greedy, at 1 torch thread (what `alignd serve` uses on 2 cores): HF float32 eager
+    `generate` (batch 1), HF in the serving dtype, the alignd engine in-process, and `alignd serve` over HTTP. The
+    runs take turns prompt by prompt, so that load from other processes spreads over all of them alike. Greedy
+    agreement is per token against HF float32 (HTTP answers are compared as text: a random-weight shape's padding
+    rows decode to nothing, so only the in-process token ids say anything there)."""
+    torch.set_num_threads(1)
+    m = args.max_tokens
+    runs: dict[str, Callable] = {"hf_generate_float32": lambda t: hf_greedy(policy, t, m)}
+    if served is not policy:
+        runs[f"hf_generate_{str(served.dtype)[6:]}"] = lambda t: hf_greedy(served, t, m)
+    engine = Engine(served, max_batch_size=1)
+    engine.start()
+    runs["alignd_engine"] = lambda t: engine_greedy(engine, t, m)
+    outputs: dict[str, list] = {k: [] for k in [*runs, "alignd_http"]}
+    seconds = dict.fromkeys(outputs, 0.0)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    try:
+        with (
+            alignd_serve(policy, m, args.server_threads, args.dtype) as url,
+            httpx.Client(base_url=url, headers=headers, timeout=600) as http,
+        ):
+            runs["alignd_http"] = lambda t: http_greedy(http, t, m)
+            for run in runs.values():  # warm-up: one-off setup costs
+                run(texts[0])
+            for text in texts[: args.baseline_requests]:
+                for name, run in runs.items():
+                    t0 = time.perf_counter()
+                    outputs[name].append(run(text))
+                    seconds[name] += time.perf_counter() - t0
+    finally:
+        engine.stop()
+    ref = outputs["hf_generate_float32"]
+    base = sum(map(len, ref)) / seconds["hf_generate_float32"]
+    http = outputs.pop("alignd_http")
+    http_texts = [t for _, t in http]
+    ref_texts = [policy.tokenizer.decode(ids, skip_special_tokens=True) for ids in ref]
+    result = {}
+    for name, outs in outputs.items():
+        tokens = sum(map(len, outs))
+        result[name] = {"tokens": tokens, "tokens_per_s": round(tokens / seconds[name], 2)}
+        result[name]["greedy_vs_hf_float32"] = agreement(ref, outs)
+    tokens = sum(n for n, _ in http)
+    result["alignd_http"] = {"tokens": tokens, "tokens_per_s": round(tokens / seconds["alignd_http"], 2)}
+    result["alignd_http"]["greedy_text_vs_hf_float32"] = agreement(ref_texts, http_texts)
+    for r in result.values():
+        r["speedup_vs_hf_float32"] = round(r["tokens_per_s"] / base, 2)
+    return result
+
+
+def agreement(reference: list, outputs: list) -> dict:
+    """Greedy agreement with the float32 reference: identical answers, and the share of reference tokens (or
+    characters) before the first difference."""
+    prefix = sum(len(os.path.commonprefix([a, b])) for a, b in zip(reference, outputs, strict=True))
+    same = sum(a == b for a, b in zip(reference, outputs, strict=True))
+    share = round(prefix / max(1, sum(map(len, reference))), 3)
+    return {"identical": f"{same}/{len(outputs)}", "common_prefix_share": share}
 
 
 async def engine_gauges(http: httpx.AsyncClient) -> tuple[int, int]:
@@ -385,6 +494,17 @@ def main() -> None:
         help="run only the scenario where 32 streaming clients disconnect mid-generation",
     )
     ap.add_argument("--disconnect-max-tokens", type=int, default=400)
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="ALIGND_DTYPE of the alignd runs (the HF baselines stay float32, plus one in this dtype)",
+    )
+    ap.add_argument(
+        "--single-stream",
+        action="store_true",
+        help="run only one-request-at-a-time greedy decoding: HF float32 vs alignd (in-process and HTTP)",
+    )
     args = ap.parse_args()
 
     if args.shape:
@@ -396,8 +516,17 @@ def main() -> None:
         policy = Policy.load(1, args.model) if args.model else default_policy()
     name = args.shape or str(args.model or "default-size untrained gpt2")
     texts = prompts(64)
+    parameters = sum(p.numel() for p in policy.model.parameters())
+    dtype = Settings(dtype=args.dtype, device="cpu").serving_dtype(parameters)
+    # the alignd runs' model, as the loader prepares it; the float32 original stays for the HF baselines
+    served = policy if dtype == torch.float32 else copy.deepcopy(policy).prepared(dtype)
+    if args.single_stream:
+        result = {"model": name, "parameters": parameters, "dtype": args.dtype, "served_dtype": str(dtype)[6:]}
+        result["max_tokens"], result["requests"] = args.max_tokens, args.baseline_requests
+        print(json.dumps({**result, **single_stream(policy, served, args, texts)}, indent=2))
+        return
     if args.disconnect_scenario:
-        with alignd_serve(policy, args.disconnect_max_tokens, args.server_threads) as url:
+        with alignd_serve(policy, args.disconnect_max_tokens, args.server_threads, args.dtype) as url:
             result = asyncio.run(disconnect_scenario(url, 32, args.disconnect_max_tokens, texts))
         print(json.dumps({"model": name, **result}, indent=2))
         return
@@ -407,7 +536,8 @@ def main() -> None:
         "server_threads": args.server_threads or "product default",
         "max_tokens": args.max_tokens,
         "torch": torch.__version__,
-        "parameters": sum(p.numel() for p in policy.model.parameters()),
+        "parameters": parameters,
+        "served_dtype": str(dtype)[6:],
     }
     # the baseline at 1 thread and at --threads, and the faster counts: one request's tiny matmuls often run faster
     # on one thread than split over two
@@ -425,7 +555,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     # the product path in its own process: `alignd serve` on a published copy of the same model
-    with alignd_serve(policy, args.max_tokens, args.server_threads) as url:
+    with alignd_serve(policy, args.max_tokens, args.server_threads, args.dtype) as url:
         asyncio.run(http_clients(url, 1, 1, 8, texts))  # warm-up
         levels = [
             asyncio.run(http_clients(url, c, args.requests_per_client, args.max_tokens, texts))
@@ -439,9 +569,21 @@ def main() -> None:
         "static": ("hf_generate_static_batch", hf_static_batch),
         "continuous": ("hf_continuous_batching", hf_continuous_batching),
     }
-    result["offline_16_requests"] = {
-        runs[k][0]: runs[k][1](policy, texts[:16], args.max_tokens) for k in runs if k in offline
+    off = result["offline_16_requests"] = {
+        runs[k][0]: runs[k][1](served if k == "engine" else policy, texts[:16], args.max_tokens, args.threads)
+        for k in runs
+        if k in offline
     }
+    if "static" in offline and served is not policy:  # the same static batch in the serving dtype
+        off[f"hf_generate_static_batch_{str(dtype)[6:]}"] = hf_static_batch(
+            served, texts[:16], args.max_tokens, args.threads
+        )
+    statics = {k: v["tokens_per_s"] for k, v in off.items() if k.startswith("hf_generate_static_batch")}
+    http16 = [lv["tokens_per_s"] for lv in levels if lv["clients"] == 16]
+    if statics and http16:
+        result["http_16_clients_vs_static_batch"] = {
+            k[25:] or "float32": round(http16[0] / v, 2) for k, v in statics.items()
+        }
     if "ceiling" in offline:
         result["forward_only_ceiling"] = forward_ceiling(policy, 16)
     baseline = result["baseline_hf_generate_sequential"]

@@ -14,6 +14,12 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# `dtype=auto` serves in bfloat16 on a CPU with native bf16 from this size up. Measured on 2 shared cores with
+# avx512_bf16 (bench/serve.py --single-stream, bench/dtype.py): at the 135 M SmolLM2 shape bf16 decoded 1.2x faster one
+# request at a time and HF's static batch of 16 2.3x faster; the built-in 2 M model gained nothing (HF generate 0.75x
+# in bf16, its batched evaluation equally fast), though its scores were unchanged (249/260 greedy answers identical).
+BF16_MIN_PARAMETERS = 50_000_000
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ALIGND_", extra="ignore")
@@ -29,7 +35,19 @@ class Settings(BaseSettings):
     embedded_redis_port: int = Field(0, description="TCP port of the embedded Redis; 0 picks a free one")
     api_keys: str | None = Field(None, description="'key1:alice,key2:bob'; unset generates keys under home")
     admin_key: str | None = Field(None, description="admin key; unset generates one under home")
-    device: str = Field("auto", description="torch device for serving and training: auto, cpu, cuda, cuda:1 …")
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="torch device for serving and training: auto, cpu, cuda, cuda:1 …",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="weights and KV cache of served models (logits and sampling stay float32); auto: bfloat16 on a "
+        "GPU that has it, and on a CPU with native bf16 for models of at least BF16_MIN_PARAMETERS, else float32",
+    )
+    compile: bool = Field(
+        False, description="torch.compile each served model's forward (slow first requests; measure before enabling)"
+    )
     torch_threads: int | None = Field(
         None, description="torch intra-op threads; unset: all cores for training, all but one for serving"
     )
@@ -147,9 +165,12 @@ class Settings(BaseSettings):
         """ALIGND_TORCH_THREADS, else every core for training and all but one for serving, shared by the
         `serve_workers` API processes: the API's event loop (HTTP, JSON, streaming) needs a core of its own, and a
         small model's decode step gains little from the last one (bench/serve.py: 16 streaming clients got 4.1x the
-        baseline with 1 of 2 cores, 2.9x with 2)."""
+        baseline with 1 of 2 cores, 2.9x with 2). On a GPU (ALIGND_DEVICE=cuda…) nothing is pinned unless
+        ALIGND_TORCH_THREADS says so: the CPU threads there only launch kernels."""
         import torch
 
+        if self.torch_device().startswith("cuda") and self.torch_threads is None:
+            return
         cores = os.cpu_count() or 1
         serving_threads = max(1, (cores - 1) // self.serve_workers)
         torch.set_num_threads(self.torch_threads or (serving_threads if serving else cores))
@@ -160,6 +181,18 @@ class Settings(BaseSettings):
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def serving_dtype(self, parameters: int, device: str | None = None):
+        """The torch dtype a served model of `parameters` parameters runs in on `device` (see `dtype`)."""
+        import torch
+
+        if self.dtype != "auto":
+            return getattr(torch, self.dtype)
+        device = device or self.torch_device()
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        native_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return torch.bfloat16 if native_bf16 and parameters >= BF16_MIN_PARAMETERS else torch.float32
 
 
 @functools.cache

@@ -20,11 +20,12 @@ starts), the way vLLM aborts requests, so a disconnected client stops costing fo
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,20 +58,57 @@ class Policy:
     tokenizer: PreTrainedTokenizerBase
     path: str = ""
     context: int = 512
+    compiled: Callable | None = field(default=None, repr=False)  # torch.compile of the model (`prepared`)
+    # the forward can compute the LM head for the last position only (transformers' `logits_to_keep`): a prefill
+    # then skips (prompt length - 1) x vocab of output, at 49k vocab costlier than several decode steps
+    last_logits_only: bool = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.last_logits_only = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
     @classmethod
-    def load(cls, version: int, path: str | Path, device: str = "cpu", resolve_base=None, base_cache=None) -> Policy:
+    def load(
+        cls,
+        version: int,
+        path: str | Path,
+        device: str = "cpu",
+        resolve_base=None,
+        base_cache=None,
+        dtype=None,
+        compile: bool = False,
+    ) -> Policy:
         """A full checkpoint, or an adapter merged into a copy of its base (found with `resolve_base`, the
         registry's path rule; kept in memory by `base_cache`; training/lora.py), so an adapter version decodes at the
-        base's speed."""
+        base's speed. `dtype` is a torch dtype, or a function of the parameter count giving one (the settings' `auto`
+        rule), applied after loading (and after an adapter is merged)."""
         model, tokenizer = load_policy(path, device, resolve_base=resolve_base, base_cache=base_cache)
         cfg = model.config
         context = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None) or 2048
-        return cls(version=version, model=model, tokenizer=tokenizer, path=str(path), context=int(context))
+        policy = cls(version=version, model=model, tokenizer=tokenizer, path=str(path), context=int(context))
+        if callable(dtype):
+            dtype = dtype(sum(p.numel() for p in model.parameters()))
+        return policy.prepared(dtype, compile)
+
+    def prepared(self, dtype: torch.dtype | None = None, compile: bool = False) -> Policy:
+        """Cast the weights to `dtype` (the KV cache follows them; logits are sampled in float32) and optionally
+        `torch.compile` the forward. `dynamic=True`: the batch and the cache length change every step, and one
+        graph over symbolic sizes recompiles far less than one per shape."""
+        if dtype is not None and dtype != self.dtype:
+            self.model.to(dtype)
+        if compile:  # kept beside the model, not patched into it: a base cache deep-copies the model
+            self.compiled = torch.compile(self.model.forward, dynamic=True)
+        return self
+
+    def forward(self, **inputs):
+        return (self.compiled or self.model)(**inputs)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -101,6 +139,7 @@ class Handle:
         self.prompt_tokens = 0
         self.first_token_at: float | None = None
         self.cancelled = False  # set by Engine.cancel from any thread; read by the scheduler between steps
+        self.token_ids: list[int] = []  # the completion's token ids (eos excluded), set when it is done
 
     def push(self, event: Event) -> None:
         if self.loop is not None:
@@ -164,7 +203,19 @@ def _put_batch(batch: list[tuple[Handle, Event]]) -> None:
 class _Seq:
     """Scheduler-side state of one sequence."""
 
-    __slots__ = ("handle", "prompt_ids", "params", "generator", "out_ids", "emitted", "policy", "max_new")
+    __slots__ = (
+        "handle",
+        "prompt_ids",
+        "params",
+        "generator",
+        "out_ids",
+        "text",
+        "emitted",
+        "prefix_offset",
+        "read_offset",
+        "policy",
+        "max_new",
+    )
 
     def __init__(self, handle: Handle, prompt_ids: list[int], params: SamplingParams, policy: Policy):
         self.handle, self.prompt_ids, self.params, self.policy = handle, prompt_ids, params, policy
@@ -173,8 +224,32 @@ class _Seq:
             self.generator = torch.Generator(device=policy.device)
             self.generator.manual_seed(params.seed)
         self.out_ids: list[int] = []
-        self.emitted = ""  # text already sent to the caller
+        self.text = ""  # the decoded output up to its last complete character
+        self.emitted = 0  # characters of `text` already sent to the caller
+        # incremental detokenisation (vLLM's): out_ids[prefix_offset:read_offset] is already in `text` and decoded
+        # again only as left context (SentencePiece-style decoders render a piece by its neighbour)
+        self.prefix_offset = self.read_offset = 0
         self.max_new = min(params.max_tokens, max(1, policy.context - len(prompt_ids)))
+
+    def add_token(self, token: int, tok: PreTrainedTokenizerBase) -> None:
+        """Append `token` and the text it completes. Decodes a window of a few tokens rather than the whole output,
+        so a step costs the same at the 500th token as at the first."""
+        self.out_ids.append(token)
+        new = tok.decode(self.out_ids[self.prefix_offset :], skip_special_tokens=True)
+        if new.endswith("\ufffd"):  # a partial UTF-8 character: wait for the rest of its bytes
+            return
+        prefix = tok.decode(self.out_ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        if len(new) > len(prefix):
+            self.text += new[len(prefix) :]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.out_ids)
+
+    def flush(self, tok: PreTrainedTokenizerBase) -> None:
+        """At the end: the bytes still waiting for the rest of a character, as the replacement character."""
+        if self.read_offset < len(self.out_ids):
+            new = tok.decode(self.out_ids[self.prefix_offset :], skip_special_tokens=True)
+            prefix = tok.decode(self.out_ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+            self.text += new[len(prefix) :]
+            self.prefix_offset = self.read_offset = len(self.out_ids)
 
 
 class _Batch:
@@ -380,14 +455,15 @@ class Engine:
         device = policy.device
         pad = policy.tokenizer.pad_token_id or 0
         width = max(len(s.prompt_ids) for s in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long, device=device)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long, device=device)
-        for i, s in enumerate(seqs):  # left padding: every row's last prompt token is in the last column
-            ids[i, width - len(s.prompt_ids) :] = torch.tensor(s.prompt_ids, device=device)
-            mask[i, width - len(s.prompt_ids) :] = 1
+        # left padding: every row's last prompt token is in the last column; built on the host, copied once
+        ids = torch.tensor([[pad] * (width - len(s.prompt_ids)) + s.prompt_ids for s in seqs]).to(device)
+        mask = torch.tensor([[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in seqs]).to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=policy.model.config)
-        out = policy.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        kw = {"logits_to_keep": 1} if policy.last_logits_only else {}
+        out = policy.forward(
+            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, **kw
+        )
         logits = out.logits[:, -1, :].float()  # (B, V)
         return cache, mask, mask.sum(-1), logits  # next positions: (B,)
 
@@ -454,40 +530,47 @@ class Engine:
         choice = (probs / noise.clamp_(min=1e-20)).argmax(-1)  # a zero draw would give inf/nan
         return torch.where(greedy, logits.argmax(-1), choice)
 
+    @staticmethod
+    def _advance(s: _Seq, token: int, eos: int | None, tok: PreTrainedTokenizerBase, outbox: list) -> bool:
+        """Take one sampled token into `s`: queue its new text (holding back what may start a stop string) and, if
+        it ended the sequence, its "done" event. True when it ended."""
+        finish = None
+        stops = s.params.stop
+        if token == eos:
+            finish = "stop"
+        else:
+            s.add_token(token, tok)
+            if len(s.out_ids) >= s.max_new:
+                s.flush(tok)
+                finish = "length"
+            cut = _find_stop(s.text, stops, s.emitted) if stops else None
+            if cut is not None:
+                s.text, finish = s.text[:cut], "stop"
+        end = len(s.text) - (_longest_stop_prefix(s.text, stops) if finish is None and stops else 0)
+        if end > s.emitted:
+            if s.handle.first_token_at is None:
+                s.handle.first_token_at = time.monotonic()
+            outbox.append((s.handle, Event("delta", s.text[s.emitted : end])))
+            s.emitted = end
+        if finish is None:
+            return False
+        s.handle.token_ids = s.out_ids
+        outbox.append((s.handle, Event("done", finish_reason=finish, tokens=len(s.out_ids) + int(token == eos))))
+        return True
+
     @torch.inference_mode()
     def _decode_step(self, batch: _Batch) -> None:
         policy = batch.policy
         tok = policy.tokenizer
         next_ids = self._sample(batch)  # (B,)
         eos = tok.eos_token_id
-        keep: list[int] = []
         outbox: list[tuple[Handle, Event]] = []
-        for i, (s, token) in enumerate(zip(batch.seqs, next_ids.tolist(), strict=True)):
-            finish = None
-            if token == eos:
-                finish = "stop"
-            else:
-                s.out_ids.append(token)
-                text = tok.decode(s.out_ids, skip_special_tokens=True)
-                cut = _find_stop(text, s.params.stop, len(s.emitted))
-                if cut is not None:
-                    text, finish = text[:cut], "stop"
-                elif len(s.out_ids) >= s.max_new:
-                    finish = "length"
-                if finish is not None or not text.endswith("\ufffd"):  # hold back a partial UTF-8 character
-                    hold = _longest_stop_prefix(text, s.params.stop) if finish is None else 0
-                    visible = text[: len(text) - hold]
-                    if len(visible) > len(s.emitted) and visible.startswith(s.emitted):
-                        if s.handle.first_token_at is None:
-                            s.handle.first_token_at = time.monotonic()
-                        outbox.append((s.handle, Event("delta", visible[len(s.emitted) :])))
-                        s.emitted = visible
-            if finish is not None:
-                outbox.append(
-                    (s.handle, Event("done", finish_reason=finish, tokens=len(s.out_ids) + int(token == eos)))
-                )
-            else:
-                keep.append(i)
+        advance = self._advance
+        keep = [
+            i
+            for i, (s, token) in enumerate(zip(batch.seqs, next_ids.tolist(), strict=True))
+            if not advance(s, token, eos, tok, outbox)
+        ]
         Handle.push_all(outbox)
         self.tokens_generated += len(batch.seqs)
         self.steps += 1
@@ -505,7 +588,7 @@ class Engine:
             # a ready 4D boolean mask (rows x 1 query x keys) is passed through as is; for one query token per row it
             # is exact, and it skips transformers' per-step mask construction (~10% of a decode step here)
             mask = mask.bool()[:, None, None, :]
-        out = policy.model(
+        out = policy.forward(
             input_ids=ids,
             attention_mask=mask,
             position_ids=batch.positions.unsqueeze(1),

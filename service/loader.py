@@ -51,10 +51,20 @@ def load_version(r: redis.Redis, settings: Settings, version: int) -> Policy:
         raise KeyError(f"version {version} is not in the registry")
     path = settings.checkpoint(meta["path"])
     verify_checkpoint(path)
-    policy = Policy.load(version, path, settings.torch_device(), resolve_base=settings.checkpoint, base_cache=BASES)
+    device = settings.torch_device()
+    policy = Policy.load(
+        version,
+        path,
+        device,
+        resolve_base=settings.checkpoint,
+        base_cache=BASES,
+        dtype=lambda parameters: settings.serving_dtype(parameters, device),
+        compile=settings.compile,
+    )
     smoke_test(policy, settings.smoke_test_timeout_s)
     if meta.get("source") in ("sft", "base"):  # verified and smoke-tested: what adapter versions are trained on
-        BASES.offer(path, policy.model, policy.tokenizer, settings.torch_device())
+        # in the serving dtype: a later adapter merges into it (one model in memory rather than a float32 copy too)
+        BASES.offer(path, policy.model, policy.tokenizer, device)
     elif adapter_base(path) is None:  # a full fine-tune: no adapter follows it, so keep no second model in memory
         BASES.clear()
     return policy

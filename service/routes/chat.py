@@ -14,6 +14,7 @@ closed by Starlette; a non-streaming request watches its connection while it wai
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 import uuid
@@ -305,6 +306,9 @@ def _error_line(message: str, code: str) -> str:
     return f"data: {wire(ErrorResponse(**error_body(503, message, code)))}\n\n"
 
 
+_SLOT, _SLOT_JSON = "\x00", '"\\u0000"'  # a content placeholder no real chunk holds, and its JSON
+
+
 async def _stream(call: _Call) -> AsyncIterator[str]:
     """The SSE body. Starlette cancels this generator when the client disconnects: `finally` frees the rows."""
     name = fingerprint(call.served)
@@ -325,6 +329,16 @@ async def _stream(call: _Call) -> AsyncIterator[str]:
     def one(i: int, delta: Delta, finish: str | None = None) -> str:
         return chunk([ChunkChoice(index=i, delta=delta, finish_reason=finish, logprobs=None)])
 
+    templates: dict[int, list[str]] = {}
+
+    def content(i: int, text: str) -> str:
+        """A content chunk from its choice's serialised template: encoding only the new text is ~6x cheaper than
+        building and dumping the chunk's models, and a stream sends one per token (bench/serve.py, 16 clients)."""
+        if i not in templates:
+            templates[i] = one(i, Delta(content=_SLOT)).split(_SLOT_JSON)
+        head, tail = templates[i]
+        return head + json.dumps(text, ensure_ascii=False) + tail
+
     n = len(call.handles)
     deadline = call.arm_deadline()
     try:
@@ -334,7 +348,7 @@ async def _stream(call: _Call) -> AsyncIterator[str]:
         async for i, ev in call.events():
             if ev.kind == "delta":
                 texts[i] += ev.text
-                yield one(i, Delta(content=ev.text))
+                yield content(i, ev.text)
             elif ev.kind == "error":
                 metrics.REQUESTS.labels("error").inc()
                 yield _error_line(ev.text, ev.code)

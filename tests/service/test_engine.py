@@ -120,3 +120,44 @@ def test_sampler_draws_from_the_tempered_top_p_distribution():
     kept[~keep] = 0
     assert torch.allclose(freq[1], kept / kept.sum(), atol=0.015)
     assert bool((draws[2] == 0).all())
+
+
+def test_bf16_engine_matches_bf16_hf_greedy():
+    """The serving dtype: weights and KV cache in bfloat16, logits sampled in float32; greedy output is HF's own
+    bfloat16 greedy output, batched and one at a time."""
+    policy = _policy("llama").prepared(torch.bfloat16)
+    assert policy.dtype == torch.bfloat16
+    engine = Engine(policy, max_batch_size=4)
+    engine.start()
+    try:
+        handles = [
+            engine.submit([{"role": "user", "content": p}], SamplingParams(temperature=0, max_tokens=12))
+            for p in PROMPTS
+        ]
+        results = [h.wait() for h in handles]
+    finally:
+        engine.stop()
+    for prompt, (text, _, _) in zip(PROMPTS, results):
+        assert text == _hf_greedy(policy, prompt, 12), prompt
+
+
+def test_incremental_detokenisation_equals_decoding_the_whole_output():
+    """Random token streams, including bytes that split UTF-8 characters across tokens: the text the engine builds
+    a few tokens at a time is exactly the whole output decoded at once."""
+    from service.engine import _Seq
+
+    policy = _policy("gpt2")
+    tok = policy.tokenizer
+    g = torch.Generator().manual_seed(0)
+    multibyte = tok("é ü 中文 🙂", add_special_tokens=False)["input_ids"]
+    for _ in range(20):
+        ids = torch.randint(0, len(tok), (40,), generator=g).tolist()
+        ids[5:5] = multibyte
+        seq = _Seq(None, [1], SamplingParams(), policy)
+        for i, token in enumerate(ids):
+            seq.add_token(token, tok)
+            assert not seq.text.endswith("\ufffd") and tok.decode(ids[: i + 1], skip_special_tokens=True).startswith(
+                seq.text
+            )
+        seq.flush(tok)
+        assert seq.text == tok.decode(ids, skip_special_tokens=True)
