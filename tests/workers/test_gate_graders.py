@@ -29,6 +29,8 @@ def _metrics(graders: dict | None = None, reward_mean: float = 0.5) -> dict:
         "jailbreak_compliance": 0.05,
         "over_caution": 0.1,
         "score/mean": 0.6,
+        # the world's paired checks see identical per-prompt outcomes: only the suites differ between the two
+        "outcomes": {"harmful": [0] * 40, "over_caution": [0] * 10, "score": [1] * 20, "prompts": "same"},
     }
     return m | ({"graders": graders} if graders is not None else {})
 
