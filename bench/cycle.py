@@ -178,23 +178,32 @@ def watch_served(r, api: str, start_version: int, stop: threading.Event, out: di
                 out["chat_answer_s"] = round(time.time() - at, 3)
 
 
-def load_breakdown(settings, folder: Path) -> dict:
+def load_breakdown(settings, folder: Path, base_folder: Path) -> dict:
     """What an API process does between the switch and serving, step by step, here in the parent (the cycle is over,
-    the API idle): sha256 check of the version's files, load (an adapter: its base loaded, adapter merged), smoke
-    test."""
+    the API idle), as service/loader.py does it: sha256 check of the version's files, load (an adapter: merged into
+    the base the API was serving, kept in a BaseCache with its spare memory ready), smoke test."""
     import torch
 
     from service.engine import Policy
-    from service.loader import smoke_test
+    from service.loader import ADAPTER_SMOKE_PROMPT_TOKENS, smoke_test
     from training.checkpoint import verify_checkpoint
+    from training.lora import BaseCache, adapter_base
 
     torch.set_num_threads(1)  # as the API process runs (ALIGND_TORCH_THREADS=1)
+    adapter = adapter_base(folder) is not None
+    cache = BaseCache()
+    if adapter:  # the API served the base (v1) before: it is in its cache, spare memory prepared in the background
+        base = Policy.load(1, base_folder, "cpu")
+        cache.offer(base_folder, base.model, base.tokenizer, "cpu")
+        deadline = time.monotonic() + 60
+        while not cache.spare_ready() and time.monotonic() < deadline:
+            time.sleep(0.05)
     t0 = time.perf_counter()
     verify_checkpoint(folder)
     t1 = time.perf_counter()
-    policy = Policy.load(2, folder, "cpu", resolve_base=settings.checkpoint)
+    policy = Policy.load(2, folder, "cpu", resolve_base=settings.checkpoint, base_cache=cache)
     t2 = time.perf_counter()
-    smoke_test(policy, 120)
+    smoke_test(policy, 120, ADAPTER_SMOKE_PROMPT_TOKENS if adapter else None)
     t3 = time.perf_counter()
     return {"verify_sha256": round(t1 - t0, 3), "load": round(t2 - t1, 3), "smoke_test": round(t3 - t2, 3)}
 
@@ -280,7 +289,7 @@ def run_mode(mode: str, base: Path, args: argparse.Namespace) -> dict:
             "cycle_s": result["total_s"],
             "peak_rss_bytes": result["peak_rss_bytes"],
             "peak_rss_bytes_by_stage_end": result["peak_rss_bytes_by_stage_end"],
-            "api_load_breakdown_s": load_breakdown(settings, folder) if folder else None,
+            "api_load_breakdown_s": load_breakdown(settings, folder, base_folder) if folder else None,
             "checkpoint_bytes": folder_bytes(folder) if folder else None,
             "checkpoint_files": sorted(f.name for f in folder.iterdir()) if folder else None,
             "base_checkpoint_bytes": folder_bytes(base_folder),
