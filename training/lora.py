@@ -48,21 +48,22 @@ class LoRAConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout}")
 
-    def peft(self) -> LoraConfig:
+    def peft(self, task_type: str = "CAUSAL_LM") -> LoraConfig:
         return LoraConfig(
             r=self.rank,
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,
             target_modules=self.target_modules,
-            task_type="CAUSAL_LM",
+            task_type=task_type,
         )
 
 
-def add_adapter(model: PreTrainedModel, cfg: LoRAConfig) -> PeftModel:
-    """Freeze `model` and wrap it with a fresh LoRA adapter (B = 0, so the wrapped model starts equal to the base)."""
+def add_adapter(model: PreTrainedModel, cfg: LoRAConfig, task_type: str = "CAUSAL_LM") -> PeftModel:
+    """Freeze `model` and wrap it with a fresh LoRA adapter (B = 0, so the wrapped model starts equal to the base).
+    `task_type="SEQ_CLS"` (a reward model) also trains and saves the whole score head."""
     with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's random stream
         torch.manual_seed(cfg.seed)
-        return get_peft_model(model, cfg.peft())
+        return get_peft_model(model, cfg.peft(task_type))
 
 
 def is_adapted(model: torch.nn.Module) -> bool:
@@ -132,7 +133,7 @@ class BaseMismatch(Exception):
     """An adapter was trained on another base than the one offered."""
 
 
-def _check_base(adapter_dir: str | Path, base_dir: str | Path) -> None:
+def check_base(adapter_dir: str | Path, base_dir: str | Path) -> None:
     want = (adapter_base(adapter_dir) or {}).get("digest")
     have = folder_digest(base_dir)
     if want != have:
@@ -146,7 +147,7 @@ def apply_adapter(
 ) -> PreTrainedModel:
     """The base with the adapter at `adapter_dir` applied: merged into the weights (`merge=True`: plain HF model,
     decoding speed of the base) or kept as a PeftModel. Refuses an adapter whose recorded base digest differs."""
-    _check_base(adapter_dir, base_dir)
+    check_base(adapter_dir, base_dir)
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     model.eval()
     return model.merge_and_unload() if merge else model
@@ -344,6 +345,15 @@ class BaseCache:
             return (copy.deepcopy(self._model) if copy_model else self._model), self._tokenizer
 
 
+def base_folder(adapter_dir: str | Path, resolve_base=None) -> Path:
+    """The base folder an adapter names: `resolve_base(recorded)` (the registry's path rule), by default a relative
+    base is a sibling folder, as versions sit side by side under the checkpoint root."""
+    recorded = Path(adapter_base(adapter_dir)["base"])
+    if resolve_base is not None:
+        return Path(resolve_base(str(recorded)))
+    return recorded if recorded.is_absolute() else Path(adapter_dir).parent / recorded
+
+
 def load_policy(
     path: str | Path,
     device: str = "cpu",
@@ -361,17 +371,12 @@ def load_policy(
     memory between adapter versions (the API's follower)."""
     from training.model import load_causal_lm
 
-    info = adapter_base(path)
-    if info is None:
+    if adapter_base(path) is None:
         return load_causal_lm(path, device)
-    if resolve_base is None:
-        recorded = Path(info["base"])
-        base_dir = recorded if recorded.is_absolute() else Path(path).parent / recorded
-    else:
-        base_dir = Path(resolve_base(info["base"]))
+    base_dir = base_folder(path, resolve_base)
     if trainable or not merge:
         base, tokenizer = base_cache.get(base_dir, device) if base_cache else load_causal_lm(base_dir, device)
-        _check_base(path, base_dir)
+        check_base(path, base_dir)
         model = PeftModel.from_pretrained(base, str(path), is_trainable=trainable)
         return (model if trainable else model.eval()), tokenizer
     # serving: the cached base itself (not copied), the adapter folded into new copies of the weights it touches
@@ -379,7 +384,7 @@ def load_policy(
         base, tokenizer = base_cache.get(base_dir, device, copy_model=False)
     else:
         base, tokenizer = load_causal_lm(base_dir, device)
-    _check_base(path, base_dir)
+    check_base(path, base_dir)
     merged = merged_copy(base, path, base_cache.take_spare() if base_cache else None)
     if merged is not None:
         return merged, tokenizer
