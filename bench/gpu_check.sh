@@ -38,5 +38,5 @@ if os.environ["ALIGND_DEVICE"].startswith("cuda") and not cuda:
     raise SystemExit("ALIGND_DEVICE asks for CUDA but torch sees no GPU")
 PY
 python bench/shapes.py --shape "$SHAPE" --out "$work/model" --json
-python bench/serve.py --model "$work/model" "${SERVE_ARGS[@]}" | tail -n 1
-python bench/cycle.py --base "$work/model" --modes lora --device "$ALIGND_DEVICE" "${CYCLE_ARGS[@]}" | tail -n 1
+python bench/serve.py --model "$work/model" "${SERVE_ARGS[@]}" | python -c "import json, sys; print(json.dumps(json.load(sys.stdin)))"
+python bench/cycle.py --base "$work/model" --modes lora --device "$ALIGND_DEVICE" "${CYCLE_ARGS[@]}"

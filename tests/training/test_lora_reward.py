@@ -60,3 +60,8 @@ def test_a_lora_reward_model_is_saved_with_its_base():
             lora=LoRAConfig(rank=2),
         )
         save_reward_model(rm, tiny_tokenizer(), "/nonexistent-never-written")
+
+
+def test_reward_adapter_mode_is_validated():
+    with pytest.raises(ValueError, match="adapter"):
+        RewardConfig(adapter="half")
