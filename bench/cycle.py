@@ -57,7 +57,7 @@ def cycle_overrides(mode: str, steps: int) -> dict:
     }
 
 
-def env_for(home: Path, url: str) -> dict[str, str]:
+def env_for(home: Path, url: str, device: str = "cpu") -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALIGND_")}
     env.update(
         {
@@ -65,7 +65,7 @@ def env_for(home: Path, url: str) -> dict[str, str]:
             "ALIGND_REDIS_URL": url,
             "ALIGND_API_KEYS": USERS,
             "ALIGND_ADMIN_KEY": ADMIN,
-            "ALIGND_DEVICE": "cpu",
+            "ALIGND_DEVICE": device,
             "ALIGND_POLL_SECONDS": "1.0",
             "ALIGND_CHAT_RATE_PER_MINUTE": "1000000",
             "ALIGND_SMOKE_TEST_TIMEOUT_S": "120",
@@ -120,7 +120,7 @@ def child(args: argparse.Namespace) -> None:
     from workers.cycle import report_json, run_cycle
     from workers.cycle_config import CycleConfig
 
-    settings = Settings(home=args.home, redis_url=args.redis_url, api_keys=USERS, admin_key=ADMIN, device="cpu")
+    settings = Settings(home=args.home, redis_url=args.redis_url, api_keys=USERS, admin_key=ADMIN, device=args.device)
     settings.apply_torch_threads()
     r = connect(args.redis_url)
     marks: list[tuple[str, float, float]] = []  # (stage, wall time, monotonic)
@@ -178,23 +178,32 @@ def watch_served(r, api: str, start_version: int, stop: threading.Event, out: di
                 out["chat_answer_s"] = round(time.time() - at, 3)
 
 
-def load_breakdown(settings, folder: Path) -> dict:
+def load_breakdown(settings, folder: Path, base_folder: Path) -> dict:
     """What an API process does between the switch and serving, step by step, here in the parent (the cycle is over,
-    the API idle): sha256 check of the version's files, load (an adapter: its base loaded, adapter merged), smoke
-    test."""
+    the API idle), as service/loader.py does it: sha256 check of the version's files, load (an adapter: merged into
+    the base the API was serving, kept in a BaseCache with its spare memory ready), smoke test."""
     import torch
 
     from service.engine import Policy
-    from service.loader import smoke_test
+    from service.loader import ADAPTER_SMOKE_PROMPT_TOKENS, smoke_test
     from training.checkpoint import verify_checkpoint
+    from training.lora import BaseCache, adapter_base
 
     torch.set_num_threads(1)  # as the API process runs (ALIGND_TORCH_THREADS=1)
+    adapter = adapter_base(folder) is not None
+    cache = BaseCache()
+    if adapter:  # the API served the base (v1) before: it is in its cache, spare memory prepared in the background
+        base = Policy.load(1, base_folder, settings.torch_device())
+        cache.offer(base_folder, base.model, base.tokenizer, settings.torch_device())
+        deadline = time.monotonic() + 60
+        while not cache.spare_ready() and time.monotonic() < deadline:
+            time.sleep(0.05)
     t0 = time.perf_counter()
     verify_checkpoint(folder)
     t1 = time.perf_counter()
-    policy = Policy.load(2, folder, "cpu", resolve_base=settings.checkpoint)
+    policy = Policy.load(2, folder, settings.torch_device(), resolve_base=settings.checkpoint, base_cache=cache)
     t2 = time.perf_counter()
-    smoke_test(policy, 120)
+    smoke_test(policy, 120, ADAPTER_SMOKE_PROMPT_TOKENS if adapter else None)
     t3 = time.perf_counter()
     return {"verify_sha256": round(t1 - t0, 3), "load": round(t2 - t1, 3), "smoke_test": round(t3 - t2, 3)}
 
@@ -209,7 +218,7 @@ def run_mode(mode: str, base: Path, args: argparse.Namespace) -> dict:
     home = tmp / "home"
     server = EmbeddedRedis(tmp / "redis")
     url = server.start()
-    env = env_for(home, url)
+    env = env_for(home, url, args.device)
     api_proc = None
     try:
         t0 = time.monotonic()
@@ -253,6 +262,8 @@ def run_mode(mode: str, base: Path, args: argparse.Namespace) -> dict:
                 url,
                 "--steps",
                 str(args.steps),
+                "--device",
+                args.device,
             ],
             cwd=ROOT,
             env=env,
@@ -266,7 +277,7 @@ def run_mode(mode: str, base: Path, args: argparse.Namespace) -> dict:
         stop.set()
         version = result["report"].get("version")
         meta = registry.get_version(r, version) if version else None
-        settings = Settings(home=home, redis_url=url, api_keys=USERS, admin_key=ADMIN, device="cpu")
+        settings = Settings(home=home, redis_url=url, api_keys=USERS, admin_key=ADMIN, device=args.device)
         folder = settings.checkpoint(meta["path"]) if meta else None
         base_folder = settings.checkpoint(registry.get_version(r, 1)["path"])
         rm_meta = registry.get_reward_version(r, registry.current_reward_version(r))
@@ -280,7 +291,7 @@ def run_mode(mode: str, base: Path, args: argparse.Namespace) -> dict:
             "cycle_s": result["total_s"],
             "peak_rss_bytes": result["peak_rss_bytes"],
             "peak_rss_bytes_by_stage_end": result["peak_rss_bytes_by_stage_end"],
-            "api_load_breakdown_s": load_breakdown(settings, folder) if folder else None,
+            "api_load_breakdown_s": load_breakdown(settings, folder, base_folder) if folder else None,
             "checkpoint_bytes": folder_bytes(folder) if folder else None,
             "checkpoint_files": sorted(f.name for f in folder.iterdir()) if folder else None,
             "base_checkpoint_bytes": folder_bytes(base_folder),
@@ -308,6 +319,7 @@ def main() -> None:
     ap.add_argument("--feedback", type=int, default=24, help="pairwise votes seeded before the cycle")
     ap.add_argument("--steps", type=int, default=1, help="update.steps (PPO steps)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="ALIGND_DEVICE of the cycle and the API: cpu, cuda, auto")
     ap.add_argument("--keep", action="store_true", help="keep the temporary homes")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
@@ -335,6 +347,7 @@ def main() -> None:
         "shape": "smollm2-135m",
         "parameters": parameter_count(base),
         "feedback": args.feedback,
+        "device": args.device,
         "overrides": cycle_overrides("<mode>", args.steps),
         "modes": {},
     }

@@ -513,7 +513,7 @@ def main() -> None:
         model, tok = build_shape(args.shape)
         policy = Policy(version=1, model=model, tokenizer=tok, context=min(1024, SHAPES[args.shape].context))
     else:
-        policy = Policy.load(1, args.model) if args.model else default_policy()
+        policy = Policy.load(1, args.model, Settings().torch_device()) if args.model else default_policy()
     name = args.shape or str(args.model or "default-size untrained gpt2")
     texts = prompts(64)
     parameters = sum(p.numel() for p in policy.model.parameters())

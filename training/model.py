@@ -9,6 +9,7 @@ Tests build tiny random models of more than one architecture with `tiny_config`.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -90,3 +91,13 @@ def load_causal_lm(
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def autocast(device: str | torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on a CUDA device that has bf16 (Ampere and later), nothing elsewhere: weights and optimiser
+    states stay fp32, matmuls run in bf16 (the usual mixed-precision recipe of TRL and OpenRLHF). CPU training stays
+    fp32: bf16 autocast on CPU is slower than fp32 on CPUs without AMX."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -179,14 +179,17 @@ class ValueModel(nn.Module):
         self.head = head
 
     @classmethod
-    def from_model(cls, model: PreTrainedModel) -> ValueModel:
-        """Copy the trunk of a causal LM (the policy) or of a reward model; a reward model's head is kept too."""
+    def from_model(cls, model: PreTrainedModel, lora: LoRAConfig | None = None) -> ValueModel:
+        """Copy the trunk of a causal LM (the policy) or of a reward model; a reward model's head is kept too. With
+        `lora` the trunk is frozen under an adapter of the critic's own, so its weights are *shared* with `model`
+        rather than copied (only the module structure is): a LoRA cycle's critic costs no second trunk."""
         if is_adapted(model):  # its modules carry the adapter's layers: a copy would train or drop them silently
             raise ValueError(
                 "ValueModel.from_model needs a plain model: build the critic of a LoRA policy from the "
-                "reward model or the base, then .with_lora(...)"
+                "reward model or the base with lora=..."
             )
-        trunk = copy.deepcopy(model.base_model)
+        shared = {id(t): t for t in [*model.parameters(), *model.buffers()]} if lora is not None else {}
+        trunk = copy.deepcopy(model.base_model, shared)  # tensors found in `shared` are reused, not copied
         head = None
         score = getattr(model, "score", None)
         if isinstance(score, nn.Linear):  # OpenRLHF: the critic starts as the RM (the mean of its heads)
@@ -194,7 +197,8 @@ class ValueModel(nn.Module):
             with torch.no_grad():
                 head.weight.copy_(score.weight.mean(dim=0, keepdim=True))
                 head.bias.copy_(score.bias.mean().reshape(1) if score.bias is not None else torch.zeros(1))
-        return cls(trunk, head)
+        critic = cls(trunk, head)
+        return critic.with_lora(lora) if lora is not None else critic
 
     def with_lora(self, cfg: LoRAConfig) -> ValueModel:
         """Freeze the trunk and train a LoRA adapter on it (the head stays fully trainable): a critic without

@@ -46,9 +46,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from peft import PeftModel
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from training.data import Comparison, Message, Rated, prompt_key
+from training.lora import LoRAConfig, adapter_base, add_adapter, base_folder, check_base, is_adapted, save_adapter
 from training.losses import PairWiseLoss, pointwise_loss, tie_loss
 
 log = logging.getLogger(__name__)
@@ -89,8 +97,13 @@ class RewardConfig:
     grader_weight: float = 0.0  # PPO in the cycle only (not reward-model training): weight x a grader suite item's
     #                             score (eval.suites) added to the learned, normalised reward of rollouts on that
     #                             item's prompt; 0 = off, so measured figures come from human feedback alone
+    adapter: str = "auto"  # read by the cycle (workers/cycle.py): "lora" trains a LoRA adapter and the score head on
+    #                        the frozen SFT trunk (train_reward_model(lora=...)), "full" every weight, "auto" the
+    #                        same choice as the policy update's (update.adapter): a real-size base gets both as LoRA
 
     def __post_init__(self) -> None:
+        if self.adapter not in ("auto", "full", "lora"):
+            raise ValueError(f"RewardConfig.adapter={self.adapter!r}: expected one of ('auto', 'full', 'lora')")
         checks = {
             "grader_weight": self.grader_weight >= 0,
             "lr": self.lr > 0,
@@ -264,18 +277,44 @@ def score(
     return mean - uncertainty_penalty * spread if uncertainty_penalty else mean
 
 
-def save_reward_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
-    """A standard Hugging Face folder (safetensors + config with the normalisation + tokenizer)."""
+def save_reward_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    *,
+    base: str | None = None,
+    base_digest: str | None = None,
+) -> Path:
+    """A standard Hugging Face folder (safetensors + config with the normalisation + tokenizer); a LoRA reward model
+    (`train_reward_model(lora=...)`) as its adapter and score head (a few MB), its config (the normalisation) and
+    `base.json` naming the base folder `base` with digest `base_digest` (training/lora.py)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
+    if is_adapted(model):
+        if base is None or base_digest is None:
+            raise ValueError("a LoRA reward model is saved with the base it was trained on: pass base and base_digest")
+        save_adapter(model, out_dir, base=base, base_digest=base_digest)
+        model.get_base_model().config.save_pretrained(out_dir)
+    else:
+        model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 
 
-def load_reward_model(path: str | Path, device: str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_reward_model(
+    path: str | Path, device: str = "cpu", *, resolve_base=None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A reward model folder, full or LoRA: an adapter is merged into its base's trunk (found with `resolve_base`,
+    the registry's path rule, as for policies: training.lora.base_folder) after its base digest is checked."""
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32)
+    if adapter_base(path) is None:
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32)
+    else:
+        base_dir = base_folder(path, resolve_base)
+        check_base(path, base_dir)
+        config = AutoConfig.from_pretrained(str(path))  # heads, pad id and normalisation of the trained model
+        trunk = AutoModelForSequenceClassification.from_pretrained(str(base_dir), config=config, dtype=torch.float32)
+        model = PeftModel.from_pretrained(trunk, str(path)).merge_and_unload()  # the score head comes with it
     if not 1 <= model.config.num_labels <= 64:
         raise ValueError(f"{path}: a reward model has 1 to 64 score heads, this one has {model.config.num_labels}")
     _set_pad(model, tokenizer)
@@ -450,8 +489,11 @@ def train_reward_model(
     base: str | Path | PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     reference_responses: Sequence[tuple[list[Message], str]] | None = None,
+    lora: LoRAConfig | None = None,
 ) -> tuple[PreTrainedModel, dict[str, Any]]:
-    """Train a reward model on the feedback; returns (model in eval mode, metrics)."""
+    """Train a reward model on the feedback; returns (model in eval mode, metrics). With `lora`, the trunk is frozen
+    and a LoRA adapter trains with the whole score head (peft's sequence-classification task keeps `score` as a
+    module to save): no gradients or optimiser states for the trunk, a checkpoint of a few MB."""
     if cfg.epochs is None and cfg.max_seconds is None:
         raise ValueError("RewardConfig needs a budget: set epochs, max_seconds or both")
     if not comparisons and not (rated and cfg.pointwise_weight > 0):
@@ -459,6 +501,8 @@ def train_reward_model(
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)  # the score head's initialisation
     model = build_reward_model(base, tokenizer, cfg.heads)
+    if lora is not None:
+        model = add_adapter(model, lora, task_type="SEQ_CLS")
     train, heldout = split_by_prompt(list(comparisons) + list(rated), cfg.heldout_fraction, cfg.seed)
     # A tie between two identical responses has zero gradient (d = 0 is the tie loss's minimum): skipping it saves
     # compute (a fifth of the pairs of two samples of a small SFT policy) without changing what is learned.

@@ -255,12 +255,15 @@ def _cycle(
 
 
 def _train_and_publish(run: CycleRun, retrain_reward: bool = True) -> dict[str, Any]:
-    _stage_reward(run, retrain_reward)
-    run.failpoint("after_reward")
-    _stage_policy(run)
-    run.failpoint("after_ppo")
-    _stage_gate(run)
-    run.failpoint("after_gate")
+    from training.model import autocast
+
+    with autocast(run.settings.torch_device()):  # bf16 on a CUDA device (ALIGND_DEVICE), fp32 elsewhere
+        _stage_reward(run, retrain_reward)
+        run.failpoint("after_reward")
+        _stage_policy(run)
+        run.failpoint("after_ppo")
+        _stage_gate(run)
+        run.failpoint("after_gate")
     return _stage_publish(run)
 
 
@@ -284,7 +287,7 @@ def _stage_reward(run: CycleRun, retrain: bool) -> None:
     if run.rm_version is None:
         raise CycleError("no reward model yet: there is no preference data (send feedback first)")
     rm_meta = registry.get_reward_version(r, run.rm_version)
-    rm, rm_tok = load_reward_model(settings.checkpoint(rm_meta["path"]), device)
+    rm, rm_tok = load_reward_model(settings.checkpoint(rm_meta["path"]), device, resolve_base=settings.checkpoint)
     run.reward_fn = reward_model_fn(rm, rm_tok, uncertainty_penalty=run.cfg.reward.uncertainty_penalty)
     run.value_init = rm
     run.ppo_reward_fn = run.reward_fn
@@ -389,7 +392,7 @@ def _lora_trainer(run: CycleRun, current_path: Path):
     from training.ppo import PPOTrainer, ValueModel
 
     policy, tokenizer = _lora_policy(run, current_path)
-    critic = ValueModel.from_model(run.value_init).with_lora(run.cfg.lora)
+    critic = ValueModel.from_model(run.value_init, lora=run.cfg.lora)  # shares the reward model's trunk weights
     return PPOTrainer(run.cfg.ppo, policy, None, run.ppo_reward_fn, tokenizer, critic)
 
 
@@ -663,6 +666,7 @@ def train_reward(
     reward version unless it regresses. Needs the training lock (its token fences the switch)."""
     from training.checkpoint import write_checkpoint
     from training.data import Comparison, Rated
+    from training.lora import folder_digest
     from training.model import load_causal_lm
     from training.reward import (
         evaluate,
@@ -687,8 +691,9 @@ def train_reward(
     rcfg = cfg.reward
     _, tokenizer = load_causal_lm(ref_path)
     tokenizer.padding_side = "right"  # reward.encode pads by hand; this only matters for tokenizer.pad callers
-    init = _reward_init(r, settings, rcfg, previous, ref_path)
-    model, metrics = train_reward_model(rcfg, items_c, items_r, base=init or ref_path, tokenizer=tokenizer)
+    lora = cfg.lora if _reward_lora(cfg, ref_path) else None
+    init = None if lora is not None else _reward_init(r, settings, rcfg, previous, ref_path)  # an adapter: fresh
+    model, metrics = train_reward_model(rcfg, items_c, items_r, base=init or ref_path, tokenizer=tokenizer, lora=lora)
     metrics["warm_start"] = init is not None
     report: dict[str, Any] = {
         "metrics": metrics,
@@ -698,7 +703,8 @@ def train_reward(
     }
     if previous is not None:
         prev_meta = registry.get_reward_version(r, previous) or {}
-        prev_model, prev_tok = load_reward_model(settings.checkpoint(prev_meta["path"]))
+        prev_path = settings.checkpoint(prev_meta["path"])
+        prev_model, prev_tok = load_reward_model(prev_path, resolve_base=settings.checkpoint)
         _, heldout = split_by_prompt(items_c + items_r, rcfg.heldout_fraction, rcfg.seed)
         prev_acc = evaluate(prev_model, prev_tok, heldout, rcfg)["accuracy"]
         new_acc = metrics["heldout_accuracy"]
@@ -723,7 +729,12 @@ def train_reward(
         "n_rated": len(items_r),
         "cycle": lock.token,
     }
-    write_checkpoint(lambda d: save_reward_model(model, tokenizer, d), path, manifest)
+    if lora is not None:  # the adapter and score head alone, naming the SFT base they were trained on
+        manifest["adapter"] = asdict(lora)
+    digest = folder_digest(ref_path) if lora is not None else None
+    write_checkpoint(
+        lambda d: save_reward_model(model, tokenizer, d, base=manifest["base"], base_digest=digest), path, manifest
+    )
     registry.add_reward_version(r, version, {**manifest, "path": settings.stored_path(path)})
     registry.set_current_reward(r, version, fencing_token=lock.token)
     report |= {"accepted": True, "version": version, "path": str(path)}
@@ -740,6 +751,15 @@ def _reward_init(r: redis.Redis, settings: Settings, rcfg, previous: int | None,
     if meta.get("base") != settings.stored_path(ref_path) or meta.get("metrics", {}).get("heads", 1) != rcfg.heads:
         return None
     return str(settings.checkpoint(meta["path"]))
+
+
+def _reward_lora(cfg: CycleConfig, ref_path: str | Path) -> bool:
+    """LoRA or full training for the reward model (CycleConfig.reward.adapter); "auto" follows the policy update's
+    choice for this base (update.adapter, update.lora_min_parameters)."""
+    from training.lora import parameter_count
+
+    mode = cfg.reward.adapter if cfg.reward.adapter != "auto" else cfg.update.adapter
+    return mode == "lora" or (mode == "auto" and parameter_count(ref_path) >= cfg.update.lora_min_parameters)
 
 
 def _prompt_sampler(r: redis.Redis, tokenizer, cfg: CycleConfig):

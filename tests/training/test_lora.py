@@ -16,6 +16,8 @@ from training.lora import (
     add_adapter,
     apply_adapter,
     folder_digest,
+    linear_weights,
+    merged_copy,
     reference_mode,
     save_adapter,
     trainable_parameters,
@@ -100,3 +102,37 @@ def test_config_refuses_nonsense():
         LoRAConfig(rank=0)
     with pytest.raises(ValueError, match="dropout"):
         LoRAConfig(dropout=1.0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)  # GPT-2's Conv1D stores weights transposed (peft's fan_in_fan_out)
+def test_direct_merge_equals_peft_and_shares_the_rest_with_the_base(tmp_path, arch):
+    base = tiny_model(arch, seed=7)
+    pristine = copy.deepcopy(base)
+    policy = add_adapter(copy.deepcopy(base), LoRAConfig(rank=4, alpha=8))
+    ids = _ids()
+    _train_steps(policy, ids)
+    save_adapter(policy, tmp_path / "adapter", base="v1", base_digest="unused")
+    spare = {name: torch.zeros_like(w) for name, w in linear_weights(base).items()}
+
+    merged = merged_copy(base, tmp_path / "adapter", spare)
+    expected = policy.merge_and_unload()
+    for name, w in expected.state_dict().items():  # the same weights as peft's merge, to rounding of one addmm
+        torch.testing.assert_close(merged.state_dict()[name], w, rtol=1e-6, atol=1e-7)
+    with torch.no_grad():
+        assert (
+            merged.generate(input_ids=ids, max_new_tokens=8, do_sample=False).tolist()
+            == expected.generate(input_ids=ids, max_new_tokens=8, do_sample=False).tolist()
+        )
+    adapted = {n for n, w in merged.named_parameters() if w.data_ptr() != base.get_parameter(n).data_ptr()}
+    assert adapted and adapted <= set(linear_weights(base))  # only adapted weights are new memory …
+    assert all(merged.get_parameter(n).data_ptr() == spare[n].data_ptr() for n in adapted)  # … the spare's
+    for name, w in pristine.state_dict().items():  # and the base it shares the rest with did not change
+        torch.testing.assert_close(base.state_dict()[name], w, rtol=0, atol=0)
+
+
+def test_direct_merge_leaves_other_adapter_kinds_to_peft(tmp_path):
+    base = tiny_model("llama", seed=7)
+    dora = add_adapter(copy.deepcopy(base), LoRAConfig(rank=4, alpha=8))
+    dora.peft_config["default"].use_dora = True  # recorded in adapter_config.json: what the direct path refuses
+    save_adapter(dora, tmp_path / "dora", base="v1", base_digest="unused")
+    assert merged_copy(base, tmp_path / "dora") is None

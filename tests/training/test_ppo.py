@@ -323,7 +323,9 @@ def test_lora_ppo_trains_only_adapters_against_the_base_as_reference(arch):
         samples_per_prompt=4,
         seed=0,
     )
-    critic = ValueModel.from_model(frozen).with_lora(LoRAConfig(rank=8, alpha=16))
+    critic = ValueModel.from_model(frozen, lora=LoRAConfig(rank=8, alpha=16))  # frozen trunk: shared, not copied
+    shared = {p.data_ptr() for p in frozen.parameters()}
+    assert all(p.data_ptr() in shared for n, p in critic.trunk.named_parameters() if "lora_" not in n)
     trainer = PPOTrainer(cfg, policy, None, sevens_reward, tok, critic)
     base_before = {k: v.clone() for k, v in policy.named_parameters() if "lora_" not in k}
     eval_prompts = say_a_number(64, random.Random(0))
@@ -336,6 +338,7 @@ def test_lora_ppo_trains_only_adapters_against_the_base_as_reference(arch):
     assert not any(p.requires_grad for n, p in critic.trunk.named_parameters() if "lora_" not in n)
     ids = torch.tensor(prompt_ids(tok, eval_prompts[:1]))
     with torch.no_grad(), reference_mode(policy):
+        # the base is exactly what the critic shares its trunk with: training the critic's adapter left it alone
         torch.testing.assert_close(policy(input_ids=ids).logits, frozen(input_ids=ids).logits, rtol=0, atol=0)
     with pytest.raises(ValueError, match="LoRA"):
         PPOTrainer(cfg, tiny_model(arch), None, sevens_reward, tok)
