@@ -21,6 +21,7 @@ from core.config import Settings
 from service.app import create_app
 from service.engine import Engine
 from service.loader import load_version
+from store import feedback as fb
 from store import keys, registry
 from store.client import connect
 from store.completions import get_completion
@@ -43,11 +44,13 @@ def test_simulated_users_give_all_three_kinds_of_feedback(tmp_path, redis_url, r
     settings = sim_settings(tmp_path, users)
     version = publish_tiny(redis_url, settings)
     engine = Engine(load_version(r, settings, version), max_batch_size=settings.max_batch_size)
-    cfg = SimConfig(users=4, seconds=6.0, max_tokens=6, concurrency=4, seed=1, red_team=0.3, red_team_temperature=1.5)
+    cfg = SimConfig(
+        users=4, seconds=6.0, max_tokens=6, concurrency=4, seed=1, red_team=0.3, red_team_temperature=1.5, overlap=0.4
+    )
     with LiveServer(create_app(settings, redis_url, engine)) as server:
         cfg.url = server.url
         t0 = time.monotonic()
-        counts = simulate(cfg, settings.user_keys())
+        counts = simulate(cfg, settings.user_keys(), admin_key=ADMIN)
         elapsed = time.monotonic() - t0
     assert elapsed < cfg.seconds + 30
     assert counts["errors"]["total"] == 0, counts["errors"]
@@ -58,6 +61,10 @@ def test_simulated_users_give_all_three_kinds_of_feedback(tmp_path, redis_url, r
     assert stats["events"]["by_type"] == {k: counts["feedback"][k] for k in ("thumbs", "pairwise", "rank")}
     assert stats["events"]["by_user"] == counts["by_user"]
     assert set(stats["events"]["by_user"]) == {u.name for u in users}  # one identity per simulated user
+    # overlap: re-served completions carry the votes of two annotators (the admin key names the second in `user`)
+    voters = [{v.user for v in fb.latest_votes(r, cid)} for cid in r.smembers(keys.feedback_completions())]
+    assert counts["overlap"] > 0 and sum(len(v) == 2 for v in voters) == counts["overlap"]
+    assert all(v <= {u.name for u in users} for v in voters)
     assert counts["served_versions"] == {str(version): counts["requests"]}
     # prompts come from the world without the held-out family
     prompts = [json.loads(f["messages"])[-1]["content"] for _, f in r.xrange(keys.prompts_stream())]
