@@ -16,7 +16,9 @@ Losses, per kind of feedback (see `training/data.py`):
   raw reward's decision boundary), averaged over the two.
 - `Rated` (a thumb on one response): pointwise -log sigmoid(+r) for up and -log sigmoid(-r) for down, weighted by
   `RewardConfig.pointwise_weight` (0 disables it) because a lone thumb says less than a comparison.
-A batch's loss is the weighted mean over its items (pairs weigh 1, rated responses `pointwise_weight`).
+A batch's loss is the weighted mean over its items (pairs weigh 1, rated responses `pointwise_weight`), each also
+multiplied by its `weight` (its annotator's reliability weight, training/reliability.py; 1 unless set). Held-out
+accuracy stays unweighted: it is comparable across cycles and with the gate's history.
 
 Pairs of one rank or one completion (same `group`) stay together in one batch, and a text shared by several pairs
 is scored once (a ranking of K responses costs K forwards, not K(K-1)). Ties between identical responses carry no
@@ -291,6 +293,9 @@ def batch_loss(
     unique, index = list(position), torch.tensor([position[t] for t in texts])  # index: (2P + R,) into `unique`
     scores = forward_scores(model, tokenizer, unique, cfg.max_length)[index.to(next(model.parameters()).device)]
     P = len(pairs)
+    # per-item multipliers: the annotator's reliability weight (training/reliability.py; 1 when not estimated)
+    pair_weight = torch.tensor([c.weight for c in pairs], dtype=scores.dtype, device=scores.device)  # (P,)
+    rated_weight = torch.tensor([x.weight for x in rated], dtype=scores.dtype, device=scores.device)  # (R,)
     total = scores.new_zeros(())
     n_pref = n_correct = 0
     if P:
@@ -304,14 +309,14 @@ def batch_loss(
         bad = torch.zeros_like(is_pref)
         both_bad = 0.5 * (pointwise_loss(chosen, bad) + pointwise_loss(rejected, bad))
         per_pair = torch.where(is_pref, pref, torch.where(is_tie, tie, both_bad))  # (P,)
-        total = total + per_pair.sum()
+        total = total + (per_pair * pair_weight).sum()
         n_pref = int(is_pref.sum())
         n_correct = int(((chosen > rejected) & is_pref).sum())
     if rated:
         good = torch.tensor([r.good for r in rated], device=scores.device)
-        total = total + cfg.pointwise_weight * pointwise_loss(scores[2 * P :], good).sum()
-    weight = P + cfg.pointwise_weight * len(rated)
-    loss = total / weight
+        total = total + cfg.pointwise_weight * (pointwise_loss(scores[2 * P :], good) * rated_weight).sum()
+    weight = float(pair_weight.sum()) + cfg.pointwise_weight * float(rated_weight.sum())
+    loss = total / weight if weight > 0 else total * 0.0  # a batch of zero-weight items moves nothing
     return loss, {"loss_sum": float(total.detach()), "weight": weight, "n_pref": n_pref, "n_correct": n_correct}
 
 
