@@ -186,6 +186,21 @@ def estimate(
     return out
 
 
+def table_dict(table: dict[str, Reliability]) -> dict[str, dict]:
+    """The table as JSON-ready dicts by annotator, lowest weight first (what provenance and /admin/stats show)."""
+    rows = sorted(table.values(), key=lambda r: (r.weight, r.annotator))
+    return {r.annotator: {k: v for k, v in r.to_dict().items() if k != "annotator"} for r in rows}
+
+
+def from_dicts(
+    comparisons: Iterable[dict], rated: Iterable[dict] = (), cfg: ReliabilityConfig | None = None
+) -> dict[str, Reliability]:
+    """`estimate` over derived feedback as store/comparisons.py returns it (plain dicts)."""
+    return estimate(
+        labels_from([Comparison.from_dict(c) for c in comparisons], [Rated.from_dict(x) for x in rated]), cfg
+    )
+
+
 def weigh(items: Iterable[Comparison | Rated], table: dict[str, Reliability]) -> None:
     """Set each item's `weight` to its annotator's (1 for annotators not in `table`: imported data, bootstrap)."""
     for x in items:

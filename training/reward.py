@@ -78,6 +78,9 @@ class RewardConfig:
     norm_samples: int = 2048  # distinct reference responses scored for the normalisation: its mean and std are
     #                           settled by then, and scoring every compared text cost ~40 s per cycle at 8k pairs
     seed: int = 0  # seeds the head initialisation, the shuffling and the held-out split
+    annotator_weights: bool = True  # the cycle weighs each comparison by its annotator's reliability (training/
+    #                                 reliability.py), in the reward model and in DPO/KTO alike; README "Annotator
+    #                                 reliability" gives the measurement behind the default
 
     def __post_init__(self) -> None:
         checks = {
