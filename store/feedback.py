@@ -610,6 +610,12 @@ def ack(r: redis.Redis, ids: list[str] | list[FeedbackEvent]) -> int:
     return done
 
 
+def last_event_id(r: redis.Redis) -> str | None:
+    """Stream id of the newest accepted event (None before the first): changes with every accepted vote."""
+    newest = r.xrevrange(keys.feedback_stream(), count=1)
+    return newest[0][0] if newest else None
+
+
 def pending_count(r: redis.Redis) -> int:
     """Events delivered to a consumer and not yet acknowledged."""
     try:
