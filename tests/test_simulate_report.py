@@ -29,6 +29,7 @@ from store.stats import feedback_stats
 from tests.conftest import LiveServer
 from tests.utils.serving import publish_tiny
 from tests.utils.tiny import tiny_model, tiny_tokenizer
+from tests.workers.helpers import seed_overlap
 from training.world import HELDOUT_FAMILY, TASK_FAMILIES, task_from_prompt
 from workers.publish import publish_version
 
@@ -123,9 +124,20 @@ def test_report_has_every_figure(tmp_path, redis_url, r):
     v1 = publish_tiny(redis_url, settings)
     registry.add_reward_version(r, 1, {"path": "unused", "metrics": {"heldout_accuracy": 0.75}, "n_comparisons": 40})
     v2 = publish_child(redis_url, settings, v1, 1, seed=3)
+    seed_overlap(r, 20)  # alice and bob right on every shared item, carol always wrong
     out = tmp_path / "report"
     cfg = ReportConfig(eval_per_family=2, max_new_tokens=6, oracle=True)
     report = build_report(r, out, cfg, run={"annotators": "brevity,detail"}, settings=settings)
+    annotators = report["reliability"]["annotators"]
+    assert list(annotators)[0] == "carol" and annotators["carol"]["weight"] == 0.0
+    assert annotators["alice"]["weight"] > 1.0 and annotators["alice/bob"]["labels"] == 20
+    assert [w for w in report["warnings"] if "carol" in w] == [
+        "annotator carol is contrary to the consensus: right on "
+        f"{annotators['carol']['accuracy']:.0%} of 20 shared labels, so its 20 labels weigh 0.00 in training "
+        "(1 = a typical annotator)"
+    ]
+    page = (out / "report.html").read_text()
+    assert "Annotator reliability" in page and "<td>carol</td>" in page
 
     assert (out / "report.html").is_file() and (out / "report.json").is_file()
     assert json.loads((out / "report.json").read_text())["final_version"] == v2
