@@ -368,10 +368,16 @@ def reliability_warnings(reliability: dict) -> list[str]:
     out = []
     for name, a in (reliability.get("annotators") or {}).items():
         if a["identified"] and a["weight"] < LOW_WEIGHT:
-            kind = "contrary to the consensus" if a["accuracy"] < 0.5 else "near chance (a spammer?)"
+            kind = (
+                "contrary to the consensus (a contrarian, or a minority taste: the one-coin model cannot tell them "
+                "apart)"
+                if a["accuracy"] < 0.5
+                else "near chance (a spammer?)"
+            )
             out.append(
-                f"annotator {name} is {kind}: right on {a['accuracy']:.0%} of {a['overlap']} shared labels, "
-                f"so its {a['labels']} labels weigh {a['weight']:.2f} in training (1 = a typical annotator)"
+                f"annotator {name} is {kind}: it agrees with the consensus on {a['accuracy']:.0%} of {a['overlap']} "
+                f"shared labels, so its {a['labels']} labels weigh {a['weight']:.2f} when annotator weights are on "
+                "(reward.annotator_weights; 1 = a typical annotator)"
             )
     return out
 

@@ -18,8 +18,11 @@ What is identifiable, and what is not:
 - A reference labeller (`reference`: e.g. a reward model's verdict on each pair) makes single-labelled items count:
   it is one more annotator whose own accuracy EM estimates. It is only as good as its independence: a model trained
   on these very labels agrees with them more than the truth does, so alignd's cycle uses overlap alone.
-- "Right" means agreeing with the pool's consensus. Style disagreement (brevity vs detail) is counted as noise;
-  a minority with different values, not just a noisy one, loses weight too (README "Whose values?").
+- "Right" means agreeing with the pool's consensus. Style disagreement is counted as noise: a minority with a
+  different taste, not just a noisy one, loses weight too (README "Whose values?"). Measured on the demo's pool
+  (bench/reliability.py): "detail" (likes length) against balanced, brevity and strict (dislike it) was rated 0.23,
+  a contrarian, on 700 shared labels. This is why the cycle does not apply the weights by default
+  (`reward.annotator_weights`); the estimates are shown either way (/admin/stats, the ops page, the report).
 
 Weight (what training multiplies an annotator's comparisons by): the clipped log-odds of its accuracy, relative to
 the prior's, w = clip(logit p, 0, logit cap) / logit(prior_accuracy) — the optimal vote weight of a naive-Bayes

@@ -255,7 +255,7 @@
 
   function reliabilityNote(a) {
     if (!a.identified) return "not measured: no item shared with another annotator (weight 1)";
-    if (a.accuracy < 0.5) return "contrary to the consensus: not used in training";
+    if (a.accuracy < 0.5) return "contrary to the consensus (or a minority taste): weight 0";
     if (a.weight < LOW_WEIGHT) return "near chance: down-weighted";
     return "";
   }
