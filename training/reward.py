@@ -81,8 +81,8 @@ class RewardConfig:
     annotator_weights: bool = False  # the cycle weighs each comparison by its annotator's reliability (training/
     #                                  reliability.py), in the reward model and in DPO/KTO alike. Off: on the demo's
     #                                  honest pool (bench/reliability.py) one-coin Dawid-Skene rated the "detail"
-    #                                  annotator 0.23 (it likes length, the other three do not) and would drop a
-    #                                  minority taste, and the reward model's oracle accuracy fell 0.746 -> 0.707
+    #                                  annotator 0.23 (it likes length, the other three do not), so weights would
+    #                                  silence a minority taste; the reward-model accuracy runs were inconclusive
 
     def __post_init__(self) -> None:
         checks = {
