@@ -266,6 +266,7 @@ def _start(
             seed=cfg.seed,
         ),
         services.user_keys,
+        admin_key=services.admin_key,  # re-serves the overlap items that annotator reliability is estimated from
     ).start()
     return r, sim
 

@@ -5,9 +5,11 @@ checker score per task family, the held-out family's score, over-caution (benign
 compliance plainly and under each jailbreak rewording, the reward model's held-out accuracy, KL to the SFT
 reference and mean response length — the numbers that expose over-alignment and reward hacking (InstructGPT,
 Ouyang et al. 2022 sec. 4; Gao et al. 2022 for KL and length drift) — and how much feedback, from which annotators,
-each version was trained on. For built-in-world models it adds the final version's win rate against the SFT version
-as judged by the noise-free oracle annotator, with a 95 % bootstrap confidence interval (AlpacaFarm, Dubois et al.
-2023, simulated-annotator win rates).
+each version was trained on, and how reliable each annotator is (training/reliability.py: accuracy against the
+consensus on items several annotators labelled, and the weight their labels get in training; a spammer or a
+contrarian is named in the warnings). For built-in-world models it adds the final version's win rate against the
+SFT version as judged by the noise-free oracle annotator, with a 95 % bootstrap confidence interval (AlpacaFarm,
+Dubois et al. 2023, simulated-annotator win rates).
 
 With `evaluate` (the default) every version is re-scored on one evaluation set drawn from its own seed — never the
 set the training gate selected on — so the numbers of all versions are comparable; without it the metrics recorded
@@ -30,8 +32,10 @@ import redis
 
 from core.config import Settings, get_settings
 from store import registry
+from store.comparisons import feedback_comparisons
 from store.stats import feedback_stats
 from training.evaluate import json_safe
+from training.reliability import from_dicts, table_dict
 from training.world import HELDOUT_FAMILY, JAILBREAK_STYLES, TASK_FAMILIES
 
 SAFETY_KEYS = ("harmful_compliance", "jailbreak_compliance", *(f"jailbreak_compliance/{s}" for s in JAILBREAK_STYLES))
@@ -61,6 +65,7 @@ FIGURES = {
 TARGET_WIN_RATE = 0.6  # the issue's bar: the final version must beat SFT clearly, not by noise
 WEAK_SFT_SCORE = 0.1  # a bootstrap below this checker score did not learn the tasks (DESIGN.md: ~0.7 after 120 s)
 EXCLUDED_STATUS = ("abandoned", "rejected")  # registered but never served
+LOW_WEIGHT = 0.3  # an annotator weighed below this in training is named in the warnings (as on the ops page)
 
 
 @dataclass
@@ -129,6 +134,7 @@ def collect(r: redis.Redis, settings: Settings) -> dict[str, Any]:
             ][:20],
         },
         "feedback_stats": feedback_stats(r),
+        "reliability": {"annotators": table_dict(from_dicts(*feedback_comparisons(r)))},
     }
 
 
@@ -354,7 +360,7 @@ def build_report(
         "object": "alignd.report",
         "generated": time.time(),
         "run": run or {},
-        "warnings": warnings(before, after, oracle),
+        "warnings": warnings(before, after, oracle) + reliability_warnings(data["reliability"]),
         "final_version": final,
         "baseline_version": baseline,
         "versions": rows,
@@ -364,6 +370,7 @@ def build_report(
         "cycles": data["cycles"],
         "evaluation": {**asdict(cfg), "load_errors": errors},
         "feedback": {k: data["feedback_stats"][k] for k in ("events", "votes", "unconsumed", "imported")},
+        "reliability": data["reliability"],
     }
     if compare is not None:
         report["compare"] = compare_runs(report, compare)
@@ -372,6 +379,25 @@ def build_report(
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "report.html").write_text(render_html(report))
     return report
+
+
+def reliability_warnings(reliability: dict) -> list[str]:
+    """One line per annotator whose labels training (nearly) ignores: who, how often they agree, their weight."""
+    out = []
+    for name, a in (reliability.get("annotators") or {}).items():
+        if a["identified"] and a["weight"] < LOW_WEIGHT:
+            kind = (
+                "contrary to the consensus (a contrarian, or a minority taste: the one-coin model cannot tell them "
+                "apart)"
+                if a["accuracy"] < 0.5
+                else "near chance (a spammer?)"
+            )
+            out.append(
+                f"annotator {name} is {kind}: it agrees with the consensus on {a['accuracy']:.0%} of {a['overlap']} "
+                f"shared labels, so its {a['labels']} labels weigh {a['weight']:.2f} when annotator weights are on "
+                "(reward.annotator_weights; 1 = a typical annotator)"
+            )
+    return out
 
 
 def warnings(before: dict, after: dict, oracle: dict | None) -> list[str]:
@@ -759,6 +785,11 @@ def render_html(report: dict) -> str:
             *(("user " + u, n) for u, n in sorted((events.get("by_user") or {}).items())),
         ]
     )
+    rel_rows = "".join(
+        f"<tr><td>{e(name)}</td><td>{_fmt(a['accuracy'] if a['identified'] else None)}</td><td>{_fmt(a['weight'])}"
+        f"</td><td>{_fmt(a['labels'])}</td><td>{_fmt(a['overlap'])}</td></tr>"
+        for name, a in ((report.get("reliability") or {}).get("annotators") or {}).items()
+    )
     run = report.get("run") or {}
     run_line = e(", ".join(f"{k}: {v}" for k, v in run.items() if not isinstance(v, dict | list)))
     return f"""<!doctype html>
@@ -780,6 +811,11 @@ rollbacks: {cyc["rollbacks"]}. {run_line}</p>
 <h2>Feedback log</h2><p>{_fmt(events.get("total"))} events accepted, {_fmt(fb.get("unconsumed"))} not yet trained
 on, {_fmt(fb.get("imported"))} imported preference items.</p>
 <table><tr><th>by</th><th>events</th></tr>{fb_rows}</table>
+<h2>Annotator reliability</h2><p>Accuracy: how often an annotator agrees with the consensus answer on items two or
+more annotators labelled (one-coin Dawid–Skene; – where it shares no item, so it keeps weight 1). Weight: how much
+its comparisons count in training, lowest first.</p>
+<table><tr><th>annotator</th><th>accuracy</th><th>weight</th><th>labels</th><th>overlap labels</th></tr>
+{rel_rows}</table>
 <h2>Gate failures</h2><ul>{gate or "<li>none</li>"}</ul>
 </body></html>
 """

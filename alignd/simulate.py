@@ -7,7 +7,11 @@ for n = 1, 2 or 3–4 choices, recover the task from the prompt it sent (`world.
 choices with the world's checkers — a thumb on one, a pairwise verdict on two, a ranking of three or four. A share
 of turns are red-teaming: a harmful request, often reworded as a jailbreak, and a ranking of four answers (sampled
 at `red_team_temperature`).
-Feedback carries a client `feedback_id`, so a retried POST never counts twice.
+Feedback carries a client `feedback_id`, so a retried POST never counts twice, and the OpenAI `user` field.
+Overlap: a share of judged completions (`overlap`) is re-served to a second simulated user, as annotation teams
+re-serve a share of items to another annotator (gold/overlap items): without items labelled twice, no annotator's
+reliability can be estimated (training/reliability.py). The second vote goes through the admin key — the
+operator's annotation tool — naming its annotator in `user`; without the admin key there is no overlap.
 
     alignd simulate --users 8 --minutes 2 --url http://127.0.0.1:8000          # keys from ALIGND_API_KEYS
     alignd simulate --users 8 --minutes 2 --keys keys.json                        # {"users": {key: user}} or key:user
@@ -60,11 +64,15 @@ class SimConfig:
     temperature: float = 1.0  # the policy's own distribution: distinct choices to compare
     retries: int = 3  # per request, for 429/5xx/transport errors, with backoff (feedback retries are idempotent)
     timeout_s: float = 120.0  # a chat request may wait behind a batch on a busy CPU
+    overlap: float = 0.15  # share of judged completions a second user judges too: ~3 overlap labels per 20 votes
+    #                        separate a spammer from 25 %-noise annotators within a demo's few thousand votes
     seed: int = 0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.red_team <= 1.0:
             raise ValueError(f"red_team is a share of turns in [0, 1], got {self.red_team}")
+        if not 0.0 <= self.overlap <= 1.0:
+            raise ValueError(f"overlap is a share of judged completions in [0, 1], got {self.overlap}")
 
 
 def simulated_users(n: int, spec: str, noise: float = 0.25) -> list[Annotator]:
@@ -130,10 +138,13 @@ def assign_keys(users: list[Annotator], keyring: dict[str, str]) -> dict[str, st
 class Simulation:
     """Simulated users against one alignd URL. `counts()` may be read from another thread while it runs."""
 
-    def __init__(self, cfg: SimConfig, users: list[Annotator], keys: dict[str, str]):
+    def __init__(self, cfg: SimConfig, users: list[Annotator], keys: dict[str, str], admin_key: str | None = None):
         self.cfg = cfg
         self.users = users
         self.keys = keys  # annotator name → API key
+        self.admin_key = admin_key  # re-serves overlap items; None: no overlap
+        # its own stream: overlap draws leave each user's sequence of tasks and verdicts as it is without overlap
+        self._overlap_rng = random.Random(f"{cfg.seed}-overlap")
         self._lock = threading.Lock()
         self.requests = 0
         self.feedback: Counter[str] = Counter()
@@ -141,6 +152,7 @@ class Simulation:
         self.served: Counter[str] = Counter()  # X-Policy-Version of each answer: shows hot-swaps from outside
         self.first_seen: dict[str, float] = {}  # version → wall time of its first answer (swap latency)
         self.errors: Counter[str] = Counter()
+        self.overlap = 0  # second votes on a completion (re-served items)
         self.unjudgeable = 0
         self._next_slot = 0.0
         self.started = self.finished = None
@@ -159,6 +171,7 @@ class Simulation:
                 "first_seen": dict(self.first_seen),
                 "by_user": dict(sorted(self.by_user.items())),
                 "unjudgeable": self.unjudgeable,
+                "overlap": self.overlap,
                 "annotators": {a.name: {"style": a.style, "noise": a.noise} for a in self.users},
             }
 
@@ -207,6 +220,7 @@ class Simulation:
             "completion_id": completion_id,
             "type": kind,
             "feedback_id": f"{user.name}-{uuid.uuid4().hex}",
+            "user": user.name,
         }
         if kind == "thumbs":
             body |= {"choice": 0, "value": user.thumbs(task, texts[0], rng)}
@@ -257,6 +271,7 @@ class Simulation:
                     "max_tokens": self.cfg.max_tokens,
                     "temperature": temperature,
                     "seed": rng.randrange(2**31),
+                    "user": user.name,
                 },
             )
             if resp is None:
@@ -280,7 +295,29 @@ class Simulation:
                 with self._lock:
                     self.feedback[kind] += 1
                     self.by_user[user.name] += 1
+                await self._second_opinion(client, user, kind, data["id"], task.prompt, texts)
         return True
+
+    async def _second_opinion(
+        self,
+        client: httpx.AsyncClient,
+        first: Annotator,
+        kind: str,
+        completion_id: str,
+        prompt: str,
+        texts: list[str],
+    ) -> None:
+        """With probability `overlap`, another user judges the same completion (through the admin key)."""
+        others, rng = [u for u in self.users if u is not first], self._overlap_rng
+        if not (self.admin_key and others) or rng.random() >= self.cfg.overlap:
+            return
+        second = rng.choice(others)
+        body = self._feedback(second, kind, completion_id, prompt, texts, rng)
+        if body is not None and await self._post(client, "/v1/feedback", self.admin_key, body) is not None:
+            with self._lock:
+                self.feedback[kind] += 1
+                self.by_user[second.name] += 1
+                self.overlap += 1
 
     async def run(self, stop: threading.Event | None = None) -> dict[str, Any]:
         cfg = self.cfg
@@ -301,18 +338,20 @@ class Simulation:
         return self.counts()
 
 
-def simulate(cfg: SimConfig, keyring: dict[str, str], stop: threading.Event | None = None) -> dict[str, Any]:
+def simulate(
+    cfg: SimConfig, keyring: dict[str, str], stop: threading.Event | None = None, admin_key: str | None = None
+) -> dict[str, Any]:
     """Run `cfg.users` simulated users for `cfg.seconds` (or until `stop` is set); the final counts."""
     users = simulated_users(cfg.users, cfg.annotators, cfg.noise)
-    return asyncio.run(Simulation(cfg, users, assign_keys(users, keyring)).run(stop))
+    return asyncio.run(Simulation(cfg, users, assign_keys(users, keyring), admin_key).run(stop))
 
 
 class BackgroundSimulation:
     """A `Simulation` on its own event loop in a thread (the demo watches `counts()` and stops it)."""
 
-    def __init__(self, cfg: SimConfig, keyring: dict[str, str]):
+    def __init__(self, cfg: SimConfig, keyring: dict[str, str], admin_key: str | None = None):
         users = simulated_users(cfg.users, cfg.annotators, cfg.noise)
-        self.sim = Simulation(cfg, users, assign_keys(users, keyring))
+        self.sim = Simulation(cfg, users, assign_keys(users, keyring), admin_key)
         self.stop_event = threading.Event()
         self.result: dict[str, Any] | None = None
         self.error: BaseException | None = None

@@ -14,6 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from store.feedback import check_user
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -35,7 +37,14 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = Field(None, validate_default=True)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
-    user: str | None = Field(None, max_length=256)
+    user: str | None = Field(
+        None, description="the person behind the API key (OpenAI's field): chat limits are per (key, user)"
+    )
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, v: str | None) -> str | None:
+        return check_user(v)
 
     @field_validator("messages")
     @classmethod

@@ -4,7 +4,15 @@ A vote is one of three types (the request bodies below):
 - thumbs:   {"completion_id", "type": "thumbs", "choice": i, "value": "up" | "down"}
 - pairwise: {"completion_id", "type": "pairwise", "winner": 0 | 1 | "tie" | "both_bad"}  (two-choice completions)
 - rank:     {"completion_id", "type": "rank", "ranking": [best, …, worst]}  (a permutation of the choice indices)
-each with an optional `comment` and an optional client-chosen `feedback_id` for idempotent retries.
+each with an optional `comment`, an optional client-chosen `feedback_id` for idempotent retries and an optional
+`user`: the OpenAI field naming the person behind the API key (a chat front end holds one key for many people).
+
+The *annotator* of a vote is (API key, user), written `annotator_id(key user id, user)`: the key's user id alone when
+`user` is absent or equals it (the behaviour before the field existed), `"<key user id>/<user>"` otherwise. With the
+admin key, `user` names the annotator outright: an annotation tool holding the admin key labels on behalf of named
+people (re-served overlap and gold items). Every per-person thing is per annotator: the rate limits, the latest vote
+(revisions), the vote counters and the reliability estimates; the *ownership* check (may this caller vote on this
+completion?) stays per key.
 
 Acceptance is ONE Lua script (EVALSHA, one round trip), so it is all-or-nothing and needs no lock:
   the completion (exists? the caller's? choice index / ranking valid for its choices?) → idempotency check →
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 import uuid
 import weakref
@@ -42,6 +51,11 @@ from store import keys
 
 GROUP = "trainer"  # the consumer group of the training workers
 FEEDBACK_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+USER_PATTERN = re.compile(r"^[A-Za-z0-9_.@+=:-]{1,64}$")  # no '/': it separates key and user in an annotator id
+USER_RULE = (
+    "user must be 1-64 characters of letters, digits and _ . @ + = : - (an opaque id of the person using your "
+    "API key, e.g. a hash of their account id)"
+)
 CLAIM_IDLE_MS = 60_000  # a delivered entry unacked this long belongs to a dead consumer (a training read takes < 1 s)
 MINUTE_S = 60
 DAY_COUNTER_SLACK_S = 3600  # the day counter outlives its day a little, so a clock skew between API hosts is harmless
@@ -62,6 +76,14 @@ class _FeedbackBase(BaseModel):
         description="client-chosen id: a retry with the same id and body is answered "
         "with the first answer and adds nothing",
     )
+    user: str | None = Field(
+        None, description="the person behind the API key (OpenAI's `user`); the annotator is (key, user)"
+    )
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, v: str | None) -> str | None:
+        return check_user(v)
 
     @field_validator("completion_id", "comment")
     @classmethod
@@ -73,6 +95,20 @@ class _FeedbackBase(BaseModel):
             except UnicodeEncodeError:
                 raise ValueError("must be valid Unicode text (no lone surrogate escapes)") from None
         return v
+
+
+def check_user(v: str | None) -> str | None:
+    """The OpenAI `user` field as alignd accepts it (chat and feedback alike), or ValueError with the rule."""
+    if v is not None and not USER_PATTERN.fullmatch(v):
+        raise ValueError(USER_RULE)
+    return v
+
+
+def annotator_id(key_user: str, user: str | None, *, is_admin: bool = False) -> str:
+    """Who a vote (or chat request) is from: (API key, `user`) as one string; see the module docstring."""
+    if user is None or user == key_user:
+        return key_user
+    return user if is_admin else f"{key_user}/{user}"
 
 
 class ThumbsFeedback(_FeedbackBase):
@@ -109,7 +145,8 @@ class FeedbackEvent(BaseModel):
     stream_id: str = ""  # position in the log; what `ack` takes
     id: str  # the feedback id (client-chosen or generated)
     completion_id: str
-    user: str
+    user: str  # the annotator: annotator_id(key user id, client_user)
+    client_user: str | None = None  # the request's `user` field, as sent
     type: Literal["thumbs", "pairwise", "rank"]
     slot: str
     choice: int | None = None
@@ -193,7 +230,8 @@ class FeedbackRateLimited(FeedbackError):
 def prepare(
     body: ThumbsFeedback | PairwiseFeedback | RankFeedback, *, user: str, max_comment_chars: int, now: float
 ) -> dict[str, Any]:
-    """The event as far as the body defines it (the script adds versions and revision from Redis), or raise."""
+    """The event as far as the body defines it (the script adds versions and revision from Redis), or raise.
+    `user` is the annotator (`annotator_id`)."""
     if body.comment is not None and len(body.comment) > max_comment_chars:
         raise InvalidFeedback(
             f"comment has {len(body.comment)} characters; the limit is {max_comment_chars}", "comment"
@@ -204,6 +242,8 @@ def prepare(
         "user": user,
         "type": body.type,
     }
+    if body.user is not None:
+        event["client_user"] = body.user
     if isinstance(body, ThumbsFeedback):
         event |= {"slot": f"thumbs:{body.choice}", "choice": body.choice, "value": body.value}
     elif isinstance(body, PairwiseFeedback):
@@ -216,7 +256,9 @@ def prepare(
 
 def fingerprint(body: ThumbsFeedback | PairwiseFeedback | RankFeedback, user: str) -> str:
     """What makes two requests 'the same' for idempotency: the caller and the body (minus the feedback id)."""
-    content = {"user": user, **body.model_dump(exclude={"feedback_id"})}
+    # `user` is the annotator, which already holds the body's `user` field (and fingerprints stay as they were before
+    # the field existed)
+    content = {"user": user, **body.model_dump(exclude={"feedback_id", "user"})}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
@@ -228,12 +270,13 @@ ACCEPT_LUA = """
 --       10 event counters, 11 vote counters
 -- ARGV: 1 user, 2 is admin ('1' or '0'), 3 type, 4 choice | winner | ranking (JSON), 5 thumbs value,
 --       6 fingerprint, 7 event JSON without its closing brace, 8 latest-vote field, 9 completion id,
---       10 per-minute limit, 11 per-day limit, 12 minute counter ttl, 13 day counter ttl
+--       10 per-minute limit, 11 per-day limit, 12 minute counter ttl, 13 day counter ttl,
+--       14 the API key's user id (ownership is per key; ARGV[1], the annotator, is per key and person)
 local raw = redis.call('GET', KEYS[1])
 if not raw then return {'not_found'} end
 local record = cjson.decode(raw)
 local user, kind = ARGV[1], ARGV[3]
-if record['user'] ~= user and ARGV[2] ~= '1' then return {'forbidden'} end
+if record['user'] ~= ARGV[14] and ARGV[2] ~= '1' then return {'forbidden'} end
 local n = #record['choices']
 local versions = {}  -- policy version of each choice, by index + 1
 for _, c in ipairs(record['choices']) do versions[c['index'] + 1] = c['version'] end
@@ -336,12 +379,12 @@ def _seconds_to_utc_midnight(now: float) -> float:
 def _script_call(
     body: ThumbsFeedback | PairwiseFeedback | RankFeedback,
     event: dict[str, Any],
-    user: str,
+    key_user: str,
     is_admin: bool,
     limits: FeedbackLimits,
     now: float,
 ) -> tuple[list[str], list[Any]]:
-    cid, slot = body.completion_id, event["slot"]
+    cid, slot, user = body.completion_id, event["slot"], event["user"]
     day = datetime.fromtimestamp(now, UTC)
     script_keys = [
         keys.completion(cid),
@@ -377,6 +420,7 @@ def _script_call(
         limits.per_day,
         MINUTE_S + 1,
         int(_seconds_to_utc_midnight(now)) + DAY_COUNTER_SLACK_S,
+        key_user,
     ]
     return script_keys, args
 
@@ -458,10 +502,12 @@ def submit_feedback(
 ) -> Accepted:
     """Accept one vote (or answer an idempotent retry) in one round trip; raise a FeedbackError for anything refused.
 
-    `r` is a decode_responses client (store.client.connect). `now` is for tests of the rate windows.
+    `r` is a decode_responses client (store.client.connect). `user` is the API key's user id; the annotator is
+    `annotator_id(user, body.user)`. `now` is for tests of the rate windows.
     """
     now = time.time() if now is None else now
-    event = prepare(body, user=user, max_comment_chars=limits.max_comment_chars, now=now)
+    annotator = annotator_id(user, body.user, is_admin=is_admin)
+    event = prepare(body, user=annotator, max_comment_chars=limits.max_comment_chars, now=now)
     script_keys, args = _script_call(body, event, user, is_admin, limits, now)
     return _outcome(_script(r, "accept", ACCEPT_LUA)(keys=script_keys, args=args), body, event["id"], limits, now)
 
@@ -477,7 +523,8 @@ async def asubmit_feedback(
 ) -> Accepted:
     """`submit_feedback` for the asyncio client of the API."""
     now = time.time() if now is None else now
-    event = prepare(body, user=user, max_comment_chars=limits.max_comment_chars, now=now)
+    annotator = annotator_id(user, body.user, is_admin=is_admin)
+    event = prepare(body, user=annotator, max_comment_chars=limits.max_comment_chars, now=now)
     script_keys, args = _script_call(body, event, user, is_admin, limits, now)
     result = await _script(r, "accept", ACCEPT_LUA)(keys=script_keys, args=args)
     return _outcome(result, body, event["id"], limits, now)
@@ -561,6 +608,12 @@ def ack(r: redis.Redis, ids: list[str] | list[FeedbackEvent]) -> int:
         chunk = stream_ids[start : start + ACK_CHUNK]
         done += int(script(keys=[keys.feedback_stream(), keys.feedback_acked()], args=[GROUP, *chunk]))
     return done
+
+
+def last_event_id(r: redis.Redis) -> str | None:
+    """Stream id of the newest accepted event (None before the first): changes with every accepted vote."""
+    newest = r.xrevrange(keys.feedback_stream(), count=1)
+    return newest[0][0] if newest else None
 
 
 def pending_count(r: redis.Redis) -> int:

@@ -21,6 +21,7 @@ from core.config import Settings
 from service.app import create_app
 from service.engine import Engine
 from service.loader import load_version
+from store import feedback as fb
 from store import keys, registry
 from store.client import connect
 from store.completions import get_completion
@@ -28,6 +29,7 @@ from store.stats import feedback_stats
 from tests.conftest import LiveServer
 from tests.utils.serving import publish_tiny
 from tests.utils.tiny import tiny_model, tiny_tokenizer
+from tests.workers.helpers import seed_overlap
 from training.world import HELDOUT_FAMILY, TASK_FAMILIES, task_from_prompt
 from workers.publish import publish_version
 
@@ -43,11 +45,13 @@ def test_simulated_users_give_all_three_kinds_of_feedback(tmp_path, redis_url, r
     settings = sim_settings(tmp_path, users)
     version = publish_tiny(redis_url, settings)
     engine = Engine(load_version(r, settings, version), max_batch_size=settings.max_batch_size)
-    cfg = SimConfig(users=4, seconds=6.0, max_tokens=6, concurrency=4, seed=1, red_team=0.3, red_team_temperature=1.5)
+    cfg = SimConfig(
+        users=4, seconds=6.0, max_tokens=6, concurrency=4, seed=1, red_team=0.3, red_team_temperature=1.5, overlap=0.4
+    )
     with LiveServer(create_app(settings, redis_url, engine)) as server:
         cfg.url = server.url
         t0 = time.monotonic()
-        counts = simulate(cfg, settings.user_keys())
+        counts = simulate(cfg, settings.user_keys(), admin_key=ADMIN)
         elapsed = time.monotonic() - t0
     assert elapsed < cfg.seconds + 30
     assert counts["errors"]["total"] == 0, counts["errors"]
@@ -58,6 +62,10 @@ def test_simulated_users_give_all_three_kinds_of_feedback(tmp_path, redis_url, r
     assert stats["events"]["by_type"] == {k: counts["feedback"][k] for k in ("thumbs", "pairwise", "rank")}
     assert stats["events"]["by_user"] == counts["by_user"]
     assert set(stats["events"]["by_user"]) == {u.name for u in users}  # one identity per simulated user
+    # overlap: re-served completions carry the votes of two annotators (the admin key names the second in `user`)
+    voters = [{v.user for v in fb.latest_votes(r, cid)} for cid in r.smembers(keys.feedback_completions())]
+    assert counts["overlap"] > 0 and sum(len(v) == 2 for v in voters) == counts["overlap"]
+    assert all(v <= {u.name for u in users} for v in voters)
     assert counts["served_versions"] == {str(version): counts["requests"]}
     # prompts come from the world without the held-out family
     prompts = [json.loads(f["messages"])[-1]["content"] for _, f in r.xrange(keys.prompts_stream())]
@@ -116,9 +124,19 @@ def test_report_has_every_figure(tmp_path, redis_url, r):
     v1 = publish_tiny(redis_url, settings)
     registry.add_reward_version(r, 1, {"path": "unused", "metrics": {"heldout_accuracy": 0.75}, "n_comparisons": 40})
     v2 = publish_child(redis_url, settings, v1, 1, seed=3)
+    seed_overlap(r, 20)  # alice and bob right on every shared item, carol always wrong
     out = tmp_path / "report"
     cfg = ReportConfig(eval_per_family=2, max_new_tokens=6, oracle=True)
     report = build_report(r, out, cfg, run={"annotators": "brevity,detail"}, settings=settings)
+    annotators = report["reliability"]["annotators"]
+    assert list(annotators)[0] == "carol" and annotators["carol"]["weight"] == 0.0
+    assert annotators["alice"]["weight"] > 1.0 and annotators["alice/bob"]["labels"] == 20
+    (warning,) = [w for w in report["warnings"] if "carol" in w]
+    assert warning.startswith("annotator carol is contrary to the consensus")
+    assert f"agrees with the consensus on {annotators['carol']['accuracy']:.0%} of 20 shared labels" in warning
+    assert "its 20 labels weigh 0.00 when annotator weights are on" in warning
+    page = (out / "report.html").read_text()
+    assert "Annotator reliability" in page and "<td>carol</td>" in page
 
     assert (out / "report.html").is_file() and (out / "report.json").is_file()
     assert json.loads((out / "report.json").read_text())["final_version"] == v2

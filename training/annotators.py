@@ -88,18 +88,28 @@ ORACLE = Annotator("oracle", "oracle", noise=0.0)
 def annotator_pool(spec: str, noise: float = 0.25) -> list[Annotator]:
     """Annotators from a comma list of styles ("balanced,brevity,detail,strict"), named sim-<style>-<k>.
 
-    An "oracle" entry is noise-free whatever `noise` says: that is what makes it the oracle.
+    An entry may set its own noise as style@noise: "balanced@0.5" is a spammer (labels at random), "balanced@0.8"
+    a contrarian (mostly the opposite of what it thinks), for planting bad annotators in a pool
+    (training/reliability.py must find them). An "oracle" entry is noise-free whatever `noise` says: that is what
+    makes it the oracle.
     """
-    styles = [s.strip() for s in spec.split(",") if s.strip()]
-    if not styles:
+    entries = [s.strip() for s in spec.split(",") if s.strip()]
+    if not entries:
         raise ValueError(f"empty annotator spec {spec!r}; give a comma list of styles from {STYLES}")
-    bad = [s for s in styles if s not in STYLES]
+    parsed = []
+    for entry in entries:
+        style, _, own = entry.partition("@")
+        try:
+            parsed.append((style, float(own) if own else noise))
+        except ValueError:
+            raise ValueError(f"annotator entry {entry!r}: the part after '@' must be a noise in [0, 1]") from None
+    bad = [s for s, _ in parsed if s not in STYLES]
     if bad:
         raise ValueError(f"unknown annotator style(s) {bad} in {spec!r}; expected styles from {STYLES}")
     pool, seen = [], dict.fromkeys(STYLES, 0)
-    for style in styles:
+    for style, own_noise in parsed:
         seen[style] += 1
-        pool.append(Annotator(f"sim-{style}-{seen[style]}", style, 0.0 if style == "oracle" else noise))
+        pool.append(Annotator(f"sim-{style}-{seen[style]}", style, 0.0 if style == "oracle" else own_noise))
     return pool
 
 

@@ -29,6 +29,7 @@ class Comparison:
     source: str = ""  # feedback event id(s) it came from, for provenance
     annotator: str | None = None  # user id of who gave the feedback
     meta: dict[str, Any] = field(default_factory=dict)
+    weight: float = 1.0  # loss multiplier: the annotator's reliability weight (training/reliability.py)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Comparison:
@@ -48,6 +49,7 @@ class Rated:
     source: str = ""
     annotator: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    weight: float = 1.0  # loss multiplier, as Comparison.weight
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Rated:

@@ -53,6 +53,15 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     return whitened * mask.to(x.dtype)
 
 
+def weighted_mean(x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """sum(w x) / sum(w) over per-item losses (the plain mean without weights); 0 when every weight is 0, so a batch
+    of a zero-weight annotator's items moves nothing."""
+    if weight is None:
+        return x.mean()
+    weight = weight.to(x.dtype)
+    return (x * weight).sum() / weight.sum().clamp(min=torch.finfo(x.dtype).tiny)
+
+
 def _reduce(x: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "token_mean":  # every response token weighs the same (OpenRLHF token-level loss)
         return masked_mean(x, mask)
@@ -163,14 +172,21 @@ class PairWiseLoss(nn.Module):
         self.reduction = reduction
 
     def forward(
-        self, chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | float | None = None
+        self,
+        chosen: torch.Tensor,
+        rejected: torch.Tensor,
+        margin: torch.Tensor | float | None = None,
+        weight: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`weight` (P,): per-pair multipliers (annotator reliability); "mean" is then the weighted mean."""
         diff = chosen - rejected
         if margin is not None:
             diff = diff - margin
         loss = -F.logsigmoid(diff)
         if self.reduction == "mean":
-            loss = loss.mean()
+            loss = weighted_mean(loss, weight)
+        elif weight is not None:
+            loss = loss * weight
         with torch.no_grad():
             accuracy = (chosen > rejected).to(chosen.dtype).mean()
         return loss, {"accuracy": accuracy}
@@ -234,7 +250,9 @@ class DPOLoss(nn.Module):
         ref_rejected: torch.Tensor,
         kind: torch.Tensor | None = None,
         margin: torch.Tensor | float | None = None,
+        weight: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`weight` (P,): per-pair multipliers (annotator reliability); "mean" is then the weighted mean."""
         chosen_ratio, rejected_ratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected  # (P,)
         logits = self.beta * (chosen_ratio - rejected_ratio)  # (P,) implicit reward margin
         if kind is None:
@@ -250,7 +268,9 @@ class DPOLoss(nn.Module):
         )
         loss = torch.where(kind == PREF, pref, torch.where(kind == TIE, tie, both_bad))  # (P,)
         if self.reduction == "mean":
-            loss = loss.mean()
+            loss = weighted_mean(loss, weight)
+        elif weight is not None:
+            loss = loss * weight
         with torch.no_grad():
             is_pref = kind == PREF
             chosen_reward, rejected_reward = self.beta * chosen_ratio, self.beta * rejected_ratio
@@ -285,7 +305,9 @@ class KTOLoss(nn.Module):
         ref_logps: torch.Tensor,
         desirable: torch.Tensor,
         kl_ratios: torch.Tensor | None,
+        weight: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`weight` (N,): per-response multipliers (annotator reliability); the loss is their weighted mean."""
         ratio = policy_logps - ref_logps  # (N,)
         if kl_ratios is None or kl_ratios.numel() == 0:
             z0 = ratio.new_zeros(())  # no mismatched pairs (a batch of one): the reference's own point
@@ -294,7 +316,7 @@ class KTOLoss(nn.Module):
         desirable = desirable.to(torch.bool)
         loss_d = self.lambda_d * (1 - torch.sigmoid(self.beta * (ratio - z0)))
         loss_u = self.lambda_u * (1 - torch.sigmoid(self.beta * (z0 - ratio)))
-        loss = torch.where(desirable, loss_d, loss_u).mean()
+        loss = weighted_mean(torch.where(desirable, loss_d, loss_u), weight)
         with torch.no_grad():
             reward = self.beta * ratio
             metrics = {

@@ -14,6 +14,9 @@ Data (`training/data.py`):
 - KTO: every `Rated` thumb; a "pref" pair gives its chosen response as desirable and its rejected one as
   undesirable, "both_bad" gives two undesirable ones; ties carry no absolute judgement and are skipped.
 
+Each item's loss is multiplied by its `weight` (its annotator's reliability weight, training/reliability.py; 1
+unless set) and a batch's loss is the weighted mean.
+
 The reference is a frozen model (alignd passes the SFT ancestor); without one, a PEFT (LoRA) policy is its own
 reference with the adapters disabled, and any other policy is deep-copied at the start. Log-probs are summed over
 the response tokens only (the prompt is masked), up to and including the first EOS token: the model learns where
@@ -39,7 +42,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from training.data import Comparison, Message, Rated, prompt_key
-from training.losses import PREFERENCE_KINDS, DPOLoss, KTOLoss
+from training.losses import PREFERENCE_KINDS, DPOLoss, KTOLoss, weighted_mean
 from training.reward import make_batches, split_by_prompt
 
 log = logging.getLogger(__name__)
@@ -221,6 +224,7 @@ def dpo_batch(
     kind = torch.tensor([PREFERENCE_KINDS[c.label] for c in batch], device=policy.device)
     margin = cfg.margin_scale * torch.tensor([c.margin for c in batch], device=policy.device)
     loss_fn = DPOLoss(cfg.beta, cfg.label_smoothing, cfg.tie_weight, cfg.both_bad_weight, reduction="none")
+    weight = torch.tensor([c.weight for c in batch], device=policy.device)  # annotator reliability (P,)
     per_pair, _ = loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, kind, margin)
     detail = {
         "loss": per_pair.detach(),
@@ -228,7 +232,7 @@ def dpo_batch(
         "chosen_ratio": (policy_chosen - ref_chosen).detach(),
         "rejected_ratio": (policy_rejected - ref_rejected).detach(),
     }
-    return per_pair.mean(), detail
+    return weighted_mean(per_pair, weight), detail
 
 
 def dpo_summary(details: Sequence[dict[str, torch.Tensor]], beta: float) -> dict[str, float | int | None]:
@@ -324,7 +328,7 @@ def kto_items(comparisons: Sequence[Comparison] = (), rated: Sequence[Rated] = (
     def add(prompt: list[Message], response: str, good: bool, c: Comparison | Rated) -> None:
         out.setdefault(
             (prompt_key(prompt), response, good),
-            Rated(prompt, response, good, c.group, c.source, c.annotator, dict(c.meta)),
+            Rated(prompt, response, good, c.group, c.source, c.annotator, dict(c.meta), c.weight),
         )
 
     for x in rated:
@@ -366,7 +370,8 @@ def kto_batch(
         with torch.no_grad():
             kl_ratios = scorer.policy_logps(mismatched) - scorer.reference_logps(mismatched, cfg.eval_batch_size)
     desirable = torch.tensor([x.good for x in batch], device=policy.device)
-    loss, m = KTOLoss(cfg.beta, cfg.lambda_d, lambda_u)(policy[index], ref[index], desirable, kl_ratios)
+    weight = torch.tensor([x.weight for x in batch], device=policy.device)  # annotator reliability (N,)
+    loss, m = KTOLoss(cfg.beta, cfg.lambda_d, lambda_u)(policy[index], ref[index], desirable, kl_ratios, weight)
     detail = {
         "loss": loss.detach().expand(len(batch)),
         "desirable": desirable,

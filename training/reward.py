@@ -16,7 +16,9 @@ Losses, per kind of feedback (see `training/data.py`):
   raw reward's decision boundary), averaged over the two.
 - `Rated` (a thumb on one response): pointwise -log sigmoid(+r) for up and -log sigmoid(-r) for down, weighted by
   `RewardConfig.pointwise_weight` (0 disables it) because a lone thumb says less than a comparison.
-A batch's loss is the weighted mean over its items (pairs weigh 1, rated responses `pointwise_weight`).
+A batch's loss is the weighted mean over its items (pairs weigh 1, rated responses `pointwise_weight`), each also
+multiplied by its `weight` (its annotator's reliability weight, training/reliability.py; 1 unless set). Held-out
+accuracy stays unweighted: it is comparable across cycles and with the gate's history.
 With K > 1 heads each head trains on its own bootstrap resample (`bootstrap_weights`): the reward is their mean, their
 spread the model's uncertainty, reported after training and optionally subtracted from the reward PPO optimises.
 
@@ -100,6 +102,11 @@ class RewardConfig:
     adapter: str = "auto"  # read by the cycle (workers/cycle.py): "lora" trains a LoRA adapter and the score head on
     #                        the frozen SFT trunk (train_reward_model(lora=...)), "full" every weight, "auto" the
     #                        same choice as the policy update's (update.adapter): a real-size base gets both as LoRA
+    annotator_weights: bool = False  # the cycle weighs each comparison by its annotator's reliability (training/
+    #                                  reliability.py), in the reward model and in DPO/KTO alike. Off: on the demo's
+    #                                  honest pool (bench/reliability.py) one-coin Dawid-Skene rated the "detail"
+    #                                  annotator 0.23 (it likes length, the other three do not), so weights would
+    #                                  silence a minority taste; the reward-model accuracy runs were inconclusive
 
     def __post_init__(self) -> None:
         if self.adapter not in ("auto", "full", "lora"):
@@ -406,6 +413,9 @@ def batch_loss(
     keys = [f"{prompt_key(c.prompt)}\x00{c.chosen}\x00{c.rejected}" for c in pairs]
     keys += [f"{prompt_key(r.prompt)}\x00{r.response}" for r in rated]
     boot = bootstrap_weights(keys, K, cfg.seed).to(scores.device, scores.dtype)  # (P + R, K)
+    # per-item multipliers: the annotator's reliability weight (training/reliability.py; 1 when not estimated)
+    pair_weight = torch.tensor([c.weight for c in pairs], dtype=scores.dtype, device=scores.device)  # (P,)
+    rated_weight = torch.tensor([x.weight for x in rated], dtype=scores.dtype, device=scores.device)  # (R,)
     total = scores.new_zeros(())
     n_pref = n_correct = 0
     if P:
@@ -419,14 +429,15 @@ def batch_loss(
         bad = torch.zeros_like(chosen, dtype=torch.bool)
         both_bad = 0.5 * (pointwise_loss(chosen, bad) + pointwise_loss(rejected, bad))
         per_pair = torch.where(is_pref, pref, torch.where(is_tie, tie, both_bad))  # (P, K)
-        total = total + (per_pair * boot[:P]).sum() / K
+        total = total + (per_pair * boot[:P] * pair_weight[:, None]).sum() / K
         n_pref = int(is_pref.sum())
         n_correct = int(((chosen.mean(-1) > rejected.mean(-1)) & is_pref[:, 0]).sum())
     if rated:
         good = torch.tensor([r.good for r in rated], device=scores.device)[:, None].expand(-1, K)
-        total = total + cfg.pointwise_weight * (pointwise_loss(scores[2 * P :], good) * boot[P:]).sum() / K
-    weight = P + cfg.pointwise_weight * len(rated)
-    loss = total / weight
+        per_rated = pointwise_loss(scores[2 * P :], good) * boot[P:] * rated_weight[:, None]  # (R, K)
+        total = total + cfg.pointwise_weight * per_rated.sum() / K
+    weight = float(pair_weight.sum()) + cfg.pointwise_weight * float(rated_weight.sum())
+    loss = total / weight if weight > 0 else total * 0.0  # a batch of zero-weight items moves nothing
     return loss, {"loss_sum": float(total.detach()), "weight": weight, "n_pref": n_pref, "n_correct": n_correct}
 
 

@@ -117,6 +117,7 @@ class CycleRun:
     ref_version: int = 0
     ref_path: str = ""
     reward: dict[str, Any] = field(default_factory=dict)
+    reliability: dict[str, Any] | None = None  # annotator reliability the policy update used (dpo/kto)
     rm_version: int | None = None
     reward_fn: Any = None
     ppo_reward_fn: Any = None  # reward_fn, plus the grader reward when reward.grader_weight is on
@@ -163,6 +164,9 @@ class CycleRun:
             "reference_version": self.ref_version,
             "feedback": info,
             "annotators": dict(Counter(e.user for e in self.events)),
+            # who shaped this version and how much each counted: the policy update's table (dpo/kto), else the
+            # reward model's (absent when the reward model was not retrained this cycle)
+            "reliability": self.reliability or self.reward.get("reliability"),
         }
 
 
@@ -427,6 +431,14 @@ def _preference_data(run: CycleRun) -> tuple[list, list, dict[str, int]]:
     items = new_c + new_r + replay
     comparisons = [Comparison.from_dict(x) for x in items if "chosen" in x]
     rated = [Rated.from_dict(x) for x in items if "chosen" not in x]
+    # reliability is estimated on all feedback (the overlap items of every cycle), then applied to this cycle's items
+    table = annotator_reliability(
+        [Comparison.from_dict(x) for x in all_c], [Rated.from_dict(x) for x in all_r], apply=False
+    )
+    if run.cfg.reward.annotator_weights:
+        for x in [*comparisons, *rated]:
+            x.weight = table["annotators"].get(x.annotator or "", {}).get("weight", 1.0)
+    run.reliability = table | {"applied": run.cfg.reward.annotator_weights}
     return comparisons, rated, {"new": len(new_c) + len(new_r), "replay": len(replay)}
 
 
@@ -652,6 +664,17 @@ def _save_ppo_state(run: CycleRun, version: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def annotator_reliability(comparisons: list, rated: list, *, apply: bool) -> dict[str, Any]:
+    """Each annotator's reliability over all derived feedback (training/reliability.py); with `apply`, every item's
+    `weight` becomes its annotator's. What the provenance of a reward model and a version records."""
+    from training.reliability import estimate, labels_from, table_dict, weigh
+
+    table = estimate(labels_from(comparisons, rated))
+    if apply:
+        weigh([*comparisons, *rated], table)
+    return {"applied": apply, "annotators": table_dict(table)}
+
+
 def train_reward(
     r: redis.Redis,
     settings: Settings,
@@ -689,6 +712,7 @@ def train_reward(
     items_c = [Comparison.from_dict(c) for c in comparisons]
     items_r = [Rated.from_dict(x) for x in rated]
     rcfg = cfg.reward
+    reliability = annotator_reliability(items_c, items_r, apply=rcfg.annotator_weights)
     _, tokenizer = load_causal_lm(ref_path)
     tokenizer.padding_side = "right"  # reward.encode pads by hand; this only matters for tokenizer.pad callers
     lora = cfg.lora if _reward_lora(cfg, ref_path) else None
@@ -700,6 +724,7 @@ def train_reward(
         "n_comparisons": len(items_c),
         "n_rated": len(items_r),
         "previous": previous,
+        "reliability": reliability,
     }
     if previous is not None:
         prev_meta = registry.get_reward_version(r, previous) or {}
@@ -727,6 +752,7 @@ def train_reward(
         "metrics": metrics,
         "n_comparisons": len(items_c),
         "n_rated": len(items_r),
+        "reliability": reliability,
         "cycle": lock.token,
     }
     if lora is not None:  # the adapter and score head alone, naming the SFT base they were trained on

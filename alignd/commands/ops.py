@@ -166,6 +166,14 @@ def import_cmd(
         raise typer.Exit(1) from None
 
 
+def _admin_key(settings) -> str | None:
+    """The admin key, for re-serving overlap items (ALIGND_ADMIN_KEY, else keys.json); None: no overlap."""
+    if settings.admin_key:
+        return settings.admin_key
+    path = settings.home / "keys.json"
+    return json.loads(path.read_text()).get("admin_key") if path.exists() else None
+
+
 @app.command()
 def simulate(
     users: Annotated[int, typer.Option(help="simulated users; styles dealt round-robin from --annotators")] = 8,
@@ -224,7 +232,7 @@ def simulate(
         red_team_temperature=red_team_temperature,
     )
     try:
-        counts = run(cfg, keyring)
+        counts = run(cfg, keyring, admin_key=_admin_key(settings))
     except ValueError as exc:
         console.print(f"[red]{exc}")
         raise typer.Exit(2) from None

@@ -27,6 +27,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response, StreamingResponse
 
 from service import metrics
+from service.auth import Caller
 from service.deps import AppState, CallerDep, StateDep
 from service.engine import Event, Handle, SamplingParams
 from service.errors import APIError, error_body, redis_unavailable_message
@@ -44,6 +45,7 @@ from service.schemas import (
     wire,
 )
 from store.completions import ChoiceRecord, CompletionRecord, save_completion
+from store.feedback import annotator_id
 
 router = APIRouter(prefix="/v1", tags=["chat"])
 
@@ -190,7 +192,7 @@ async def _merged(handles: list[Handle]) -> AsyncIterator[tuple[int, Event]]:
 @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=_RESPONSES)
 async def chat_completions(req: ChatCompletionRequest, caller: CallerDep, state: StateDep, request: Request):
     """Generate `n` answers to the conversation; see the module docstring for streaming, errors and cancellation."""
-    call = await _start(req, caller.user, state)
+    call = await _start(req, caller, state)
     if req.stream:
         return StreamingResponse(
             _stream(call),
@@ -200,14 +202,16 @@ async def chat_completions(req: ChatCompletionRequest, caller: CallerDep, state:
     return await _complete(call, request)
 
 
-async def _start(req: ChatCompletionRequest, user: str, state: AppState) -> _Call:
-    """Check the request against the limits and submit its choices to the engine."""
+async def _start(req: ChatCompletionRequest, caller: Caller, state: AppState) -> _Call:
+    """Check the request against the limits and submit its choices to the engine. The completion belongs to the
+    key (its user id); the rate limit is per person, (key, `user`)."""
     settings, engine = state.settings, state.engine
     if engine is None:
         raise APIError(
             503, "no policy is loaded yet: run `alignd bootstrap` or wait for the server to start", "no_policy"
         )
-    await enforce(state.aredis, "chat", user, settings.chat_rate_per_minute, 60, "chat requests per minute")
+    person = annotator_id(caller.user, req.user, is_admin=caller.is_admin)
+    await enforce(state.aredis, "chat", person, settings.chat_rate_per_minute, 60, "chat requests per minute")
     default_tokens = min(settings.default_max_tokens, settings.max_new_tokens)
     max_tokens = req.max_completion_tokens or req.max_tokens or default_tokens
     if max_tokens > settings.max_new_tokens:
@@ -225,7 +229,7 @@ async def _start(req: ChatCompletionRequest, user: str, state: AppState) -> _Cal
     versions, arena = _choice_versions(state, req.n)
     call = _Call(
         state=state,
-        user=user,
+        user=caller.user,
         req=req,
         messages=messages,
         prompt_ids=prompt_ids,

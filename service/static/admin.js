@@ -1,6 +1,6 @@
 /*
  * The ops page (/admin): policy versions with metrics and provenance (GET /admin/versions), feedback counts and win
- * rates (GET /admin/stats), a chart of the main metrics across versions (inline SVG), and rollback
+ * rates and per-annotator reliability (GET /admin/stats), a chart of the main metrics across versions (inline SVG), and rollback
  * (POST /admin/rollback {"version"}). Each section shows its own error, so a missing endpoint leaves the rest usable.
  */
 (function () {
@@ -11,6 +11,7 @@
   var MAIN_METRICS = ["score/mean", "heldout_score", "oracle_utility", "live_win_rate", "thumbs_up_rate",
     "over_caution", "harmful_compliance", "jailbreak_compliance", "kl_to_ref", "length_mean"];
   var MAX_CHARTS = 8;
+  var LOW_WEIGHT = 0.3;  // an annotator weighed below this in training is flagged on the page
 
   var $ = function (id) { return document.getElementById(id); };
   var state = { versions: null, current: null, stats: null, serving: null, events: [], reward: null };
@@ -241,6 +242,22 @@
       var x = s.pairs[p];
       return [p.replace(/^(\d+)_vs_(\d+)$/, "v$1 vs v$2"), x.wins, x.losses, x.ties, x.both_bad, pct(x.win_rate)];
     }), "No comparisons between different versions yet.");
+    var ann = (s.reliability && s.reliability.annotators) || {};
+    fillTable("reliability", Object.keys(ann).map(function (name) {
+      var a = ann[name];
+      return [name, a.identified ? pct(a.accuracy) : "—", a.weight.toFixed(2), a.labels, a.overlap, reliabilityNote(a)];
+    }), "No feedback yet.");
+    Object.keys(ann).forEach(function (name, i) {  // a down-weighted annotator stands out (lowest weight first)
+      var row = $("reliability").querySelector("tbody").children[i];
+      if (row && ann[name].identified && ann[name].weight < LOW_WEIGHT) row.className = "low-weight";
+    });
+  }
+
+  function reliabilityNote(a) {
+    if (!a.identified) return "not measured: no item shared with another annotator (weight 1)";
+    if (a.accuracy < 0.5) return "contrary to the consensus (or a minority taste): weight 0";
+    if (a.weight < LOW_WEIGHT) return "near chance: down-weighted";
+    return "";
   }
 
   function pct(x) { return typeof x === "number" ? (100 * x).toFixed(1) + " %" : "—"; }

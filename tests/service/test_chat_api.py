@@ -108,6 +108,8 @@ BAD_BODIES = [
     ({"messages": MSG, "top_p": 0}, 422),
     ({"messages": MSG, "stop": ["a", "b", "c", "d", "e"]}, 422),
     ({"messages": "hello"}, 422),
+    ({"messages": MSG, "user": "has space"}, 422),
+    ({"messages": MSG, "user": "k" * 65}, 422),
     ({"messages": [{"role": "user", "content": "word " * 200}]}, 413),
 ]
 

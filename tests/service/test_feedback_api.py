@@ -157,6 +157,11 @@ GOOD = {"completion_id": "c2", "type": "thumbs", "choice": 0, "value": "up"}
         ),
         ("ka", '{"completion_id": "c2\\udfff", "type": "thumbs", "choice": 0, "value": "up"}', 422, None),
         ("ka", None, 422, None),
+        ("ka", GOOD | {"user": ""}, 422, "thumbs.user"),
+        ("ka", GOOD | {"user": "a/b"}, 422, "thumbs.user"),
+        ("ka", GOOD | {"user": "x" * 65}, 422, "thumbs.user"),
+        ("ka", GOOD | {"user": "héllo"}, 422, "thumbs.user"),
+        ("ka", GOOD | {"user": 7}, 422, "thumbs.user"),
         (None, GOOD, 401, None),
         ("wrong", GOOD, 401, None),
     ],
@@ -221,6 +226,37 @@ def test_per_minute_limit_and_daily_cap_answer_429_with_retry_after(r, tmp_path_
         for s in servers:
             s.__exit__()
     assert r.xlen(keys.feedback_stream()) == 5
+
+
+def test_user_field_makes_each_person_behind_a_key_an_annotator_with_own_votes_and_limits(
+    r, tmp_path_factory, redis_url
+):
+    add_completion(r, "c1", n=2)
+    live = start(tmp_path_factory, redis_url, feedback_rate_per_minute=2)
+    try:
+        wait_for_fresh_minute()
+        with live.client("ka") as alice_key, live.client("kb") as bob_key, live.client("kadmin") as admin:
+            for person, winner in (("p1", 0), ("p2", 1), ("p1", 1)):  # p1 revises; p2 is a second voter
+                body = {"completion_id": "c1", "type": "pairwise", "winner": winner, "user": person}
+                assert alice_key.post("/v1/feedback", json=body).status_code == 201
+            same_person = {"completion_id": "c1", "type": "pairwise", "winner": 0, "user": "alice"}
+            assert alice_key.post("/v1/feedback", json=same_person).status_code == 201  # = no user: key alone
+            # p1 has used the 2 votes of its minute; p3 behind the same key has its own budget
+            limited = alice_key.post("/v1/feedback", json={**same_person, "user": "p1"})
+            assert assert_openai_error(limited, 429)["code"] == "rate_limit_exceeded"
+            assert alice_key.post("/v1/feedback", json={**same_person, "user": "p3"}).status_code == 201
+            # ownership stays per key: a person's name does not open another key's completion
+            assert_openai_error(bob_key.post("/v1/feedback", json={**same_person, "user": "p1"}), 403)
+            # the admin key (an annotation tool) labels on behalf of a named annotator
+            assert admin.post("/v1/feedback", json={**same_person, "user": "carol"}).status_code == 201
+    finally:
+        live.__exit__()
+    latest = {v.user: v for v in fb.latest_votes(r, "c1")}
+    assert set(latest) == {"alice", "alice/p1", "alice/p2", "alice/p3", "carol"}
+    assert (latest["alice/p1"].winner, latest["alice/p1"].revision, latest["alice/p1"].client_user) == (1, 2, "p1")
+    assert latest["alice"].client_user == "alice" and latest["carol"].client_user == "carol"
+    by_user = r.hgetall(keys.feedback_stats("votes"))
+    assert by_user["user:alice/p1"] == "1" and by_user["user:alice/p2"] == "1"
 
 
 def test_concurrent_retries_and_revisions_keep_one_event_per_id_and_the_last_vote(r, server):

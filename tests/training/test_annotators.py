@@ -95,6 +95,13 @@ def test_annotator_pool():
     ]
     assert all(a.noise == 0.1 for a in pool)
     assert annotator_pool("oracle")[0].noise == 0.0
+    planted = annotator_pool("balanced,balanced@0.5,brevity@0.8", noise=0.2)
+    expected = [("sim-balanced-1", 0.2), ("sim-balanced-2", 0.5), ("sim-brevity-1", 0.8)]
+    assert [(a.name, a.noise) for a in planted] == expected
+    with pytest.raises(ValueError, match="after '@'"):
+        annotator_pool("balanced@lots")
+    with pytest.raises(ValueError, match="noise"):
+        annotator_pool("balanced@1.5")
     with pytest.raises(ValueError, match="grumpy"):
         annotator_pool("balanced,grumpy")
     with pytest.raises(ValueError):

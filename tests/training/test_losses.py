@@ -259,3 +259,32 @@ def test_kto_loss_with_a_clamped_detached_reference_point_and_weights():
     negative, m2 = KTOLoss(beta=1.0)(policy, ref, desirable, torch.tensor([-0.5, -0.7]))
     assert m2["z0"].item() == 0.0  # a KL estimate below 0 is clamped
     assert negative.item() == pytest.approx((1 - sig(1.0) + 1 - sig(1.0) + 1 - sig(0.0)) / 3)
+
+
+def test_per_item_weights_give_the_weighted_mean_and_zero_weight_items_no_gradient():
+    chosen = torch.tensor([1.0, 0.0, -1.0], requires_grad=True)
+    rejected = torch.tensor([0.0, 0.5, 0.0])
+    weight = torch.tensor([2.0, 1.0, 0.0])
+    loss, _ = PairWiseLoss()(chosen, rejected, weight=weight)
+    by_hand = (2 * -math.log(1 / (1 + math.exp(-1.0))) + 1 * -math.log(1 / (1 + math.exp(0.5)))) / 3
+    assert loss.item() == pytest.approx(by_hand, rel=1e-6)
+    loss.backward()
+    assert chosen.grad[2] == 0 and chosen.grad[0] != 0
+    all_zero, _ = PairWiseLoss()(chosen, rejected, weight=torch.zeros(3))
+    assert all_zero.item() == 0.0
+    # DPO and KTO: the same weighted mean of their per-item losses
+    pc, pr, rc, rr = (
+        torch.tensor([-1.0, -2.0]),
+        torch.tensor([-2.0, -1.0]),
+        torch.tensor([-1.5, -1.5]),
+        torch.tensor([-1.5, -1.5]),
+    )
+    per, _ = DPOLoss(beta=0.1, reduction="none")(pc, pr, rc, rr)
+    w = torch.tensor([3.0, 1.0])
+    weighted, _ = DPOLoss(beta=0.1)(pc, pr, rc, rr, weight=w)
+    assert weighted.item() == pytest.approx(float((per * w).sum() / 4), rel=1e-6)
+    kto = KTOLoss(beta=0.1)
+    logps, ref, good = torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -2.0]), torch.tensor([True, False])
+    each = [kto(logps[i : i + 1], ref[i : i + 1], good[i : i + 1], None)[0].item() for i in range(2)]
+    weighted_kto, _ = kto(logps, ref, good, None, weight=torch.tensor([1.0, 0.0]))
+    assert weighted_kto.item() == pytest.approx(each[0], rel=1e-6)

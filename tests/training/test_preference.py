@@ -179,3 +179,23 @@ def test_dpo_with_lora_uses_the_base_without_adapters_as_reference():
     assert base_names and all(
         torch.equal(frozen[base_names[k]], v) for k, v in policy.named_parameters() if k in base_names
     )
+
+
+def test_zero_weight_pairs_teach_dpo_nothing():
+    """A contrarian's flipped pairs at weight 0 leave DPO where the honest pairs alone take it; at weight 1 they undo
+    it. (Parameters are not compared bit for bit: padding to another batch width changes float rounding, and Adam
+    turns a rounding-sized gradient into a full-sized step.)"""
+    honest = sum_pairs(8, seed=3)
+
+    def flipped(w: float) -> list[Comparison]:
+        return [Comparison(c.prompt, c.rejected, c.chosen, group=f"x{i}", weight=w) for i, c in enumerate(honest)]
+
+    cfg = DPOConfig(lr=1e-3, epochs=None, max_seconds=None, max_steps=3, batch_size=16, heldout_fraction=0.0)
+    start = margin(tiny_sft_model("gpt2"), honest)
+    moved = {}
+    for name, data in {"honest": honest, "weight 0": honest + flipped(0.0), "weight 1": honest + flipped(1.0)}.items():
+        model, _ = train_dpo(cfg, tiny_sft_model("gpt2"), tiny_tokenizer(), data)
+        moved[name] = margin(model, honest) - start
+    assert moved["honest"] > 0.5
+    assert abs(moved["weight 0"] - moved["honest"]) < 0.1 * moved["honest"]
+    assert abs(moved["weight 1"]) < 0.2 * moved["honest"], moved

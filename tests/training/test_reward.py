@@ -281,3 +281,21 @@ def test_several_heads_learn_report_their_spread_and_penalise_uncertain_rewards(
     again = build_reward_model(tmp_path / "rm", tok, heads=3)
     assert torch.equal(again.score.weight, loaded.score.weight)
     assert build_reward_model(tmp_path / "rm", tok, heads=2).config.num_labels == 2
+
+
+def test_item_weights_scale_each_comparison_and_zero_weight_items_are_ignored():
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    rm = build_reward_model(tiny_model(), tok).eval()
+    data = good_bad_comparisons(6)
+    spam = [Comparison(prompt=c.prompt, chosen=c.rejected, rejected=c.chosen, weight=0.0) for c in data[:3]]
+    with_spam, stats = batch_loss(rm, tok, data + spam, RewardConfig())
+    alone, _ = batch_loss(rm, tok, data, RewardConfig())
+    assert with_spam.item() == pytest.approx(alone.item(), abs=1e-6) and stats["weight"] == pytest.approx(6.0)
+    doubled = [Comparison(**{**c.to_dict(), "weight": 2.0}) for c in data[:2]] + data[2:]
+    loss, stats = batch_loss(rm, tok, doubled, RewardConfig())
+    each = [batch_loss(rm, tok, [c], RewardConfig())[0].item() for c in data]
+    assert stats["weight"] == pytest.approx(8.0)
+    assert loss.item() == pytest.approx((2 * each[0] + 2 * each[1] + sum(each[2:])) / 8, abs=1e-5)
+    zero, stats = batch_loss(rm, tok, spam, RewardConfig())
+    assert zero.item() == 0.0 and stats["weight"] == 0.0

@@ -140,6 +140,20 @@ def seed_feedback(r: redis.Redis, n: int, seed: int = 0) -> list[fb.FeedbackEven
     return out
 
 
+def seed_overlap(r: redis.Redis, n: int, contrarian: str = "carol", seed: int = 2) -> None:
+    """`n` completions of alice's, each judged by alice and bob (right) and by `contrarian` (wrong) — the third
+    through the admin key naming it in `user`, as an annotation tool re-serves overlap items."""
+    rng = random.Random(seed)
+    for _ in range(n):
+        rec = add_completion(r, rng.randrange(10), rng.randrange(10), "alice")
+        right = 0 if rec.choices[0].text.endswith(f"{_sum(rec)}.") else 1
+        votes = (("alice", None, right), ("alice", "bob", right), ("admin", contrarian, 1 - right))
+        for key_user, person, winner in votes:
+            vote = {"completion_id": rec.id, "type": "pairwise", "winner": winner, "user": person}
+            body = BODY.validate_python(vote)
+            fb.submit_feedback(r, body, user=key_user, limits=LIMITS, is_admin=key_user == "admin")
+
+
 def _sum(rec: CompletionRecord) -> int:
     words = rec.messages[0]["content"].rstrip("?").split()
     return int(words[2]) + int(words[4])

@@ -39,6 +39,9 @@ def test_cycle_publishes_with_provenance_acks_and_resumes(r, home):
     assert meta["feedback"]["events"] == 24 and meta["feedback"]["new_comparisons"] == 24
     assert meta["feedback"]["first_id"] == events[0].stream_id and meta["feedback"]["last_id"] == events[-1].stream_id
     assert meta["annotators"] == {"alice": 12, "bob": 12}
+    # no item was labelled twice: reliability is not identified and everyone keeps weight 1 (off by default)
+    assert meta["reliability"]["applied"] is False and set(meta["reliability"]["annotators"]) == {"alice", "bob"}
+    assert all(not a["identified"] and a["weight"] == 1.0 for a in meta["reliability"]["annotators"].values())
     for key in ("score/mean", "heldout_score", "over_caution", "kl_to_ref", "reward_mean", "degenerate_share"):
         assert key in meta["metrics"], key
     assert meta["metrics"]["gate"]["parent_reward_mean"] is not None

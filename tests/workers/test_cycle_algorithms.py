@@ -8,7 +8,7 @@ import pytest
 
 from store import feedback as fb
 from store import registry
-from tests.workers.helpers import make_settings, publish_tiny, seed_feedback, tiny_overrides
+from tests.workers.helpers import make_settings, publish_tiny, seed_feedback, seed_overlap, tiny_overrides
 from workers.cycle import run_cycle
 from workers.cycle_config import CycleConfig
 
@@ -36,6 +36,22 @@ def test_a_preference_cycle_publishes_and_uses_its_feedback_once(r, redis_url, t
     second = run_cycle(r, settings, algorithm_cycle(algorithm))
     assert second["status"] == "published", second
     assert registry.get_version(r, second["version"])["ppo"]["data"] == {"new": 8, "replay": 16}
+
+
+@pytest.mark.parametrize("weights", [True, False])
+def test_a_contrarian_gets_zero_weight_recorded_in_the_version(r, redis_url, tmp_path, weights):
+    settings = make_settings(tmp_path / "home", redis_url)
+    publish_tiny(r, settings)
+    seed_overlap(r, 30)  # alice/bob agree on every item, carol always says the opposite
+    report = run_cycle(r, settings, algorithm_cycle("dpo", **{"reward.annotator_weights": weights}))
+    assert report["status"] == "published", report
+    meta = registry.get_version(r, report["version"])
+    table = meta["reliability"]
+    assert table["applied"] is weights and list(table["annotators"])[0] == "carol"  # lowest weight first
+    carol, alice, bob = (table["annotators"][a] for a in ("carol", "alice", "alice/bob"))
+    assert carol["accuracy"] < 0.2 and carol["weight"] == 0.0 and carol["labels"] == carol["overlap"] == 30
+    assert alice["accuracy"] > 0.8 and alice["weight"] > 1.0 and bob["weight"] > 1.0
+    assert meta["annotators"] == {"alice": 30, "alice/bob": 30, "carol": 30}
 
 
 def test_an_unknown_algorithm_is_refused_with_the_valid_ones():
