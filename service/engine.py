@@ -94,7 +94,13 @@ class Policy:
         `torch.compile` the forward. `dynamic=True`: the batch and the cache length change every step, and one
         graph over symbolic sizes recompiles far less than one per shape."""
         if dtype is not None and dtype != self.dtype:
-            self.model.to(dtype)
+            # new Parameter objects, not the old ones converted in place: an adapter version shares every tensor
+            # but its merged weights with the cached base (training/lora.py merged_copy), which must stay as it is
+            torch.__future__.set_overwrite_module_params_on_conversion(True)
+            try:
+                self.model.to(dtype)
+            finally:
+                torch.__future__.set_overwrite_module_params_on_conversion(False)
         if compile:  # kept beside the model, not patched into it: a base cache deep-copies the model
             self.compiled = torch.compile(self.model.forward, dynamic=True)
         return self

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import pytest
@@ -120,6 +121,19 @@ def test_sampler_draws_from_the_tempered_top_p_distribution():
     kept[~keep] = 0
     assert torch.allclose(freq[1], kept / kept.sum(), atol=0.015)
     assert bool((draws[2] == 0).all())
+
+
+def test_casting_a_served_model_leaves_the_base_it_shares_tensors_with_alone():
+    """An adapter version shares all but its merged weights with the cached base (training/lora.py merged_copy):
+    serving it in bfloat16 must not turn the base's shared tensors into bfloat16 too (a mixed-dtype base then breaks
+    the next adapter's merge)."""
+    policy = _policy("llama")
+    base = policy.model
+    shared = copy.deepcopy(base, {id(t): t for t in [*base.parameters(), *base.buffers()]})
+    served = Policy(version=2, model=shared, tokenizer=policy.tokenizer).prepared(torch.bfloat16)
+    assert served.dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for p in served.model.parameters())
+    assert all(p.dtype == torch.float32 for p in base.parameters())
 
 
 def test_bf16_engine_matches_bf16_hf_greedy():
