@@ -341,12 +341,13 @@ def http_greedy(http: httpx.Client, text: str, max_tokens: int) -> tuple[int, st
 
 
 def single_stream(policy: Policy, served: Policy, args, texts: list[str]) -> dict:
-    """One request at a time, greedy, at 1 torch thread (what `alignd serve` uses on 2 cores): HF float32 eager
+    """One request at a time, greedy, at `--single-stream-threads` torch threads (default 1: what `alignd serve` uses
+    on 2 cores; `--server-threads` sets the server's): HF float32 eager
     `generate` (batch 1), HF in the serving dtype, the alignd engine in-process, and `alignd serve` over HTTP. The
     runs take turns prompt by prompt, so that load from other processes spreads over all of them alike. Greedy
     agreement is per token against HF float32 (HTTP answers are compared as text: a random-weight shape's padding
     rows decode to nothing, so only the in-process token ids say anything there)."""
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.single_stream_threads)
     m = args.max_tokens
     runs: dict[str, Callable] = {"hf_generate_float32": lambda t: hf_greedy(policy, t, m)}
     if served is not policy:
@@ -483,6 +484,12 @@ def main() -> None:
     ap.add_argument("--requests-per-client", type=int, default=4)
     ap.add_argument("--baseline-requests", type=int, default=8)
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the offline runs")
+    ap.add_argument(
+        "--single-stream-threads",
+        type=int,
+        default=1,
+        help="torch threads of --single-stream's in-process runs, baseline included (1: the server's own on 2 cores)",
+    )
     ap.add_argument(
         "--server-threads",
         type=int,
