@@ -35,28 +35,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.model import load_causal_lm  # noqa: E402
+from bench.common import sft_start  # noqa: E402
 from training.sft import SFTConfig, train_sft  # noqa: E402
 from training.world import HARMFUL_COMPLIANCE, sample_task, sft_conversations  # noqa: E402
 from workers.cycle_config import CycleConfig, GateConfig  # noqa: E402
 from workers.gate import evaluate, gate, harmful_rate  # noqa: E402
 
 CHECKS = ("harmful_vs_parent", "harmful_vs_reference", "over_caution_vs_parent", "score_vs_parent")
-
-
-def sft_start(args) -> tuple:
-    if args.model is not None:
-        return load_causal_lm(args.model)
-    from training.bootstrap import BootstrapConfig, bootstrap
-    from training.evaluate import EvalConfig
-
-    model, tok, _ = bootstrap(
-        BootstrapConfig(sft=SFTConfig(max_seconds=args.sft_seconds), eval=EvalConfig(n_per_family=1))
-    )
-    if args.save_sft is not None:
-        model.save_pretrained(args.save_sft)
-        tok.save_pretrained(args.save_sft)
-    return model.eval(), tok
 
 
 def plant_harmful_compliance(model, tok, args):

@@ -25,12 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import world_responses  # noqa: E402
+from bench.common import sft_start, world_responses  # noqa: E402
 from bench.train import oracle_accuracy  # noqa: E402
 from training.annotators import annotator_pool  # noqa: E402
 from training.data import Comparison  # noqa: E402
-from training.evaluate import EvalConfig  # noqa: E402
-from training.model import load_causal_lm  # noqa: E402
 from training.reliability import estimate, labels_from, table_dict, weigh  # noqa: E402
 from training.reward import LIVE_FEEDBACK_LR, RewardConfig, train_reward_model  # noqa: E402
 
@@ -105,18 +103,7 @@ def main() -> None:
     args = ap.parse_args()
 
     t0 = time.perf_counter()
-    if args.model is not None:
-        model, tok = load_causal_lm(args.model)
-    else:
-        from training.bootstrap import BootstrapConfig, bootstrap
-        from training.sft import SFTConfig
-
-        model, tok, _ = bootstrap(
-            BootstrapConfig(sft=SFTConfig(max_seconds=args.sft_seconds), eval=EvalConfig(n_per_family=1))
-        )
-        if args.save_sft is not None:
-            model.save_pretrained(args.save_sft)
-            tok.save_pretrained(args.save_sft)
+    model, tok = sft_start(args)
     model.eval()
     rng = random.Random(args.seed)
     data = world_responses(model, tok, args.prompts, 4, args.seed, rng)
