@@ -34,11 +34,12 @@ LONG = SamplingParams(temperature=0, max_tokens=1000)  # greedy on a random tiny
 
 
 class Fault:
-    """Injected into a model as a forward pre-hook: raises (or blocks until released) on prefill forwards (more
-    than one position) or on decode forwards (one position) once `after` of them have run, while `armed`."""
+    """Injected into a model as a forward pre-hook: raises (or blocks until released, or only sleeps `delay` seconds)
+    on prefill forwards (more than one position) or on decode forwards (one position) once `after` of them have run,
+    while `armed`."""
 
-    def __init__(self, model, on: str = "prefill", after: int = 0, hang: bool = False):
-        self.on, self.after, self.hang, self.armed, self.seen = on, after, hang, True, 0
+    def __init__(self, model, on: str = "prefill", after: int = 0, hang: bool = False, delay: float = 0.0):
+        self.on, self.after, self.hang, self.delay, self.armed, self.seen = on, after, hang, delay, True, 0
         self.release = threading.Event()
         model.register_forward_pre_hook(self, with_kwargs=True)
 
@@ -51,6 +52,9 @@ class Fault:
             return None
         if self.hang:
             self.release.wait(60)
+            return None
+        if self.delay:
+            time.sleep(self.delay)
             return None
         raise RuntimeError(f"injected {self.on} fault")
 
@@ -222,8 +226,21 @@ def _metric(http: httpx.Client, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-def test_a_client_that_disconnects_frees_its_rows(faulty_server):
-    live, engine, _ = faulty_server
+@pytest.fixture
+def slow_server(r, redis_url, tmp_path):
+    """A live API whose decode steps take 20 ms each (1000 tokens: 20 s) and whose request deadline (60 s) is far
+    away: only the client leaving can end a long request early. A tiny model at full speed can finish 1000 tokens
+    before a loaded client has read its first chunks, which would leave nothing to cancel."""
+    settings = make_settings(tmp_path, max_new_tokens=1000, chat_rate_per_minute=10_000, request_timeout_s=60.0)
+    policy = _policy(1)
+    Fault(policy.model, on="decode", delay=0.02)
+    engine = Engine(policy, max_batch_size=8)
+    with LiveServer(create_app(settings, redis_url, engine)) as live:
+        yield live, engine
+
+
+def test_a_client_that_disconnects_frees_its_rows(slow_server):
+    live, engine = slow_server
     long = {"messages": MSG, "max_tokens": 1000, "temperature": 0}
     with live.client(USER_KEY) as http:
         cancelled = _metric(http, "alignd_engine_cancelled_sequences_total")
