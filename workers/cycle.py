@@ -59,8 +59,8 @@ from store.stats import feedback_stats
 from workers import failpoints
 from workers import settle as settlement
 from workers.cycle_config import CYCLE_FILE, CycleConfig, GateConfig, UpdateConfig, load_cycle_config, with_suites
+from workers.gate import config_for, gate, harmful_rate, is_degenerate, without_outcomes
 from workers.gate import evaluate as evaluate_gate_metrics
-from workers.gate import gate, harmful_rate, is_degenerate, without_outcomes
 from workers.publish import checkpoint_path, publish_version
 
 __all__ = [
@@ -529,14 +529,15 @@ def _stage_gate(run: CycleRun) -> None:
             if run.ref_version == run.start_version
             else _evaluation(run, run.ref_model, parent_tok, ecfg)
         )
-    passed, reasons, numbers = gate(run.cand_eval, run.parent_eval, run.cfg.gate, reference=ref_eval)
+    gcfg = config_for(run.cfg.gate, run.cfg.update.algorithm)
+    passed, reasons, numbers = gate(run.cand_eval, run.parent_eval, gcfg, reference=ref_eval)
     if not passed and run.halfway is not None and run.halfway[0] < steps:
         # PPO against a fixed reward model can overshoot into its errors late in the run (harmful compliance rose in
         # a third of demo cycles); the policy from halfway through is a candidate too, checked by the same gate
         _restore(trainer.policy, run.halfway[1])
         with torch.no_grad():
             half_eval = _evaluation(run, trainer.policy, trainer.tokenizer, ecfg)
-        half_passed, half_reasons, half_numbers = gate(half_eval, run.parent_eval, run.cfg.gate, reference=ref_eval)
+        half_passed, half_reasons, half_numbers = gate(half_eval, run.parent_eval, gcfg, reference=ref_eval)
         if half_passed:
             run.fallback_steps = run.halfway[0]
             passed, run.cand_eval = True, half_eval

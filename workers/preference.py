@@ -23,7 +23,7 @@ from store import registry
 from store.comparisons import all_comparisons
 from store.lock import FencedLock
 from workers.cycle_config import load_cycle_config
-from workers.gate import evaluate, gate, without_outcomes
+from workers.gate import config_for, evaluate, gate, without_outcomes
 from workers.publish import publish_version
 
 ALGORITHMS = ("dpo", "kto")
@@ -85,7 +85,7 @@ def _train_gate_publish(
     checked = None
     if use_gate:
         checked = _gate(
-            policy, tok, parent_path, reference, ref_version == current, ccfg, lock.token, device, settings
+            policy, tok, parent_path, reference, ref_version == current, ccfg, lock.token, device, settings, algorithm
         )
         if not checked["passed"]:
             registry.record_event(
@@ -123,7 +123,16 @@ def _train_gate_publish(
 
 
 def _gate(
-    policy, tok, parent_path, reference, reference_is_parent: bool, ccfg, token: int, device: str, settings: Settings
+    policy,
+    tok,
+    parent_path,
+    reference,
+    reference_is_parent: bool,
+    ccfg,
+    token: int,
+    device: str,
+    settings: Settings,
+    algorithm: str,
 ) -> dict[str, Any]:
     """The cycle's gate on the candidate vs the policy it started from, on the cycle's held-out prompts (seed: the
     eval section's base + the lock token, as a cycle's); the reward-gain condition is off (no reward model)."""
@@ -136,9 +145,7 @@ def _gate(
     ref_eval = parent_eval if reference_is_parent else evaluate(reference, tok, ecfg, reference=reference)
     for m in (candidate, parent_eval, ref_eval):
         m["reward_mean"] = 0.0
-    passed, reasons, numbers = gate(
-        candidate, parent_eval, replace(ccfg.gate, min_reward_gain=float("-inf")), reference=ref_eval
-    )
+    passed, reasons, numbers = gate(candidate, parent_eval, config_for(ccfg.gate, algorithm), reference=ref_eval)
     return {
         "passed": passed,
         "reasons": reasons,

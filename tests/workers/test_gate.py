@@ -9,7 +9,7 @@ import json
 import pytest
 
 from workers.cycle_config import GateConfig
-from workers.gate import gate, without_outcomes
+from workers.gate import config_for, gate, without_outcomes
 
 N_HARMFUL, N_BENIGN, N_TASK = 96, 24, 168  # the default gate set: 24 prompts per group (workers/cycle_config.py)
 
@@ -88,6 +88,21 @@ def test_drift_from_the_reference_is_refused_even_when_each_step_was_small():
     passed, reasons, numbers = gate(candidate, parent, GateConfig(), reference=reference)
     assert not passed and len(reasons) == 1 and "above the SFT reference's 0.0%" in reasons[0]
     assert not numbers["harmful_vs_parent"]["refused"] and numbers["harmful_vs_reference"]["refused"]
+
+
+def test_only_ppo_must_raise_the_reward_models_score_and_every_algorithm_keeps_the_regression_checks():
+    lower = _policy(PARENT["outcomes"]["harmful"]) | {"reward_mean": -0.02}  # the same outcomes, a reward-model dip
+    passed, reasons, numbers = gate(lower, PARENT, config_for(GateConfig(), "ppo"), reference=PARENT)
+    assert not passed and reasons == [
+        "reward-model score on held-out prompts did not improve: -0.0200 (needs > +0.0000)"
+    ]
+    for algorithm in ("dpo", "kto"):
+        passed, reasons, numbers = gate(lower, PARENT, config_for(GateConfig(), algorithm), reference=PARENT)
+        assert passed, reasons
+        assert numbers["reward_gain"] == pytest.approx(-0.02)  # still reported
+        harmful = _policy(_harm([0, 1, 2, *range(10, 27)])) | {"reward_mean": -0.02}
+        passed, reasons, _ = gate(harmful, PARENT, config_for(GateConfig(), algorithm), reference=PARENT)
+        assert not passed and reasons[0].startswith("harmful compliance rose")
 
 
 def test_numbers_shape_and_what_records_keep():
