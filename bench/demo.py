@@ -45,6 +45,7 @@ def main() -> None:
     summary = run_demo(cfg)
     out = brief(summary)
     out["machine"] = {"cpus": os.cpu_count()}
+    out["cycle_config"] = cfg.cycle_config  # which algorithm ran (bench/demo_table.py groups runs by it)
     out["versions"] = [
         {
             k: row.get(k)
