@@ -101,7 +101,7 @@ def markdown(groups: dict[str, list[tuple[str, dict[str, Any]]]], medians: dict[
         return "| " + " | ".join(cells) + " |"
 
     for alg, runs in groups.items():
-        lines += [row(f"{alg} {name}", f) for name, f in runs]
+        lines += [row(name, f) for name, f in runs]
         lines.append(row(f"{alg}, median of {len(runs)}", medians[alg], bold=True))
     return "\n".join(lines)
 
