@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     compile: bool = Field(
         False, description="torch.compile each served model's forward (slow first requests; measure before enabling)"
     )
+    quantize: Literal["none", "int8"] = Field(
+        "none",
+        description="int8: decode steps of up to 4 rows use int8 copies of the linear weights (CPU only; faster one "
+        "request at a time, greedy answers can differ; prefill and larger batches keep the serving dtype)",
+    )
     torch_threads: int | None = Field(
         None, description="torch intra-op threads; unset: all cores for training, all but one for serving"
     )

@@ -67,6 +67,7 @@ def load_version(r: redis.Redis, settings: Settings, version: int) -> Policy:
         base_cache=BASES,
         dtype=lambda parameters: settings.serving_dtype(parameters, device),
         compile=settings.compile,
+        quantize=settings.quantize,
     )
     adapter = adapter_base(path) is not None
     try:
