@@ -512,8 +512,8 @@ def main() -> None:
     )
     ap.add_argument(
         "--quantize",
-        default="none",
-        choices=["none", "int8"],
+        default="auto",
+        choices=["auto", "none", "int8"],
         help="ALIGND_QUANTIZE of the alignd runs (int8: decode steps of up to 4 rows with int8 weights)",
     )
     ap.add_argument(
@@ -533,14 +533,16 @@ def main() -> None:
     name = args.shape or str(args.model or "default-size untrained gpt2")
     texts = prompts(64)
     parameters = sum(p.numel() for p in policy.model.parameters())
-    dtype = Settings(dtype=args.dtype, device="cpu").serving_dtype(parameters)
+    settings = Settings(dtype=args.dtype, quantize=args.quantize, device="cpu")
+    dtype = settings.serving_dtype(parameters)
+    quantize = settings.serving_quantize(parameters, dtype)
     # the alignd runs' model, as the loader prepares it; the float32 original stays for the HF baselines
     served = policy
-    if dtype != torch.float32 or args.quantize != "none":
-        served = copy.deepcopy(policy).prepared(None if dtype == torch.float32 else dtype, quantize=args.quantize)
+    if dtype != torch.float32 or quantize != "none":
+        served = copy.deepcopy(policy).prepared(None if dtype == torch.float32 else dtype, quantize=quantize)
     if args.single_stream:
         result = {"model": name, "parameters": parameters, "dtype": args.dtype, "served_dtype": str(dtype)[6:]}
-        result["quantize"] = args.quantize
+        result["quantize"], result["served_quantize"] = args.quantize, quantize
         result["max_tokens"], result["requests"] = args.max_tokens, args.baseline_requests
         print(json.dumps({**result, **single_stream(policy, served, args, texts)}, indent=2))
         return
@@ -557,6 +559,7 @@ def main() -> None:
         "torch": torch.__version__,
         "parameters": parameters,
         "served_dtype": str(dtype)[6:],
+        "served_quantize": quantize,
     }
     # the baseline at 1 thread and at --threads, and the faster counts: one request's tiny matmuls often run faster
     # on one thread than split over two

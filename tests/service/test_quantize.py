@@ -30,7 +30,9 @@ def _int8(model: nn.Module) -> int:
 def test_the_copy_replaces_linear_layers_and_shares_every_tensor_with_the_untouched_original(arch):
     model = tiny_model(arch, seed=3)
     before = {name: type(m) for name, m in model.named_modules()}
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
     fast, replaced = int8_decode_copy(model)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())  # not a value changed
     # llama: 7 linear layers per block x 2 blocks + the output head, but down_proj's inner dimension (170) is not a
     # multiple of 32 and stays; GPT-2's blocks are Conv1D: only the head
     assert replaced == _int8(fast) == (13 if arch == "llama" else 1)
@@ -100,7 +102,26 @@ def test_the_loader_serves_int8_and_keeps_the_loaded_model_plain(r, redis_url, t
     publish_tiny(redis_url, settings, arch="llama")
     policy = load_version(r, settings, 1)
     assert policy.dtype == torch.bfloat16
+    assert policy.fast_ready.wait(30)  # built beside the swap, not before it
     assert _int8(policy.fast) == 13
     assert _int8(policy.model) == 0  # what a base cache would keep
     with pytest.raises(ValueError, match="quantize must be"):
         Policy(version=1, model=tiny_model("gpt2"), tokenizer=tiny_tokenizer()).prepared(quantize="int4")
+
+
+def test_a_failed_int8_build_leaves_the_loaded_weights_serving(monkeypatch):
+    import service.quantize
+
+    def broken(model, max_rows=4):
+        raise MemoryError("injected: no room for the int8 copy")
+
+    monkeypatch.setattr(service.quantize, "int8_decode_copy", broken)
+    policy = Policy(version=1, model=tiny_model("llama", seed=2), tokenizer=tiny_tokenizer()).prepared()
+    policy.quantize_in_background("int8")
+    assert policy.fast_ready.wait(10) and policy.fast is None
+    engine = Engine(policy, max_batch_size=2)
+    engine.start()
+    try:
+        assert engine.generate(MSG, SamplingParams(temperature=0, max_tokens=4), timeout=30)[2] == 4
+    finally:
+        engine.stop()
