@@ -139,6 +139,7 @@ class Policy:
         if not self._int8(quantize):
             self.fast_ready.set()
             return
+        self.fast_ready.clear()  # `prepared` set it: now it waits for the thread
 
         def build() -> None:
             from service.quantize import int8_decode_copy
