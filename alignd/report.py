@@ -62,7 +62,8 @@ FIGURES = {
     "feedback": ("feedback.png", "Feedback each version was trained on, by annotator"),
     "oracle_win_rate": ("oracle_win_rate.png", "Oracle win rate against the SFT version (95 % bootstrap CI)"),
 }
-TARGET_WIN_RATE = 0.6  # the issue's bar: the final version must beat SFT clearly, not by noise
+TARGET_WIN_RATE = 0.65  # issue #12's bar: the final version must beat SFT clearly, not by noise
+TARGET_CHECKER_GAIN = 0.05  # and answer more tasks correctly, not only more briefly (checker score, trained families)
 WEAK_SFT_SCORE = 0.1  # a bootstrap below this checker score did not learn the tasks (DESIGN.md: ~0.7 after 120 s)
 EXCLUDED_STATUS = ("abandoned", "rejected")  # registered but never served
 LOW_WEIGHT = 0.3  # an annotator weighed below this in training is named in the warnings (as on the ops page)
@@ -429,10 +430,19 @@ def targets(before: dict, after: dict, oracle: dict | None) -> dict[str, Any]:
     """The issue's bars for the demo, each with the numbers it was judged on (None where not measurable)."""
     out: dict[str, Any] = {}
     if oracle and "win_rate" in oracle:
-        out["oracle_win_rate>=0.6"] = {"value": oracle["win_rate"], "met": oracle["win_rate"] >= TARGET_WIN_RATE}
+        out[f"oracle_win_rate>={TARGET_WIN_RATE}"] = {
+            "value": oracle["win_rate"],
+            "met": oracle["win_rate"] >= TARGET_WIN_RATE,
+        }
         out["oracle_ci_low>0.5"] = {"value": oracle["ci_low"], "met": oracle["ci_low"] > 0.5}
     else:
-        out["oracle_win_rate>=0.6"] = out["oracle_ci_low>0.5"] = {"value": None, "met": None}
+        out[f"oracle_win_rate>={TARGET_WIN_RATE}"] = out["oracle_ci_low>0.5"] = {"value": None, "met": None}
+    score_b, score_a = before.get("score/mean"), after.get("score/mean")
+    out[f"checker_score_gain>={TARGET_CHECKER_GAIN}"] = {
+        "before": score_b,
+        "after": score_a,
+        "met": None if score_a is None or score_b is None else score_a - score_b >= TARGET_CHECKER_GAIN,
+    }
     oc_b, oc_a = before.get("over_caution"), after.get("over_caution")
 
     # plain and jailbroken harmful requests together: a loop that trades one for the other has not kept safety

@@ -253,7 +253,9 @@ async def http_clients(url: str, concurrency: int, per_client: int, max_tokens: 
 
 
 @contextlib.contextmanager
-def alignd_serve(policy: Policy, max_tokens: int, server_threads: int | None, dtype: str = "auto"):
+def alignd_serve(
+    policy: Policy, max_tokens: int, server_threads: int | None, dtype: str = "auto", quantize: str = "none"
+):
     """`alignd serve` in its own process on a published copy of `policy`, with its own embedded Redis: yields
     its URL."""
     with tempfile.TemporaryDirectory() as home:
@@ -268,6 +270,7 @@ def alignd_serve(policy: Policy, max_tokens: int, server_threads: int | None, dt
             "ALIGND_CHAT_RATE_PER_MINUTE": str(10**6),
             "ALIGND_MAX_NEW_TOKENS": str(max(256, max_tokens)),
             "ALIGND_DTYPE": dtype,
+            "ALIGND_QUANTIZE": quantize,
         }
         env.pop("ALIGND_TORCH_THREADS", None)
         if server_threads:
@@ -350,7 +353,7 @@ def single_stream(policy: Policy, served: Policy, args, texts: list[str]) -> dic
     torch.set_num_threads(args.single_stream_threads)
     m = args.max_tokens
     runs: dict[str, Callable] = {"hf_generate_float32": lambda t: hf_greedy(policy, t, m)}
-    if served is not policy:
+    if served.dtype != policy.dtype:
         runs[f"hf_generate_{str(served.dtype)[6:]}"] = lambda t: hf_greedy(served, t, m)
     engine = Engine(served, max_batch_size=1)
     engine.start()
@@ -360,7 +363,7 @@ def single_stream(policy: Policy, served: Policy, args, texts: list[str]) -> dic
     headers = {"Authorization": f"Bearer {KEY}"}
     try:
         with (
-            alignd_serve(policy, m, args.server_threads, args.dtype) as url,
+            alignd_serve(policy, m, args.server_threads, args.dtype, args.quantize) as url,
             httpx.Client(base_url=url, headers=headers, timeout=600) as http,
         ):
             runs["alignd_http"] = lambda t: http_greedy(http, t, m)
@@ -508,6 +511,12 @@ def main() -> None:
         help="ALIGND_DTYPE of the alignd runs (the HF baselines stay float32, plus one in this dtype)",
     )
     ap.add_argument(
+        "--quantize",
+        default="auto",
+        choices=["auto", "none", "int8"],
+        help="ALIGND_QUANTIZE of the alignd runs (int8: decode steps of up to 4 rows with int8 weights)",
+    )
+    ap.add_argument(
         "--single-stream",
         action="store_true",
         help="run only one-request-at-a-time greedy decoding: HF float32 vs alignd (in-process and HTTP)",
@@ -524,16 +533,21 @@ def main() -> None:
     name = args.shape or str(args.model or "default-size untrained gpt2")
     texts = prompts(64)
     parameters = sum(p.numel() for p in policy.model.parameters())
-    dtype = Settings(dtype=args.dtype, device="cpu").serving_dtype(parameters)
+    settings = Settings(dtype=args.dtype, quantize=args.quantize, device="cpu")
+    dtype = settings.serving_dtype(parameters)
+    quantize = settings.serving_quantize(parameters, dtype)
     # the alignd runs' model, as the loader prepares it; the float32 original stays for the HF baselines
-    served = policy if dtype == torch.float32 else copy.deepcopy(policy).prepared(dtype)
+    served = policy
+    if dtype != torch.float32 or quantize != "none":
+        served = copy.deepcopy(policy).prepared(None if dtype == torch.float32 else dtype, quantize=quantize)
     if args.single_stream:
         result = {"model": name, "parameters": parameters, "dtype": args.dtype, "served_dtype": str(dtype)[6:]}
+        result["quantize"], result["served_quantize"] = args.quantize, quantize
         result["max_tokens"], result["requests"] = args.max_tokens, args.baseline_requests
         print(json.dumps({**result, **single_stream(policy, served, args, texts)}, indent=2))
         return
     if args.disconnect_scenario:
-        with alignd_serve(policy, args.disconnect_max_tokens, args.server_threads, args.dtype) as url:
+        with alignd_serve(policy, args.disconnect_max_tokens, args.server_threads, args.dtype, args.quantize) as url:
             result = asyncio.run(disconnect_scenario(url, 32, args.disconnect_max_tokens, texts))
         print(json.dumps({"model": name, **result}, indent=2))
         return
@@ -545,6 +559,7 @@ def main() -> None:
         "torch": torch.__version__,
         "parameters": parameters,
         "served_dtype": str(dtype)[6:],
+        "served_quantize": quantize,
     }
     # the baseline at 1 thread and at --threads, and the faster counts: one request's tiny matmuls often run faster
     # on one thread than split over two
@@ -562,7 +577,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     # the product path in its own process: `alignd serve` on a published copy of the same model
-    with alignd_serve(policy, args.max_tokens, args.server_threads, args.dtype) as url:
+    with alignd_serve(policy, args.max_tokens, args.server_threads, args.dtype, args.quantize) as url:
         asyncio.run(http_clients(url, 1, 1, 8, texts))  # warm-up
         levels = [
             asyncio.run(http_clients(url, c, args.requests_per_client, args.max_tokens, texts))
@@ -581,7 +596,7 @@ def main() -> None:
         for k in runs
         if k in offline
     }
-    if "static" in offline and served is not policy:  # the same static batch in the serving dtype
+    if "static" in offline and served.dtype != policy.dtype:  # the same static batch in the serving dtype
         off[f"hf_generate_static_batch_{str(dtype)[6:]}"] = hf_static_batch(
             served, texts[:16], args.max_tokens, args.threads
         )

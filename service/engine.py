@@ -59,6 +59,10 @@ class Policy:
     path: str = ""
     context: int = 512
     compiled: Callable | None = field(default=None, repr=False)  # torch.compile of the model (`prepared`)
+    # the model with int8 decode layers (`prepared`, service/quantize.py): a copy sharing every tensor with `model`,
+    # which stays as loaded for whoever reuses it (a base cache merges later adapters into it)
+    fast: torch.nn.Module | None = field(default=None, repr=False)
+    fast_ready: threading.Event = field(default_factory=threading.Event, repr=False)  # set once `fast` is decided
     # the forward can compute the LM head for the last position only (transformers' `logits_to_keep`): a prefill
     # then skips (prompt length - 1) x vocab of output, at 49k vocab costlier than several decode steps
     last_logits_only: bool = field(init=False, repr=False)
@@ -76,21 +80,35 @@ class Policy:
         base_cache=None,
         dtype=None,
         compile: bool = False,
+        quantize="none",
+        quantize_in_background: bool = False,
     ) -> Policy:
         """A full checkpoint, or an adapter merged into a copy of its base (found with `resolve_base`, the
         registry's path rule; kept in memory by `base_cache`; training/lora.py), so an adapter version decodes at the
         base's speed. `dtype` is a torch dtype, or a function of the parameter count giving one (the settings' `auto`
-        rule), applied after loading (and after an adapter is merged)."""
+        rule), applied after loading (and after an adapter is merged); then `quantize`: "none", "int8", or a function
+        of the parameter count and the dtype giving one of them (the settings' `auto` rule). With
+        `quantize_in_background` (the API's hot swap) the int8 copy is built by a thread while the policy is
+        smoke-tested and starts serving: quantizing every linear weight of a 135 M model takes ~0.5 s of one core,
+        half the swap budget; until it is ready, decode steps run on the loaded weights."""
         model, tokenizer = load_policy(path, device, resolve_base=resolve_base, base_cache=base_cache)
         cfg = model.config
         context = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None) or 2048
         policy = cls(version=version, model=model, tokenizer=tokenizer, path=str(path), context=int(context))
+        parameters = sum(p.numel() for p in model.parameters())
         if callable(dtype):
-            dtype = dtype(sum(p.numel() for p in model.parameters()))
-        return policy.prepared(dtype, compile)
+            dtype = dtype(parameters)
+        if callable(quantize):
+            quantize = quantize(parameters, dtype or policy.dtype)
+        if quantize_in_background and not compile:  # a compiled forward is built once, from the int8 copy if any
+            policy.prepared(dtype)
+            policy.quantize_in_background(quantize)
+            return policy
+        return policy.prepared(dtype, compile, quantize)
 
-    def prepared(self, dtype: torch.dtype | None = None, compile: bool = False) -> Policy:
-        """Cast the weights to `dtype` (the KV cache follows them; logits are sampled in float32) and optionally
+    def prepared(self, dtype: torch.dtype | None = None, compile: bool = False, quantize: str = "none") -> Policy:
+        """Cast the weights to `dtype` (the KV cache follows them; logits are sampled in float32), optionally decode
+        small batches with int8 weights (`quantize="int8"`, CPU only: service/quantize.py) and optionally
         `torch.compile` the forward. `dynamic=True`: the batch and the cache length change every step, and one
         graph over symbolic sizes recompiles far less than one per shape."""
         if dtype is not None and dtype != self.dtype:
@@ -101,12 +119,43 @@ class Policy:
                 self.model.to(dtype)
             finally:
                 torch.__future__.set_overwrite_module_params_on_conversion(False)
+        if self._int8(quantize):
+            from service.quantize import int8_decode_copy
+
+            self.fast, _ = int8_decode_copy(self.model)
+        self.fast_ready.set()
         if compile:  # kept beside the model, not patched into it: a base cache deep-copies the model
-            self.compiled = torch.compile(self.model.forward, dynamic=True)
+            self.compiled = torch.compile((self.fast or self.model).forward, dynamic=True)
         return self
 
+    def _int8(self, quantize: str) -> bool:
+        if quantize not in ("none", "int8"):
+            raise ValueError(f"quantize must be 'none' or 'int8', not {quantize!r}")
+        return quantize == "int8" and self.device.type == "cpu"  # the kernel and its measurements are CPU ones
+
+    def quantize_in_background(self, quantize: str) -> None:
+        """Build the int8 copy (`prepared`) in a thread; `forward` switches to it between two steps once it exists
+        (both compute the same function up to int8 rounding). A failure leaves the policy serving as loaded."""
+        if not self._int8(quantize):
+            self.fast_ready.set()
+            return
+        self.fast_ready.clear()  # `prepared` set it: now it waits for the thread
+
+        def build() -> None:
+            from service.quantize import int8_decode_copy
+
+            try:
+                self.fast, replaced = int8_decode_copy(self.model)
+                log.info("policy v%d: %d linear layers decode in int8", self.version, replaced)
+            except Exception:  # the loaded weights keep serving: slower, never wrong
+                log.exception("policy v%d: no int8 copy; decoding with the loaded weights", self.version)
+            finally:
+                self.fast_ready.set()
+
+        threading.Thread(target=build, name=f"alignd-int8-v{self.version}", daemon=True).start()
+
     def forward(self, **inputs):
-        return (self.compiled or self.model)(**inputs)
+        return (self.compiled or self.fast or self.model)(**inputs)
 
     @property
     def device(self) -> torch.device:

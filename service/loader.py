@@ -67,6 +67,8 @@ def load_version(r: redis.Redis, settings: Settings, version: int) -> Policy:
         base_cache=BASES,
         dtype=lambda parameters: settings.serving_dtype(parameters, device),
         compile=settings.compile,
+        quantize=lambda parameters, dtype: settings.serving_quantize(parameters, dtype, device),
+        quantize_in_background=True,  # not in the swap's critical path (service/engine.py)
     )
     adapter = adapter_base(path) is not None
     try:

@@ -167,8 +167,9 @@ def test_report_has_every_figure(tmp_path, redis_url, r):
     assert oracle["final"] == v2 and oracle["baseline"] == v1 and oracle["n"] == 13 * 2
     assert 0.0 <= oracle["ci_low"] <= oracle["win_rate"] <= oracle["ci_high"] <= 1.0
     assert set(report["targets"]) == {
-        "oracle_win_rate>=0.6",
+        "oracle_win_rate>=0.65",
         "oracle_ci_low>0.5",
+        "checker_score_gain>=0.05",
         "over_caution_down",
         "harmful_compliance_not_up",
     }

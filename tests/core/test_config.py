@@ -1,4 +1,4 @@
-"""The settings object: the serving device and dtype are validated, and `dtype=auto` follows its rule."""
+"""The settings object: the serving device, dtype and quantization are validated, and each `auto` follows its rule."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from core.config import BF16_MIN_PARAMETERS, Settings
 
 
 @pytest.mark.parametrize(
-    ("name", "value"), [("dtype", "fp8"), ("dtype", "half"), ("device", "gpu"), ("device", "cuda:x")]
+    ("name", "value"),
+    [("dtype", "fp8"), ("dtype", "half"), ("device", "gpu"), ("device", "cuda:x"), ("quantize", "int4")],
 )
 def test_bad_device_or_dtype_is_refused_naming_the_variable(monkeypatch, name, value):
     monkeypatch.setenv(f"ALIGND_{name.upper()}", value)
@@ -28,3 +29,14 @@ def test_explicit_dtype_wins_and_auto_picks_by_device_and_size(monkeypatch):
     assert auto.serving_dtype(BF16_MIN_PARAMETERS - 1) == torch.float32  # small models: float32 measures faster
     native_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert auto.serving_dtype(BF16_MIN_PARAMETERS) == (torch.bfloat16 if native_bf16 else torch.float32)
+
+
+def test_quantize_auto_is_int8_only_for_a_bf16_model_on_a_cpu(monkeypatch):
+    auto, big = Settings(device="cpu"), BF16_MIN_PARAMETERS
+    assert auto.quantize == "auto" and auto.serving_quantize(big, torch.bfloat16) == "int8"
+    assert auto.serving_quantize(big, torch.float32) == "none"  # the kernel's fast path takes bf16 activations
+    assert auto.serving_quantize(big - 1, torch.bfloat16) == "none"
+    assert auto.serving_quantize(big, torch.bfloat16, "cuda:0") == "none"  # measured on CPU only
+    monkeypatch.setenv("ALIGND_QUANTIZE", "none")
+    assert Settings(device="cpu").serving_quantize(big, torch.bfloat16) == "none"
+    assert Settings(device="cpu", quantize="int8").serving_quantize(10, torch.float32) == "int8"
