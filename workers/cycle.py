@@ -838,6 +838,7 @@ def run_ppo(
     (`alignd train ppo`). Same lock, stages, gate and publish path as a cycle; no events, so nothing to settle."""
     failpoints.parse(settings.failpoints)
     cfg = with_suites(cfg, settings)
+    cfg = dataclass_replace(cfg, update=dataclass_replace(cfg.update, algorithm="ppo"))  # whatever the cycle's is
     lock = FencedLock(r, names.TRAIN_LOCK, ttl_ms=int(cfg.lock_ttl_s * 1000))
     lock.acquire()
     try:
