@@ -448,7 +448,7 @@ def _preference_update(run: CycleRun) -> None:
     from types import SimpleNamespace
 
     from training.lora import load_policy
-    from training.preference import train_dpo, train_kto
+    from training.preference import dpo_items, train_dpo, train_kto
 
     algorithm, settings = run.cfg.update.algorithm, run.settings
     current_path = settings.checkpoint(registry.get_version(run.r, run.start_version)["path"])
@@ -459,6 +459,11 @@ def _preference_update(run: CycleRun) -> None:
         policy, tokenizer = load_policy(current_path, settings.torch_device(), resolve_base=settings.checkpoint)
         reference = run.ref_model
     comparisons, rated, counts = _preference_data(run)
+    requested = algorithm
+    if algorithm == "dpo" and rated and not dpo_items(comparisons):
+        # only thumbs on single answers: no pair for DPO, but KTO learns from exactly that (training/preference.py);
+        # waiting for comparisons instead would leave a thumbs-only deployment untrained for ever
+        algorithm = "kto"
     t0 = time.perf_counter()
     try:
         if algorithm == "dpo":
@@ -470,6 +475,7 @@ def _preference_update(run: CycleRun) -> None:
     run.trainer = SimpleNamespace(policy=policy, tokenizer=tokenizer)
     run.ppo_info = {
         "algorithm": algorithm,
+        **({"requested": requested} if requested != algorithm else {}),
         "steps": metrics.get("steps", 0),
         "seconds": time.perf_counter() - t0,
         "data": counts,
@@ -579,7 +585,7 @@ def _stage_publish(run: CycleRun) -> dict[str, Any]:
             **base,
         }
     meta = {
-        "source": run.cfg.update.algorithm,  # ppo, dpo or kto: the update that made this version
+        "source": (run.ppo_info or {}).get("algorithm", run.cfg.update.algorithm),  # ppo, dpo or kto: what made it
         "cycle": run.token,
         "trigger": run.trigger,
         **base,
@@ -832,6 +838,7 @@ def run_ppo(
     (`alignd train ppo`). Same lock, stages, gate and publish path as a cycle; no events, so nothing to settle."""
     failpoints.parse(settings.failpoints)
     cfg = with_suites(cfg, settings)
+    cfg = dataclass_replace(cfg, update=dataclass_replace(cfg.update, algorithm="ppo"))  # whatever the cycle's is
     lock = FencedLock(r, names.TRAIN_LOCK, ttl_ms=int(cfg.lock_ttl_s * 1000))
     lock.acquire()
     try:

@@ -34,7 +34,7 @@ LIMITS = fb.FeedbackLimits(per_minute=100_000, per_day=1_000_000, max_comment_ch
 TINY_CYCLE = {
     "lock_ttl_s": 3.0,
     "reward": {"max_seconds": 3.0, "batch_size": 8},
-    "update": {"steps": 2, "seconds": 600.0},
+    "update": {"steps": 2, "seconds": 600.0, "algorithm": "ppo"},  # PPO's own tests: whatever the default is
     "ppo": {"batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1, "max_new_tokens": 10, "lr": 1e-3},
     "eval": {"n_per_family": 1, "max_new_tokens": 8},
     "gate": OPEN_GATE,

@@ -43,10 +43,12 @@ def test_train_cycle_versions_and_rollback(r, cli):
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["status"] == "published" and report["version"] == 2 and report["feedback"]["events"] == 8
 
-    out = run("train", "ppo", "--steps", "1", "--json")
+    dpo_cycles = json.dumps({"update.algorithm": "dpo"})  # `train ppo` is PPO whatever the cycle's algorithm
+    out = run("train", "ppo", "--steps", "1", "--json", "--config", dpo_cycles)
     ppo = json.loads(out.stdout.strip().splitlines()[-1])
     assert ppo["status"] == "published" and ppo["version"] == 3 and ppo["feedback"]["events"] == 0
     assert ppo["ppo"]["resumed"] and registry.get_version(r, 3)["parent"] == 2
+    assert registry.get_version(r, 3)["source"] == "ppo"
 
     listing = json.loads(run("versions", "--json").stdout)
     assert listing["current"] == 3 and [v["version"] for v in listing["data"]] == [1, 2, 3]

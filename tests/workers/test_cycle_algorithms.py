@@ -8,7 +8,16 @@ import pytest
 
 from store import feedback as fb
 from store import registry
-from tests.workers.helpers import make_settings, publish_tiny, seed_feedback, seed_overlap, tiny_overrides
+from tests.workers.helpers import (
+    BODY,
+    LIMITS,
+    add_completion,
+    make_settings,
+    publish_tiny,
+    seed_feedback,
+    seed_overlap,
+    tiny_overrides,
+)
 from workers.cycle import run_cycle
 from workers.cycle_config import CycleConfig
 
@@ -52,6 +61,22 @@ def test_a_contrarian_gets_zero_weight_recorded_in_the_version(r, redis_url, tmp
     assert carol["accuracy"] < 0.2 and carol["weight"] == 0.0 and carol["labels"] == carol["overlap"] == 30
     assert alice["accuracy"] > 0.8 and alice["weight"] > 1.0 and bob["weight"] > 1.0
     assert meta["annotators"] == {"alice": 30, "alice/bob": 30, "carol": 30}
+
+
+def test_dpo_on_thumbs_alone_trains_with_kto_and_says_so(r, redis_url, tmp_path):
+    """A thumb on one answer makes no DPO pair; a deployment whose users only click thumbs must still learn."""
+    settings = make_settings(tmp_path / "home", redis_url)
+    publish_tiny(r, settings)
+    for i in range(16):
+        rec = add_completion(r, i % 10, (3 * i) % 10, "alice")
+        right = rec.choices[0].text.endswith(f"{i % 10 + (3 * i) % 10}.")
+        vote = {"completion_id": rec.id, "type": "thumbs", "choice": 0, "value": "up" if right else "down"}
+        fb.submit_feedback(r, BODY.validate_python(vote), user="alice", limits=LIMITS)
+    report = run_cycle(r, settings, algorithm_cycle("dpo", **{"kto.max_seconds": 5.0, "kto.max_steps": 4}))
+    assert report["status"] == "published", report
+    meta = registry.get_version(r, report["version"])
+    assert meta["source"] == "kto" and meta["ppo"]["algorithm"] == "kto" and meta["ppo"]["requested"] == "dpo"
+    assert meta["ppo"]["data"]["new"] == 16 and fb.unconsumed_count(r) == 0
 
 
 def test_an_unknown_algorithm_is_refused_with_the_valid_ones():
