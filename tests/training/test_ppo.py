@@ -309,6 +309,7 @@ def test_lora_ppo_trains_only_adapters_against_the_base_as_reference(arch):
     moves a random-init tiny model's token distribution, so this starts from the tiny SFT model.)"""
     tok = tiny_tokenizer()
     base = tiny_sft_model(arch)
+    torch.manual_seed(0)  # the adapter's init and the rollouts draw from the global generator: not from other tests'
     frozen = copy.deepcopy(base)
     policy = add_adapter(base, LoRAConfig(rank=8, alpha=16))
     cfg = PPOConfig(
