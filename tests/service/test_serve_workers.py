@@ -11,7 +11,6 @@ import httpx
 import pytest
 
 from core.redis_server import free_port
-from store.client import connect
 from tests.workers.helpers import ROOT, env_for, make_settings, publish_tiny, stop, wait_for, wait_http
 
 
@@ -27,9 +26,9 @@ def _pids_serving(url: str, version: int, tries: int = 40) -> set[int]:
 
 
 @pytest.mark.slow
-def test_two_api_processes_each_follow_the_registry(redis_url, tmp_path):
+def test_two_api_processes_each_follow_the_registry(r, redis_url, tmp_path):
+    """(`r` empties the session's Redis first: a registry left by an earlier test made our version 1 a version 2.)"""
     settings = make_settings(tmp_path / "home", redis_url)
-    r = connect(redis_url)
     publish_tiny(r, settings)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
