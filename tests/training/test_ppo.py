@@ -309,7 +309,11 @@ def test_lora_ppo_trains_only_adapters_against_the_base_as_reference(arch):
     moves a random-init tiny model's token distribution, so this starts from the tiny SFT model.)"""
     tok = tiny_tokenizer()
     base = tiny_sft_model(arch)
-    torch.manual_seed(0)  # the adapter's init and the rollouts draw from the global generator: not from other tests'
+    # the adapter's init and the rollouts draw from the global generator, and sampling depends on the thread count:
+    # both fixed here, not left to whatever the tests before this one did
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     frozen = copy.deepcopy(base)
     policy = add_adapter(base, LoRAConfig(rank=8, alpha=16))
     cfg = PPOConfig(
@@ -331,8 +335,11 @@ def test_lora_ppo_trains_only_adapters_against_the_base_as_reference(arch):
     base_before = {k: v.clone() for k, v in policy.named_parameters() if "lora_" not in k}
     eval_prompts = say_a_number(64, random.Random(0))
     before = mean_reward(trainer, eval_prompts)
-    history = trainer.train(say_a_number, 20)
-    after = mean_reward(trainer, eval_prompts)
+    try:
+        history = trainer.train(say_a_number, 20)
+        after = mean_reward(trainer, eval_prompts)
+    finally:
+        torch.set_num_threads(threads)
     assert after > before + 0.1, (before, after)
     assert history[-1]["kl"] > 0
     assert all(torch.equal(v, base_before[k]) for k, v in policy.named_parameters() if "lora_" not in k)
