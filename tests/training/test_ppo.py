@@ -336,7 +336,7 @@ def test_lora_ppo_trains_only_adapters_against_the_base_as_reference(arch):
     eval_prompts = say_a_number(64, random.Random(0))
     before = mean_reward(trainer, eval_prompts)
     try:
-        history = trainer.train(say_a_number, 20)
+        history = trainer.train(say_a_number, 40)
         after = mean_reward(trainer, eval_prompts)
     finally:
         torch.set_num_threads(threads)
