@@ -100,17 +100,16 @@ class Policy:
             dtype = dtype(parameters)
         if callable(quantize):
             quantize = quantize(parameters, dtype or policy.dtype)
-        if quantize_in_background and not compile:  # a compiled forward is built once, from the int8 copy if any
-            policy.prepared(dtype)
-            policy.quantize_in_background(quantize)
-            return policy
-        return policy.prepared(dtype, compile, quantize)
+        return policy.prepared(dtype, compile, quantize, background=quantize_in_background)
 
-    def prepared(self, dtype: torch.dtype | None = None, compile: bool = False, quantize: str = "none") -> Policy:
+    def prepared(
+        self, dtype: torch.dtype | None = None, compile: bool = False, quantize: str = "none", background: bool = False
+    ) -> Policy:
         """Cast the weights to `dtype` (the KV cache follows them; logits are sampled in float32), optionally decode
-        small batches with int8 weights (`quantize="int8"`, CPU only: service/quantize.py) and optionally
-        `torch.compile` the forward. `dynamic=True`: the batch and the cache length change every step, and one
-        graph over symbolic sizes recompiles far less than one per shape."""
+        small batches with int8 weights (`quantize="int8"`, CPU only: service/quantize.py; with `background`, built
+        by a thread that `fast_ready` reports on, unless compiling) and optionally `torch.compile` the forward.
+        `dynamic=True`: the batch and the cache length change every step, and one graph over symbolic sizes
+        recompiles far less than one per shape."""
         if dtype is not None and dtype != self.dtype:
             # new Parameter objects, not the old ones converted in place: an adapter version shares every tensor
             # but its merged weights with the cached base (training/lora.py merged_copy), which must stay as it is
@@ -119,40 +118,33 @@ class Policy:
                 self.model.to(dtype)
             finally:
                 torch.__future__.set_overwrite_module_params_on_conversion(False)
-        if self._int8(quantize):
-            from service.quantize import int8_decode_copy
-
-            self.fast, _ = int8_decode_copy(self.model)
-        self.fast_ready.set()
+        if quantize not in ("none", "int8"):
+            raise ValueError(f"quantize must be 'none' or 'int8', not {quantize!r}")
+        if quantize == "none" or self.device.type != "cpu":  # the kernel and its measurements are CPU ones
+            self.fast_ready.set()
+        elif background and not compile:  # a compiled forward is built once, from the int8 copy
+            threading.Thread(target=self._build_fast, name=f"alignd-int8-v{self.version}", daemon=True).start()
+        else:
+            self._build_fast(raise_errors=True)
         if compile:  # kept beside the model, not patched into it: a base cache deep-copies the model
             self.compiled = torch.compile((self.fast or self.model).forward, dynamic=True)
         return self
 
-    def _int8(self, quantize: str) -> bool:
-        if quantize not in ("none", "int8"):
-            raise ValueError(f"quantize must be 'none' or 'int8', not {quantize!r}")
-        return quantize == "int8" and self.device.type == "cpu"  # the kernel and its measurements are CPU ones
+    def _build_fast(self, raise_errors: bool = False) -> None:
+        """The int8 copy (service/quantize.py); `forward` switches to it between two steps once it exists (both
+        compute the same function up to int8 rounding). In a background build a failure leaves the policy serving
+        as loaded."""
+        from service.quantize import int8_decode_copy
 
-    def quantize_in_background(self, quantize: str) -> None:
-        """Build the int8 copy (`prepared`) in a thread; `forward` switches to it between two steps once it exists
-        (both compute the same function up to int8 rounding). A failure leaves the policy serving as loaded."""
-        if not self._int8(quantize):
+        try:
+            self.fast, replaced = int8_decode_copy(self.model)
+            log.info("policy v%d: %d linear layers decode in int8", self.version, replaced)
+        except Exception:
+            if raise_errors:
+                raise
+            log.exception("policy v%d: no int8 copy; decoding with the loaded weights", self.version)
+        finally:
             self.fast_ready.set()
-            return
-        self.fast_ready.clear()  # `prepared` set it: now it waits for the thread
-
-        def build() -> None:
-            from service.quantize import int8_decode_copy
-
-            try:
-                self.fast, replaced = int8_decode_copy(self.model)
-                log.info("policy v%d: %d linear layers decode in int8", self.version, replaced)
-            except Exception:  # the loaded weights keep serving: slower, never wrong
-                log.exception("policy v%d: no int8 copy; decoding with the loaded weights", self.version)
-            finally:
-                self.fast_ready.set()
-
-        threading.Thread(target=build, name=f"alignd-int8-v{self.version}", daemon=True).start()
 
     def forward(self, **inputs):
         return (self.compiled or self.fast or self.model)(**inputs)

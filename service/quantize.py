@@ -1,13 +1,12 @@
 """Weight-only int8 for decode steps on CPU (`ALIGND_QUANTIZE=int8`): what makes one request at a time faster.
 
 Decoding one sequence multiplies a single row of activations by every weight matrix: the time goes into reading the
-weights, and neither bf16 nor fp32 matmuls of one row run near the memory's speed on these CPUs (one row x 576 x 1536
-at one thread: fp32 137 µs, bf16 162 µs). torch's own `_weight_int8pack_mm` CPU kernel reads int8 weights with a
-per-output-channel scale directly: 50 µs for that matrix, and 1.9 ms instead of 8.9 ms for a 49 k-token output head.
-For a batch of rows it is slower than a bf16 matmul (16 rows: 336 vs 128 µs), so each quantized layer keeps its
-original weight too and uses the int8 kernel only for calls of at most `max_rows` rows: a single stream's decode
-steps (and a small batch's) go int8, prefill and the batched decode of many clients keep the serving dtype's
-weights and outputs bit for bit.
+weights, and neither bf16 nor fp32 matmuls of one row run near the memory's speed on these CPUs. torch's own
+`_weight_int8pack_mm` CPU kernel reads int8 weights with a per-output-channel scale directly: for one row 2.1-3.2x
+faster than bf16 at SmolLM2-135M's matrices, output head included; for a batch of rows it is slower (8 rows 0.7-1.0x,
+16 rows 0.35-0.5x; `python bench/int8_kernel.py`). So each quantized layer keeps its original weight too and uses
+the int8 kernel only for calls of at most `max_rows` rows: a single stream's decode steps (and a small batch's) go
+int8, prefill and the batched decode of many clients keep the serving dtype's weights and outputs bit for bit.
 
 Written here rather than with torchao: torchao's `Int8WeightOnlyConfig` runs, in eager mode, a matmul against the
 whole weight converted back to the activation dtype on every call (int8_tensor.py: `w_vals_int8_t.to(output_dtype)`),
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MAX_ROWS = 4  # rows per call up to which the kernel beats bf16 (1 row 2.7-3.1x, 4 rows 1.4-1.6x, 6 rows 0.8-1.1x)
+MAX_ROWS = 4  # rows per call up to which the kernel beats bf16 (bench/int8_kernel.py: 4 rows 1.3-1.6x, 6 ~1x)
 K_MULTIPLE = 32  # inner dimensions the kernel handles (it needs multiples of 8; real models use multiples of 64)
 
 
@@ -39,7 +38,7 @@ class Int8DecodeLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.max_rows = linear.in_features, linear.out_features, max_rows
         self.weight, self.bias = linear.weight, linear.bias  # shared, never written
-        with torch.no_grad():  # in place on one float32 copy: 3x faster than out-of-place (0.5 s at 135 M, 1 core)
+        with torch.no_grad():  # in place on one float32 copy: ~3x faster than out-of-place (0.6 s at 135 M)
             w = linear.weight.detach().to(torch.float32, copy=True)  # never .float(): a no-op on float32 weights
             lo, hi = torch.aminmax(w, dim=1)
             # the kernel takes bf16 scales: round them first, so the int8 values are chosen for the scales used

@@ -116,8 +116,8 @@ def test_a_failed_int8_build_leaves_the_loaded_weights_serving(monkeypatch):
         raise MemoryError("injected: no room for the int8 copy")
 
     monkeypatch.setattr(service.quantize, "int8_decode_copy", broken)
-    policy = Policy(version=1, model=tiny_model("llama", seed=2), tokenizer=tiny_tokenizer()).prepared()
-    policy.quantize_in_background("int8")
+    policy = Policy(version=1, model=tiny_model("llama", seed=2), tokenizer=tiny_tokenizer())
+    policy.prepared(quantize="int8", background=True)
     assert policy.fast_ready.wait(10) and policy.fast is None
     engine = Engine(policy, max_batch_size=2)
     engine.start()
