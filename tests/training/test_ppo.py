@@ -310,7 +310,8 @@ def test_lora_ppo_trains_only_adapters_against_the_base_as_reference(arch):
     tok = tiny_tokenizer()
     base = tiny_sft_model(arch)
     # the adapter's init and the rollouts draw from the global generator, and sampling depends on the thread count:
-    # both fixed here, not left to whatever the tests before this one did
+    # both fixed here, not left to whatever the tests before this one did (that alone did not make the run the same
+    # in every order — kernels differ in the last bit — hence a learning rate at which no seed collapses)
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -321,7 +322,8 @@ def test_lora_ppo_trains_only_adapters_against_the_base_as_reference(arch):
         mini_batch_size=8,
         ppo_epochs=4,
         max_new_tokens=10,
-        lr=5e-3,
+        # 5e-3 collapsed one run in 16 (seeds 0-7, both archs) to answers without a 7; at 2e-3 all 16 rose by 0.19-1.0
+        lr=2e-3,
         critic_lr=1e-3,
         kl_coef=0.02,
         missing_eos_penalty=None,
