@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,9 @@ class DemoConfig:
     min_feedback: int = 100  # new events before each later cycle
     threads: int | None = None  # torch threads per service process (default: half the cores, API and trainer share)
     cycle_config: dict[str, Any] = field(default_factory=dict)  # CycleConfig overrides (ALIGND_HOME/cycle.json)
+    graders_as_reward: bool = False  # the labelled second run (README): the built-in world's graders on training
+    #                                  prompts (held-out family left out) join the policy update; off by default, so
+    #                                  the headline figures come from the simulated people's feedback alone
     report: ReportConfig = field(default_factory=ReportConfig)
     report_reserve_s: float = 60.0  # kept at the end for the report's evaluation of every version (~25 s measured)
     startup_timeout_s: float = 300.0  # API and workers ready (model load, Celery start)
@@ -218,12 +221,33 @@ def stretch_overrides(remaining: float, last_cycle_s: float, n_done: int, cfg: D
     return {"update.seconds": round(seconds, 1), "update.steps": math.ceil(base.steps * seconds / base.seconds)}
 
 
+GRADER_SUITE = "graders-train.jsonl"  # written into the data directory with graders_as_reward
+GRADERS_AS_REWARD = {  # graders_as_reward's cycle settings; the run's own cycle_config keys win
+    "reward.grader_weight": 1.0,
+    "update.grader_prompt_share": 0.25,
+    "eval.suites": [GRADER_SUITE],
+}
+
+
+def with_graders(cfg: DemoConfig) -> DemoConfig:
+    """`cfg` with graders_as_reward's cycle settings merged under its own (a no-op when the option is off)."""
+    if not cfg.graders_as_reward:
+        return cfg
+    return replace(cfg, cycle_config={**GRADERS_AS_REWARD, **cfg.cycle_config})
+
+
 def _prepare_home(cfg: DemoConfig) -> tuple[Path, Path]:
-    """The (empty) data directory with the run's cycle.json, and the report directory."""
+    """The (empty) data directory with the run's cycle.json (and grader suite), and the report directory."""
     home = Path(cfg.home) if cfg.home else Path(tempfile.mkdtemp(prefix="alignd-demo-"))
     home = home.expanduser().resolve()
     if home.exists() and any(home.iterdir()):
         raise ValueError(f"{home} is not empty: the demo starts from an empty data directory (pass a new --home)")
+    if cfg.graders_as_reward:
+        from training.graders import world_suite_items
+
+        home.mkdir(parents=True, exist_ok=True)
+        items = world_suite_items(40, seed=cfg.seed, split="train")
+        (home / GRADER_SUITE).write_text("".join(json.dumps(x) + "\n" for x in items))
     if cfg.cycle_config:
         from workers.cycle import CycleConfig
 
@@ -365,6 +389,7 @@ def run_demo(
     compare: dict | None = None,
 ) -> dict[str, Any]:
     """One demo run; returns a summary (with the report's JSON under "report")."""
+    cfg = with_graders(cfg)
     t0 = time.monotonic()
     budget = cfg.minutes * 60
     home, out = _prepare_home(cfg)
@@ -380,6 +405,7 @@ def run_demo(
         "users": cfg.users,
         "noise": cfg.noise,
         "minutes_budget": cfg.minutes,
+        "graders_as_reward": cfg.graders_as_reward,
     }
     # a SIGTERM (kill, a CI timeout) must stop the services as Ctrl-C does, not orphan them
     restore = (

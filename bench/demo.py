@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from alignd.demo import DemoConfig, brief, run_demo  # noqa: E402
+from alignd.demo import DemoConfig, brief, run_demo, with_graders  # noqa: E402
 
 
 def main() -> None:
@@ -34,6 +34,11 @@ def main() -> None:
         default=None,
         help="""CycleConfig overrides as JSON, nested or dotted keys, e.g. '{"reward.lr": 3e-4}'""",
     )
+    ap.add_argument(
+        "--graders-as-reward",
+        action="store_true",
+        help="the labelled run: the built-in world's graders on training prompts join the policy update",
+    )
     args = ap.parse_args()
     cfg = DemoConfig(
         minutes=args.minutes,
@@ -41,11 +46,12 @@ def main() -> None:
         cycles=args.cycles,
         home=args.home,
         cycle_config=json.loads(args.cycle_config) if args.cycle_config else {},
+        graders_as_reward=args.graders_as_reward,
     )
     summary = run_demo(cfg)
     out = brief(summary)
     out["machine"] = {"cpus": os.cpu_count()}
-    out["cycle_config"] = cfg.cycle_config  # which algorithm ran (bench/demo_table.py groups runs by it)
+    out["cycle_config"] = with_graders(cfg).cycle_config  # which algorithm ran (bench/demo_table.py groups runs by it)
     out["versions"] = [
         {
             k: row.get(k)

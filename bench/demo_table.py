@@ -7,7 +7,8 @@ Issue #12 judges each cycle algorithm on the median of three demo runs, by the c
     done; done
     python bench/demo_table.py runs/*.json
 
-The algorithm of a run is read from its JSON (the cycle config it ran with; PPO where none was given). The median row
+The algorithm of a run is read from its JSON (the cycle config it ran with; today's default where none was
+given; "+graders" for runs with graders as reward). The median row
 takes each column's median separately, so it is not one run's figures. The JSON (stdout after the table, or only
 the JSON with --json) has every run's figures and the medians.
 """
@@ -17,13 +18,26 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _get(cfg: dict[str, Any], dotted: str) -> Any:
+    section, key = dotted.split(".")
+    return cfg.get(dotted, (cfg.get(section) or {}).get(key))
+
 
 def algorithm(run: dict[str, Any]) -> str:
+    """The run's group: its update algorithm (today's default where its config names none), "+graders" when graders
+    were part of the reward (bench/demo.py --graders-as-reward)."""
+    from workers.cycle_config import UpdateConfig
+
     cfg = run.get("cycle_config") or {}
-    return cfg.get("update.algorithm") or (cfg.get("update") or {}).get("algorithm") or "ppo"
+    name = _get(cfg, "update.algorithm") or UpdateConfig().algorithm
+    return name + ("+graders" if (_get(cfg, "reward.grader_weight") or 0) > 0 else "")
 
 
 def figures(run: dict[str, Any]) -> dict[str, Any]:

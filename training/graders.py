@@ -42,6 +42,7 @@ import importlib
 import importlib.metadata
 import json
 import math
+import random
 import re
 import sys
 from collections import defaultdict
@@ -50,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training.world import CAPITALS, Task, eval_tasks, is_refusal
+from training.world import CAPITALS, HELDOUT_FAMILY, TASK_FAMILIES, Task, eval_tasks, is_refusal, sample_task
 
 ENTRY_POINT_GROUP = "alignd.graders"
 DEFAULT_FAMILY = "default"
@@ -577,12 +578,25 @@ def world_grader(task: Task) -> dict[str, Any]:
     return {"type": "all", "graders": [answered, *right]}
 
 
-def world_suite_items(n_per_family: int = 20, seed: int = 1234) -> list[dict[str, Any]]:
-    """The built-in world's evaluation set (`world.eval_tasks`, the prompts `evaluate_policy` uses with the same
-    arguments) as suite lines, one JSON object each."""
+WORLD_SPLITS = ("eval", "train")
+
+
+def world_suite_items(n_per_family: int = 20, seed: int = 1234, split: str = "eval") -> list[dict[str, Any]]:
+    """The built-in world's tasks as suite lines, one JSON object each. split "eval": the evaluation set
+    (`world.eval_tasks`, the prompts `evaluate_policy` uses with the same arguments); "train": drawn as training
+    prompts are (`world.sample_task` seeded with `seed`: jailbreaks at the training rate, the held-out family left
+    out) — a suite for graders as reward, so what the report measures on the held-out family had no grader."""
+    if split == "eval":
+        tasks, prefix = eval_tasks(n_per_family, seed=seed), "world"
+    elif split == "train":
+        rng = random.Random(seed)
+        families = [f for f in TASK_FAMILIES if f != HELDOUT_FAMILY] + ["harmful", "benign"]
+        tasks, prefix = [sample_task(rng, f) for f in families for _ in range(n_per_family)], "world-train"
+    else:
+        raise ValueError(f"split={split!r}: expected one of {WORLD_SPLITS}")
     return [
-        {"id": f"world-{i}", "prompt": t.prompt, "grader": world_grader(t), "family": world_family(t)}
-        for i, t in enumerate(eval_tasks(n_per_family, seed=seed))
+        {"id": f"{prefix}-{i}", "prompt": t.prompt, "grader": world_grader(t), "family": world_family(t)}
+        for i, t in enumerate(tasks)
     ]
 
 

@@ -99,8 +99,10 @@ class UpdateConfig:
     #                        bases of at least lora_min_parameters
     lora_min_parameters: int = 50_000_000  # the built-in 2 M model's measured figures are all full fine-tuning; at
     #                                        real sizes a full cycle holds policy, reference, critic and two optimisers
-    grader_prompt_share: float = 0.0  # PPO prompts drawn from the grader suites' items (eval.suites), so a grader
-    #                                   reward (reward.grader_weight) has rollouts to score; 0 = off
+    grader_prompt_share: float = 0.0  # share of the update's prompts drawn from the grader suites' items
+    #                                   (eval.suites), so graders as reward (reward.grader_weight) have answers to
+    #                                   score: of PPO's rollout prompts, or for DPO/KTO beside the cycle's new
+    #                                   labelled items (at least 8 prompts, 4 answers each); 0 = off
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:

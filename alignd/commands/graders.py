@@ -51,12 +51,19 @@ def check_cmd(
 def world_cmd(
     out: Annotated[Path, typer.Option(help="suite file to write (JSONL)")],
     per_family: Annotated[int, typer.Option(help="prompts per family (13 groups)")] = 20,
-    seed: Annotated[int, typer.Option(help="evaluation seed (training.world.eval_tasks)")] = 1234,
+    seed: Annotated[int, typer.Option(help="seed of the prompts drawn (eval: training.world.eval_tasks)")] = 1234,
+    split: Annotated[
+        str,
+        typer.Option(help="eval: the evaluation set; train: prompts drawn as for training, held-out family left out"),
+    ] = "eval",
 ):
-    """Write the built-in world's checkers as a grader suite: the file format, by example."""
-    from training.graders import world_suite_items
+    """Write the built-in world's checkers as a grader suite: the file format, by example (--split train: a suite
+    to use graders as reward on, whose prompts are not the evaluation's)."""
+    from training.graders import WORLD_SPLITS, world_suite_items
 
-    items = world_suite_items(per_family, seed)
+    if split not in WORLD_SPLITS:
+        raise typer.BadParameter(f"expected one of {WORLD_SPLITS}", param_hint="--split")
+    items = world_suite_items(per_family, seed, split)
     out.write_text("".join(json.dumps(x) + "\n" for x in items))
     print(f"wrote {len(items)} items to {out}")
 

@@ -324,6 +324,9 @@ def demo(
     min_feedback: Annotated[int, typer.Option(help="new feedback events before each later cycle")] = 100,
     cycle_config: Annotated[Optional[str], typer.Option(help="CycleConfig overrides as JSON")] = None,
     eval_per_family: Annotated[int, typer.Option(help="report evaluation prompts per task group")] = 40,
+    graders_as_reward: Annotated[
+        bool, typer.Option(help="labelled run: the built-in graders on training prompts join the policy update")
+    ] = False,
 ):
     """From an empty data directory: bootstrap, serve, simulated users, training cycles with hot-swaps, report."""
     from alignd.demo import DemoConfig, brief, print_tables, run_compare, run_demo
@@ -343,6 +346,7 @@ def demo(
         min_feedback=min_feedback,
         cycle_config=json.loads(cycle_config) if cycle_config else {},
         report=ReportConfig(eval_per_family=eval_per_family),
+        graders_as_reward=graders_as_reward,
     )
     log = lambda msg: console.print(msg)  # noqa: E731
     try:

@@ -218,6 +218,24 @@ def test_the_world_suite_scores_every_response_exactly_as_the_world_checkers():
     assert all(v == {0.0, 1.0} for v in seen.values()), seen  # every family saw passing and failing responses
 
 
+def test_the_world_training_split_leaves_the_held_out_family_and_the_evaluation_prompts_out(tmp_path):
+    from training.graders import world_suite_items
+    from training.world import HELDOUT_FAMILY, task_from_prompt
+
+    items = world_suite_items(30, seed=0, split="train")
+    families = {x["family"].split("/")[0] for x in items}
+    assert HELDOUT_FAMILY not in families and {"arithmetic", "facts", "harmful", "benign"} <= families
+    assert all(x["id"].startswith("world-train-") for x in items)
+    # graded like the evaluation suite: each item's grader is its task's checker
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in items))
+    suite = load_suite(tmp_path / "train.jsonl")
+    tasks = [task_from_prompt(it.prompt) for it in suite.items]
+    assert all(tasks)
+    assert grade(suite, [t.answer for t in tasks]).pass_rate == 1.0  # the world's ideal answers pass
+    with pytest.raises(ValueError, match="split='test'"):
+        world_suite_items(split="test")
+
+
 def test_the_world_suite_per_family_equals_evaluate_policy_on_the_same_responses():
     from tests.utils.tiny import tiny_sft_model, tiny_tokenizer
     from training.evaluate import EvalConfig, evaluate_policy

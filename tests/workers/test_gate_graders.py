@@ -147,3 +147,29 @@ def test_a_cycle_with_the_grader_reward_publishes(r, home):
     report = run_cycle(r, home, _cycle(**dotted))
     assert report["status"] == "published", report
     assert registry.get_version(r, report["version"])["metrics"]["graders"]["mine"]["n"] == len(PROMPTS)
+
+
+@pytest.mark.parametrize("algorithm", ["dpo", "kto"])
+def test_a_preference_cycle_learns_from_the_policys_answers_ranked_by_the_graders(r, home, algorithm):
+    """DPO and KTO have no reward to add a grader score to: with graders as reward the cycle samples the current
+    policy on suite prompts, ranks the answers by the graders and trains on them beside the people's labels, and the
+    version records what was sampled."""
+    seed_feedback(r, 12)
+    dotted = {
+        "update.algorithm": algorithm,
+        "reward.grader_weight": 2.0,
+        "update.grader_prompt_share": 0.5,
+        "gate.max_grader_drop": 1.0,
+        f"{algorithm}.max_steps": 4,
+        f"{algorithm}.max_seconds": 5.0,
+    }
+    report = run_cycle(r, home, _cycle(**dotted))
+    assert report["status"] == "published", report
+    info = registry.get_version(r, report["version"])["ppo"]
+    assert info["algorithm"] == algorithm and info["data"]["new"] == 12
+    grader = info["data"]["grader"]
+    assert grader["prompts"] == 12 and grader["answers"] == 48 and grader["weight"] == 2.0  # 12 x 0.5 / (1 - 0.5)
+    assert 0 < grader["pass_rate"] < 1 and grader["mixed_prompts"] >= 1 and grader["items"] >= 1
+    # the graders' items were trained on: more items than the 12 people's labels give
+    trained = info["metrics"]["n_train"] + info["metrics"]["n_heldout"]
+    assert trained > (12 if algorithm == "dpo" else 24), info["metrics"]
