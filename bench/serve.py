@@ -236,9 +236,12 @@ async def http_clients(url: str, concurrency: int, per_client: int, max_tokens: 
     async with httpx.AsyncClient(
         base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=300, limits=limits
     ) as http:
+        before = await engine_counts(http)
         start = time.perf_counter()
         await asyncio.gather(*(one_client(c, http) for c in range(concurrency)))
         wall = time.perf_counter() - start
+        after = await engine_counts(http)
+    steps, prefills = (after[k] - before[k] for k in ("decode_steps", "prefills"))
     return {
         "clients": concurrency,
         "requests": len(lat),
@@ -249,6 +252,10 @@ async def http_clients(url: str, concurrency: int, per_client: int, max_tokens: 
         "ttft_p99_s": pct(ttft, 99),
         "latency_p50_s": pct(lat, 50),
         "latency_p99_s": pct(lat, 99),
+        # how the engine batched them: rows per decode step (16 at best) and prefill forwards (each admits a group)
+        "decode_steps": steps,
+        "rows_per_step": round(tokens / steps, 2) if steps else None,
+        "prefills": prefills,
     }
 
 
@@ -403,14 +410,21 @@ def agreement(reference: list, outputs: list) -> dict:
     return {"identical": f"{same}/{len(outputs)}", "common_prefix_share": share}
 
 
-async def engine_gauges(http: httpx.AsyncClient) -> tuple[int, int]:
-    """(running sequences, decode steps so far) from the server's /metrics."""
+async def engine_counts(http: httpx.AsyncClient) -> dict[str, int]:
+    """The engine's gauges from the server's /metrics: running sequences, decode steps and prefills so far."""
+    names = ("alignd_engine_running_sequences", "alignd_engine_decode_steps", "alignd_engine_prefills")
     values = {}
     for line in (await http.get("/metrics")).text.splitlines():
         name, _, value = line.partition(" ")
-        if name in ("alignd_engine_running_sequences", "alignd_engine_decode_steps"):
-            values[name] = int(float(value))
-    return values["alignd_engine_running_sequences"], values["alignd_engine_decode_steps"]
+        if name in names:
+            values[name.removeprefix("alignd_engine_")] = int(float(value))
+    return values
+
+
+async def engine_gauges(http: httpx.AsyncClient) -> tuple[int, int]:
+    """(running sequences, decode steps so far) from the server's /metrics."""
+    values = await engine_counts(http)
+    return values["running_sequences"], values["decode_steps"]
 
 
 async def disconnect_scenario(url: str, clients: int, max_tokens: int, texts: list[str], read_chunks: int = 4) -> dict:

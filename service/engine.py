@@ -325,6 +325,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._running = False
         self.steps = 0
+        self.prefills = 0  # prefill forwards, each over a group of sequences admitted together
         self.tokens_generated = 0
         self.cancelled = 0  # sequences dropped by `cancel` before they finished
         self.failed = 0  # sequences failed by an exception in the engine
@@ -489,6 +490,7 @@ class Engine:
             except Exception as exc:  # only the new sequences have been touched: the running batch carries on
                 self._fail(seqs, exc, "prefill")
                 continue
+            self.prefills += 1
             try:
                 self._join(batch, seqs, *prefilled)
             except Exception as exc:  # merging may have left the running cache half extended: fail both

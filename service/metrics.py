@@ -23,3 +23,4 @@ ENGINE_FAILURES = Counter(
 )
 RUNNING = Gauge("alignd_engine_running_sequences", "sequences in a running batch of the engine")
 DECODE_STEPS = Gauge("alignd_engine_decode_steps", "decode steps run by this process's engine")
+PREFILLS = Gauge("alignd_engine_prefills", "prefill forwards (each over the sequences admitted together) run so far")

@@ -57,4 +57,5 @@ async def prometheus_metrics(state: StateDep):
         metrics.VERSION.set(state.engine.current_version)
         metrics.RUNNING.set(state.engine.running())
         metrics.DECODE_STEPS.set(state.engine.steps)
+        metrics.PREFILLS.set(state.engine.prefills)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
