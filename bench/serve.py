@@ -553,7 +553,9 @@ def main() -> None:
     # the alignd runs' model, as the loader prepares it; the float32 original stays for the HF baselines
     served = policy
     if dtype != torch.float32 or quantize != "none":
-        served = copy.deepcopy(policy).prepared(None if dtype == torch.float32 else dtype, quantize=quantize)
+        # a new Policy around a copy of the model (a Policy holds a threading.Event, which cannot be deep-copied)
+        served = Policy(1, copy.deepcopy(policy.model), policy.tokenizer, context=policy.context)
+        served = served.prepared(None if dtype == torch.float32 else dtype, quantize=quantize)
     if args.single_stream:
         result = {"model": name, "parameters": parameters, "dtype": args.dtype, "served_dtype": str(dtype)[6:]}
         result["quantize"], result["served_quantize"] = args.quantize, quantize

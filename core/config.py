@@ -171,19 +171,28 @@ class Settings(BaseSettings):
             return self.checkpoints_dir / p.name
         return p
 
-    def apply_torch_threads(self, serving: bool = False) -> None:
+    def apply_torch_threads(self, serving: bool = False) -> int | None:
         """ALIGND_TORCH_THREADS, else every core for training and all but one for serving, shared by the
         `serve_workers` API processes: the API's event loop (HTTP, JSON, streaming) needs a core of its own, and a
         small model's decode step gains little from the last one (bench/serve.py: 16 streaming clients got 4.1x the
         baseline with 1 of 2 cores, 2.9x with 2). On a GPU (ALIGND_DEVICE=cuda…) nothing is pinned unless
-        ALIGND_TORCH_THREADS says so: the CPU threads there only launch kernels."""
+        ALIGND_TORCH_THREADS says so: the CPU threads there only launch kernels. Returns the count (None: not set).
+
+        Serving: the count is the engine thread's (`Engine(threads=…)`); the calling thread, and the threads that
+        load versions, run torch on one thread. libgomp keeps a pool of worker threads for each thread that runs a
+        parallel torch op, and once a process holds more of them than there are cores it cuts their spin-wait to
+        ~100 iterations, so each of the hundreds of parallel regions in a decode step pays a futex wake-up: a
+        135 M decode step of 16 rows on a thread of its own took 90-100 ms beside the loading thread's pool and
+        60-80 ms without it (2 cores, 2 threads each)."""
         import torch
 
         if self.torch_device().startswith("cuda") and self.torch_threads is None:
-            return
+            return None
         cores = os.cpu_count() or 1
         serving_threads = max(1, (cores - 1) // self.serve_workers)
-        torch.set_num_threads(self.torch_threads or (serving_threads if serving else cores))
+        threads = self.torch_threads or (serving_threads if serving else cores)
+        torch.set_num_threads(1 if serving else threads)
+        return threads
 
     def torch_device(self) -> str:
         if self.device != "auto":

@@ -123,19 +123,22 @@ class Policy:
         if quantize == "none" or self.device.type != "cpu":  # the kernel and its measurements are CPU ones
             self.fast_ready.set()
         elif background and not compile:  # a compiled forward is built once, from the int8 copy
-            threading.Thread(target=self._build_fast, name=f"alignd-int8-v{self.version}", daemon=True).start()
+            name = f"alignd-int8-v{self.version}"
+            threading.Thread(target=self._build_fast, kwargs={"background": True}, name=name, daemon=True).start()
         else:
             self._build_fast(raise_errors=True)
         if compile:  # kept beside the model, not patched into it: a base cache deep-copies the model
             self.compiled = torch.compile((self.fast or self.model).forward, dynamic=True)
         return self
 
-    def _build_fast(self, raise_errors: bool = False) -> None:
+    def _build_fast(self, raise_errors: bool = False, background: bool = False) -> None:
         """The int8 copy (service/quantize.py); `forward` switches to it between two steps once it exists (both
         compute the same function up to int8 rounding). In a background build a failure leaves the policy serving
         as loaded."""
         from service.quantize import int8_decode_copy
 
+        if background:
+            torch.set_num_threads(1)  # no thread pool beside the engine's (core/config.py apply_torch_threads)
         try:
             self.fast, replaced = int8_decode_copy(self.model)
             log.info("policy v%d: %d linear layers decode in int8", self.version, replaced)
@@ -314,8 +317,9 @@ class _Batch:
 class Engine:
     """Continuous-batching generation over one or more policy versions."""
 
-    def __init__(self, policy: Policy, max_batch_size: int = 32):
+    def __init__(self, policy: Policy, max_batch_size: int = 32, threads: int | None = None):
         self.max_batch_size = max_batch_size
+        self.threads = threads  # torch threads of the engine's own thread (None: whatever the process has set)
         self.policies: dict[int, Policy] = {policy.version: policy}
         self.current_version = policy.version
         self.pinned: set[int] = set()  # versions kept loaded besides the current one (arena parent)
@@ -418,6 +422,8 @@ class Engine:
 
     # --- scheduler thread
     def _loop(self) -> None:
+        if self.threads:  # per thread in torch's OpenMP backend (core/config.py apply_torch_threads says why)
+            torch.set_num_threads(self.threads)
         while self._running:
             try:
                 busy = any(b.seqs for b in self._batches.values())
@@ -570,13 +576,20 @@ class Engine:
             drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p.unsqueeze(1)
             sorted_p = sorted_p.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-        # argmax(p / E) with E ~ Exp(1) is an exact draw from p (the exponential race / Gumbel-max trick); one
-        # vectorised op, about 4x cheaper per step here than torch.multinomial over the batch
-        noise = torch.empty_like(probs).exponential_()
+        # inverse-CDF draw: one uniform per row, placed on the row's cumulative distribution — exact, and one random
+        # number per row instead of one per vocabulary entry: the exponential race (argmax p/E) and
+        # torch.multinomial both draw a random number per entry, 18-19 ms per step for 16 rows of a 49k vocabulary
+        # on this CPU (most of the gap between the engine and HF's static batch at 135 M), against ~1 ms here
+        cdf = probs.cumsum(-1)  # (B, V); unnormalised after top-p, hence the scaling by its last column
+        u = torch.rand(len(seqs), 1, device=logits.device)
         for i, s in enumerate(seqs):
-            if s.generator is not None:  # seeded rows draw their noise from their own generator
-                noise[i] = torch.empty_like(probs[i]).exponential_(generator=s.generator)
-        choice = (probs / noise.clamp_(min=1e-20)).argmax(-1)  # a zero draw would give inf/nan
+            if s.generator is not None:  # seeded rows draw from their own generator
+                u[i] = torch.rand(1, generator=s.generator, device=logits.device)
+        choice = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+        # u * total can round up to total (~1e-7 of draws): the clamp then lands on the last entry, which top-p may
+        # have zeroed; such a draw takes the most likely token instead
+        drawn = probs.gather(1, choice.unsqueeze(1)).squeeze(1) > 0
+        choice = torch.where(drawn, choice, probs.argmax(-1))
         return torch.where(greedy, logits.argmax(-1), choice)
 
     @staticmethod

@@ -65,6 +65,9 @@ class Follower:
 
     # --- the loop
     def _run(self) -> None:
+        import torch
+
+        torch.set_num_threads(1)  # loads versions: no thread pool beside the engine's (core/config.py says why)
         pubsub = None
         while not self._stop.is_set():
             try:

@@ -32,7 +32,7 @@ class PolicyRejected(RuntimeError):
 def smoke_test(policy: Policy, timeout_s: float = 60.0, prompt_tokens: int | None = None) -> None:
     """A loaded policy must produce some text for a trivial prompt, within `timeout_s`, before it is served.
     `prompt_tokens` keeps only the chat prompt's last tokens (the tokenizer and chat template still run)."""
-    engine = Engine(policy, max_batch_size=1)
+    engine = Engine(policy, max_batch_size=1, threads=1)  # a short check: no thread pool of its own
     engine.start()
     handle = None
     try:

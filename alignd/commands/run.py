@@ -91,7 +91,7 @@ def serve(
     from store import registry
 
     settings = get_settings()
-    settings.apply_torch_threads(serving=True)
+    threads = settings.apply_torch_threads(serving=True)
     url, r, _ = open_redis(settings)
     version = registry.current_version(r)
     if version is None:
@@ -114,7 +114,7 @@ def serve(
         del policy
         _serve_workers(settings, url, host, port, workers)
         return
-    engine = Engine(policy, max_batch_size=settings.max_batch_size)
+    engine = Engine(policy, max_batch_size=settings.max_batch_size, threads=threads)
     application = create_app(settings, url, engine)
     keyring = application.state.alignd.keyring
     if keyring.generated:

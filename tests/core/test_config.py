@@ -40,3 +40,18 @@ def test_quantize_auto_is_int8_only_for_a_bf16_model_on_a_cpu(monkeypatch):
     monkeypatch.setenv("ALIGND_QUANTIZE", "none")
     assert Settings(device="cpu").serving_quantize(big, torch.bfloat16) == "none"
     assert Settings(device="cpu", quantize="int8").serving_quantize(10, torch.float32) == "int8"
+
+
+def test_serving_threads_are_the_engines_and_the_caller_runs_on_one(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setenv("ALIGND_TORCH_THREADS", "2")
+    monkeypatch.setenv("ALIGND_DEVICE", "cpu")
+    try:
+        assert Settings().apply_torch_threads(serving=True) == 2
+        assert torch.get_num_threads() == 1  # main and loading threads: no second thread pool beside the engine's
+        assert Settings().apply_torch_threads() == 2 and torch.get_num_threads() == 2  # training: every thread
+        monkeypatch.delenv("ALIGND_TORCH_THREADS")
+        monkeypatch.setenv("ALIGND_DEVICE", "cuda")
+        assert Settings().apply_torch_threads(serving=True) is None  # on a GPU nothing is pinned
+    finally:
+        torch.set_num_threads(before)

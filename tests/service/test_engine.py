@@ -102,7 +102,7 @@ def test_swap_pins_running_requests_to_their_version_and_frees_the_old_one():
 
 
 def test_sampler_draws_from_the_tempered_top_p_distribution():
-    """The exponential-race sampler against the exact distribution: temperature, top_p and greedy rows together."""
+    """The inverse-CDF sampler against the exact distribution: temperature, top_p and greedy rows together."""
     from types import SimpleNamespace
 
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
@@ -120,6 +120,7 @@ def test_sampler_draws_from_the_tempered_top_p_distribution():
     keep = (tempered.cumsum(-1) - tempered) < 0.9
     kept[~keep] = 0
     assert torch.allclose(freq[1], kept / kept.sum(), atol=0.015)
+    assert bool((draws[1] < 2).all())  # never a token top_p removed, the last one included
     assert bool((draws[2] == 0).all())
 
 
@@ -175,3 +176,22 @@ def test_incremental_detokenisation_equals_decoding_the_whole_output():
             )
         seq.flush(tok)
         assert seq.text == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_the_engine_runs_torch_on_its_own_thread_count_and_leaves_the_callers_alone():
+    """torch's OpenMP backend keeps a thread count (and a worker pool) per thread: the serving process runs its
+    main and loading threads on one, and only the engine's thread on the configured count (core/config.py
+    apply_torch_threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    engine = Engine(_policy("gpt2"), max_batch_size=2, threads=2)
+    seen: list[int] = []
+    engine.on_step = lambda rows: seen.append(torch.get_num_threads())
+    engine.start()
+    try:
+        engine.generate([{"role": "user", "content": PROMPTS[0]}], SamplingParams(temperature=0, max_tokens=4))
+        assert seen and set(seen) == {2}
+        assert torch.get_num_threads() == 1  # the caller's own count did not change
+    finally:
+        engine.stop()
+        torch.set_num_threads(before)
