@@ -328,6 +328,8 @@ def _one_cycle(
         "reason": result.get("reason"),
         "reward_heldout_accuracy": ((result.get("reward") or {}).get("metrics") or {}).get("heldout_accuracy"),
         "gate": result.get("gate"),
+        # which update ran on what: people's new and replayed items, and the graders' (graders_as_reward)
+        "update": {k: (result.get("ppo") or {}).get(k) for k in ("algorithm", "data")},
     }
     if record["status"] == "published":
         record["swap_seconds"] = swap = _wait_swap(r, sim, record["version"], 120.0)

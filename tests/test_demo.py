@@ -33,7 +33,12 @@ def base_model(tmp_path):
     return path
 
 
-def test_reduced_demo_publishes_swaps_and_reports(tmp_path, base_model):
+@pytest.mark.parametrize(
+    "algorithm, graders",
+    [("ppo", False), ("dpo", True), ("kto", False)],
+    ids=["ppo", "dpo-graders-as-reward", "kto"],
+)
+def test_reduced_demo_publishes_swaps_and_reports(tmp_path, base_model, algorithm, graders):
     cfg = DemoConfig(
         minutes=1.0,
         cycles=3,
@@ -46,8 +51,9 @@ def test_reduced_demo_publishes_swaps_and_reports(tmp_path, base_model):
         min_feedback=12,
         threads=1,
         report_reserve_s=10.0,
-        cycle_config=DEMO_CYCLE,
+        cycle_config={**DEMO_CYCLE, "update.algorithm": algorithm},
         report=ReportConfig(eval_per_family=2, max_new_tokens=8, oracle=True),
+        graders_as_reward=graders,
     )
     summary = run_demo(cfg, log=print)
 
@@ -58,6 +64,10 @@ def test_reduced_demo_publishes_swaps_and_reports(tmp_path, base_model):
     assert all(str(c["version"]) in served for c in published)
     assert all(summary["simulation"]["feedback"][k] > 0 for k in ("thumbs", "pairwise", "rank"))
     assert summary["simulation"]["errors"]["total"] == 0, summary["simulation"]["errors"]
+    assert all(c["update"]["algorithm"] == algorithm for c in published), [c["update"] for c in published]
+    if graders:  # the built-in graders on training prompts joined every update, recorded with it
+        assert (tmp_path / "home" / "graders-train.jsonl").exists() and summary["graders_as_reward"]
+        assert all(c["update"]["data"]["grader"]["answers"] > 0 for c in published), published
 
     report = summary["report"]
     out = tmp_path / "home" / "report"
@@ -70,6 +80,7 @@ def test_reduced_demo_publishes_swaps_and_reports(tmp_path, base_model):
     assert {c["version"] for c in published} <= set(rows)
     for c in published:
         row = rows[c["version"]]
+        assert row["source"] == algorithm
         assert row["metrics_source"] == "evaluated" and isinstance(row["score/mean"], float)
         assert row["feedback_events"] > 0 and row["annotators"]  # provenance: trained on simulated users' votes
         assert all(name.startswith("sim-") for name in row["annotators"])

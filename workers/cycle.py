@@ -379,6 +379,7 @@ def _stage_policy(run: CycleRun) -> None:
         ):
             run.halfway = len(steps), _snapshot(trainer.policy)
     run.ppo_info = {
+        "algorithm": "ppo",  # every update names itself, as DPO/KTO's do (the version's `source` comes from it)
         "steps": len(steps),
         "total_steps": trainer.step_count,
         "resumed": resumed,
