@@ -182,8 +182,8 @@ class Settings(BaseSettings):
         load versions, run torch on one thread. libgomp keeps a pool of worker threads for each thread that runs a
         parallel torch op, and once a process holds more of them than there are cores it cuts their spin-wait to
         ~100 iterations, so each of the hundreds of parallel regions in a decode step pays a futex wake-up: a
-        135 M decode step of 16 rows on a thread of its own took 90-100 ms beside the loading thread's pool and
-        60-80 ms without it (2 cores, 2 threads each)."""
+        135 M decode step of 16 rows on a thread of its own took 88-104 ms beside the main thread's pool and 75-86 ms
+        without it (`python bench/engine_step.py`, 2 cores, 2 threads each; medians of two runs)."""
         import torch
 
         if self.torch_device().startswith("cuda") and self.torch_threads is None:

@@ -578,18 +578,17 @@ class Engine:
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
         # inverse-CDF draw: one uniform per row, placed on the row's cumulative distribution — exact, and one random
         # number per row instead of one per vocabulary entry: the exponential race (argmax p/E) and
-        # torch.multinomial both draw a random number per entry: 18-21 ms per step for 16 rows of a 49k vocabulary
-        # on this CPU, a fifth of a 135 M decode step, against ~6 ms here (1.3 → 0.3 ms for one row)
-        cdf = probs.cumsum(-1)  # (B, V); unnormalised after top-p, hence the scaling by its last column
+        # torch.multinomial both draw a random number per entry: 18-23 ms per step for 16 rows of a 49k vocabulary
+        # on this CPU, a fifth of a 135 M decode step, against 4-8 ms here (one row: 1.1-1.2 → 0.2-0.3 ms;
+        # python bench/engine_step.py)
+        cdf = probs.cumsum(-1)  # (B, V), non-decreasing; unnormalised after top-p, hence scaling by its last column
         u = torch.rand(len(seqs), 1, device=logits.device)
         for i, s in enumerate(seqs):
             if s.generator is not None:  # seeded rows draw from their own generator
                 u[i] = torch.rand(1, generator=s.generator, device=logits.device)
-        choice = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
-        # u * total can round up to total (~1e-7 of draws): the clamp then lands on the last entry, which top-p may
-        # have zeroed; such a draw takes the most likely token instead
-        drawn = probs.gather(1, choice.unsqueeze(1)).squeeze(1) > 0
-        choice = torch.where(drawn, choice, probs.argmax(-1))
+        # the first entry whose cdf reaches a target in (0, total] (1 - u: rand can return 0, never 1): a zero-mass
+        # token never is one (its cdf equals its predecessor's), and the last entry's cdf is the total, so none is past
+        choice = torch.searchsorted(cdf, (1 - u) * cdf[:, -1:]).squeeze(1)
         return torch.where(greedy, logits.argmax(-1), choice)
 
     @staticmethod
