@@ -22,6 +22,7 @@ import contextlib
 import copy
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import wait_ready  # noqa: E402
 from core.config import Settings  # noqa: E402
 from core.redis_server import EmbeddedRedis, free_port  # noqa: E402
+from core.threads import set_thread_torch_threads  # noqa: E402
 from service.engine import Engine, Policy  # noqa: E402
 from store.client import connect  # noqa: E402
 from training import world  # noqa: E402
@@ -181,10 +183,11 @@ def forward_ceiling(policy: Policy, batch: int, steps: int = 64, context: int = 
 
 
 def engine_offline(policy: Policy, texts: list[str], max_tokens: int, threads: int = 1) -> dict:
-    """Same workload as hf_continuous_batching: all requests submitted at once, no HTTP."""
+    """Same workload as hf_continuous_batching: all requests submitted at once, no HTTP. Run it in a process whose
+    main thread has not run torch on several threads (`engine_offline_process`)."""
     from service.engine import SamplingParams
 
-    engine = Engine(policy, max_batch_size=64)
+    engine = Engine(policy, max_batch_size=64, threads=threads)
     engine.start()
     try:
         engine.generate([{"role": "user", "content": texts[0]}], SamplingParams(max_tokens=8))  # warm-up
@@ -196,7 +199,26 @@ def engine_offline(policy: Policy, texts: list[str], max_tokens: int, threads: i
         wall = time.perf_counter() - start
     finally:
         engine.stop()
-    return {"requests": len(texts), "tokens": tokens, "tokens_per_s": tokens / wall, "wall_s": wall}
+    return {
+        "requests": len(texts),
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "wall_s": wall,
+        "threads": threads,
+    }
+
+
+def engine_offline_process(args, threads: int) -> dict:
+    """`engine_offline` in a fresh process, set up as `alignd serve` sets up its own: the main thread on one torch
+    thread, the engine's on `threads`. In this process the main thread has run HF at several threads, and the
+    engine's OpenMP pool beside that one would slow its every parallel region (core/config.py apply_torch_threads)."""
+    cmd = [sys.executable, __file__, "--engine-offline-child", "--threads", str(threads)]
+    cmd += ["--max-tokens", str(args.max_tokens), "--dtype", args.dtype, "--quantize", args.quantize]
+    cmd += ["--shape", args.shape] if args.shape else ["--model", str(args.model)] if args.model else []
+    try:
+        return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    except subprocess.CalledProcessError as exc:  # report, don't hide
+        return {"error": exc.stderr[-300:]}
 
 
 async def http_clients(url: str, concurrency: int, per_client: int, max_tokens: int, texts: list[str]) -> dict:
@@ -305,6 +327,20 @@ def alignd_serve(
             server.terminate()
             server.wait(timeout=30)
             redis.stop()
+
+
+def median_round(records: list[dict]) -> dict:
+    """The record with the median tokens/s (the lower one of an even count), with every round's tokens/s."""
+    ordered = sorted(records, key=lambda r: r.get("tokens_per_s", 0.0))
+    return {
+        **ordered[(len(ordered) - 1) // 2],
+        "tokens_per_s_rounds": [round(r.get("tokens_per_s", 0.0), 1) for r in records],
+    }
+
+
+def server_threads(parameters: int) -> int | None:
+    """The engine threads `alignd serve` picks by itself on this machine (core/config.py serving_threads)."""
+    return Settings(device="cpu").serving_threads(parameters)
 
 
 def best_of_threads(fn, threads: int) -> dict:
@@ -498,6 +534,14 @@ def main() -> None:
         help="offline 16-request runs: engine, static (HF batch), continuous (HF), ceiling",
     )
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="the HTTP client levels and HF's static batch take turns this many times in the run; the figures are "
+        "each one's median round, the ratios the median of the rounds' ratios (the host's speed drifts)",
+    )
+    ap.add_argument("--engine-offline-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--requests-per-client", type=int, default=4)
     ap.add_argument("--baseline-requests", type=int, default=8)
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the offline runs")
@@ -536,6 +580,8 @@ def main() -> None:
         help="run only one-request-at-a-time greedy decoding: HF float32 vs alignd (in-process and HTTP)",
     )
     args = ap.parse_args()
+    if args.engine_offline_child:  # engine_offline_process's child: the main thread as `alignd serve` sets it
+        set_thread_torch_threads(1)
 
     if args.shape:
         from bench.shapes import SHAPES, build_shape
@@ -556,6 +602,9 @@ def main() -> None:
         # a new Policy around a copy of the model (a Policy holds a threading.Event, which cannot be deep-copied)
         served = Policy(1, copy.deepcopy(policy.model), policy.tokenizer, context=policy.context)
         served = served.prepared(None if dtype == torch.float32 else dtype, quantize=quantize)
+    if args.engine_offline_child:
+        print(json.dumps(engine_offline(served, texts[:16], args.max_tokens, args.threads)))
+        return
     if args.single_stream:
         result = {"model": name, "parameters": parameters, "dtype": args.dtype, "served_dtype": str(dtype)[6:]}
         result["quantize"], result["served_quantize"] = args.quantize, quantize
@@ -592,36 +641,46 @@ def main() -> None:
     }
     torch.set_num_threads(args.threads)
 
-    # the product path in its own process: `alignd serve` on a published copy of the same model
+    # the product path in its own process: `alignd serve` on a published copy of the same model; its client levels
+    # and HF's static batch (in float32 and in the serving dtype) take turns, `--rounds` times
+    offline = args.offline.split(",")
+    statics = {"hf_generate_static_batch": policy}
+    if served.dtype != policy.dtype:  # the same static batch in the serving dtype
+        statics[f"hf_generate_static_batch_{str(dtype)[6:]}"] = served
+    rounds = []
     with alignd_serve(policy, args.max_tokens, args.server_threads, args.dtype, args.quantize) as url:
         asyncio.run(http_clients(url, 1, 1, 8, texts))  # warm-up
-        levels = [
-            asyncio.run(http_clients(url, c, args.requests_per_client, args.max_tokens, texts))
-            for c in [int(x) for x in args.client_levels.split(",")]
-        ]
+        for _ in range(args.rounds):
+            one = {"alignd_http": []}
+            for clients in [int(x) for x in args.client_levels.split(",")]:
+                one["alignd_http"].append(
+                    asyncio.run(http_clients(url, clients, args.requests_per_client, args.max_tokens, texts))
+                )
+            if "static" in offline:
+                for key, model in statics.items():
+                    one[key] = hf_static_batch(model, texts[:16], args.max_tokens, args.threads)
+            http16 = [lv["tokens_per_s"] for lv in one["alignd_http"] if lv["clients"] == 16]
+            if http16 and "static" in offline:
+                one["http_16_clients_vs_static_batch"] = {
+                    k[25:] or "float32": round(http16[0] / one[k]["tokens_per_s"], 2) for k in statics
+                }
+            rounds.append(one)
+    levels = [median_round([r["alignd_http"][i] for r in rounds]) for i in range(len(rounds[0]["alignd_http"]))]
+    result["rounds"] = len(rounds)
     result["alignd_http"] = levels
+    off = result["offline_16_requests"] = {k: median_round([r[k] for r in rounds]) for k in statics if k in rounds[0]}
     # last: transformers' continuous-batching manager can leave a worker thread behind that would slow later runs
-    offline = args.offline.split(",")
-    runs = {
-        "engine": ("alignd_engine", engine_offline),
-        "static": ("hf_generate_static_batch", hf_static_batch),
-        "continuous": ("hf_continuous_batching", hf_continuous_batching),
-    }
-    off = result["offline_16_requests"] = {
-        runs[k][0]: runs[k][1](served if k == "engine" else policy, texts[:16], args.max_tokens, args.threads)
-        for k in runs
-        if k in offline
-    }
-    if "static" in offline and served.dtype != policy.dtype:  # the same static batch in the serving dtype
-        off[f"hf_generate_static_batch_{str(dtype)[6:]}"] = hf_static_batch(
-            served, texts[:16], args.max_tokens, args.threads
-        )
-    statics = {k: v["tokens_per_s"] for k, v in off.items() if k.startswith("hf_generate_static_batch")}
-    http16 = [lv["tokens_per_s"] for lv in levels if lv["clients"] == 16]
-    if statics and http16:
-        result["http_16_clients_vs_static_batch"] = {
-            k[25:] or "float32": round(http16[0] / v, 2) for k, v in statics.items()
+    if "engine" in offline:
+        off["alignd_engine"] = engine_offline_process(args, args.server_threads or server_threads(parameters))
+    if "continuous" in offline:
+        off["hf_continuous_batching"] = hf_continuous_batching(policy, texts[:16], args.max_tokens, args.threads)
+    if "http_16_clients_vs_static_batch" in rounds[0]:
+        by_round = {
+            k: [r["http_16_clients_vs_static_batch"][k] for r in rounds]
+            for k in rounds[0]["http_16_clients_vs_static_batch"]
         }
+        result["http_16_clients_vs_static_batch"] = {k: statistics.median(v) for k, v in by_round.items()}
+        result["http_16_clients_vs_static_batch_rounds"] = by_round
     if "ceiling" in offline:
         result["forward_only_ceiling"] = forward_ceiling(policy, 16)
     baseline = result["baseline_hf_generate_sequential"]

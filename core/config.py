@@ -24,6 +24,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # as without it (140 vs 134 tokens/s): batches of more than 4 rows never use the int8 weights.
 BF16_MIN_PARAMETERS = 50_000_000
 
+# Serving gives the engine every core from this size up, and leaves one to the event loop below it. Measured on 2
+# cores, `python bench/serve.py … --server-threads 1|2`, alternating runs: the built-in 2 M model with 16 streaming
+# clients served 2,181 / 2,505 tokens/s on one engine thread against 1,957 / 2,194 on two (each token costs the server
+# and its clients about as much as its share of the tiny decode step, and both need the GIL); the 135 M shape 188 / 214
+# on one against 226 / 272 on two, and one stream 52 against 69 tokens/s. Nothing between the two sizes was measured.
+ENGINE_ALL_CORES_MIN_PARAMETERS = 50_000_000
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ALIGND_", extra="ignore")
@@ -59,7 +66,9 @@ class Settings(BaseSettings):
         "int8 where a CPU serves a model in bfloat16 (the dtype's auto rule), none otherwise",
     )
     torch_threads: int | None = Field(
-        None, description="torch intra-op threads; unset: all cores for training, all but one for serving"
+        None,
+        description="torch intra-op threads; unset: all cores for training; for serving, the engine's thread gets "
+        "all cores (split between serve_workers) for models of 50 M parameters and more, all but one below",
     )
     host: str = "127.0.0.1"
     port: int = 8000
@@ -172,27 +181,38 @@ class Settings(BaseSettings):
         return p
 
     def apply_torch_threads(self, serving: bool = False) -> int | None:
-        """ALIGND_TORCH_THREADS, else every core for training and all but one for serving, shared by the
-        `serve_workers` API processes: the API's event loop (HTTP, JSON, streaming) needs a core of its own, and a
-        small model's decode step gains little from the last one (bench/serve.py: 16 streaming clients got 4.1x the
-        baseline with 1 of 2 cores, 2.9x with 2). On a GPU (ALIGND_DEVICE=cuda…) nothing is pinned unless
-        ALIGND_TORCH_THREADS says so: the CPU threads there only launch kernels. Returns the count (None: not set).
+        """ALIGND_TORCH_THREADS, else every core, for training: set on the calling thread, and returned. On a GPU
+        (ALIGND_DEVICE=cuda…) nothing is pinned unless ALIGND_TORCH_THREADS says so: the CPU threads there only
+        launch kernels (returns None).
 
-        Serving: the count is the engine thread's (`Engine(threads=…)`); the calling thread, and the threads that
-        load versions, run torch on one thread. libgomp keeps a pool of worker threads for each thread that runs a
-        parallel torch op, and once a process holds more of them than there are cores it cuts their spin-wait to
-        ~100 iterations, so each of the hundreds of parallel regions in a decode step pays a futex wake-up: a
-        135 M decode step of 16 rows on a thread of its own took 88-104 ms beside the main thread's pool and 75-86 ms
-        without it (`python bench/engine_step.py`, 2 cores, 2 threads each; medians of two runs)."""
-        import torch
+        Serving (`serving=True`): the calling thread, and the threads that load versions, run torch on one thread;
+        the engine's thread gets `serving_threads(parameters)` once the model is loaded (`Engine(threads=…)`).
+        libgomp keeps a pool of worker threads for each thread that runs a parallel torch op, and once a process
+        holds more of them than there are cores it cuts their spin-wait to ~100 iterations, so each of the hundreds
+        of parallel regions in a decode step pays a futex wake-up: a 135 M decode step of 16 rows on a thread of its
+        own took 88-104 ms beside the main thread's pool and 75-86 ms without it (`python bench/engine_step.py`, 2
+        cores, 2 threads each; medians of two runs). Returns None then."""
+        from core.threads import set_thread_torch_threads
 
         if self.torch_device().startswith("cuda") and self.torch_threads is None:
             return None
+        if serving:
+            set_thread_torch_threads(1)
+            return None
+        return set_thread_torch_threads(self.torch_threads or os.cpu_count() or 1)
+
+    def serving_threads(self, parameters: int) -> int | None:
+        """The engine thread's torch threads for a served model of `parameters` parameters (None: leave torch's own
+        count, on a GPU): ALIGND_TORCH_THREADS, else the cores shared by the `serve_workers` API processes — less one
+        for the event loop (HTTP, JSON, streaming) when the model is small enough that each token costs the server
+        about as much as the decode step (ENGINE_ALL_CORES_MIN_PARAMETERS says what was measured)."""
+        if self.torch_device().startswith("cuda") and self.torch_threads is None:
+            return None
+        if self.torch_threads:
+            return self.torch_threads
         cores = os.cpu_count() or 1
-        serving_threads = max(1, (cores - 1) // self.serve_workers)
-        threads = self.torch_threads or (serving_threads if serving else cores)
-        torch.set_num_threads(1 if serving else threads)
-        return threads
+        spare = 0 if parameters >= ENGINE_ALL_CORES_MIN_PARAMETERS else 1
+        return max(1, (cores - spare) // self.serve_workers)
 
     def torch_device(self) -> str:
         if self.device != "auto":

@@ -59,13 +59,15 @@ def app_from_env() -> FastAPI:
     from store import registry
 
     settings = get_settings()
-    threads = settings.apply_torch_threads(serving=True)
+    settings.apply_torch_threads(serving=True)
     sys.setswitchinterval(0.0005)  # as `alignd serve` (alignd/commands/run.py says why)
     r = connect(settings.redis_url)
     version = registry.current_version(r)
     if version is None:
         raise RuntimeError("no policy version is registered: run `alignd bootstrap` first")
-    engine = Engine(load_version(r, settings, version), max_batch_size=settings.max_batch_size, threads=threads)
+    policy = load_version(r, settings, version)
+    threads = settings.serving_threads(policy.parameters)
+    engine = Engine(policy, max_batch_size=settings.max_batch_size, threads=threads)
     return create_app(settings, settings.redis_url, engine)
 
 

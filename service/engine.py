@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from core.threads import set_thread_torch_threads
 from service import metrics
 from training.lora import load_policy
 
@@ -95,7 +96,7 @@ class Policy:
         cfg = model.config
         context = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None) or 2048
         policy = cls(version=version, model=model, tokenizer=tokenizer, path=str(path), context=int(context))
-        parameters = sum(p.numel() for p in model.parameters())
+        parameters = policy.parameters
         if callable(dtype):
             dtype = dtype(parameters)
         if callable(quantize):
@@ -137,8 +138,8 @@ class Policy:
         as loaded."""
         from service.quantize import int8_decode_copy
 
-        if background:
-            torch.set_num_threads(1)  # no thread pool beside the engine's (core/config.py apply_torch_threads)
+        if background:  # no thread pool beside the engine's (core/config.py apply_torch_threads)
+            set_thread_torch_threads(1)
         try:
             self.fast, replaced = int8_decode_copy(self.model)
             log.info("policy v%d: %d linear layers decode in int8", self.version, replaced)
@@ -159,6 +160,10 @@ class Policy:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    @property
+    def parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -423,7 +428,7 @@ class Engine:
     # --- scheduler thread
     def _loop(self) -> None:
         if self.threads:  # per thread in torch's OpenMP backend (core/config.py apply_torch_threads says why)
-            torch.set_num_threads(self.threads)
+            set_thread_torch_threads(self.threads)
         while self._running:
             try:
                 busy = any(b.seqs for b in self._batches.values())

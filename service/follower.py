@@ -29,6 +29,7 @@ import time
 
 import redis
 
+from core.threads import set_thread_torch_threads
 from service.deps import AppState
 from service.engine import Policy
 from service.loader import load_version
@@ -65,9 +66,7 @@ class Follower:
 
     # --- the loop
     def _run(self) -> None:
-        import torch
-
-        torch.set_num_threads(1)  # loads versions: no thread pool beside the engine's (core/config.py says why)
+        set_thread_torch_threads(1)  # loads versions: no thread pool beside the engine's (core/config.py says why)
         pubsub = None
         while not self._stop.is_set():
             try:

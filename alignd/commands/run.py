@@ -91,7 +91,7 @@ def serve(
     from store import registry
 
     settings = get_settings()
-    threads = settings.apply_torch_threads(serving=True)
+    settings.apply_torch_threads(serving=True)
     url, r, _ = open_redis(settings)
     version = registry.current_version(r)
     if version is None:
@@ -114,6 +114,7 @@ def serve(
         del policy
         _serve_workers(settings, url, host, port, workers)
         return
+    threads = settings.serving_threads(policy.parameters)
     engine = Engine(policy, max_batch_size=settings.max_batch_size, threads=threads)
     application = create_app(settings, url, engine)
     keyring = application.state.alignd.keyring

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from pydantic import ValidationError
 
-from core.config import BF16_MIN_PARAMETERS, Settings
+from core.config import BF16_MIN_PARAMETERS, ENGINE_ALL_CORES_MIN_PARAMETERS, Settings
 
 
 @pytest.mark.parametrize(
@@ -42,16 +44,30 @@ def test_quantize_auto_is_int8_only_for_a_bf16_model_on_a_cpu(monkeypatch):
     assert Settings(device="cpu", quantize="int8").serving_quantize(10, torch.float32) == "int8"
 
 
-def test_serving_threads_are_the_engines_and_the_caller_runs_on_one(monkeypatch):
+def test_serving_pins_the_caller_to_one_thread_and_gives_the_engine_the_configured_count(monkeypatch):
     before = torch.get_num_threads()
     monkeypatch.setenv("ALIGND_TORCH_THREADS", "2")
     monkeypatch.setenv("ALIGND_DEVICE", "cpu")
     try:
-        assert Settings().apply_torch_threads(serving=True) == 2
+        assert Settings().apply_torch_threads(serving=True) is None
         assert torch.get_num_threads() == 1  # main and loading threads: no second thread pool beside the engine's
+        assert Settings().serving_threads(10) == 2 and Settings().serving_threads(10**9) == 2  # set: any size
         assert Settings().apply_torch_threads() == 2 and torch.get_num_threads() == 2  # training: every thread
         monkeypatch.delenv("ALIGND_TORCH_THREADS")
         monkeypatch.setenv("ALIGND_DEVICE", "cuda")
         assert Settings().apply_torch_threads(serving=True) is None  # on a GPU nothing is pinned
+        assert Settings().serving_threads(10**9) is None
     finally:
         torch.set_num_threads(before)
+
+
+def test_unset_serving_threads_leave_a_core_to_the_event_loop_only_for_small_models(monkeypatch):
+    monkeypatch.delenv("ALIGND_TORCH_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    big, small = ENGINE_ALL_CORES_MIN_PARAMETERS, ENGINE_ALL_CORES_MIN_PARAMETERS - 1
+    assert Settings(device="cpu").serving_threads(big) == 8
+    assert Settings(device="cpu").serving_threads(small) == 7
+    assert Settings(device="cpu", serve_workers=2).serving_threads(big) == 4  # the processes share the cores
+    assert Settings(device="cpu", serve_workers=2).serving_threads(small) == 3
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert Settings(device="cpu", serve_workers=4).serving_threads(big) == 1  # never none

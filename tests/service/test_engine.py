@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 
 import pytest
 import torch
@@ -181,13 +182,22 @@ def test_incremental_detokenisation_equals_decoding_the_whole_output():
 def test_the_engine_runs_torch_on_its_own_thread_count_and_leaves_the_callers_alone():
     """torch's OpenMP backend keeps a thread count (and a worker pool) per thread: the serving process runs its
     main and loading threads on one, and only the engine's thread on the configured count (core/config.py
-    apply_torch_threads)."""
+    apply_torch_threads), even when another thread sets its own count before the engine's first op."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     engine = Engine(_policy("gpt2"), max_batch_size=2, threads=2)
     seen: list[int] = []
     engine.on_step = lambda rows: seen.append(torch.get_num_threads())
     engine.start()
+    time.sleep(0.2)  # the engine thread has set its count and waits for work
+
+    def follower() -> None:  # as the API's registry follower does, before the engine's first step
+        torch.set_num_threads(1)
+        torch.ones(8) + 1
+
+    other = threading.Thread(target=follower)
+    other.start()
+    other.join()
     try:
         engine.generate([{"role": "user", "content": PROMPTS[0]}], SamplingParams(temperature=0, max_tokens=4))
         assert seen and set(seen) == {2}
