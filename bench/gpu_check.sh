@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 export ALIGND_DEVICE="${ALIGND_DEVICE:-cuda}"
 SHAPE="${SHAPE:-smollm2-135m}"
 if [ "${QUICK:-0}" = 1 ]; then  # the smallest run that still goes through every step
-    SERVE_ARGS=(--client-levels 1 --offline static --max-tokens 4 --requests-per-client 1 --baseline-requests 1)
+    SERVE_ARGS=(--client-levels 1 --offline static --max-tokens 4 --requests-per-client 1 --baseline-requests 1 --rounds 1)
     CYCLE_ARGS=(--feedback 8)
 else
     SERVE_ARGS=(--client-levels 1,16 --offline static --max-tokens 32 --requests-per-client 2 --baseline-requests 4)

@@ -1,7 +1,8 @@
 """Serving benchmark: alignd's engine over real HTTP (`alignd serve` in its own process) at 1, 4 and 16
 concurrent clients against baselines on the same model in the same run: one-request-at-a-time Hugging Face
 `generate`, HF `generate` on one static batch of 16, and transformers' own continuous batching (`generate_batch`).
-Prints JSON.
+The client levels and the static batch take turns `--rounds` times (default 3) while the host's speed drifts; each
+figure is its median round and each ratio the median of the rounds' ratios. Prints JSON.
 
     python bench/serve.py                      # the default-size model (2 M-parameter GPT-2), untrained
     python bench/serve.py --model PATH         # any local HF causal-LM folder, e.g. a checkpoint under ALIGND_HOME
@@ -340,7 +341,7 @@ def median_round(records: list[dict]) -> dict:
 
 def server_threads(parameters: int) -> int | None:
     """The engine threads `alignd serve` picks by itself on this machine (core/config.py serving_threads)."""
-    return Settings(device="cpu").serving_threads(parameters)
+    return Settings().serving_threads(parameters)
 
 
 def best_of_threads(fn, threads: int) -> dict:
@@ -387,8 +388,9 @@ def http_greedy(http: httpx.Client, text: str, max_tokens: int) -> tuple[int, st
 
 
 def single_stream(policy: Policy, served: Policy, args, texts: list[str]) -> dict:
-    """One request at a time, greedy, at `--single-stream-threads` torch threads (default 1: what `alignd serve` uses
-    on 2 cores; `--server-threads` sets the server's): HF float32 eager
+    """One request at a time, greedy, at `--single-stream-threads` torch threads (default 1; `--server-threads` sets
+    the server's, default the product's own: on 2 cores 1 for the built-in model, 2 at the 135 M shape; at 2 the
+    in-process engine runs beside this process's main-thread pool, which slows it): HF float32 eager
     `generate` (batch 1), HF in the serving dtype, the alignd engine in-process, and `alignd serve` over HTTP. The
     runs take turns prompt by prompt, so that load from other processes spreads over all of them alike. Greedy
     agreement is per token against HF float32 (HTTP answers are compared as text: a random-weight shape's padding
@@ -549,7 +551,7 @@ def main() -> None:
         "--single-stream-threads",
         type=int,
         default=1,
-        help="torch threads of --single-stream's in-process runs, baseline included (1: the server's own on 2 cores)",
+        help="torch threads of --single-stream's in-process runs, baseline included",
     )
     ap.add_argument(
         "--server-threads",
@@ -671,7 +673,9 @@ def main() -> None:
     off = result["offline_16_requests"] = {k: median_round([r[k] for r in rounds]) for k in statics if k in rounds[0]}
     # last: transformers' continuous-batching manager can leave a worker thread behind that would slow later runs
     if "engine" in offline:
-        off["alignd_engine"] = engine_offline_process(args, args.server_threads or server_threads(parameters))
+        off["alignd_engine"] = engine_offline_process(
+            args, args.server_threads or server_threads(parameters) or args.threads
+        )
     if "continuous" in offline:
         off["hf_continuous_batching"] = hf_continuous_batching(policy, texts[:16], args.max_tokens, args.threads)
     if "http_16_clients_vs_static_batch" in rounds[0]:
