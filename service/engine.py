@@ -325,6 +325,7 @@ class Engine:
     def __init__(self, policy: Policy, max_batch_size: int = 32, threads: int | None = None):
         self.max_batch_size = max_batch_size
         self.threads = threads  # torch threads of the engine's own thread (None: whatever the process has set)
+        self.torch_threads = 0  # the count its decode steps really run on, read by each (a metric; 0 before the first)
         self.policies: dict[int, Policy] = {policy.version: policy}
         self.current_version = policy.version
         self.pinned: set[int] = set()  # versions kept loaded besides the current one (arena parent)
@@ -640,6 +641,7 @@ class Engine:
         Handle.push_all(outbox)
         self.tokens_generated += len(batch.seqs)
         self.steps += 1
+        self.torch_threads = torch.get_num_threads()
         if self.on_step is not None:
             self.on_step(len(batch.seqs))
         if len(keep) < len(batch.seqs):

@@ -49,6 +49,7 @@ class Follower:
         self.refused: dict[int, str] = state.extras.setdefault("refused", {})
         self.who = f"{socket.gethostname()}:{os.getpid()}"
         self.swaps = 0
+        self.syncs = 0  # loop passes that reached the registry
         self._arena_pins: set[int] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -74,6 +75,7 @@ class Follower:
                     pubsub = self.r.pubsub(ignore_subscribe_messages=True)
                     pubsub.subscribe(keys.registry_channel())
                 self.sync()
+                self.syncs += 1
                 pubsub.get_message(timeout=self.settings.poll_seconds)  # returns early when a version is announced
                 while pubsub.get_message(timeout=0) is not None:  # several announcements: one sync is enough
                     pass

@@ -23,4 +23,7 @@ ENGINE_FAILURES = Counter(
 )
 RUNNING = Gauge("alignd_engine_running_sequences", "sequences in a running batch of the engine")
 DECODE_STEPS = Gauge("alignd_engine_decode_steps", "decode steps run by this process's engine")
+ENGINE_THREADS = Gauge(
+    "alignd_engine_torch_threads", "torch threads the engine's decode steps run on (0 before the first)"
+)
 PREFILLS = Gauge("alignd_engine_prefills", "prefill forwards (each over the sequences admitted together) run so far")

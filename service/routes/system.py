@@ -58,4 +58,5 @@ async def prometheus_metrics(state: StateDep):
         metrics.RUNNING.set(state.engine.running())
         metrics.DECODE_STEPS.set(state.engine.steps)
         metrics.PREFILLS.set(state.engine.prefills)
+        metrics.ENGINE_THREADS.set(state.engine.torch_threads)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

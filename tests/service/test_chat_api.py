@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
 import pytest
+import torch
 
 from service.schemas import ChatCompletionChunk, ChatCompletionResponse
 from store.completions import get_completion
@@ -167,3 +169,24 @@ def test_generated_keys_when_none_configured(redis_url, tmp_path):
     assert first.generated and not again.generated
     assert first.users == again.users and first.admin_key == again.admin_key
     assert (tmp_path / "keys.json").stat().st_mode & 0o077 == 0
+
+
+def test_the_engine_decodes_on_its_configured_threads_beside_the_registry_follower(r, redis_url, tmp_path):
+    """The served process's engine thread keeps its own torch thread count although the registry follower, started
+    with it, sets one thread for its loads (core/threads.py): /metrics reports what the decode steps ran on."""
+    settings = make_settings(tmp_path, max_new_tokens=8, chat_rate_per_minute=1000)
+    app = served_app(redis_url, settings)
+    app.state.alignd.engine.threads = 2
+    before = torch.get_num_threads()
+    try:
+        with LiveServer(app) as live, live.client(USER_KEY) as http:
+            follower = app.state.alignd.extras["follower"]
+            wait_until = time.monotonic() + 10
+            while follower.syncs == 0 and time.monotonic() < wait_until:  # it has set its count and synced once
+                time.sleep(0.05)
+            answer = http.post("/v1/chat/completions", json={"model": "alignd", "max_tokens": 4, "messages": MSG})
+            assert answer.status_code == 200, answer.text
+            scraped = http.get("/metrics").text
+        assert "alignd_engine_torch_threads 2.0" in scraped
+    finally:
+        torch.set_num_threads(before)
