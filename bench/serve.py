@@ -279,6 +279,7 @@ async def http_clients(url: str, concurrency: int, per_client: int, max_tokens: 
         "decode_steps": steps,
         "rows_per_step": round(tokens / steps, 2) if steps else None,
         "prefills": prefills,
+        "engine_torch_threads": after["torch_threads"],
     }
 
 
@@ -449,8 +450,10 @@ def agreement(reference: list, outputs: list) -> dict:
 
 
 async def engine_counts(http: httpx.AsyncClient) -> dict[str, int]:
-    """The engine's gauges from the server's /metrics: running sequences, decode steps and prefills so far."""
-    names = ("alignd_engine_running_sequences", "alignd_engine_decode_steps", "alignd_engine_prefills")
+    """The engine's gauges from the server's /metrics: running sequences, decode steps and prefills so far, and the
+    torch threads its decode steps run on."""
+    names = ("running_sequences", "decode_steps", "prefills", "torch_threads")
+    names = tuple(f"alignd_engine_{n}" for n in names)
     values = {}
     for line in (await http.get("/metrics")).text.splitlines():
         name, _, value = line.partition(" ")
