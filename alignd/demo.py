@@ -121,8 +121,8 @@ class Services:
         return json.loads(done.stdout.decode().strip().splitlines()[-1])
 
     def start_up(self) -> None:
-        shared = max(1, (os.cpu_count() or 2) // 2)  # the API and the trainer share the cores
-        threads = self.cfg.threads or get_settings().torch_threads or shared
+        # the API and the trainer share the cores (`alignd up` would split them the same way)
+        threads = self.cfg.threads or get_settings().torch_threads or get_settings().shared_machine_threads()
         cmd = [sys.executable, "-m", "alignd.cli", "up", "--port", str(self.port)]
         self.up = subprocess.Popen(
             cmd,

@@ -180,6 +180,9 @@ def up(
     if registry.current_version(r) is None:
         console.print("first start: bootstrapping the SFT assistant")
         subprocess.run([*ALIGND, "bootstrap", "--seconds", str(seconds)], env=env, check=True)
+    shared = settings.shared_machine_threads()  # the API and the training worker split the cores (bootstrap ran alone)
+    if shared:
+        env["ALIGND_TORCH_THREADS"] = str(shared)
     procs_cmds = {"api": [*ALIGND, "serve", "--port", str(port or settings.port)]}
     procs_cmds.update(children(ALIGND))  # training and light workers, beat, Flower
     procs = {name: subprocess.Popen(cmd, env=env, start_new_session=True) for name, cmd in procs_cmds.items()}

@@ -71,3 +71,13 @@ def test_unset_serving_threads_leave_a_core_to_the_event_loop_only_for_small_mod
     assert Settings(device="cpu", serve_workers=2).serving_threads(small) == 3
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert Settings(device="cpu", serve_workers=4).serving_threads(big) == 1  # never none
+
+
+def test_a_shared_machine_gives_the_api_and_the_trainer_half_the_cores_each(monkeypatch):
+    monkeypatch.delenv("ALIGND_TORCH_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert Settings(device="cpu").shared_machine_threads() == 4
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert Settings(device="cpu").shared_machine_threads() == 1
+    assert Settings(device="cpu", torch_threads=3).shared_machine_threads() is None  # the operator's count stands
+    assert Settings(device="cuda").shared_machine_threads() is None
