@@ -23,6 +23,7 @@ import contextlib
 import copy
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -48,6 +49,7 @@ from training.tokenizer import train_tokenizer  # noqa: E402
 from workers.publish import publish_version  # noqa: E402
 
 KEY = "sk-bench"
+SERVER_PIDS: dict[str, int] = {}  # url -> pid of the `alignd serve` process behind it (alignd_serve)
 
 
 def default_policy() -> Policy:
@@ -222,6 +224,15 @@ def engine_offline_process(args, threads: int) -> dict:
         return {"error": exc.stderr[-300:]}
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time (user + system) used so far by process `pid`, every thread of it; by this process when None."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime in clock ticks
+
+
 async def http_clients(url: str, concurrency: int, per_client: int, max_tokens: int, texts: list[str]) -> dict:
     ttft, lat, tokens, failures = [], [], 0, 0
 
@@ -260,9 +271,12 @@ async def http_clients(url: str, concurrency: int, per_client: int, max_tokens: 
         base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=300, limits=limits
     ) as http:
         before = await engine_counts(http)
+        pid = SERVER_PIDS[url]
+        cpu0 = (cpu_seconds(pid), cpu_seconds())
         start = time.perf_counter()
         await asyncio.gather(*(one_client(c, http) for c in range(concurrency)))
         wall = time.perf_counter() - start
+        cpu1 = (cpu_seconds(pid), cpu_seconds())
         after = await engine_counts(http)
     steps, prefills = (after[k] - before[k] for k in ("decode_steps", "prefills"))
     return {
@@ -280,6 +294,13 @@ async def http_clients(url: str, concurrency: int, per_client: int, max_tokens: 
         "rows_per_step": round(tokens / steps, 2) if steps else None,
         "prefills": prefills,
         "engine_torch_threads": after["torch_threads"],
+        # CPU per token of the server process (engine, event loop, everything) and of this process's clients; the
+        # cores divided by their sum is the most tokens/s this machine could give with no core ever idle
+        "server_cpu_us_per_token": round((cpu1[0] - cpu0[0]) / max(tokens, 1) * 1e6, 1),
+        "client_cpu_us_per_token": round((cpu1[1] - cpu0[1]) / max(tokens, 1) * 1e6, 1),
+        "cpu_bound_tokens_per_s": round(
+            (os.cpu_count() or 1) * max(tokens, 1) / max(cpu1[0] - cpu0[0] + cpu1[1] - cpu0[1], 1e-9), 1
+        ),
     }
 
 
@@ -324,6 +345,7 @@ def alignd_serve(
         url = f"http://127.0.0.1:{port}"
         try:
             wait_ready(url, server)
+            SERVER_PIDS[url] = server.pid
             yield url
         finally:
             server.terminate()
@@ -452,8 +474,7 @@ def agreement(reference: list, outputs: list) -> dict:
 async def engine_counts(http: httpx.AsyncClient) -> dict[str, int]:
     """The engine's gauges from the server's /metrics: running sequences, decode steps and prefills so far, and the
     torch threads its decode steps run on."""
-    names = ("running_sequences", "decode_steps", "prefills", "torch_threads")
-    names = tuple(f"alignd_engine_{n}" for n in names)
+    names = [f"alignd_engine_{n}" for n in ("running_sequences", "decode_steps", "prefills", "torch_threads")]
     values = {}
     for line in (await http.get("/metrics")).text.splitlines():
         name, _, value = line.partition(" ")

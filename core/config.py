@@ -218,9 +218,10 @@ class Settings(BaseSettings):
         """The torch threads of each of the API and the training worker when one machine runs both (`alignd up`,
         `alignd demo`): half the cores each, unless ALIGND_TORCH_THREADS is set (that count then applies to each) or
         the work runs on a GPU (None for both). Two processes that each claim every core ruin each other: at the 135 M
-        shape on 2 cores, a training step beside `alignd serve` under 16 clients took 19.0 s (4.3 s alone) and the
-        API served 36 tokens/s (272 alone) with two threads each; with one each, 6.1 s (6.0 alone) and 238 tokens/s
-        (257 alone); with two for training and one for serving, 7.6 s (4.0) and 152 tokens/s (244)."""
+        shape on 2 cores (`python bench/colocate.py --train-threads T --server-threads S`), with two threads each a
+        training step beside `alignd serve` under 16 clients took 15.8 s (4.0 alone) and the API served 43 tokens/s
+        (314 alone); with one each, 5.9 s (5.7 alone) and 277 tokens/s (295 alone); with two for training and one
+        for serving, 6.9 s (3.9) and 183 tokens/s (274)."""
         if self.torch_threads or self.torch_device().startswith("cuda"):
             return None
         return max(1, (os.cpu_count() or 2) // 2)

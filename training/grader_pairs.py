@@ -13,6 +13,7 @@ cycle's `reward.grader_weight`) and `annotator` "grader:<suite>", so provenance 
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,13 +33,23 @@ class GraderPairsConfig:
     samples: int = 4  # answers per prompt: at 4, a prompt answered right half the time gives pairs 7 times in 8
     max_new_tokens: int = 64
     temperature: float = 1.0  # the policy's own distribution, as on-policy preference data needs
-    weight: float = 1.0  # loss weight of each grader item (people's labels weigh 1, or their reliability)
     batch_size: int = 64
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.prompts < 1 or self.samples < 2 or self.weight <= 0 or self.temperature <= 0:
+        if self.prompts < 1 or self.samples < 2 or self.temperature <= 0:
             raise ValueError(f"GraderPairsConfig out of range: {self}")
+
+
+MIN_SUITE_PROMPTS = 8
+
+
+def suite_prompts(new_items: int, share: float) -> int:
+    """Suite prompts for one update: `share` of its prompts, counting the cycle's `new_items` labelled items as the
+    rest (at least MIN_SUITE_PROMPTS). At share 1 nothing else counts, and the sampler's default number is drawn."""
+    if share >= 1:
+        return max(MIN_SUITE_PROMPTS, GraderPairsConfig.prompts)
+    return max(MIN_SUITE_PROMPTS, math.ceil(new_items * share / (1 - share)))
 
 
 @dataclass

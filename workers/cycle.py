@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import shutil
 import time
@@ -497,16 +496,21 @@ def _grader_items(run: CycleRun, policy, tokenizer, algorithm: str, counts: dict
     answers to grader-suite prompts, ranked by the graders, as DPO pairs or KTO examples (training/grader_pairs.py).
     The suite prompts are `grader_prompt_share` of the update's prompts, counting this cycle's new labelled items as
     the rest, as PPO counts its rollout prompts. `counts` gains what was sampled."""
-    from training.grader_pairs import GraderPairsConfig, grader_comparisons, grader_rated, sample_graded, summary
+    from training.grader_pairs import (
+        GraderPairsConfig,
+        grader_comparisons,
+        grader_rated,
+        sample_graded,
+        suite_prompts,
+        summary,
+    )
     from training.graders import load_suites
 
     share, weight = run.cfg.update.grader_prompt_share, run.cfg.reward.grader_weight
     if share <= 0 or weight <= 0:
         return []
-    n = max(8, math.ceil(counts["new"] * share / (1 - share)))
-    cfg = GraderPairsConfig(
-        prompts=n, max_new_tokens=run.cfg.ppo.max_new_tokens, weight=weight, seed=run.cfg.seed + run.token
-    )
+    n = suite_prompts(counts["new"], share)
+    cfg = GraderPairsConfig(prompts=n, max_new_tokens=run.cfg.ppo.max_new_tokens, seed=run.cfg.seed + run.token)
     graded = sample_graded(policy, tokenizer, load_suites(run.cfg.eval.suites), cfg)
     items = grader_comparisons(graded, weight) if algorithm == "dpo" else grader_rated(graded, weight)
     counts["grader"] = summary(graded) | {"items": len(items), "weight": weight}

@@ -13,6 +13,7 @@ from training.grader_pairs import (
     grader_comparisons,
     grader_rated,
     sample_graded,
+    suite_prompts,
     summary,
 )
 from training.graders import Suite, parse_items
@@ -47,6 +48,13 @@ def test_pairs_and_examples_from_graded_answers():
     assert summary(graded) == {"prompts": 2, "answers": 7, "pass_rate": 2 / 7, "mixed_prompts": 1}
     with pytest.raises(ValueError):
         GraderPairsConfig(samples=1)
+
+
+def test_suite_prompts_are_the_share_of_the_update_counting_new_items_as_the_rest():
+    assert suite_prompts(60, 0.25) == 20  # 20 of 80 prompts
+    assert suite_prompts(0, 0.25) == suite_prompts(3, 0.25) == 8  # never fewer than 8
+    assert suite_prompts(100, 0.5) == 100
+    assert suite_prompts(100, 1.0) == GraderPairsConfig().prompts  # nothing else counts: the sampler's default
 
 
 def _pass_rate(model, n: int = 128) -> float:
