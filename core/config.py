@@ -31,6 +31,11 @@ BF16_MIN_PARAMETERS = 50_000_000
 # on one against 226 / 272 on two, and one stream 52 against 69 tokens/s. Nothing between the two sizes was measured.
 ENGINE_ALL_CORES_MIN_PARAMETERS = 50_000_000
 
+# `engine=auto` picks vLLM only on a GPU: on 2 CPU cores alignd's own engine served one stream faster than vLLM's CPU
+# build at the built-in size and the 135 M shape, and 16 clients about as fast (`python bench/serve.py --engine
+# builtin,vllm`, docs/benchmarks.md); vLLM's paged attention, CUDA graphs and tensor parallelism pay off on GPUs.
+VLLM_AUTO_RULE = "vllm where a vLLM is configured and the device is a GPU; builtin otherwise"
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ALIGND_", extra="ignore")
@@ -78,6 +83,37 @@ class Settings(BaseSettings):
         description="API processes of `alignd serve`, each with its own engine and "
         "registry follower (uvicorn workers sharing the port)",
     )
+
+    # --- serving engine (docs/engines.md)
+    engine: Literal["auto", "builtin", "vllm"] = Field(
+        "auto",
+        description="what generates tokens: builtin (alignd's continuous-batching engine, CPU), vllm (a vLLM "
+        "OpenAI server each API process drives), auto: vllm where a vLLM is configured (vllm_url or vllm_python) "
+        "and the device is a GPU, builtin otherwise (VLLM_AUTO_RULE says what was measured)",
+    )
+    vllm_url: str | None = Field(
+        None, description="an external vLLM server (http://host:port); unset with engine vllm: alignd starts one"
+    )
+    vllm_python: str | None = Field(
+        None,
+        description="the python of a venv with vLLM installed (scripts/install-vllm): `alignd serve` starts, "
+        "health-checks and restarts a vLLM server with it and stops it on exit",
+    )
+    vllm_port: int = Field(0, ge=0, description="port of the vLLM server alignd starts; 0 picks a free one")
+    vllm_args: str = Field(
+        "", description="extra arguments of the vLLM server alignd starts ('--tensor-parallel-size 2 …')"
+    )
+    vllm_max_lora_rank: int = Field(16, ge=1, description="largest adapter rank vLLM accepts (alignd trains 16)")
+    vllm_max_loras: int = Field(4, ge=2, description="adapters vLLM batches together (arena needs 2)")
+    vllm_checkpoint_root: str | None = Field(
+        None,
+        description="the checkpoint root as the vLLM server sees it (a container mounting it elsewhere); unset: "
+        "the same path as alignd's",
+    )
+    vllm_cpu_kv_cache_gib: int = Field(
+        2, ge=1, description="KV-cache memory of a vLLM server alignd starts on a CPU (otherwise 92 % of the host's)"
+    )
+    vllm_start_timeout_s: float = Field(600.0, gt=0, description="a vLLM server alignd starts must answer by then")
 
     # --- serving limits
     max_batch_size: int = Field(32, ge=1, le=256, description="sequences decoded together by the engine")
@@ -225,6 +261,13 @@ class Settings(BaseSettings):
         if self.torch_threads or self.torch_device().startswith("cuda"):
             return None
         return max(1, (os.cpu_count() or 2) // 2)
+
+    def serving_engine(self) -> Literal["builtin", "vllm"]:
+        """The engine `engine` names, with `auto` resolved (VLLM_AUTO_RULE)."""
+        if self.engine != "auto":
+            return self.engine
+        configured = bool(self.vllm_url or self.vllm_python)
+        return "vllm" if configured and self.torch_device().startswith("cuda") else "builtin"
 
     def torch_device(self) -> str:
         if self.device != "auto":

@@ -49,13 +49,12 @@ class BodyLimit:
 
 def app_from_env() -> FastAPI:
     """The app of one `alignd serve --workers N` process (uvicorn's factory): the settings from the environment
-    (ALIGND_REDIS_URL set by the parent), the registry's current version loaded, verified and smoke-tested here, an
-    engine and a registry follower of its own."""
+    (ALIGND_REDIS_URL, and ALIGND_VLLM_URL of a shared vLLM server, set by the parent), the registry's current version
+    loaded, verified and smoke-tested here, an engine and a registry follower of its own."""
     import sys
 
     from core.config import get_settings
-    from service.engine import Engine
-    from service.loader import load_version
+    from service.serving import build_engine
     from store import registry
 
     settings = get_settings()
@@ -65,9 +64,7 @@ def app_from_env() -> FastAPI:
     version = registry.current_version(r)
     if version is None:
         raise RuntimeError("no policy version is registered: run `alignd bootstrap` first")
-    policy = load_version(r, settings, version)
-    threads = settings.serving_threads(policy.parameters)
-    engine = Engine(policy, max_batch_size=settings.max_batch_size, threads=threads)
+    engine = build_engine(settings, r, version)
     return create_app(settings, settings.redis_url, engine)
 
 

@@ -322,6 +322,8 @@ class _Batch:
 class Engine:
     """Continuous-batching generation over one or more policy versions."""
 
+    kind = "builtin"
+
     def __init__(self, policy: Policy, max_batch_size: int = 32, threads: int | None = None):
         self.max_batch_size = max_batch_size
         self.threads = threads  # torch threads of the engine's own thread (None: whatever the process has set)
@@ -368,10 +370,12 @@ class Engine:
         policy: Policy | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
         prompt_ids: list[int] | None = None,
+        stream: bool = True,
     ) -> Handle:
         """Queue one sequence and return its handle at once. It runs on `policy` if given (a caller that read
         `current` earlier keeps that version even if a swap released it meanwhile), else on `version` if still
-        loaded, else on the current version; `handle.version` says which."""
+        loaded, else on the current version; `handle.version` says which. `stream` is the engine interface's hint
+        that the caller waits for the end (service/vllm_engine.py uses it); this engine emits per token either way."""
         with self._lock:
             if policy is None:
                 policy = self.policies.get(version) if version is not None else None

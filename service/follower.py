@@ -111,7 +111,7 @@ class Follower:
         if held is not None:
             return held
         try:
-            return load_version(self.r, self.settings, version)
+            return load_version(self.r, self.settings, version, self.engine)
         except Exception as exc:  # corrupt files, missing folder, bad config, failed smoke test: refuse it
             self._refuse(version, exc)
             return None

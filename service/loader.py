@@ -2,6 +2,11 @@
 
 A policy whose smoke test raises or does not answer within `settings.smoke_test_timeout_s` is refused exactly like a
 corrupt checkpoint (`PolicyRejected`): the registry follower keeps serving the old version, `alignd serve` exits.
+
+With the vLLM engine (service/vllm_engine.py) the same checks come first, then the version goes into vLLM: the base
+version is the model vLLM serves, an adapter version is registered as `alignd-vN` once its base digest matches that
+model's, and the smoke test runs through vLLM. A full-weight version other than the base is refused with the reason:
+vLLM cannot swap a whole model without dropping the requests on the old one.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from core.config import Settings
 from service.engine import Engine, Policy, SamplingParams
 from store import registry
 from training.checkpoint import verify_checkpoint
-from training.lora import BaseCache, adapter_base
+from training.lora import BaseCache, BaseMismatch, adapter_base, folder_digest
 
 SMOKE_PROMPT = [{"role": "user", "content": "Hello"}]
 SMOKE_TOKENS = 2  # a prefill and one decode step: both paths a request takes (each more token only adds time)
@@ -50,14 +55,16 @@ def smoke_test(policy: Policy, timeout_s: float = 60.0, prompt_tokens: int | Non
         raise PolicyRejected(f"smoke test: policy v{policy.version} produced no tokens")
 
 
-def load_version(r: redis.Redis, settings: Settings, version: int) -> Policy:
-    """Verify and load a registered version for serving; raises on a corrupt or unloadable checkpoint or a failed
-    smoke test."""
+def load_version(r: redis.Redis, settings: Settings, version: int, engine=None):
+    """Verify and load a registered version for serving (into `engine` when it is a vLLM engine); raises on a corrupt
+    or unloadable checkpoint or a failed smoke test."""
     meta = registry.get_version(r, version)
     if meta is None:
         raise KeyError(f"version {version} is not in the registry")
     path = settings.checkpoint(meta["path"])
     verify_checkpoint(path)
+    if getattr(engine, "kind", "builtin") == "vllm":
+        return load_into_vllm(engine, settings, version, path)
     device = settings.torch_device()
     policy = Policy.load(
         version,
@@ -82,3 +89,49 @@ def load_version(r: redis.Redis, settings: Settings, version: int) -> Policy:
     elif not adapter:  # a full fine-tune: no adapter follows it, so keep no second model in memory
         BASES.clear()
     return policy
+
+
+def load_into_vllm(engine, settings: Settings, version: int, path):
+    """Version `version` (checked folder `path`) as the vLLM engine serves it: its base, or its adapter registered
+    and smoke-tested through vLLM."""
+    from service.vllm_engine import ServedVersion
+
+    base = adapter_base(path)
+    if base is None:
+        if folder_digest(path) == engine.base_digest:
+            return ServedVersion(version, engine.base.model, engine.base.tokenizer, engine.base.context, str(path))
+        raise PolicyRejected(
+            f"policy v{version} is a full-weight checkpoint and vLLM serves another model: vLLM swaps adapters, not "
+            "whole models, without dropping requests. Train LoRA versions (the cycle does with ALIGND_ENGINE=vllm), "
+            f"or restart alignd serve on v{version} to make it vLLM's base"
+        )
+    if base.get("digest") != engine.base_digest:
+        raise BaseMismatch(
+            f"policy v{version} is an adapter of base {base.get('base')!r} (digest {str(base.get('digest'))[:12]}), "
+            f"but vLLM serves {engine.base.path} (digest {engine.base_digest[:12]})"
+        )
+    name = engine.load_adapter(version, path)
+    served = ServedVersion(version, name, engine.base.tokenizer, engine.base.context, str(path), adapter=True)
+    try:
+        smoke_test_vllm(engine, served, settings.smoke_test_timeout_s)
+    except Exception:
+        engine.unload_adapter(name)
+        raise
+    return served
+
+
+def smoke_test_vllm(engine, served, timeout_s: float) -> None:
+    """The smoke test through vLLM: a greedy answer of `SMOKE_TOKENS` tokens from `served`'s model name."""
+    params = SamplingParams(temperature=0, max_tokens=SMOKE_TOKENS)
+    handle = engine.submit(SMOKE_PROMPT, params, policy=served, stream=False)
+    try:
+        _, _, n = handle.wait(timeout_s)
+    except TimeoutError:
+        engine.cancel(handle)
+        raise PolicyRejected(
+            f"smoke test: policy v{served.version} produced no answer through vLLM within {timeout_s} s"
+        ) from None
+    except Exception as exc:
+        raise PolicyRejected(f"smoke test: policy v{served.version} failed to generate through vLLM: {exc}") from None
+    if n < 1:
+        raise PolicyRejected(f"smoke test: policy v{served.version} produced no tokens through vLLM")

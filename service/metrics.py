@@ -27,3 +27,11 @@ ENGINE_THREADS = Gauge(
     "alignd_engine_torch_threads", "torch threads the engine's decode steps run on (0 before the first)"
 )
 PREFILLS = Gauge("alignd_engine_prefills", "prefill forwards (each over the sequences admitted together) run so far")
+ENGINE_UP = Gauge("alignd_engine_up", "1 while the engine's vLLM server answers its health check (vLLM engine)")
+ENGINE_FAILED = Gauge("alignd_engine_failed_requests", "requests to vLLM that failed (unreachable, error answers)")
+# vLLM's own gauges, re-exported when /metrics is scraped (service/vllm_engine.py VLLM_GAUGES)
+VLLM_GAUGES = {
+    "running": Gauge("alignd_vllm_requests_running", "requests vLLM is decoding"),
+    "waiting": Gauge("alignd_vllm_requests_waiting", "requests waiting in vLLM's queue"),
+    "kv_cache_usage": Gauge("alignd_vllm_kv_cache_usage", "fraction of vLLM's KV-cache blocks in use (0-1)"),
+}

@@ -78,15 +78,21 @@ def load_causal_lm(
     path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load any local Hugging Face causal-LM folder; refuses tokenizers without a chat template."""
+    tokenizer = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """A model folder's tokenizer, left-padding, with a pad token; refuses one without a chat template."""
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if not tokenizer.chat_template:
         raise ValueError(f"{path}: the tokenizer has no chat template; alignd needs one to format conversations")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
-    model.to(device).eval()
-    return model, tokenizer
+    return tokenizer
 
 
 def count_parameters(model: torch.nn.Module) -> int:

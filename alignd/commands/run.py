@@ -86,8 +86,7 @@ def serve(
     import uvicorn
 
     from service.app import create_app
-    from service.engine import Engine
-    from service.loader import load_version
+    from service.serving import build_engine, start_vllm
     from store import registry
 
     settings = get_settings()
@@ -100,8 +99,16 @@ def serve(
     # The engine thread must get the GIL back as soon as a torch op returns; with the default 5 ms switch interval
     # the event loop's threads hold it for whole intervals and single-stream decoding runs ~2x slower (bench/serve.py).
     sys.setswitchinterval(0.0005)
+    workers = workers or settings.serve_workers
+    vllm = settings.serving_engine() == "vllm"
+    server = engine = None
     try:
-        policy = load_version(r, settings, version)
+        if workers == 1:
+            engine = build_engine(settings, r, version)
+        elif vllm:  # one vLLM server for every API process, each driving it over HTTP
+            server = None if settings.vllm_url else start_vllm(settings, r, version)
+        else:  # the version is checked here once, then each worker loads it again (service.app.app_from_env)
+            build_engine(settings, r, version).stop()
     except Exception as exc:  # corrupt, unloadable or failing its smoke test: refuse to start rather than hang
         console.print(
             f"[red]cannot serve policy v{version}: {type(exc).__name__}: {exc}\n"
@@ -109,13 +116,9 @@ def serve(
             "again"
         )
         raise typer.Exit(3) from None
-    workers = workers or settings.serve_workers
-    if workers > 1:  # the version passed its checks here; each worker loads it again (service.app.app_from_env)
-        del policy
-        _serve_workers(settings, url, host, port, workers)
+    if workers > 1:
+        _serve_workers(settings, url, host, port, workers, server)
         return
-    threads = settings.serving_threads(policy.parameters)
-    engine = Engine(policy, max_batch_size=settings.max_batch_size, threads=threads)
     application = create_app(settings, url, engine)
     keyring = application.state.alignd.keyring
     if keyring.generated:
@@ -127,9 +130,9 @@ def serve(
     uvicorn.run(application, host=host or settings.host, port=port or settings.port, log_level="info")
 
 
-def _serve_workers(settings, url: str, host: str | None, port: int | None, workers: int) -> None:
+def _serve_workers(settings, url: str, host: str | None, port: int | None, workers: int, server=None) -> None:
     """uvicorn with `workers` processes, each building its app with service.app.app_from_env; keys are generated
-    here once, so the processes share them."""
+    here once, so the processes share them, and so is a vLLM server (`server`, stopped when uvicorn returns)."""
     import uvicorn
 
     from service.auth import load_keyring
@@ -140,15 +143,21 @@ def _serve_workers(settings, url: str, host: str | None, port: int | None, worke
     os.environ.update(
         {"ALIGND_REDIS_URL": url, "ALIGND_HOME": str(settings.home), "ALIGND_SERVE_WORKERS": str(workers)}
     )
+    if server is not None:
+        os.environ.update({"ALIGND_VLLM_URL": server.url, "ALIGND_ENGINE": "vllm"})
     console.print(f"serving with {workers} API processes on http://{host or settings.host}:{port or settings.port}")
-    uvicorn.run(
-        "service.app:app_from_env",
-        factory=True,
-        workers=workers,
-        host=host or settings.host,
-        port=port or settings.port,
-        log_level="info",
-    )
+    try:
+        uvicorn.run(
+            "service.app:app_from_env",
+            factory=True,
+            workers=workers,
+            host=host or settings.host,
+            port=port or settings.port,
+            log_level="info",
+        )
+    finally:
+        if server is not None:
+            server.stop()
 
 
 @app.command()

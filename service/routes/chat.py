@@ -247,9 +247,12 @@ async def _start(req: ChatCompletionRequest, caller: Caller, state: AppState) ->
             seed=None if req.seed is None else req.seed + i,
         )
         if version is None or version == policy.version:  # the version read above, even if swapped out since
-            call.handles.append(engine.submit(messages, params, policy=policy, loop=loop, prompt_ids=prompt_ids))
+            handle = engine.submit(
+                messages, params, policy=policy, loop=loop, prompt_ids=prompt_ids, stream=req.stream
+            )
         else:
-            call.handles.append(engine.submit(messages, params, version=version, loop=loop))
+            handle = engine.submit(messages, params, version=version, loop=loop, stream=req.stream)
+        call.handles.append(handle)
     return call
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from fastapi import APIRouter, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -45,18 +46,31 @@ async def readyz(state: StateDep):
         checks["redis"] = f"error: {exc}"
     checks["policy_version"] = state.engine.current_version if state.engine else None
     checks["pid"] = os.getpid()  # which API process answered (`alignd serve --workers N` runs several)
+    engine_ok = True
+    if getattr(state.engine, "kind", None) == "vllm":  # ready only while its vLLM server answers
+        engine_ok = state.engine.healthy
+        checks["engine"] = {"kind": "vllm", "url": state.engine.url, "healthy": engine_ok}
+        if not engine_ok:
+            checks["engine"]["error"] = state.engine.health_error
     if state.extras.get("refused"):
         checks["refused_versions"] = state.extras["refused"]
-    ready = checks["redis"] is True and checks["policy_version"] is not None
+    ready = checks["redis"] is True and checks["policy_version"] is not None and engine_ok
     return JSONResponse({"status": "ready" if ready else "not ready", **checks}, 200 if ready else 503)
 
 
 @router.get("/metrics")
 async def prometheus_metrics(state: StateDep):
-    if state.engine is not None:
-        metrics.VERSION.set(state.engine.current_version)
-        metrics.RUNNING.set(state.engine.running())
-        metrics.DECODE_STEPS.set(state.engine.steps)
-        metrics.PREFILLS.set(state.engine.prefills)
-        metrics.ENGINE_THREADS.set(state.engine.torch_threads)
+    engine = state.engine
+    if engine is not None:
+        metrics.VERSION.set(engine.current_version)
+        metrics.RUNNING.set(engine.running())
+    if getattr(engine, "kind", None) == "vllm":
+        metrics.ENGINE_UP.set(int(engine.healthy))
+        metrics.ENGINE_FAILED.set(engine.failed)
+        for key, value in (await run_in_threadpool(engine.scrape)).items():  # vLLM's own gauges, read now
+            metrics.VLLM_GAUGES[key].set(value)
+    elif engine is not None:
+        metrics.DECODE_STEPS.set(engine.steps)
+        metrics.PREFILLS.set(engine.prefills)
+        metrics.ENGINE_THREADS.set(engine.torch_threads)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
