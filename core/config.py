@@ -91,6 +91,11 @@ class Settings(BaseSettings):
         "OpenAI server each API process drives), auto: vllm where a vLLM is configured (vllm_url or vllm_python) "
         "and the device is a GPU, builtin otherwise (VLLM_AUTO_RULE says what was measured)",
     )
+    builtin_arch: Literal["auto", "gpt2", "llama"] = Field(
+        "auto",
+        description="architecture of the assistant `alignd bootstrap` builds; auto: llama when the engine is vllm "
+        "(vLLM has no LoRA for GPT-2), gpt2 otherwise",
+    )
     vllm_url: str | None = Field(
         None, description="an external vLLM server (http://host:port); unset with engine vllm: alignd starts one"
     )
@@ -268,6 +273,12 @@ class Settings(BaseSettings):
             return self.engine
         configured = bool(self.vllm_url or self.vllm_python)
         return "vllm" if configured and self.torch_device().startswith("cuda") else "builtin"
+
+    def bootstrap_arch(self) -> str:
+        """The built-in assistant's architecture (`builtin_arch`, auto resolved)."""
+        if self.builtin_arch != "auto":
+            return self.builtin_arch
+        return "llama" if self.serving_engine() == "vllm" else "gpt2"
 
     def torch_device(self) -> str:
         if self.device != "auto":

@@ -78,7 +78,11 @@ def bootstrap(
         from training.evaluate import EvalConfig
         from training.sft import SFTConfig
 
-        cfg = BootstrapConfig(sft=SFTConfig(max_seconds=seconds), eval=EvalConfig(n_per_family=eval_per_family))
+        cfg = BootstrapConfig(
+            arch=settings.bootstrap_arch(),
+            sft=SFTConfig(max_seconds=seconds),
+            eval=EvalConfig(n_per_family=eval_per_family),
+        )
         bar = tqdm(total=int(seconds), desc="SFT", unit="s", disable=as_json)
 
         def progress(step: int, m: dict) -> None:
