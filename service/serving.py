@@ -37,15 +37,16 @@ def build_engine(settings: Settings, r: redis.Redis, version: int, server=None):
 
 
 def vllm_base(settings: Settings, r: redis.Redis, version: int) -> tuple[int, Path]:
-    """(version, folder) of the model vLLM serves for `version`: the SFT/base version it descends from."""
-    base_version = registry.reference_version(r, version)
-    meta = registry.get_version(r, base_version)
+    """(version, folder) of the model vLLM serves for `version`: the version itself when it holds whole weights, else
+    the base its adapter was trained on (its SFT/base version)."""
+    meta = registry.get_version(r, version)
     if meta is None:
-        raise KeyError(f"version {base_version} is not in the registry")
+        raise KeyError(f"version {version} is not in the registry")
     path = settings.checkpoint(meta["path"])
-    if adapter_base(path) is not None:
-        raise RuntimeError(f"policy v{base_version} is an adapter, not a base model vLLM can start on")
-    return base_version, path
+    base = adapter_base(path)
+    if base is None:
+        return version, path
+    return registry.reference_version(r, version), settings.checkpoint(base["base"])
 
 
 def vllm_dtype(settings: Settings, base_dir: Path) -> str:

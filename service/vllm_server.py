@@ -13,6 +13,7 @@ A monitor thread restarts the server when it exits (after a short back-off); whi
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shlex
@@ -29,6 +30,7 @@ from core.redis_server import free_port
 
 log = logging.getLogger("alignd.vllm")
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 RESTART_BACKOFF_S = 2.0  # between a crash and the restart: a server that dies at start must not spin
 TCMALLOC_PATHS = (
     "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
@@ -114,7 +116,12 @@ class ManagedVLLM:
         out = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it open for its lifetime
         log.info("starting vLLM on %s (port %d); log: %s", self.base_dir, self.port, self.log_path)
         self.process = subprocess.Popen(
-            self.command(), env=self.environment(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            self.command(),
+            env=self.environment(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own group: a crash drill or `stop` reaches its engine processes too
+            preexec_fn=_die_with_parent,
         )
         out.close()
 
@@ -174,6 +181,15 @@ class ManagedVLLM:
             except subprocess.TimeoutExpired:
                 pass
         _kill_group(p.pid)  # whatever of its engine processes is left
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the process that started it dies, even by SIGKILL (Linux's PR_SET_PDEATHSIG), so a
+    killed `alignd serve` leaves no vLLM server holding the port and the memory."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:  # not glibc Linux: `stop` still ends it on a clean exit
+        pass
 
 
 def _kill_group(pgid: int) -> None:
