@@ -444,7 +444,7 @@ def warnings(before: dict, after: dict, oracle: dict | None) -> list[str]:
 
 
 def targets(before: dict, after: dict, oracle: dict | None) -> dict[str, Any]:
-    """The issue's bars for the demo, each with the numbers it was judged on (None where not measurable)."""
+    """The demo's bars, each with the numbers it was judged on (None where not measurable)."""
     out: dict[str, Any] = {}
     if oracle and "win_rate" in oracle:
         out[f"oracle_win_rate>={TARGET_WIN_RATE}"] = {
