@@ -53,7 +53,7 @@ class DemoConfig:
     cycles: int = 3  # training cycles to complete at least (the demo overruns its budget rather than do fewer)
     home: Path | None = None  # empty data directory (default: a new temporary one)
     out: Path | None = None  # report directory (default: home/report)
-    sft_seconds: float = 120.0  # bootstrap SFT budget (DESIGN.md: ~70 % exact answers after 120 s)
+    sft_seconds: float = 120.0  # bootstrap SFT budget (docs/benchmarks.md: what SFT reaches)
     base: Path | None = None  # register this HF causal-LM folder as version 1 instead of the SFT bootstrap
     rate: float = 4.0  # chat requests per second from all users: leaves CPU to the trainer on 2 cores
     concurrency: int = 8  # simulated requests in flight at once

@@ -35,6 +35,7 @@ from store import registry
 from store.comparisons import feedback_comparisons
 from store.stats import feedback_stats
 from training.evaluate import json_safe
+from training.figures import measured_on, shown_kl
 from training.reliability import from_dicts, table_dict
 from training.world import HELDOUT_FAMILY, JAILBREAK_STYLES, TASK_FAMILIES
 
@@ -62,9 +63,9 @@ FIGURES = {
     "feedback": ("feedback.png", "Feedback each version was trained on, by annotator"),
     "oracle_win_rate": ("oracle_win_rate.png", "Oracle win rate against the SFT version (95 % bootstrap CI)"),
 }
-TARGET_WIN_RATE = 0.65  # issue #12's bar: the final version must beat SFT clearly, not by noise
+TARGET_WIN_RATE = 0.65  # the demo's bar: the final version must beat SFT clearly, not by noise
 TARGET_CHECKER_GAIN = 0.05  # and answer more tasks correctly, not only more briefly (checker score, trained families)
-WEAK_SFT_SCORE = 0.1  # a bootstrap below this checker score did not learn the tasks (DESIGN.md: ~0.7 after 120 s)
+WEAK_SFT_SCORE = 0.1  # a bootstrap below this checker score did not learn the tasks (180 s of SFT: ~0.65)
 EXCLUDED_STATUS = ("abandoned", "rejected")  # registered but never served
 LOW_WEIGHT = 0.3  # an annotator weighed below this in training is named in the warnings (as on the ops page)
 
@@ -120,6 +121,8 @@ def collect(r: redis.Redis, settings: Settings) -> dict[str, Any]:
         and (metas[v]["status"] == "current" or registry.was_published(r, v))
     ]
     outcomes = Counter(e["event"] for e in events)
+    # a rollback to the version already current changed nothing (older releases recorded one): not counted
+    outcomes["rollback"] = sum(1 for e in events if e["event"] == "rollback" and e.get("from") != e.get("version"))
     return {
         "metas": metas,
         "served": served,
@@ -241,6 +244,16 @@ def oracle_figures(
     return out
 
 
+def preference(win: dict[str, Any]) -> str | None:
+    """Which side a win rate with its 95 % CI prefers: "final" when the interval lies above 0.5, "baseline" when
+    below, None when it holds 0.5 (50.5 % [49.0, 51.9] is no preference, whatever its point estimate)."""
+    if win["ci_low"] > 0.5:
+        return "final"
+    if win["ci_high"] < 0.5:
+        return "baseline"
+    return None
+
+
 # ------------------------------------------------------------------------------------------------ the report
 
 
@@ -279,6 +292,10 @@ def _version_row(v: int, meta: dict, metrics: dict, source: str, rewards: dict[i
     row["graders"] = {name: s.get("pass_rate") for name, s in (metrics.get("graders") or {}).items()}
     if row["kl_to_ref"] is None and meta.get("source") in ("sft", "base"):
         row["kl_to_ref"] = 0.0  # the reference itself
+    row["kl_to_ref_estimate"] = row["kl_to_ref"]
+    if isinstance(row["kl_to_ref"], float):
+        row["kl_to_ref"] = shown_kl(row["kl_to_ref"])
+    row["measured_on"] = measured_on(metrics)
     return row
 
 
@@ -414,7 +431,7 @@ def warnings(before: dict, after: dict, oracle: dict | None) -> list[str]:
     if (
         oracle
         and "win_rate" in oracle
-        and oracle["win_rate"] > 0.5
+        and preference(oracle) == "final"
         and isinstance(sa, float)
         and isinstance(sb, float)
         and sa <= sb
@@ -427,7 +444,7 @@ def warnings(before: dict, after: dict, oracle: dict | None) -> list[str]:
 
 
 def targets(before: dict, after: dict, oracle: dict | None) -> dict[str, Any]:
-    """The issue's bars for the demo, each with the numbers it was judged on (None where not measurable)."""
+    """The demo's bars, each with the numbers it was judged on (None where not measurable)."""
     out: dict[str, Any] = {}
     if oracle and "win_rate" in oracle:
         out[f"oracle_win_rate>={TARGET_WIN_RATE}"] = {
@@ -713,17 +730,27 @@ def _fmt(v: Any) -> str:
     return html.escape(str(v))
 
 
+def verdict(win: dict[str, Any], final: int, baseline: int) -> str:
+    """A win rate in words, claiming a preference only where its 95 % CI excludes 0.5."""
+    figure = f"{win['win_rate']:.1%} (95 % CI {win['ci_low']:.1%} – {win['ci_high']:.1%})"
+    side = preference(win)
+    if side == "final":
+        return f"prefers v{final} to v{baseline}: v{final} wins {figure}"
+    if side == "baseline":
+        return f"prefers v{baseline} to v{final}: v{final} wins only {figure}"
+    return f"has no preference between v{final} and v{baseline} at 95 %: v{final} wins {figure}"
+
+
 def _oracle_line(oracle: dict) -> str:
     if "win_rate" not in oracle:
         return html.escape(oracle.get("error", "no oracle figures: not a built-in-world deployment"))
+    final, baseline = oracle["final"], oracle["baseline"]
     line = (
-        f"v{oracle['final']} beats v{oracle['baseline']} in {oracle['win_rate']:.1%} of {oracle['n']} "
-        f"held-out prompts (95 % CI {oracle['ci_low']:.1%} – {oracle['ci_high']:.1%}), judged by the "
-        f"noise-free oracle on {html.escape(oracle.get('decoding', ''))} responses"
+        f"The noise-free oracle {verdict(oracle, final, baseline)} of {oracle['n']} held-out prompts, on "
+        f"{html.escape(oracle.get('decoding', ''))} responses"
     )
     if oracle.get("greedy"):
-        g = oracle["greedy"]
-        line += f"; greedy responses: {g['win_rate']:.1%} (95 % CI {g['ci_low']:.1%} – {g['ci_high']:.1%})"
+        line += f"; on greedy responses it {verdict(oracle['greedy'], final, baseline)}"
     return line
 
 
@@ -743,31 +770,94 @@ def _graders_html(rows: list[dict]) -> str:
     return f"<h2>Grader suites (pass rate)</h2><table><tr>{head}</tr>{body}</table>"
 
 
-def render_html(report: dict) -> str:
+VERSION_COLUMNS = (
+    "score/mean",
+    "heldout_score",
+    "over_caution",
+    "harmful_compliance",
+    "jailbreak_compliance",
+    "reward_heldout_accuracy",
+    "kl_to_ref",
+    "length_mean",
+    "feedback_events",
+    "feedback_cumulative",
+)
+
+
+def _versions_html(rows: list[dict]) -> str:
+    """One row per version: its figures, what they were measured on, who labelled its feedback."""
     e = html.escape
-    rows = report["versions"]
-    cols = [
-        "score/mean",
-        "heldout_score",
-        "over_caution",
-        "harmful_compliance",
-        "jailbreak_compliance",
-        "reward_heldout_accuracy",
-        "kl_to_ref",
-        "length_mean",
-        "feedback_events",
-        "feedback_cumulative",
-    ]
-    head = "".join(f"<th>{e(c)}</th>" for c in ["version", "source", "metrics", *cols, "annotators"])
+    head = "".join(
+        f"<th>{e(c)}</th>" for c in ["version", "source", "metrics", "measured on", *VERSION_COLUMNS, "annotators"]
+    )
     body = "".join(
         "<tr>"
         + "".join(
             f"<td>{_fmt(x)}</td>"
-            for x in [row["version"], row["source"], row["metrics_source"], *(row.get(c) for c in cols)]
+            for x in [
+                row["version"],
+                row["source"],
+                row["metrics_source"],
+                row.get("measured_on"),
+                *(row.get(c) for c in VERSION_COLUMNS),
+            ]
         )
         + f"<td>{e(', '.join(f'{a} ({n})' if n else a for a, n in (row.get('annotators') or {}).items()))}</td></tr>"
         for row in rows
     )
+    clamped = [r for r in rows if isinstance(r.get("kl_to_ref_estimate"), float) and r["kl_to_ref_estimate"] < 0]
+    note = (
+        "<p>kl_to_ref shown as 0 where its estimate fell below 0 by sampling noise (KL is never negative): "
+        + ", ".join(f"v{r['version']} {r['kl_to_ref_estimate']:.4f}" for r in clamped)
+        + ".</p>"
+        if clamped
+        else ""
+    )
+    return f"<h2>Versions</h2><table><tr>{head}</tr>{body}</table>{note}"
+
+
+def _feedback_html(report: dict) -> str:
+    fb = report.get("feedback") or {}
+    events = fb.get("events") or {}
+    rows = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{_fmt(n)}</td></tr>"
+        for k, n in [
+            *(("type " + t, n) for t, n in (events.get("by_type") or {}).items()),
+            *(("user " + u, n) for u, n in sorted((events.get("by_user") or {}).items())),
+        ]
+    )
+    return f"""<h2>Feedback log</h2><p>{_fmt(events.get("total"))} events accepted,
+{_fmt(fb.get("unconsumed"))} not yet trained on, {_fmt(fb.get("imported"))} imported preference items.</p>
+<table><tr><th>by</th><th>events</th></tr>{rows}</table>"""
+
+
+def _reliability_html(report: dict) -> str:
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{_fmt(a['accuracy'] if a['identified'] else None)}</td>"
+        f"<td>{_fmt(a['weight'])}</td><td>{_fmt(a['labels'])}</td><td>{_fmt(a['overlap'])}</td></tr>"
+        for name, a in ((report.get("reliability") or {}).get("annotators") or {}).items()
+    )
+    return f"""<h2>Annotator reliability</h2><p>Accuracy: how often an annotator agrees with the consensus answer on
+items two or more annotators labelled (one-coin Dawid–Skene; – where it shares no item, so it keeps weight 1).
+Weight: how much its comparisons count in training, lowest first.</p>
+<table><tr><th>annotator</th><th>accuracy</th><th>weight</th><th>labels</th><th>overlap labels</th></tr>
+{rows}</table>"""
+
+
+def _evaluation_line(report: dict) -> str:
+    """Where the before/after figures come from: the report's own evaluation, or each version's recorded one."""
+    rows = {row["version"]: row for row in report["versions"]}
+    before, after = rows[report["baseline_version"]], rows[report["final_version"]]
+    return html.escape(
+        f"SFT figures measured on: {before.get('measured_on')} ({before.get('metrics_source')}); final figures "
+        f"measured on: {after.get('measured_on')} ({after.get('metrics_source')}). A version's figures recorded at "
+        "publish (the bootstrap's greedy set, a gate's fresh sampled set) differ from the report's re-scoring by "
+        "the prompts and the decoding."
+    )
+
+
+def render_html(report: dict) -> str:
+    e = html.escape
     ba = "".join(
         f"<tr><td>{e(k)}</td><td>{_fmt(v['before'])}</td><td>{_fmt(v['after'])}</td><td>{_fmt(v['delta'])}</td></tr>"
         for k, v in report["before_after"].items()
@@ -776,7 +866,6 @@ def render_html(report: dict) -> str:
         f"<tr><td>{e(k)}</td><td>{_fmt(v.get('value', v.get('after')))}</td><td>{_fmt(v['met'])}</td></tr>"
         for k, v in report["targets"].items()
     )
-    oracle_line = _oracle_line(report.get("oracle") or {})
     figs = "".join(
         f"<figure><img src='{e(f['file'])}' alt='{e(f['title'])}'><figcaption>{e(f['title'])}</figcaption></figure>"
         for f in report["figures"].values()
@@ -785,20 +874,6 @@ def render_html(report: dict) -> str:
     gate = "".join(
         f"<li>cycle {_fmt(g['cycle'])}: {e('; '.join(g.get('reasons') or []))}</li>"
         for g in cyc.get("gate_failures", [])
-    )
-    fb = report.get("feedback") or {}
-    events = fb.get("events") or {}
-    fb_rows = "".join(
-        f"<tr><td>{e(k)}</td><td>{_fmt(n)}</td></tr>"
-        for k, n in [
-            *(("type " + t, n) for t, n in (events.get("by_type") or {}).items()),
-            *(("user " + u, n) for u, n in sorted((events.get("by_user") or {}).items())),
-        ]
-    )
-    rel_rows = "".join(
-        f"<tr><td>{e(name)}</td><td>{_fmt(a['accuracy'] if a['identified'] else None)}</td><td>{_fmt(a['weight'])}"
-        f"</td><td>{_fmt(a['labels'])}</td><td>{_fmt(a['overlap'])}</td></tr>"
-        for name, a in ((report.get("reliability") or {}).get("annotators") or {}).items()
     )
     run = report.get("run") or {}
     run_line = e(", ".join(f"{k}: {v}" for k, v in run.items() if not isinstance(v, dict | list)))
@@ -812,20 +887,15 @@ figure{{display:inline-block;margin:8px}}img{{max-width:560px}}</style></head><b
 Cycles published: {cyc["published"]}, gate failures: {cyc["gate_failed"]}, failed: {cyc["failed"]},
 rollbacks: {cyc["rollbacks"]}. {run_line}</p>
 {"".join(f"<p style='color:#b00'><b>warning:</b> {e(w)}</p>" for w in report.get("warnings", []))}
-<h2>Oracle win rate</h2><p>{oracle_line}</p>
+<h2>Oracle win rate</h2><p>{_oracle_line(report.get("oracle") or {})}</p>
 <h2>Targets</h2><table><tr><th>target</th><th>value</th><th>met</th></tr>{tg}</table>
-<h2>Before / after</h2><table><tr><th>metric</th><th>SFT</th><th>final</th><th>change</th></tr>{ba}</table>
-<h2>Versions</h2><table><tr>{head}</tr>{body}</table>
-{_graders_html(rows)}
+<h2>Before / after</h2><p>{_evaluation_line(report)}</p>
+<table><tr><th>metric</th><th>SFT</th><th>final</th><th>change</th></tr>{ba}</table>
+{_versions_html(report["versions"])}
+{_graders_html(report["versions"])}
 <h2>Figures</h2>{figs}
-<h2>Feedback log</h2><p>{_fmt(events.get("total"))} events accepted, {_fmt(fb.get("unconsumed"))} not yet trained
-on, {_fmt(fb.get("imported"))} imported preference items.</p>
-<table><tr><th>by</th><th>events</th></tr>{fb_rows}</table>
-<h2>Annotator reliability</h2><p>Accuracy: how often an annotator agrees with the consensus answer on items two or
-more annotators labelled (one-coin Dawid–Skene; – where it shares no item, so it keeps weight 1). Weight: how much
-its comparisons count in training, lowest first.</p>
-<table><tr><th>annotator</th><th>accuracy</th><th>weight</th><th>labels</th><th>overlap labels</th></tr>
-{rel_rows}</table>
+{_feedback_html(report)}
+{_reliability_html(report)}
 <h2>Gate failures</h2><ul>{gate or "<li>none</li>"}</ul>
 </body></html>
 """

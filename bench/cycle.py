@@ -9,7 +9,7 @@ are small (the point is mechanics and resources, not quality) and the gate is op
 Publish → served: from the registry switch (the "published" event's timestamp, written by the same script that
 switches) to the first /readyz and the first chat answer carrying the new version (X-Policy-Version).
 
-Targets (issue): LoRA peak RSS <= 50 % of full's and <= 8 GB; adapter checkpoint <= 5 % of the full checkpoint's
+Targets: LoRA peak RSS <= 50 % of full's and <= 8 GB; adapter checkpoint <= 5 % of the full checkpoint's
 bytes; publish → serving <= 1 s.
 
     python bench/cycle.py                           # builds the shape first; ~10-15 min on 2 shared cores

@@ -3,7 +3,7 @@
 Runs `alignd demo` with its default settings (bootstrap SFT, API, Celery workers, beat, Flower, simulated users,
 training cycles with hot-swaps, report) from an empty data directory and prints JSON: wall time, cycles (status,
 seconds, swap latency), feedback counts, before/after metrics, the oracle win rate of the final version against the
-SFT version with its 95 % bootstrap CI, and the issue's targets (win rate >= 65 % with CI lower bound > 50 %, checker
+SFT version with its 95 % bootstrap CI, and the demo's targets (win rate >= 65 % with CI lower bound > 50 %, checker
 score +0.05, over-caution down, harmful compliance not up), each marked met or not, measured, never assumed.
 
     python bench/demo.py                                  # 15 minutes, default pool

@@ -1,6 +1,6 @@
 """Several `bench/demo.py` runs side by side: one markdown row per run and the median per algorithm, plus JSON.
 
-Issue #12 judges each cycle algorithm on the median of three demo runs, by the checker score as well as the win rate:
+Each cycle algorithm is judged on the median of three demo runs, by the checker score as well as the win rate:
 
     for alg in ppo dpo kto; do for n in 1 2 3; do
       python bench/demo.py --cycle-config "{\\"update.algorithm\\": \\"$alg\\"}" > runs/$alg-$n.json

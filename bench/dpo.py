@@ -41,7 +41,7 @@ from training.world import HARMFUL_COMPLIANCE, REFUSAL, check, eval_tasks, rambl
 
 def label(model, tok, n_prompts: int, k: int, seed: int, noise: float):
     """(comparisons, thumbs, oracle triples) from k responses per world prompt, labelled by a noisy pool."""
-    rng = random.Random(seed)  # draws the tasks, then the annotators' noise: one stream, as before the refactor
+    rng = random.Random(seed)  # draws the tasks, then the annotators' noise: one stream, so a seed gives the same data
     tasks, prompts, columns = world_responses(model, tok, n_prompts, k, seed, rng)
     pool = annotator_pool("balanced,brevity,detail,strict", noise=noise)
     comparisons, thumbs, triples = [], [], []

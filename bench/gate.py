@@ -13,7 +13,7 @@ sampled, fresh prompts per trial):
 Only the regression checks are measured (harmful compliance vs parent and vs SFT, over-caution, checker score):
 the reward-gain, KL, degeneracy and length conditions are opened, since the first is not a regression check (a
 policy compared with itself never gains reward) and the others are not noisy in the same way. Baseline in the same
-run: the old gate (mean rates against tolerances, unpaired) on the very same evaluations.
+run: an unpaired gate (`old_gate`: mean rates against tolerances) on the very same evaluations.
 
     python bench/gate.py --model DIR --trials 10      # DIR: any built-in-world SFT policy (alignd bootstrap's v1)
     python bench/gate.py --sft-seconds 150 --trials 10  # bootstrap one in-process first

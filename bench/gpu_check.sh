@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU readiness check (issue #14 part 5), one prepared script: builds a model at SmolLM2-135M's shape
+# GPU readiness check, one prepared script: builds a model at SmolLM2-135M's shape
 # (bench/shapes.py, random weights, no download), then with ALIGND_DEVICE (default cuda)
 #   1. bench/serve.py: `alignd serve` on that device, 1 and 16 HTTP clients, against HF's static batch of 16;
 #   2. bench/cycle.py: `alignd bootstrap --base`, `alignd serve` following the registry, one LoRA cycle (reward model,

@@ -54,7 +54,7 @@ def comparisons_from_policy(
     greedy response is the one the evaluation and the served policy give. Two samples of the small SFT policy
     alone are identical or both wrong in ~75 % of pairs (both_bad or tie labels, no ordering signal).
     """
-    rng = random.Random(seed)  # draws the tasks, then the annotators' noise: one stream, as before the refactor
+    rng = random.Random(seed)  # draws the tasks, then the annotators' noise: one stream, so a seed gives the same data
     tasks, prompts, columns = world_responses(model, tok, n_prompts, k, seed, rng)
     pool = annotator_pool("balanced,brevity,detail,strict", noise=noise)
     out, triples = [], []

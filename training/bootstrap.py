@@ -23,7 +23,7 @@ from training.tokenizer import train_tokenizer
 
 @dataclass
 class BootstrapConfig:
-    arch: str = "gpt2"  # the reference model of DESIGN.md: 4 layers, 192 wide, ~2 M parameters
+    arch: str = "gpt2"  # the built-in assistant (docs/design.md): 4 layers, 192 wide, ~2 M parameters
     vocab_size: int = 1024  # byte-level BPE; small vocab keeps the embedding a minor share of the parameters
     n_layer: int = 4
     d_model: int = 192

@@ -207,8 +207,10 @@ def evaluate_policy(
     Keys: score/<family> for every ordinary family (held-out included), score/mean (without the held-out one),
     heldout_score, over_caution (benign requests refused), harmful_compliance (plain harmful requests answered),
     jailbreak_compliance and jailbreak_compliance/<style>, length_mean (response tokens, eos excluded),
-    oracle_utility, n; kl_to_ref with `reference` (mean over responses of the summed per-token log-ratio
-    log pi - log ref on the policy's own responses); reward_mean with `reward_fn`.
+    oracle_utility, n; decoding ("greedy" or "sampled", at temperature 1) and prompt_set (the seed that drew the
+    `n` prompts; training/figures.py `measured_on` puts the three into words); kl_to_ref with `reference` (mean
+    over responses of the summed per-token log-ratio log pi - log ref on the policy's own responses); reward_mean
+    with `reward_fn`.
 
     "outcomes" (`return_outcomes`): the per-prompt results behind three of the rates, for paired comparisons of two
     policies on the same prompts (workers/gate.py) — 0/1 lists, each in evaluation-set order:
@@ -247,6 +249,9 @@ def evaluate_policy(
     metrics["length_mean"] = _mean([len(g.response_ids) - (g.response_ids[-1:] == [eos]) for g in gens])
     metrics["oracle_utility"] = _mean([ORACLE.utility(t, r) for t, r in zip(tasks, responses)])
     metrics["n"] = len(tasks)
+    # what these figures were measured on, so that two figures for one version can say why they differ
+    metrics["decoding"] = "greedy" if cfg.greedy else "sampled"
+    metrics["prompt_set"] = cfg.seed
     if reference is not None:
         prompt_ids, response_ids = [g.prompt_ids for g in gens], [g.response_ids for g in gens]
         kw = {"pad_token_id": _pad_id(tokenizer), "batch_size": cfg.batch_size}

@@ -10,14 +10,22 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 IGNORE = -100  # label value cross-entropy skips
+LOG_PROGRESS_SECONDS = 30.0  # progress to a log file: a line every 30 s (a 180 s bootstrap writes 7, not 1,274)
+
+
+def default_progress_seconds() -> float:
+    """Seconds between progress reports: every step on a terminal (a bar redraws in place), LOG_PROGRESS_SECONDS when
+    stderr is a file or a pipe, where each report is a line."""
+    return 0.0 if sys.stderr.isatty() else LOG_PROGRESS_SECONDS
 
 
 @dataclass
@@ -32,6 +40,7 @@ class SFTConfig:
     max_length: int = 160  # built-in conversations are < 100 tokens; longer user data is truncated
     grad_clip: float = 1.0
     seed: int = 0
+    progress_seconds: float = field(default_factory=default_progress_seconds)  # between calls of `progress`
 
 
 def encode_conversation(
@@ -87,7 +96,8 @@ def train_sft(
     conversations: list[list[dict[str, str]]],
     progress: Callable[[int, dict], None] | None = None,
 ) -> dict[str, float]:
-    """Fine-tune `model` in place; stops at `max_steps` or `max_seconds`. Returns summary metrics."""
+    """Fine-tune `model` in place; stops at `max_steps` or `max_seconds`. Returns summary metrics. `progress(step,
+    {"loss", "lr", "seconds"})` is called at most every `cfg.progress_seconds` and after the last step."""
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     examples = [encode_conversation(tokenizer, c, cfg.max_length) for c in conversations]
@@ -111,6 +121,7 @@ def train_sft(
 
     model.train()
     start, step, ema, tokens = time.monotonic(), 0, None, 0
+    reported_at, reported_step = -math.inf, 0  # when `progress` was last called, and on which step
     order: list[int] = []
     est_total = cfg.max_steps
     while step < cfg.max_steps:
@@ -134,10 +145,14 @@ def train_sft(
         ema = metrics["loss"] if ema is None else 0.95 * ema + 0.05 * metrics["loss"]
         tokens += metrics["tokens"]
         step += 1
-        if progress is not None:
-            progress(step, {"loss": ema, "lr": opt.param_groups[0]["lr"], "seconds": time.monotonic() - start})
+        now = time.monotonic()
+        if progress is not None and now - reported_at >= cfg.progress_seconds:
+            progress(step, {"loss": ema, "lr": opt.param_groups[0]["lr"], "seconds": now - start})
+            reported_at, reported_step = now, step
     model.eval()
     seconds = time.monotonic() - start
+    if progress is not None and step != reported_step:  # the last step, so that a log ends on the final figures
+        progress(step, {"loss": ema, "lr": opt.param_groups[0]["lr"], "seconds": seconds})
     return {
         "steps": step,
         "loss": float(ema or 0.0),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -11,7 +12,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from alignd.logs import quiet_libraries
 from core.config import Settings, get_settings
+
+quiet_libraries()  # before any command imports transformers; every child process inherits it (alignd/logs.py)
 
 app = typer.Typer(
     help="alignd: online alignment of a served chat model.", no_args_is_help=True, pretty_exceptions_enable=False
@@ -20,7 +24,10 @@ train_app = typer.Typer(
     help="Run one training step synchronously (SFT, reward model, PPO, a full cycle).", no_args_is_help=True
 )
 app.add_typer(train_app, name="train")
-console = Console(stderr=True)
+# Written to a file or a pipe, rich lays tables out for 80 columns and cuts their headers ("vers…"); a log has no
+# width, so it gets one that fits every table alignd prints (COLUMNS, where set, still decides).
+LOG_WIDTH = 200
+console = Console(stderr=True, width=None if sys.stderr.isatty() or "COLUMNS" in os.environ else LOG_WIDTH)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
 

@@ -30,9 +30,13 @@ def versions(as_json: JsonOpt = False):
     if as_json:
         print(json.dumps(listing, default=str))
         return
+    from training.figures import measured_on, shown_kl
+
     table = Table(title=f"policy versions (current: v{listing['current']})")
     for col in ("version", "status", "source", "parent", "reward", "events", "annotators", "score", "kl", "arena"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=True, min_width=len(col))  # a header is never cut to "vers…"
+    # score and kl as recorded at publish: the bootstrap's greedy set or the gate's fresh sampled one
+    table.add_column("measured on", overflow="fold", min_width=12)
     for v in listing["data"]:
         m = v.get("metrics") or {}
         live = v.get("live_win_rate")
@@ -46,8 +50,9 @@ def versions(as_json: JsonOpt = False):
             str((v.get("feedback") or {}).get("events", "")),
             str(len(ann)) if isinstance(ann, (dict, list)) else "",
             f"{m['score/mean']:.3f}" if isinstance(m.get("score/mean"), float) else "",
-            f"{m['kl_to_ref']:.3f}" if isinstance(m.get("kl_to_ref"), float) else "",
+            f"{shown_kl(m['kl_to_ref']):.3f}" if isinstance(m.get("kl_to_ref"), float) else "",
             f"{live['win_rate']:.2f} ({live['votes']})" if live else "",
+            measured_on(m) if m else "",
         )
     console.print(table)
 
@@ -55,10 +60,14 @@ def versions(as_json: JsonOpt = False):
 @app.command()
 def rollback(version: Annotated[int, typer.Argument(help="the version to make current again")]):
     """Make an earlier version current again (registry compare-and-set, event "rollback")."""
+    from store import registry
     from store.registry import RegistryConflict
     from workers.cycle import rollback as do_rollback
 
     _, r, _ = open_redis()
+    if registry.current_version(r) == version:  # as POST /admin/rollback: nothing changes, nothing is recorded
+        console.print(f"version {version} is already current; nothing changed")
+        return
     try:
         out = do_rollback(r, version, reason="alignd rollback")
     except (KeyError, RegistryConflict) as exc:

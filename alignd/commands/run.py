@@ -124,8 +124,8 @@ def serve(
     if keyring.generated:
         console.print(f"[bold]generated API keys (kept in {settings.home / 'keys.json'}):")
         for key, user in keyring.users.items():
-            console.print(f"  user {user}: {key}")
-        console.print(f"  admin: {keyring.admin_key}")
+            console.print(f"  key for {user}: {key}")
+        console.print(f"  admin key: {keyring.admin_key}")
     console.print(f"serving policy v{version} on http://{host or settings.host}:{port or settings.port}")
     uvicorn.run(application, host=host or settings.host, port=port or settings.port, log_level="info")
 
@@ -170,8 +170,8 @@ def keys(as_json: JsonOpt = False):
         print(json.dumps({"users": kr.users, "admin_key": kr.admin_key}))
     else:
         for key, user in kr.users.items():
-            print(f"user {user}: {key}")
-        print(f"admin: {kr.admin_key}")
+            print(f"key for {user}: {key}")
+        print(f"admin key: {kr.admin_key}")
 
 
 @app.command()
@@ -277,6 +277,6 @@ def flower(port: Annotated[Optional[int], typer.Option(help="port (default ALIGN
     user, _, password = cred.partition(":")
     note = " (generated, kept in " + str(settings.home / "flower.json") + ")" if generated else ""
     console.print(f"[bold]Flower on http://{settings.host}:{port}  user {user!r} password {password!r}{note}")
-    cmd = [*CELERY, "flower", f"--port={port}", f"--address={settings.host}"]
+    cmd = [sys.executable, "-m", "alignd.flower", f"--port={port}", f"--address={settings.host}"]
     # the credentials travel in Flower's own environment variable, not on a command line `ps` shows
     _run_child(cmd, {**child_env(settings, url), "FLOWER_BASIC_AUTH": cred}, embedded)

@@ -68,6 +68,7 @@ def test_evaluate_policy_reports_every_metric(arch):
     samples = m.pop("samples")
     assert m["n"] == len(samples) == calls[0] == 2 * (len(TASK_FAMILIES) + 2 + len(JAILBREAK_STYLES))
     assert all(isinstance(t, Task) and isinstance(r, str) for t, r in samples)
+    assert m.pop("decoding") == "greedy" and m["prompt_set"] == cfg.seed  # what the figures were measured on
     assert all(isinstance(v, (int, float)) for v in m.values())
     assert model.training is False
 

@@ -14,7 +14,16 @@ from tests.utils.tiny import tiny_model, tiny_tokenizer
 from training import world
 from training.bootstrap import BootstrapConfig, bootstrap
 from training.evaluate import EvalConfig
-from training.sft import IGNORE, SFTConfig, _collate, encode_conversation, sft_loss, train_sft
+from training.sft import (
+    IGNORE,
+    LOG_PROGRESS_SECONDS,
+    SFTConfig,
+    _collate,
+    default_progress_seconds,
+    encode_conversation,
+    sft_loss,
+    train_sft,
+)
 
 CONV = [{"role": "user", "content": "Say a number."}, {"role": "assistant", "content": "The answer is 7."}]
 
@@ -42,6 +51,23 @@ def test_training_lowers_the_masked_loss_and_changes_every_weight():
     after = sft_loss(model, batch)[0].item()
     assert metrics["steps"] == 40 and after < before / 2
     assert all(not torch.equal(params[n], p) for n, p in model.named_parameters())
+
+
+def test_progress_is_reported_per_step_on_a_terminal_and_periodically_to_a_log(monkeypatch):
+    import io
+
+    tok = tiny_tokenizer()
+
+    def steps_reported(progress_seconds: float) -> list[int]:
+        seen: list[int] = []
+        cfg = SFTConfig(max_steps=12, max_seconds=60, batch_size=2, progress_seconds=progress_seconds)
+        train_sft(cfg, tiny_model(), tok, [CONV] * 4, progress=lambda step, m: seen.append(step))
+        return seen
+
+    assert steps_reported(0.0) == list(range(1, 13))  # a terminal's bar redraws every step
+    assert steps_reported(3600.0) == [1, 12]  # a log: the first step, then every hour, and the last step
+    monkeypatch.setattr("sys.stderr", io.StringIO())  # stderr to a file or a pipe
+    assert default_progress_seconds() == LOG_PROGRESS_SECONDS
 
 
 def test_bootstrap_builds_a_standard_hf_folder(tmp_path):

@@ -178,7 +178,7 @@ def test_a_misspelt_failpoint_fails_before_any_feedback_is_taken(r, redis_url, t
 @pytest.mark.parametrize(
     "point, gate_open, used",
     [
-        ("after_publish", True, True),  # the old bug: an exception between publish and ack released used events
+        ("after_publish", True, True),  # an exception between publish and ack must not release used events
         ("after_gate_failed", False, True),  # same, on the gate-failure path
         ("after_ppo", True, False),
     ],

@@ -43,7 +43,7 @@ PARENT = _policy(_harm([0, 1, 2])) | {"reward_mean": 0.0}  # 3.1 % harmful compl
     "candidate",
     [
         _policy(_harm([0, 1, 2, 3])),  # one prompt flipped
-        _policy(_harm([0, 1, 2, 3, 4, 5])),  # 3.1 % → 6.2 %: the refusal issue #12 reports (the old gate refused it)
+        _policy(_harm([0, 1, 2, 3, 4, 5])),  # 3.1 % → 6.2 %: two prompts of noise (an unpaired gate refuses it)
         _policy(_harm([*range(3, 13), 40])),  # 11 newly answered, 3 newly refused: +8.3 points, p = 470 / 2^14
     ],
 )
