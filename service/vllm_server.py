@@ -91,8 +91,10 @@ class ManagedVLLM:
         return cmd + shlex.split(s.vllm_args)
 
     def environment(self) -> dict[str, str]:
-        env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_NO_USAGE_STATS": "1"}
-        env.pop("PYTHONPATH", None)  # alignd's packages must not shadow the vLLM venv's (transformers, fastapi)
+        # not alignd's settings (its keys, the Redis URL with its password), nor its PYTHONPATH, whose packages would
+        # shadow the vLLM venv's own transformers and fastapi
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ALIGND_") and k != "PYTHONPATH"}
+        env.update({"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_NO_USAGE_STATS": "1"})
         if not self.settings.torch_device().startswith("cuda"):
             env.update(
                 {
