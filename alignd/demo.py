@@ -31,7 +31,7 @@ from typing import Any
 
 import httpx
 
-from alignd.report import ReportConfig, build_report
+from alignd.report import ReportConfig, build_report, verdict
 from alignd.simulate import BackgroundSimulation, SimConfig, api_keys_setting, sim_api_keys, simulated_users
 from core.config import Settings, get_settings
 from core.redis_server import EmbeddedRedis, free_port
@@ -516,18 +516,16 @@ def print_tables(summary: dict[str, Any], console) -> None:
             b, a = rows[rep["baseline_version"]].get(key), rows[rep["final_version"]].get(key)
         table.add_row(name, fmt(b), fmt(a), "–" if a is None or b is None else f"{a - b:+.3f}")
     console.print(table)
+    console.print(f"  measured on: {rows[rep['final_version']].get('measured_on')}")
     oracle = rep.get("oracle") or {}
     if "win_rate" in oracle:
+        final, baseline = oracle["final"], oracle["baseline"]
         console.print(
-            f"oracle win rate v{oracle['final']} vs v{oracle['baseline']} ({oracle.get('decoding')}): "
-            f"{oracle['win_rate']:.1%} (95 % CI {oracle['ci_low']:.1%} – {oracle['ci_high']:.1%}, "
-            f"n={oracle['n']})"
+            f"the noise-free oracle {verdict(oracle, final, baseline)} on {oracle['n']} prompts "
+            f"({oracle.get('decoding')})"
         )
         if oracle.get("greedy"):
-            g = oracle["greedy"]
-            console.print(
-                f"  on greedy responses: {g['win_rate']:.1%} (95 % CI {g['ci_low']:.1%} – {g['ci_high']:.1%})"
-            )
+            console.print(f"  on greedy responses it {verdict(oracle['greedy'], final, baseline)}")
     for w in rep.get("warnings", []):
         console.print(f"[yellow]warning: {w}")
     for name, t in rep["targets"].items():
