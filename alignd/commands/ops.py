@@ -56,7 +56,7 @@ def versions(as_json: JsonOpt = False):
 def rollback(version: Annotated[int, typer.Argument(help="the version to make current again")]):
     """Make an earlier version current again (registry compare-and-set, event "rollback")."""
     from store.registry import RegistryConflict
-    from workers.cycle import rollback as do_rollback
+    from workers.arena import rollback as do_rollback
 
     _, r, _ = open_redis()
     try:

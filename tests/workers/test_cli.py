@@ -47,7 +47,7 @@ def test_train_cycle_versions_and_rollback(r, cli):
     out = run("train", "ppo", "--steps", "1", "--json", "--config", dpo_cycles)
     ppo = json.loads(out.stdout.strip().splitlines()[-1])
     assert ppo["status"] == "published" and ppo["version"] == 3 and ppo["feedback"]["events"] == 0
-    assert ppo["ppo"]["resumed"] and registry.get_version(r, 3)["parent"] == 2
+    assert ppo["update"]["resumed"] and registry.get_version(r, 3)["parent"] == 2
     assert registry.get_version(r, 3)["source"] == "ppo"
 
     listing = json.loads(run("versions", "--json").stdout)
@@ -129,7 +129,12 @@ def last_json(out) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-FAST = json.dumps({"beta": 0.5, "lr": 1e-3, "batch_size": 8, "max_steps": 8, "epochs": None})
+def fast(algorithm: str = "dpo") -> str:
+    """`--config` for a few quick steps of `algorithm`: a section of the cycle's tree, as every train command takes."""
+    return json.dumps({algorithm: {"beta": 0.5, "lr": 1e-3, "batch_size": 8, "max_steps": 8, "epochs": None}})
+
+
+FAST = fast()
 
 
 def test_train_dpo_and_kto_from_files_publish_with_provenance(r, cli, tmp_path):
@@ -142,8 +147,8 @@ def test_train_dpo_and_kto_from_files_publish_with_provenance(r, cli, tmp_path):
     assert dpo["data"] == {"file": str(hh), "format": "hh", "comparisons": 40, "rated": 0, "bad_lines": 1}
     meta = registry.get_version(r, 2)
     assert (meta["source"], meta["parent"], meta["reference_version"]) == ("dpo", 1, 1)
-    assert meta["dpo"]["config"]["beta"] == 0.5 and meta["dpo"]["metrics"]["steps"] == 8
-    assert meta["annotators"] == ["import:hh-rlhf.jsonl.gz"]
+    assert meta["update"]["config"]["beta"] == 0.5 and meta["update"]["metrics"]["steps"] == 8
+    assert meta["annotators"] == {"import:hh-rlhf.jsonl.gz": 40} and meta["update"]["algorithm"] == "dpo"
     assert preference_margin(settings, r, 2, rows) > preference_margin(settings, r, 1, rows) + 0.3
 
     trl = tmp_path / "prefs.jsonl"  # TRL conversational format; its thumbs train KTO from the DPO policy
@@ -160,12 +165,12 @@ def test_train_dpo_and_kto_from_files_publish_with_provenance(r, cli, tmp_path):
             for q, g, b in sums(40, seed=1)
         )
     )
-    kto = last_json(run("train", "kto", "--data", str(trl), "--config", FAST, "--json"))
+    kto = last_json(run("train", "kto", "--data", str(trl), "--config", fast("kto"), "--json"))
     meta = registry.get_version(r, kto["version"])
     assert kto["version"] == 3 and (meta["source"], meta["parent"], meta["reference_version"]) == ("kto", 2, 1)
-    assert meta["data"]["format"] == "trl" and kto["metrics"]["train"]["n_desirable"] > 0
+    assert meta["data"]["format"] == "trl" and kto["update"]["metrics"]["train"]["n_desirable"] > 0
 
-    assert meta["gate"]["eval_seed"] and "score/mean" in meta["metrics"]  # gated on the cycle's checkers
+    assert meta["metrics"]["gate"]["eval_seed"] and "score/mean" in meta["metrics"]  # gated on the cycle's checkers
 
     reward = last_json(run("train", "reward", "--data", str(hh), "--json"))  # used to fail on gzip
     assert reward["accepted"] and reward["n_comparisons"] == 40
