@@ -17,6 +17,7 @@ from core.config import get_settings
 from store import registry
 from store.lock import FencedLock
 from tests.workers.helpers import env_for, make_settings, publish_tiny, seed_feedback, write_cycle_config
+from training.lora import adapter_base
 from training.model import load_causal_lm
 from training.preference import response_logprobs
 
@@ -205,6 +206,31 @@ def test_train_dpo_is_refused_by_the_cycle_gate_unless_told_otherwise(r, cli, tm
     assert registry.current_version(r) == 1 and registry.find_events(r, event="gate_failed")[0]["source"] == "dpo"
     forced = last_json(run("train", "dpo", "--data", str(hh), "--config", FAST, "--no-gate", "--json"))
     assert forced["status"] == "published" and registry.get_version(r, forced["version"])["gate"].startswith("skipped")
+
+
+def test_train_dpo_takes_the_cycles_adapter_decision_and_records_its_gate_failure_as_a_cycles(r, cli, tmp_path):
+    settings, run = cli
+    hh = tmp_path / "hh.jsonl.gz"
+    write_hh_gz(hh, sums(16))
+    lora = json.loads(FAST) | {"update.adapter": "lora", "lora.rank": 4, "lora.alpha": 8}
+    report = last_json(run("train", "dpo", "--data", str(hh), "--config", json.dumps(lora), "--json"))
+    meta = registry.get_version(r, report["version"])
+    assert report["status"] == "published" and meta["adapter"] == meta["adapter"] | {"base_version": 1, "rank": 4}
+    assert adapter_base(settings.checkpoint(meta["path"])) is not None  # the adapter alone, as a cycle publishes it
+
+    closed = lora | {"gate.max_kl": 1e-9}
+    failed = last_json(run("train", "dpo", "--data", str(hh), "--config", json.dumps(closed), "--json"))
+    assert failed["status"] == "gate_failed" and registry.current_version(r) == report["version"]
+    recorded = registry.cycle_event(r, failed["cycle"], "gate_failed")  # fenced by the lock's token, as a cycle's
+    assert recorded["source"] == "dpo" and recorded["parent"] == report["version"]
+    assert recorded["data"]["comparisons"] == 16 and recorded["annotators"] == {"import:hh.jsonl.gz": 16}
+
+
+def test_train_cycle_with_no_new_feedback_publishes_nothing(r, cli):
+    settings, run = cli
+    report = last_json(run("train", "cycle", "--json"))
+    assert report["status"] == "nothing_new" and report["reason"] == "no new feedback"
+    assert registry.current_version(r) == 1 and len(registry.list_versions(r)) == 1
 
 
 def test_train_reward_warm_starts_from_the_previous_model_with_several_heads(r, cli, tmp_path):
