@@ -15,14 +15,9 @@ from typing import Any
 
 import redis
 
+from core.records import Comparison, Rated
 from store.comparisons import all_comparisons, comparisons_for_events
 from store.feedback import FeedbackEvent
-from training.data import Comparison, Rated
-
-
-def _typed(comparisons: list, rated: list) -> tuple[list[Comparison], list[Rated]]:
-    as_c = [c if isinstance(c, Comparison) else Comparison.from_dict(c) for c in comparisons]
-    return as_c, [x if isinstance(x, Rated) else Rated.from_dict(x) for x in rated]
 
 
 @dataclass
@@ -63,24 +58,23 @@ class TrainingData:
 def from_events(r: redis.Redis, events: list[FeedbackEvent]) -> TrainingData:
     """A cycle's data: the items `events` give (a revised vote gives its revision's), and all items as history (read
     only when there is something new)."""
-    new_c, new_r = _typed(*comparisons_for_events(r, events))
+    new_c, new_r = comparisons_for_events(r, events)
     source = {"feedback_events": len(events), "comparisons": len(new_c), "rated": len(new_r)}
     data = TrainingData(new_c, new_r, source=source, events=events, replay=True)
     if not data.empty:
-        data.history_comparisons, data.history_rated = _typed(*all_comparisons(r))
+        data.history_comparisons, data.history_rated = all_comparisons(r)
     return data
 
 
 def from_store(r: redis.Redis) -> TrainingData:
     """Every comparison and rated item in Redis (feedback and imports), all of them new to this run."""
-    comparisons, rated = _typed(*all_comparisons(r))
+    comparisons, rated = all_comparisons(r)
     source = {"redis": True, "comparisons": len(comparisons), "rated": len(rated)}
     return TrainingData(comparisons, rated, comparisons, rated, source)
 
 
-def from_items(comparisons: list, rated: list, source: dict[str, Any]) -> TrainingData:
+def from_items(comparisons: list[Comparison], rated: list[Rated], source: dict[str, Any]) -> TrainingData:
     """Items read from a preference file (store/exchange.py `read_preferences`)."""
-    comparisons, rated = _typed(comparisons, rated)
     return TrainingData(comparisons, rated, comparisons, rated, source)
 
 

@@ -12,12 +12,12 @@ prompts, ranked by the graders, join the items (training/grader_pairs.py).
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import asdict
 from typing import Any
 
+from core.records import Comparison, Rated
 from workers.data import TrainingData, annotator_reliability
 from workers.job import CycleError, Job
 from workers.update import Candidate, load_policy
@@ -68,12 +68,12 @@ def _items(job: Job, data: TrainingData) -> tuple[list, list, dict[str, Any], di
     Reliability is estimated on the whole history (the overlap items of every cycle), then applied to these."""
     older: list = []
     if data.replay:
-        fresh = {_key(x) for x in [*data.comparisons, *data.rated]}
-        older = [x for x in [*data.history_comparisons, *data.history_rated] if _key(x) not in fresh]
+        fresh = {x.identity for x in [*data.comparisons, *data.rated]}
+        older = [x for x in [*data.history_comparisons, *data.history_rated] if x.identity not in fresh]
     rng = random.Random(job.cfg.seed + job.token)
     replay = rng.sample(older, min(len(older), job.cfg.update.replay))
-    comparisons = data.comparisons + [x for x in replay if hasattr(x, "chosen")]
-    rated = data.rated + [x for x in replay if not hasattr(x, "chosen")]
+    comparisons = data.comparisons + [x for x in replay if isinstance(x, Comparison)]
+    rated = data.rated + [x for x in replay if isinstance(x, Rated)]
     applied = job.cfg.reward.annotator_weights
     table = annotator_reliability(data.history_comparisons, data.history_rated, apply=False)
     if applied:
@@ -81,12 +81,6 @@ def _items(job: Job, data: TrainingData) -> tuple[list, list, dict[str, Any], di
             x.weight = table["annotators"].get(x.annotator or "", {}).get("weight", 1.0)
     counts = {"new": len(data.comparisons) + len(data.rated), "replay": len(replay)}
     return comparisons, rated, counts, table | {"applied": applied}
-
-
-def _key(item) -> str:
-    """An item's identity across two derivations of the same feedback (the new items and the history); not its
-    weight, which the reward stage may have set on the history's copy."""
-    return json.dumps({k: v for k, v in item.to_dict().items() if k != "weight"}, sort_keys=True)
 
 
 def _grader_items(job: Job, cand: Candidate, algorithm: str, counts: dict[str, Any]) -> list:

@@ -17,11 +17,12 @@ from typing import Any
 import redis
 
 from core.config import Settings
+from core.records import Comparison, Rated
 from store import registry
 from store.comparisons import all_comparisons
 from store.lock import FencedLock
 from workers.cycle_config import CycleConfig
-from workers.data import TrainingData, _typed, annotator_reliability
+from workers.data import TrainingData, annotator_reliability
 from workers.job import CycleError, Job, Progress, log_progress
 from workers.update import reward_adapter
 
@@ -80,7 +81,7 @@ def train_reward(
     cfg: CycleConfig,
     lock: FencedLock,
     *,
-    data: tuple[list, list] | None = None,
+    data: tuple[list[Comparison], list[Rated]] | None = None,
     ref_path: str | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
@@ -92,7 +93,7 @@ def train_reward(
         if current is None:
             raise CycleError("no policy version is registered: run `alignd bootstrap` first")
         ref_path = str(registry.version_path(settings, r, registry.reference_version(r, current)))
-    comparisons, rated = _typed(*(data if data is not None else all_comparisons(r)))
+    comparisons, rated = data if data is not None else all_comparisons(r)
     previous = registry.current_reward_version(r)
     if not comparisons and not rated:
         return {"accepted": False, "reason": "no preference data", "version": previous}

@@ -295,7 +295,7 @@ def train_ppo_cmd(
     print_report(report, as_json, "ppo")
 
 
-def _read_data(data: Path) -> tuple[list[dict], list[dict], dict[str, Any]]:
+def _read_data(data: Path) -> tuple[list, list, dict[str, Any]]:
     """(comparisons, rated, provenance) from a preference file; exits 2 when it is unreadable or holds nothing."""
     from store.exchange import read_preferences
 
