@@ -36,7 +36,6 @@ import json
 import logging
 import time
 from dataclasses import asdict
-from dataclasses import replace as dataclass_replace
 from typing import Any
 
 import redis
@@ -186,10 +185,8 @@ def run_training(
     if algorithm != "ppo" and data.empty:
         raise CycleError(f"{algorithm}: nothing to learn from: no comparisons or rated answers")
     with FencedLock(r, names.TRAIN_LOCK, ttl_ms=int(cfg.lock_ttl_s * 1000)) as lock:
-        job = open_job(
-            r, settings, cfg, lock, trigger=algorithm, progress=progress or log_progress, retrain_reward=False
-        )
-        job.gated = gated
+        progress = progress or log_progress
+        job = open_job(r, settings, cfg, lock, trigger=algorithm, progress=progress, retrain_reward=False, gated=gated)
         try:
             report = pipeline(job, data)
         except registry.RegistryConflict as exc:
@@ -197,16 +194,12 @@ def run_training(
         return report | {"cycle": lock.token}
 
 
-def with_algorithm(cfg: CycleConfig, algorithm: str) -> CycleConfig:
-    return dataclass_replace(cfg, update=dataclass_replace(cfg.update, algorithm=algorithm))
-
-
 def run_ppo(
     r: redis.Redis, settings: Settings, cfg: CycleConfig, *, progress: Progress | None = None
 ) -> dict[str, Any]:
     """PPO increments against the current reward model, gated and published, without reading feedback (`alignd
     train ppo`): PPO whatever the cycle's algorithm."""
-    return run_training(r, settings, with_algorithm(cfg, "ppo"), progress=progress)
+    return run_training(r, settings, cfg.with_update(algorithm="ppo"), progress=progress)
 
 
 def run_preference(
@@ -222,7 +215,7 @@ def run_preference(
     if algorithm not in ("dpo", "kto"):
         raise ValueError(f"unknown preference algorithm {algorithm!r}; expected 'dpo' or 'kto'")
     data = data if data is not None else training_data.from_store(r)
-    return run_training(r, settings, with_algorithm(cfg, algorithm), data=data, gated=gated)
+    return run_training(r, settings, cfg.with_update(algorithm=algorithm), data=data, gated=gated)
 
 
 def report_json(report: dict[str, Any]) -> str:

@@ -36,6 +36,7 @@ def run(job: Job, rewards, cand: Candidate) -> Verdict:
 
     if not job.gated:
         return Verdict(True, skipped=True)
+    rewards.load(job)
     # a fresh evaluation set (and sampling seed) per run, shared by every policy (workers/cycle_config.py)
     ecfg = replace(job.cfg.eval, seed=job.cfg.eval.seed + job.token)
 

@@ -33,7 +33,7 @@ PPO_STATE_DIR = "ppo"  # under ALIGND_HOME: the PPO trainer state of the current
 
 def run(job: Job, rewards, lora: bool) -> Candidate:
     """PPO steps until `update.steps` or the `update.seconds` budget; the candidate carries the trainer."""
-    cand, resumed = _trainer(job, rewards, lora)
+    cand, resumed = _trainer(job, rewards.load(job), lora)
     trainer, update = cand.trainer, job.cfg.update
     sampler, n_user_prompts = prompt_sampler(job.r, trainer.tokenizer, job.cfg)
     t0, steps = time.perf_counter(), []

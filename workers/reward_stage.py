@@ -29,13 +29,32 @@ from workers.update import reward_adapter
 
 @dataclass
 class Rewards:
-    """The reward stage's result: what happened to the reward model, and the current one as reward functions."""
+    """The reward stage's result: what happened to the reward model, and the current one as reward functions,
+    loaded by the first stage that scores with it (`load`): a DPO/KTO update never does, so its training does not
+    hold a reward model beside the policy; the gate loads it after."""
 
     report: dict[str, Any]  # the retraining's report (accepted, version, metrics), or why it was not retrained
     version: int | None  # the current reward version (None: none yet; only a DPO/KTO update can run without one)
     model: Any = None  # the current reward model: the trunk a fresh PPO critic starts from
     score: Any = None  # its reward function (training/ppo.py reward_model_fn): what the gate judges by
     update_score: Any = None  # what PPO optimises: `score`, plus the graders' when reward.grader_weight is on
+
+    def load(self, job: Job) -> Rewards:
+        """Load the current reward model (once); nothing when there is none."""
+        from training.graders import load_suites
+        from training.ppo import grader_reward_fn, reward_model_fn
+        from training.reward import load_reward_model
+
+        if self.version is None or self.model is not None:
+            return self
+        path = registry.reward_path(job.settings, job.r, self.version)
+        self.model, tok = load_reward_model(path, job.device, resolve_base=job.settings.checkpoint)
+        self.score = reward_model_fn(self.model, tok, uncertainty_penalty=job.cfg.reward.uncertainty_penalty)
+        self.update_score = self.score
+        if job.cfg.reward.grader_weight > 0:  # the gate keeps judging by the learned reward alone
+            suites, weight = load_suites(job.cfg.eval.suites), job.cfg.reward.grader_weight
+            self.update_score = grader_reward_fn(self.score, suites, weight)
+        return self
 
     def release(self) -> None:
         """Drop the model (its trunk is as large as the policy's) once no later stage scores with it."""
@@ -44,7 +63,7 @@ class Rewards:
 
 
 def run(job: Job, data: TrainingData) -> Rewards:
-    """Retrain (a cycle) or keep the current reward model, then load it; PPO without one is a CycleError."""
+    """Retrain (a cycle) or keep the current reward model; PPO without one is a CycleError."""
     if job.retrain_reward:
         history = (data.history_comparisons, data.history_rated)
         report = train_reward(
@@ -54,25 +73,9 @@ def run(job: Job, data: TrainingData) -> Rewards:
     else:
         report = {"accepted": False, "reason": "not retrained", "version": registry.current_reward_version(job.r)}
     version = registry.current_reward_version(job.r)
-    if version is None:
-        if job.algorithm == "ppo":
-            raise CycleError("no reward model yet: there is no preference data (send feedback first)")
-        return Rewards(report, None)
-    return _load(job, report, version)
-
-
-def _load(job: Job, report: dict[str, Any], version: int) -> Rewards:
-    from training.graders import load_suites
-    from training.ppo import grader_reward_fn, reward_model_fn
-    from training.reward import load_reward_model
-
-    path = registry.reward_path(job.settings, job.r, version)
-    model, tok = load_reward_model(path, job.device, resolve_base=job.settings.checkpoint)
-    score = reward_model_fn(model, tok, uncertainty_penalty=job.cfg.reward.uncertainty_penalty)
-    update_score = score
-    if job.cfg.reward.grader_weight > 0:  # the gate keeps judging by the learned reward alone
-        update_score = grader_reward_fn(score, load_suites(job.cfg.eval.suites), job.cfg.reward.grader_weight)
-    return Rewards(report, version, model, score, update_score)
+    if version is None and job.algorithm == "ppo":
+        raise CycleError("no reward model yet: there is no preference data (send feedback first)")
+    return Rewards(report, version)
 
 
 def train_reward(

@@ -8,6 +8,7 @@ returns a `Candidate`, which the gate (workers/gate_stage.py) and publish (worke
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,8 +69,11 @@ def run(job: Job, data, rewards) -> Candidate:
 
     lora = use_adapter(job)
     if job.algorithm == "ppo":
-        return ppo_update.run(job, rewards, lora)
-    return preference.run(job, data, lora)
+        cand = ppo_update.run(job, rewards, lora)
+    else:
+        cand = preference.run(job, data, lora)
+    gc.collect()  # the training loop's optimiser state and activations, before the gate loads the parent
+    return cand
 
 
 def load_policy(job: Job, lora: bool) -> Candidate:

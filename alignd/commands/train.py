@@ -198,7 +198,8 @@ def train_sft_cmd(
 ConfigOpt = Annotated[
     Optional[str],
     typer.Option(
-        help='CycleConfig overrides as JSON, nested or dotted: \'{"ppo": {"lr": 3e-5}}\' or \'{"ppo.lr": 3e-5}\''
+        help="the cycle's configuration overrides as JSON, nested or dotted: "
+        '\'{"ppo": {"lr": 3e-5}}\' or \'{"ppo.lr": 3e-5}\' (every key, default and reason: `alignd config`)'
     ),
 ]
 

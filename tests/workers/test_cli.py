@@ -20,6 +20,7 @@ from tests.workers.helpers import env_for, make_settings, publish_tiny, seed_fee
 from training.lora import adapter_base
 from training.model import load_causal_lm
 from training.preference import response_logprobs
+from workers.cycle_config import SECTIONS, CycleConfig
 
 
 @pytest.fixture
@@ -231,6 +232,22 @@ def test_train_cycle_with_no_new_feedback_publishes_nothing(r, cli):
     report = last_json(run("train", "cycle", "--json"))
     assert report["status"] == "nothing_new" and report["reason"] == "no new feedback"
     assert registry.current_version(r) == 1 and len(registry.list_versions(r)) == 1
+
+
+def test_config_prints_every_key_with_its_value_and_reason(cli):
+    settings, run = cli
+    tree = last_json(run("config", "--json"))
+    rows = {row["key"]: row for row in tree["keys"]}
+    assert set(rows) == set(CycleConfig.valid_keys()) and tuple(tree["sections"]) == SECTIONS
+    algorithm = rows["update.algorithm"]
+    assert (algorithm["type"], algorithm["value"]) == ("'ppo' | 'dpo' | 'kto'", "dpo")
+    assert "DPO" in rows["update.algorithm"]["why"] and "Bonferroni" in rows["gate.significance"]["why"]
+    assert "disjoint" in rows["eval.seed"]["why"]  # a training section's reason, from its field's comment
+    assert "LIVE_FEEDBACK_LR" in tree["sections"]["reward"]  # why the cycle's reward section differs from its class
+    effective = {row["key"]: row["value"] for row in last_json(run("config", "--effective", "--json"))["keys"]}
+    assert effective["update.algorithm"] == "ppo" and effective["ppo.batch_size"] == 4  # ALIGND_HOME/cycle.json
+    table = run("config")
+    assert table.exit_code == 0 and "update.algorithm" in table.stdout and "Bonferroni" in table.stdout
 
 
 def test_train_reward_warm_starts_from_the_previous_model_with_several_heads(r, cli, tmp_path):

@@ -228,11 +228,12 @@ def test_a_run_whose_lock_was_taken_over_publishes_nothing_and_leaves_its_events
 
 
 def test_a_cycle_with_nothing_new_to_learn_from_records_that_and_publishes_nothing(r, home):
+    roomy = tiny(lock_ttl_s=30.0)  # a loaded machine must not expire the lock: this test is about what is learnt
     seed_feedback(r, 8)
-    assert run_cycle(r, home, tiny())["status"] == "published" and registry.current_version(r) == 2
+    assert run_cycle(r, home, roomy)["status"] == "published" and registry.current_version(r) == 2
     reward_versions = registry.current_reward_version(r)
 
-    report = run_cycle(r, home, tiny())  # no new feedback: the replay and the reward model alone teach nothing new
+    report = run_cycle(r, home, roomy)  # no new feedback: the replay and the reward model alone teach nothing new
     assert report["status"] == "nothing_new" and report["reason"] == "no new feedback" and report["current"] == 2
     assert registry.current_version(r) == 2 and len(registry.list_versions(r)) == 2
     assert registry.current_reward_version(r) == reward_versions  # the reward model was not retrained either
@@ -241,7 +242,7 @@ def test_a_cycle_with_nothing_new_to_learn_from_records_that_and_publishes_nothi
     gone = seed_feedback(r, 3, seed=5)  # events whose completions expired: they give no comparison
     for event in gone:
         r.delete(keys.completion(event.completion_id))
-    report = run_cycle(r, home, tiny())
+    report = run_cycle(r, home, roomy)
     assert report["status"] == "nothing_new" and report["reason"].startswith("none of the 3 new feedback events")
     assert report["settled"]["used"] and report["settled"]["acked"] == 3  # accounted for: not read again
     assert fb.unconsumed_count(r) == 0 and fb.pending_count(r) == 0 and len(registry.list_versions(r)) == 2
