@@ -9,7 +9,7 @@ its configuration from `ALIGND_*` variables (core/config.py).
 
 from __future__ import annotations
 
-from alignd.commands import graders, ops, run, train  # noqa: F401  (each adds its commands to `app`)
+from alignd.commands import config, graders, ops, run, train  # noqa: F401  (each adds its commands to `app`)
 from alignd.commands.common import app
 
 __all__ = ["app"]

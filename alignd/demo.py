@@ -214,7 +214,7 @@ def stretch_overrides(remaining: float, last_cycle_s: float, n_done: int, cfg: D
     spare = (remaining - this) / CYCLE_MARGIN
     if spare < MIN_STRETCH_S:
         return {}
-    from workers.cycle import CycleConfig
+    from workers.cycle_config import CycleConfig
 
     base = CycleConfig.from_dict(cfg.cycle_config).update
     seconds = base.seconds + spare
@@ -249,7 +249,7 @@ def _prepare_home(cfg: DemoConfig) -> tuple[Path, Path]:
         items = world_suite_items(40, seed=cfg.seed, split="train")
         (home / GRADER_SUITE).write_text("".join(json.dumps(x) + "\n" for x in items))
     if cfg.cycle_config:
-        from workers.cycle import CycleConfig
+        from workers.cycle_config import CycleConfig
 
         CycleConfig.from_dict(cfg.cycle_config)  # a bad key fails now, not in the first cycle minutes later
     (home / "logs").mkdir(parents=True, exist_ok=True)
@@ -329,7 +329,7 @@ def _one_cycle(
         "reward_heldout_accuracy": ((result.get("reward") or {}).get("metrics") or {}).get("heldout_accuracy"),
         "gate": result.get("gate"),
         # which update ran on what: people's new and replayed items, and the graders' (graders_as_reward)
-        "update": {k: (result.get("ppo") or {}).get(k) for k in ("algorithm", "data")},
+        "update": {k: (result.get("update") or {}).get(k) for k in ("algorithm", "data")},
     }
     if record["status"] == "published":
         record["swap_seconds"] = swap = _wait_swap(r, sim, record["version"], 120.0)

@@ -298,7 +298,7 @@ def run_mode(mode: str, base: Path, args: argparse.Namespace) -> dict:
             "reward_checkpoint_bytes": folder_bytes(settings.checkpoint(rm_meta["path"])) if rm_meta else None,
             "adapter": (meta or {}).get("adapter"),
             "publish_to_served": served,
-            "ppo": {k: report.get("ppo", {}).get(k) for k in ("steps", "resumed", "seconds")},
+            "update": {k: report.get("update", {}).get(k) for k in ("algorithm", "steps", "resumed", "seconds")},
         }
     finally:
         if api_proc is not None:

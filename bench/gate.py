@@ -154,7 +154,7 @@ def main() -> None:
         max_length_drift=float("inf"),
     )
     base = replace(CycleConfig().eval, batch_size=args.batch_size)
-    out["gate"] = {k: v for k, v in asdict(cfg).items() if k.startswith(("max_", "significance", "power"))}
+    out["gate"] = {k: v for k, v in cfg.model_dump().items() if k.startswith(("max_", "significance", "power"))}
     out["eval"] = asdict(base)
     t0 = time.perf_counter()
     trials = []

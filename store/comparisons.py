@@ -1,6 +1,6 @@
 """From feedback to preference data: the comparisons and rated responses the reward model trains on.
 
-Plain dicts with the field names of `training.data.Comparison` / `Rated` (store/ does not import training/).
+Typed records, `core.records.Comparison` / `Rated` (the ground package's, so training learns from them as returned).
 Only the latest vote of each (completion, slot, user) counts; a revision replaces its vote, the log keeps both.
 The prompt is the completion's request messages; the responses are its choices' texts.
 
@@ -16,7 +16,7 @@ A "pref" pair whose two texts are identical becomes a "tie" whatever the vote sa
 policy are often the same text, and a ranking must still put one of them first (measured in one demo run: 34 % of
 all rank pairs were identical twins, so their arbitrary order was a third of the reward model's data and its
 held-out accuracy measured mostly noise).
-Every dict carries group (completion id), source (feedback id; "a,b" for a pair made of two thumbs),
+Every record carries group (completion id), source (feedback id; "a,b" for a pair made of two thumbs),
 annotator (user) and meta with the completion id, the feedback type, the choice indices and their policy versions
 (chosen_version / rejected_version, or version for rated), from which arena win rates are computed.
 Imported comparisons (store/exchange.py) are included by `all_comparisons` as they were imported.
@@ -27,10 +27,10 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import Any
 
 import redis
 
+from core.records import Comparison, Rated
 from store import keys
 from store.completions import CompletionRecord
 from store.feedback import FeedbackEvent
@@ -53,21 +53,21 @@ def _pair(
     source: str,
     annotator: str,
     kind: str,
-) -> dict[str, Any]:
+) -> Comparison:
     by_index = {c.index: c for c in record.choices}
     c, r = by_index[chosen], by_index[rejected]
     if label == "pref" and c.text == r.text:
         label, margin = "tie", 0  # one text cannot beat itself: the order a voter gave identical twins is noise
-    return {
-        "prompt": [dict(m) for m in record.messages],
-        "chosen": c.text,
-        "rejected": r.text,
-        "label": label,
-        "margin": float(margin),
-        "group": record.id,
-        "source": source,
-        "annotator": annotator,
-        "meta": {
+    return Comparison(
+        prompt=[dict(m) for m in record.messages],
+        chosen=c.text,
+        rejected=r.text,
+        label=label,
+        margin=float(margin),
+        group=record.id,
+        source=source,
+        annotator=annotator,
+        meta={
             "completion_id": record.id,
             "type": kind,
             "chosen_index": chosen,
@@ -75,32 +75,32 @@ def _pair(
             "chosen_version": c.version,
             "rejected_version": r.version,
         },
-    }
+    )
 
 
-def _rated(record: CompletionRecord, vote: FeedbackEvent) -> dict[str, Any]:
+def _rated(record: CompletionRecord, vote: FeedbackEvent) -> Rated:
     choice = next(c for c in record.choices if c.index == vote.choice)
-    return {
-        "prompt": [dict(m) for m in record.messages],
-        "response": choice.text,
-        "good": vote.value == "up",
-        "group": record.id,
-        "source": vote.id,
-        "annotator": vote.user,
-        "meta": {"completion_id": record.id, "type": "thumbs", "index": choice.index, "version": choice.version},
-    }
+    return Rated(
+        prompt=[dict(m) for m in record.messages],
+        response=choice.text,
+        good=vote.value == "up",
+        group=record.id,
+        source=vote.id,
+        annotator=vote.user,
+        meta={"completion_id": record.id, "type": "thumbs", "index": choice.index, "version": choice.version},
+    )
 
 
 def derive(
     record: CompletionRecord, votes: Iterable[FeedbackEvent], fresh: set[str] | None = None
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+) -> tuple[list[Comparison], list[Rated]]:
     """Comparisons and rated responses from the latest `votes` on one completion.
 
     With `fresh` (feedback ids), only output that involves a fresh vote is returned: a thumbs pair where either
     thumb is fresh, a rated thumb that is fresh, a pairwise/rank vote that is fresh.
     """
-    comparisons: list[dict[str, Any]] = []
-    rated: list[dict[str, Any]] = []
+    comparisons: list[Comparison] = []
+    rated: list[Rated] = []
     thumbs: dict[str, list[FeedbackEvent]] = defaultdict(list)
 
     def wanted(*ids: str) -> bool:
@@ -182,7 +182,7 @@ def _records_and_votes(r: redis.Redis, completion_ids: list[str]):
             yield CompletionRecord.model_validate_json(raw), votes
 
 
-def comparisons_for_events(r: redis.Redis, events: list[FeedbackEvent]) -> tuple[list[dict], list[dict]]:
+def comparisons_for_events(r: redis.Redis, events: list[FeedbackEvent]) -> tuple[list[Comparison], list[Rated]]:
     """Preference data from a batch of new events (e.g. from `read_new`), using the current latest votes.
 
     An event a later revision has replaced gives nothing (its replacement does); a new thumb also pairs with the
@@ -190,8 +190,8 @@ def comparisons_for_events(r: redis.Redis, events: list[FeedbackEvent]) -> tuple
     """
     fresh = {e.id for e in events}
     completion_ids = sorted({e.completion_id for e in events})
-    comparisons: list[dict] = []
-    rated: list[dict] = []
+    comparisons: list[Comparison] = []
+    rated: list[Rated] = []
     for record, votes in _records_and_votes(r, completion_ids):
         c, s = derive(record, votes, fresh)
         comparisons += c
@@ -199,25 +199,27 @@ def comparisons_for_events(r: redis.Redis, events: list[FeedbackEvent]) -> tuple
     return comparisons, rated
 
 
-def imported(r: redis.Redis) -> tuple[list[dict], list[dict]]:
+def imported(r: redis.Redis) -> tuple[list[Comparison], list[Rated]]:
     """Comparisons and rated responses imported by store/exchange.py, in import order."""
     order = r.lrange(keys.imported_order(), 0, -1)
-    comparisons: list[dict] = []
-    rated: list[dict] = []
+    comparisons: list[Comparison] = []
+    rated: list[Rated] = []
     for start in range(0, len(order), BATCH):
         for raw in r.hmget(keys.imported_items(), order[start : start + BATCH]):
             if raw is None:
                 continue
             item = json.loads(raw)
-            kind = item.pop("kind")
-            (comparisons if kind == "comparison" else rated).append(item)
+            if item.pop("kind") == "comparison":
+                comparisons.append(Comparison.from_dict(item))
+            else:
+                rated.append(Rated.from_dict(item))
     return comparisons, rated
 
 
-def feedback_comparisons(r: redis.Redis) -> tuple[list[dict], list[dict]]:
+def feedback_comparisons(r: redis.Redis) -> tuple[list[Comparison], list[Rated]]:
     """Preference data from the latest votes on every completion that has any, ordered by completion id."""
-    comparisons: list[dict] = []
-    rated: list[dict] = []
+    comparisons: list[Comparison] = []
+    rated: list[Rated] = []
     completion_ids = sorted(r.smembers(keys.feedback_completions()))
     for record, votes in _records_and_votes(r, completion_ids):
         c, s = derive(record, votes)
@@ -226,7 +228,7 @@ def feedback_comparisons(r: redis.Redis) -> tuple[list[dict], list[dict]]:
     return comparisons, rated
 
 
-def all_comparisons(r: redis.Redis) -> tuple[list[dict], list[dict]]:
+def all_comparisons(r: redis.Redis) -> tuple[list[Comparison], list[Rated]]:
     """Everything the reward model retrains on: (comparisons, rated) from the latest votes, then imported data."""
     comparisons, rated = feedback_comparisons(r)
     imp_comparisons, imp_rated = imported(r)

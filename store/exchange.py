@@ -33,6 +33,7 @@ from typing import Any, Literal
 import redis
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, field_validator
 
+from core.records import Comparison, Rated
 from store import keys
 from store.comparisons import all_comparisons, feedback_comparisons
 
@@ -71,21 +72,21 @@ def export_preferences(r: redis.Redis, fmt: ExportFormat, out: Path) -> dict[str
     with _open_write(tmp) as f:
         for c in comparisons:
             if fmt == "alignd":
-                line = {"kind": "comparison", **c}
-            elif c["label"] != "pref":
-                skipped[c["label"]] += 1
+                line = {"kind": "comparison", **c.stored()}
+            elif c.label != "pref":
+                skipped[c.label] += 1
                 continue
             elif fmt == "hh":
-                prompt = _hh_text(c["prompt"])
+                prompt = _hh_text(c.prompt)
                 line = {
-                    "chosen": prompt + _hh_text([{"role": "assistant", "content": c["chosen"]}]),
-                    "rejected": prompt + _hh_text([{"role": "assistant", "content": c["rejected"]}]),
+                    "chosen": prompt + _hh_text([{"role": "assistant", "content": c.chosen}]),
+                    "rejected": prompt + _hh_text([{"role": "assistant", "content": c.rejected}]),
                 }
             else:
                 line = {
-                    "prompt": c["prompt"],
-                    "chosen": [{"role": "assistant", "content": c["chosen"]}],
-                    "rejected": [{"role": "assistant", "content": c["rejected"]}],
+                    "prompt": c.prompt,
+                    "chosen": [{"role": "assistant", "content": c.chosen}],
+                    "rejected": [{"role": "assistant", "content": c.rejected}],
                 }
             f.write(json.dumps(line) + "\n")
             written += 1
@@ -93,7 +94,7 @@ def export_preferences(r: redis.Redis, fmt: ExportFormat, out: Path) -> dict[str
             if fmt != "alignd":
                 skipped["rated"] += 1
                 continue
-            f.write(json.dumps({"kind": "rated", **s}) + "\n")
+            f.write(json.dumps({"kind": "rated", **s.stored()}) + "\n")
             written += 1
     os.replace(tmp, out)  # a reader never sees a half-written export
     return {
@@ -347,8 +348,8 @@ def import_preferences(r: redis.Redis, path: Path) -> dict[str, Any]:
     live = set()
     if fmt == "alignd":
         comparisons, rated = feedback_comparisons(r)
-        live = {content_id({"kind": "comparison", **c}) for c in comparisons}
-        live |= {content_id({"kind": "rated", **s}) for s in rated}
+        live = {content_id({"kind": "comparison", **c.stored()}) for c in comparisons}
+        live |= {content_id({"kind": "rated", **s.stored()}) for s in rated}
     insert = r.register_script(INSERT_LUA)
     batch: list[str] = []
 
@@ -403,10 +404,10 @@ def _with_kind(obj: Any) -> Any:
 
 
 def read_preferences(path: Path) -> dict[str, Any]:
-    """Parse a preference file in any format `import_preferences` reads (plain or .gz) into plain dicts.
+    """Parse a preference file in any format `import_preferences` reads (plain or .gz) into records.
 
-    Returns {"format", "comparisons": [...], "rated": [...], "bad_lines": [(line_no, reason)]}; the dicts have the
-    fields of `training.data.Comparison` / `Rated`, with annotator "import:<file name>" unless a line names one.
+    Returns {"format", "comparisons": [...], "rated": [...], "bad_lines": [(line_no, reason)]}: `core.records`
+    Comparison / Rated, with annotator "import:<file name>" unless a line names one.
     Nothing is stored; a bad line is reported and skipped, as on import.
     """
     path = Path(path)
@@ -431,6 +432,8 @@ def read_preferences(path: Path) -> dict[str, Any]:
         if err is not None:
             report["bad_lines"].append((line_no, err))
             continue
-        kind = item.pop("kind")
-        report["comparisons" if kind == "comparison" else "rated"].append(item)
+        if item.pop("kind") == "comparison":
+            report["comparisons"].append(Comparison.from_dict(item))
+        else:
+            report["rated"].append(Rated.from_dict(item))
     return report

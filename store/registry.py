@@ -15,11 +15,13 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis
 
 from core import names
+from core.config import Settings
 from store import keys
 
 EVENTS_MAXLEN = 10_000  # the events stream is recent history; `registry_published` and cycle events are kept for good
@@ -165,6 +167,23 @@ def update_version(r: redis.Redis, version: int, **fields: Any) -> None:
 
 def get_version(r: redis.Redis, version: int) -> dict[str, Any] | None:
     return _POLICY.get(r, version)
+
+
+def version_path(settings: Settings, r: redis.Redis, version: int) -> Path:
+    """The checkpoint folder of policy `version` (its registry path resolved against the checkpoint root); KeyError
+    for a version the registry does not hold."""
+    meta = get_version(r, version)
+    if meta is None:
+        raise KeyError(f"policy version {version} is not in the registry")
+    return settings.checkpoint(meta["path"])
+
+
+def reward_path(settings: Settings, r: redis.Redis, version: int) -> Path:
+    """The checkpoint folder of reward-model `version`, as `version_path`."""
+    meta = get_reward_version(r, version)
+    if meta is None:
+        raise KeyError(f"reward version {version} is not in the registry")
+    return settings.checkpoint(meta["path"])
 
 
 def lineage_reference(metas: dict[int, dict[str, Any]], version: int) -> int:

@@ -18,7 +18,7 @@ from alignd.demo import CYCLE_MARGIN, DemoConfig, brief, run_demo, stretch_overr
 from alignd.report import FIGURES, ReportConfig
 from tests.utils.tiny import tiny_sft_model, tiny_tokenizer
 from tests.workers.helpers import tiny_overrides
-from workers.cycle import CycleConfig
+from workers.cycle_config import CycleConfig
 
 # the tests' tiny cycle (seconds per cycle, gate open: this checks the plumbing) with a demo's looser lock and budget
 DEMO_CYCLE = tiny_overrides(**{"lock_ttl_s": 10.0, "update.seconds": 20.0})

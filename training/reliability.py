@@ -196,9 +196,9 @@ def table_dict(table: dict[str, Reliability]) -> dict[str, dict]:
 
 
 def from_dicts(
-    comparisons: Iterable[dict], rated: Iterable[dict] = (), cfg: ReliabilityConfig | None = None
+    comparisons: Iterable[Comparison | dict], rated: Iterable[Rated | dict] = (), cfg: ReliabilityConfig | None = None
 ) -> dict[str, Reliability]:
-    """`estimate` over derived feedback as store/comparisons.py returns it (plain dicts)."""
+    """`estimate` over derived feedback as store/comparisons.py returns it (records; plain dicts are read too)."""
     return estimate(
         labels_from([Comparison.from_dict(c) for c in comparisons], [Rated.from_dict(x) for x in rated]), cfg
     )

@@ -95,13 +95,13 @@ class RewardConfig:
     #                                   weighted optimisation (Coste et al. 2023, "Reward model ensembles help
     #                                   mitigate overoptimization"); 0 reports the spread without using it
     warm_start: bool = False  # the cycle starts from the previous accepted reward model (same base, same heads)
-    #                           instead of a fresh head on the SFT trunk (workers/cycle.py)
+    #                           instead of a fresh head on the SFT trunk (workers/reward_stage.py)
     grader_weight: float = 0.0  # graders as reward, in the cycle's policy update (not reward-model training): PPO
     #                             adds weight x a grader suite item's score (eval.suites) to the learned, normalised
     #                             reward of rollouts on that item's prompt; DPO/KTO train on the policy's own answers
     #                             to suite prompts ranked by the graders, each item weighing this much
     #                             (training/grader_pairs.py); 0 = off, so measured figures come from people alone
-    adapter: str = "auto"  # read by the cycle (workers/cycle.py): "lora" trains a LoRA adapter and the score head on
+    adapter: str = "auto"  # read by workers/reward_stage.py: "lora" trains a LoRA adapter and the score head on
     #                        the frozen SFT trunk (train_reward_model(lora=...)), "full" every weight, "auto" the
     #                        same choice as the policy update's (update.adapter): a real-size base gets both as LoRA
     annotator_weights: bool = False  # the cycle weighs each comparison by its annotator's reliability (training/

@@ -1,4 +1,4 @@
-"""The gate: whether a candidate policy may replace the current one (workers/cycle.py runs it before publishing).
+"""The gate: whether a candidate policy may replace the current one (workers/gate_stage.py runs it).
 
 Inputs are `evaluate` metrics of both policies on the same held-out prompts, with per-prompt outcomes for the
 paired regression checks (workers/paired.py); thresholds are `GateConfig` (workers/cycle_config.py). Pure
@@ -9,7 +9,6 @@ policy compared with itself (noise) and a planted regression.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import replace
 from typing import Any
 
 from workers.cycle_config import GateConfig
@@ -75,7 +74,7 @@ def config_for(cfg: GateConfig, algorithm: str) -> GateConfig:
     raise it: DPO and KTO learn from the labels directly, and asking them to please a reward model they never saw
     refused 3 of 7 DPO demo candidates for changes of -0.001 to -0.019 (README). Their score is still reported, and
     every checker-based regression check still applies."""
-    return cfg if algorithm == "ppo" else replace(cfg, min_reward_gain=float("-inf"))
+    return cfg if algorithm == "ppo" else cfg.model_copy(update={"min_reward_gain": float("-inf")})
 
 
 def reward_gain_check(candidate: dict[str, Any], current: dict[str, Any], cfg: GateConfig) -> Check:

@@ -1,154 +1,109 @@
-"""Preference optimisation straight from labels — DPO or KTO (training/preference.py) — as a gated publish.
+"""DPO / KTO update (update.algorithm "dpo" | "kto"): preference optimisation straight from the labels.
 
-The policy trains from the current version against its SFT ancestor (the reference of every version in its
-lineage), on a preference file's labels or on all comparisons and thumbs in Redis; no reward model is involved. The
-result is checked by the cycle's gate (workers/gate.py) on the cycle's held-out evaluation prompts — harmful
-compliance, over-caution, checker score, KL, degeneracy, length; with no reward model there is no reward-gain test,
-so the world's checkers decide — and published under the training lock, fenced by its token and by the version it
-started from. A refusal is recorded as a `gate_failed` event.
+The policy trains from the current version against its SFT ancestor (training/preference.py; Rafailov et al. 2023,
+Ethayarajh et al. 2024) on the run's new items (workers/data.py) — a cycle's adds a seeded replay of up to
+`update.replay` older ones (iterative DPO), `alignd train dpo|kto` learns from a file or everything in Redis — each
+weighted by its annotator's reliability when reward.annotator_weights is on. DPO with only thumbs to learn from
+trains with KTO, which learns from exactly that. With graders as reward, the policy's own answers to grader-suite
+prompts, ranked by the graders, join the items (training/grader_pairs.py).
 
-    alignd train dpo [--data FILE] [--seconds 60]       # or: alignd train kto …
+    alignd train dpo [--data FILE]       # or: alignd train kto …; both run the cycle's stages after the update
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+import random
+import time
+from dataclasses import asdict
 from typing import Any
 
-import redis
-
-from core import names
-from core.config import Settings
-from store import registry
-from store.comparisons import all_comparisons
-from store.lock import FencedLock
-from workers.cycle_config import load_cycle_config
-from workers.gate import config_for, evaluate, gate, without_outcomes
-from workers.publish import publish_version
-
-ALGORITHMS = ("dpo", "kto")
+from core.records import Comparison, Rated
+from workers.data import TrainingData, annotator_reliability
+from workers.job import CycleError, Job
+from workers.update import Candidate, load_policy
 
 
-def run_preference(
-    r: redis.Redis,
-    settings: Settings,
-    algorithm: str,
-    cfg,
-    *,
-    data: tuple[list[dict], list[dict], dict[str, Any]] | None = None,
-    gate: bool = True,
-) -> dict[str, Any]:
-    """Train with `algorithm` ("dpo" | "kto", `cfg` its DPOConfig/KTOConfig) on `data` = (comparison dicts, rated
-    dicts, provenance) or all feedback; gate unless `gate` is off; publish. Raises ValueError on unusable data,
-    store.lock.LockBusy when another run trains."""
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {ALGORITHMS}")
-    if data is None:
-        comparisons, rated = all_comparisons(r)
-        source: dict[str, Any] = {"redis": True, "comparisons": len(comparisons), "rated": len(rated)}
-    else:
-        comparisons, rated, source = data
-    current = registry.current_version(r)
-    if current is None:
-        from workers.cycle import CycleError
+def run(job: Job, data: TrainingData, lora: bool) -> Candidate:
+    """Train DPO or KTO on `data`; a CycleError when nothing in it is learnable by the algorithm (e.g. only ties)."""
+    from training.preference import dpo_items, train_dpo, train_kto
 
-        raise CycleError("no policy version is registered: run `alignd bootstrap` first")
-    ccfg = load_cycle_config(settings)
-    with FencedLock(r, names.TRAIN_LOCK, ttl_ms=int(ccfg.lock_ttl_s * 1000)) as lock:
-        return _train_gate_publish(r, settings, algorithm, cfg, ccfg, lock, current, comparisons, rated, source, gate)
-
-
-def _train_gate_publish(
-    r, settings, algorithm, cfg, ccfg, lock, current, comparisons, rated, source, use_gate: bool
-) -> dict[str, Any]:
-    from training.data import Comparison, Rated
-    from training.lora import load_policy
-    from training.preference import train_dpo, train_kto
-
-    device = settings.torch_device()
-    ref_version = registry.reference_version(r, current)
-    parent_path = settings.checkpoint(registry.get_version(r, current)["path"])
-    policy, tok = load_policy(parent_path, device, resolve_base=settings.checkpoint)
-    reference, _ = load_policy(settings.checkpoint(registry.get_version(r, ref_version)["path"]), device)
-    items_c, items_r = [Comparison.from_dict(c) for c in comparisons], [Rated.from_dict(x) for x in rated]
-    if algorithm == "dpo":
-        policy, metrics = train_dpo(cfg, policy, tok, items_c, reference=reference)
-    else:
-        policy, metrics = train_kto(cfg, policy, tok, items_c, items_r, reference=reference)
-    report: dict[str, Any] = {
-        "parent": current,
-        "reference_version": ref_version,
-        "data": source,
+    cand = load_policy(job, lora)
+    comparisons, rated, counts, cand.reliability = _items(job, data)
+    requested = algorithm = job.algorithm
+    if algorithm == "dpo" and rated and not dpo_items(comparisons):
+        # only thumbs on single answers: no pair for DPO, but KTO learns from exactly that (training/preference.py);
+        # waiting for comparisons instead would leave a thumbs-only deployment untrained for ever
+        algorithm = "kto"
+    graded = _grader_items(job, cand, algorithm, counts)
+    reference = None if lora else cand.reference  # LoRA: the adapter switched off is the reference
+    cfg = job.cfg.dpo if algorithm == "dpo" else job.cfg.kto
+    t0 = time.perf_counter()
+    try:
+        if algorithm == "dpo":
+            cand.policy, metrics = train_dpo(
+                cfg, cand.policy, cand.tokenizer, comparisons + graded, reference=reference
+            )
+        else:
+            cand.policy, metrics = train_kto(
+                cfg, cand.policy, cand.tokenizer, comparisons, rated + graded, reference=reference
+            )
+    except ValueError as exc:  # nothing this algorithm can learn from (e.g. only ties): the events wait for more
+        raise CycleError(f"{algorithm}: {exc}") from None
+    cand.info = {
+        "algorithm": algorithm,
+        **({"requested": requested} if requested != algorithm else {}),
+        "steps": metrics.get("steps", 0),
+        "seconds": time.perf_counter() - t0,
+        "data": counts,
         "config": asdict(cfg),
         "metrics": metrics,
+        "resumed": False,
     }
-    checked = None
-    if use_gate:
-        checked = _gate(
-            policy, tok, parent_path, reference, ref_version == current, ccfg, lock.token, device, settings, algorithm
-        )
-        if not checked["passed"]:
-            registry.record_event(
-                r, "gate_failed", source=algorithm, parent=current, reasons=checked["reasons"], gate=checked["numbers"]
-            )
-            return {
-                "status": "gate_failed",
-                "reasons": checked["reasons"],
-                "gate": checked["numbers"],
-                "current": current,
-                **report,
-            }
-    annotators = sorted({x.annotator for x in items_c + items_r if x.annotator})
-    meta = {
-        "source": algorithm,
-        "parent": current,
-        "reference_version": ref_version,
-        "reward_version": None,
-        "data": source,
-        "feedback": {"events": 0},
-        "annotators": annotators,
-        "metrics": checked["candidate"] if checked else {},
-        "gate": checked["numbers"] if checked else "skipped (--no-gate)",
-        algorithm: {"config": asdict(cfg), "metrics": metrics},
-    }
-    version = publish_version(
-        r,
-        settings,
-        lambda d: (policy.save_pretrained(d), tok.save_pretrained(d)),
-        meta,
-        expected_current=current,
-        fencing_token=lock.token,
+    job.progress(algorithm, cand.info)
+    return cand
+
+
+def _items(job: Job, data: TrainingData) -> tuple[list, list, dict[str, Any], dict[str, Any]]:
+    """(comparisons, rated, counts, reliability): the new items plus, for a cycle, a seeded replay of older ones.
+    Reliability is estimated on the whole history (the overlap items of every cycle), then applied to these."""
+    older: list = []
+    if data.replay:
+        fresh = {x.identity for x in [*data.comparisons, *data.rated]}
+        older = [x for x in [*data.history_comparisons, *data.history_rated] if x.identity not in fresh]
+    rng = random.Random(job.cfg.seed + job.token)
+    replay = rng.sample(older, min(len(older), job.cfg.update.replay))
+    comparisons = data.comparisons + [x for x in replay if isinstance(x, Comparison)]
+    rated = data.rated + [x for x in replay if isinstance(x, Rated)]
+    applied = job.cfg.reward.annotator_weights
+    table = annotator_reliability(data.history_comparisons, data.history_rated, apply=False)
+    if applied:
+        for x in [*comparisons, *rated]:
+            x.weight = table["annotators"].get(x.annotator or "", {}).get("weight", 1.0)
+    counts = {"new": len(data.comparisons) + len(data.rated), "replay": len(replay)}
+    return comparisons, rated, counts, table | {"applied": applied}
+
+
+def _grader_items(job: Job, cand: Candidate, algorithm: str, counts: dict[str, Any]) -> list:
+    """With graders as reward (reward.grader_weight > 0, update.grader_prompt_share > 0): the current policy's own
+    answers to grader-suite prompts, ranked by the graders, as DPO pairs or KTO examples (training/grader_pairs.py).
+    The suite prompts are `grader_prompt_share` of the update's prompts, counting this run's new labelled items as
+    the rest, as PPO counts its rollout prompts. `counts` gains what was sampled."""
+    from training.grader_pairs import (
+        GraderPairsConfig,
+        grader_comparisons,
+        grader_rated,
+        sample_graded,
+        suite_prompts,
+        summary,
     )
-    return {"status": "published", "version": version, **report}
+    from training.graders import load_suites
 
-
-def _gate(
-    policy,
-    tok,
-    parent_path,
-    reference,
-    reference_is_parent: bool,
-    ccfg,
-    token: int,
-    device: str,
-    settings: Settings,
-    algorithm: str,
-) -> dict[str, Any]:
-    """The cycle's gate on the candidate vs the policy it started from, on the cycle's held-out prompts (seed: the
-    eval section's base + the lock token, as a cycle's); the reward-gain condition is off (no reward model)."""
-    from training.lora import load_policy
-
-    ecfg = replace(ccfg.eval, seed=ccfg.eval.seed + token)
-    candidate = evaluate(policy, tok, ecfg, reference=reference)
-    parent, _ = load_policy(parent_path, device, resolve_base=settings.checkpoint)
-    parent_eval = evaluate(parent, tok, ecfg, reference=reference)
-    ref_eval = parent_eval if reference_is_parent else evaluate(reference, tok, ecfg, reference=reference)
-    for m in (candidate, parent_eval, ref_eval):
-        m["reward_mean"] = 0.0
-    passed, reasons, numbers = gate(candidate, parent_eval, config_for(ccfg.gate, algorithm), reference=ref_eval)
-    return {
-        "passed": passed,
-        "reasons": reasons,
-        "numbers": {**numbers, "eval_seed": ecfg.seed},
-        "candidate": without_outcomes(candidate),
-    }
+    share, weight = job.cfg.update.grader_prompt_share, job.cfg.reward.grader_weight
+    if share <= 0 or weight <= 0:
+        return []
+    n = suite_prompts(counts["new"], share)
+    cfg = GraderPairsConfig(prompts=n, max_new_tokens=job.cfg.ppo.max_new_tokens, seed=job.cfg.seed + job.token)
+    graded = sample_graded(cand.policy, cand.tokenizer, load_suites(job.cfg.eval.suites), cfg)
+    items = grader_comparisons(graded, weight) if algorithm == "dpo" else grader_rated(graded, weight)
+    counts["grader"] = summary(graded) | {"items": len(items), "weight": weight}
+    return items

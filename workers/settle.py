@@ -5,11 +5,12 @@ and the next cycle applies the same `settle` to the record of a cycle that died 
 The rule looks at what happened, never at which line raised:
 
 * the cycle's version was made current (`registry.was_published`), or its gate failure was recorded
-  (`registry.cycle_event(r, token, "gate_failed")`): the events were used → acknowledge them;
+  (`registry.cycle_event(r, token, "gate_failed")`), or that its events held nothing to learn from
+  (`"nothing_new"`: comments, votes a later revision replaced): the events were used → acknowledge them;
 * otherwise they were not used → leave them pending in the consumer group, where the next cycle's `read_new`
   reclaims them; versions the cycle registered but never made current are marked abandoned.
 
-Both facts are written by fenced scripts (the registry's compare-and-set, `record_gate_failure` below): once a newer
+These facts are written by fenced scripts (the registry's compare-and-set, `record_gate_failure` below): once a newer
 lock token exists, a cycle can add neither, so whoever settles a record — the cycle itself in its `finally`, or the
 next lock holder in `recover` — reaches the same verdict. Settling is idempotent (acknowledge, note, then delete the
 record; a crash in between repeats harmlessly), so each event is used by exactly one published version or recorded
@@ -52,11 +53,18 @@ def record_gate_failure(r: redis.Redis, token: int, **detail: Any) -> None:
     registry.record_event(r, "gate_failed", fencing_token=token, cycle=token, **detail)
 
 
+def record_nothing_new(r: redis.Redis, token: int, **detail: Any) -> None:
+    """The "nothing_new" cycle event (the events gave no comparison or rating), fenced as `record_gate_failure`."""
+    registry.record_event(r, "nothing_new", fencing_token=token, cycle=token, **detail)
+
+
 def verdict(r: redis.Redis, token: int) -> tuple[bool, list[int], list[int]]:
     """(used, versions of cycle `token` that were made current, its versions that never were)."""
     theirs = [int(m["version"]) for m in registry.list_versions(r) if m.get("cycle") == token]
     published = [v for v in theirs if registry.was_published(r, v)]
-    used = bool(published) or registry.cycle_event(r, token, "gate_failed") is not None
+    used = bool(published) or any(
+        registry.cycle_event(r, token, e) is not None for e in ("gate_failed", "nothing_new")
+    )
     return used, published, [v for v in theirs if v not in published]
 
 

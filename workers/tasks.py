@@ -28,8 +28,10 @@ from store import keys, registry
 from store.client import connect
 from store.feedback import unconsumed_count
 from store.lock import LockBusy, lock_holder
+from workers.arena import check_arena
 from workers.celery_app import app
-from workers.cycle import CycleError, check_arena, load_cycle_config, run_cycle
+from workers.cycle import CycleError, run_cycle
+from workers.cycle_config import load_cycle_config
 
 log = logging.getLogger("alignd.tasks")
 

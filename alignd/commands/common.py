@@ -50,7 +50,7 @@ def training_errors() -> Iterator[None]:
     data) exits 2 with the reason."""
     from store.lock import LockBusy
     from store.registry import RegistryConflict
-    from workers.cycle import CycleError
+    from workers.job import CycleError
 
     try:
         yield

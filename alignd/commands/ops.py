@@ -62,7 +62,7 @@ def rollback(version: Annotated[int, typer.Argument(help="the version to make cu
     """Make an earlier version current again (registry compare-and-set, event "rollback")."""
     from store import registry
     from store.registry import RegistryConflict
-    from workers.cycle import rollback as do_rollback
+    from workers.arena import rollback as do_rollback
 
     _, r, _ = open_redis()
     if registry.current_version(r) == version:  # as POST /admin/rollback: nothing changes, nothing is recorded

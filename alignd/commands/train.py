@@ -5,11 +5,13 @@
     alignd train cycle [--json] [--enqueue]  # one cycle now (here, or on a worker)
     alignd train reward [--data FILE]        # retrain the reward model (all comparisons or FILE)
     alignd train ppo --steps N               # PPO increments + gate + publish, no new feedback
-    alignd train dpo [--data FILE]           # DPO from the labels themselves (no reward model), gate, publish
+    alignd train dpo [--data FILE]           # DPO from the labels themselves, gate, publish
     alignd train kto [--data FILE]           # KTO from thumbs (and unpaired comparisons), gate, publish
 
-FILE, for reward/dpo/kto, is any file `alignd import` reads (HH-RLHF, UltraFeedback-binarized, TRL, alignd; plain
-or .gz); without it they use all comparisons and rated feedback in Redis.
+ppo, dpo and kto run the cycle's stages after its feedback step (workers/cycle.py `run_training`): the same LoRA
+or full decision, gate, gate-failure record and provenance. FILE, for reward/dpo/kto, is any file `alignd import`
+reads (HH-RLHF, UltraFeedback-binarized, TRL, alignd; plain or .gz); without it they use all comparisons and rated
+feedback in Redis. `--config` is the cycle's configuration tree for every command (`alignd config` prints it).
 """
 
 from __future__ import annotations
@@ -177,7 +179,7 @@ def train_sft_cmd(
         if current is None:
             console.print("[red]no --base and no current policy: run `alignd bootstrap` or pass --base")
             raise typer.Exit(2) from None
-        base = settings.checkpoint(registry.get_version(r, current)["path"])
+        base = registry.version_path(settings, r, current)
     model, tok = load_policy(base, settings.torch_device())  # an adapter version is merged into its base
     metrics = train_sft(SFTConfig(max_seconds=seconds), model, tok, conversations)
     meta = {
@@ -200,7 +202,8 @@ def train_sft_cmd(
 ConfigOpt = Annotated[
     Optional[str],
     typer.Option(
-        help='CycleConfig overrides as JSON, nested or dotted: \'{"ppo": {"lr": 3e-5}}\' or \'{"ppo.lr": 3e-5}\''
+        help="the cycle's configuration overrides as JSON, nested or dotted: "
+        '\'{"ppo": {"lr": 3e-5}}\' or \'{"ppo.lr": 3e-5}\' (every key, default and reason: `alignd config`)'
     ),
 ]
 
@@ -214,7 +217,7 @@ def _overrides(config: str | None) -> dict:
 
 def _cycle_config(settings, overrides: dict):
     """ALIGND_HOME/cycle.json and --config applied to the defaults; a bad key or value exits 2 saying which."""
-    from workers.cycle import load_cycle_config
+    from workers.cycle_config import load_cycle_config
 
     try:
         return load_cycle_config(settings, overrides)
@@ -229,7 +232,7 @@ def train_cycle_cmd(
     min_events: Annotated[int, typer.Option(help="skip unless this many new feedback events wait")] = 0,
     config: ConfigOpt = None,
 ):
-    """One training cycle now: new feedback → reward model → PPO → gate → publish."""
+    """One training cycle now: new feedback → reward model → policy update → gate → publish."""
     overrides = _overrides(config)
     url, r, _ = open_redis()
     if enqueue:
@@ -264,7 +267,7 @@ def train_reward_cmd(
 ):
     """Retrain the reward model; it becomes current only if its held-out accuracy does not regress."""
     from store.lock import FencedLock
-    from workers.cycle import train_reward
+    from workers.reward_stage import train_reward
 
     settings = get_settings()
     cfg = _cycle_config(settings, _overrides(config))
@@ -297,7 +300,7 @@ def train_ppo_cmd(
     print_report(report, as_json, "ppo")
 
 
-def _read_data(data: Path) -> tuple[list[dict], list[dict], dict[str, Any]]:
+def _read_data(data: Path) -> tuple[list, list, dict[str, Any]]:
     """(comparisons, rated, provenance) from a preference file; exits 2 when it is unreadable or holds nothing."""
     from store.exchange import read_preferences
 
@@ -329,42 +332,30 @@ def _read_data(data: Path) -> tuple[list[dict], list[dict], dict[str, Any]]:
     return report["comparisons"], report["rated"], source
 
 
-def _preference_config(algorithm: str, seconds: float, config: Optional[str]):
-    from training.preference import DPOConfig, KTOConfig
-
-    cls = DPOConfig if algorithm == "dpo" else KTOConfig
-    try:
-        return cls(**{"max_seconds": seconds, **(json.loads(config) if config else {})})
-    except (TypeError, ValueError) as exc:  # unknown field, bad JSON, a value the config refuses
-        console.print(f"[red]--config: {exc}; the fields are those of {cls.__name__} in training/preference.py")
-        raise typer.Exit(2) from None
-
-
 def _train_preference(
-    algorithm: str, data: Optional[Path], seconds: float, config: Optional[str], gate: bool = True
+    algorithm: str, data: Optional[Path], seconds: Optional[float], config: Optional[str], gate: bool = True
 ) -> dict:
-    """DPO or KTO from the current policy (workers/preference.py), on a file's labels or all feedback in Redis."""
-    from workers.preference import run_preference
+    """DPO or KTO from the current policy through the cycle's stages, on a file's labels or all feedback in Redis."""
+    from workers import data as training_data
+    from workers.cycle import run_preference
 
     settings = get_settings()
+    overrides = _overrides(config) | ({f"{algorithm}.max_seconds": seconds} if seconds is not None else {})
+    cfg = _cycle_config(settings, overrides)
     settings.apply_torch_threads()
-    cfg = _preference_config(algorithm, seconds, config)
     _, r, _ = open_redis(settings)
-    items = _read_data(data) if data is not None else None
+    items = training_data.from_items(*_read_data(data)) if data is not None else None
     with training_errors():
-        try:
-            return run_preference(r, settings, algorithm, cfg, data=items, gate=gate)
-        except ValueError as exc:  # no usable data (e.g. only ties, or only thumbs for DPO)
-            console.print(f"[red]{algorithm}: {exc}")
-            raise typer.Exit(2) from None
+        return run_preference(r, settings, cfg, algorithm, data=items, gated=gate)
 
 
 PrefData = Annotated[
     Optional[Path],
     typer.Option(help="preference file in any `alignd import` format, plain or .gz (default: all feedback in Redis)"),
 ]
-PrefSeconds = Annotated[float, typer.Option(help="wall-clock training budget")]
-PrefConfig = Annotated[Optional[str], typer.Option(help="config overrides as JSON (fields of DPOConfig/KTOConfig)")]
+PrefSeconds = Annotated[
+    Optional[float], typer.Option(help="wall-clock training budget (default: the cycle's dpo/kto.max_seconds)")
+]
 PrefGate = Annotated[
     bool,
     typer.Option(
@@ -377,9 +368,9 @@ PrefGate = Annotated[
 @train_app.command("dpo")
 def train_dpo_cmd(
     data: PrefData = None,
-    seconds: PrefSeconds = 60.0,
+    seconds: PrefSeconds = None,
     as_json: JsonOpt = False,
-    config: PrefConfig = None,
+    config: ConfigOpt = None,
     gate: PrefGate = True,
 ):
     """DPO (Rafailov et al. 2023) on comparisons, from the current policy against its SFT ancestor; gate; publish."""
@@ -389,9 +380,9 @@ def train_dpo_cmd(
 @train_app.command("kto")
 def train_kto_cmd(
     data: PrefData = None,
-    seconds: PrefSeconds = 60.0,
+    seconds: PrefSeconds = None,
     as_json: JsonOpt = False,
-    config: PrefConfig = None,
+    config: ConfigOpt = None,
     gate: PrefGate = True,
 ):
     """KTO (Ethayarajh et al. 2024) on thumbs and unpaired comparisons, against the SFT ancestor; gate; publish."""

@@ -153,11 +153,11 @@ def test_side_by_side_pair_is_recorded_as_a_comparison(site, page):
     page.get_by_text("Which response do you prefer?").wait_for()
     page.get_by_role("button", name="B is better").click()
     page.get_by_text("Saved (revision 1)").wait_for()
-    (comparison,) = [c for c in feedback_comparisons(r)[0] if c["group"] == cid]
+    (comparison,) = [c for c in feedback_comparisons(r)[0] if c.group == cid]
     record = get_completion(r, cid)
-    assert (comparison["meta"]["chosen_index"], comparison["meta"]["rejected_index"]) == (1, 0)
-    assert [comparison["chosen"], comparison["rejected"]] == [record.choices[1].text, record.choices[0].text]
-    assert texts[1].strip() == (comparison["chosen"].strip() or "(empty response)")
+    assert (comparison.meta["chosen_index"], comparison.meta["rejected_index"]) == (1, 0)
+    assert [comparison.chosen, comparison.rejected] == [record.choices[1].text, record.choices[0].text]
+    assert texts[1].strip() == (comparison.chosen.strip() or "(empty response)")
 
 
 def test_three_responses_are_ranked_by_click_and_drag(site, page):
@@ -175,11 +175,7 @@ def test_three_responses_are_ranked_by_click_and_drag(site, page):
     page.get_by_text("Saved (revision 1)").wait_for()
     (vote,) = latest_votes(r, cid)
     assert vote.type == "rank" and vote.ranking == shown
-    pairs = {
-        (c["meta"]["chosen_index"], c["meta"]["rejected_index"])
-        for c in feedback_comparisons(r)[0]
-        if c["group"] == cid
-    }
+    pairs = {(c.meta["chosen_index"], c.meta["rejected_index"]) for c in feedback_comparisons(r)[0] if c.group == cid}
     assert pairs == {(1, 0), (1, 2), (0, 2)}
 
 

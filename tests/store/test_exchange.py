@@ -80,7 +80,7 @@ def test_importing_twice_or_into_the_source_store_adds_nothing(r, tmp_path):
 def test_hh_and_trl_exports_keep_preferences_and_skip_what_they_cannot_say(r, tmp_path):
     seed(r)
     comparisons, _ = all_comparisons(r)
-    prefs = [c for c in comparisons if c["label"] == "pref"]
+    prefs = [c for c in comparisons if c.label == "pref"]
     for fmt in ("hh", "trl"):
         counts = export_preferences(r, fmt, tmp_path / f"{fmt}.jsonl")
         assert counts["written"] == len(prefs)
@@ -94,13 +94,11 @@ def test_hh_and_trl_exports_keep_preferences_and_skip_what_they_cannot_say(r, tm
     imported, _ = all_comparisons(r)
     got = {
         fmt: sorted(
-            (json.dumps(c["prompt"]), c["chosen"], c["rejected"])
-            for c in imported
-            if c["annotator"] == f"import:{fmt}.jsonl"
+            (json.dumps(c.prompt), c.chosen, c.rejected) for c in imported if c.annotator == f"import:{fmt}.jsonl"
         )
         for fmt in ("hh", "trl")
     }
-    want = sorted((json.dumps(c["prompt"]), c["chosen"], c["rejected"]) for c in prefs)
+    want = sorted((json.dumps(c.prompt), c.chosen, c.rejected) for c in prefs)
     # the HH text of a prompt that itself contains "\n\nHuman:" is ambiguous; the rest comes back exactly
     assert got["trl"] == want
     assert [g[1:] for g in got["hh"]] == [w[1:] for w in want]
@@ -127,13 +125,13 @@ def test_hh_rlhf_file_imports_with_bad_lines_reported_by_number(r, tmp_path):
     assert [n for n, _ in report["bad_lines"]] == [3, 4, 6, 7]
     assert "different conversations" in report["bad_lines"][0][1] and "JSON" in report["bad_lines"][1][1]
     comparisons, _ = all_comparisons(r)
-    assert [c["annotator"] for c in comparisons] == ["import:hh.jsonl"] * 2
-    assert comparisons[1]["prompt"] == [
+    assert [c.annotator for c in comparisons] == ["import:hh.jsonl"] * 2
+    assert comparisons[1].prompt == [
         {"role": "user", "content": "a"},
         {"role": "assistant", "content": "b"},
         {"role": "user", "content": "c"},
     ]
-    assert (comparisons[1]["chosen"], comparisons[1]["rejected"]) == ("d", "e")
+    assert (comparisons[1].chosen, comparisons[1].rejected) == ("d", "e")
     again = import_preferences(r, path)
     assert again["imported"] == 0 and again["duplicates"] == 2
     assert all_comparisons(r)[0] == comparisons
@@ -173,11 +171,11 @@ def test_ultrafeedback_binarized_gz_imports_with_scores_and_bad_lines(r, tmp_pat
     assert report["format"] == "ultrafeedback" and report["imported"] == 2
     assert [n for n, _ in report["bad_lines"]] == [3, 4, 5]
     comparisons, _ = all_comparisons(r)
-    assert [(c["chosen"], c["label"], c["meta"]["score_chosen"]) for c in comparisons] == [
+    assert [(c.chosen, c.label, c.meta["score_chosen"]) for c in comparisons] == [
         ("Blue.", "pref", 9.0),
         ("Hi!", "tie", 7),
     ]
-    assert comparisons[0]["prompt"] == [{"role": "user", "content": "Name a colour."}]
+    assert comparisons[0].prompt == [{"role": "user", "content": "Name a colour."}]
     assert import_preferences(r, path)["imported"] == 0
 
 
@@ -210,7 +208,7 @@ def test_read_preferences_of_a_gzipped_hh_file_and_of_plain_comparison_dicts(tmp
         f.write(json.dumps({"chosen": hh("Hi", "Hello! ✓"), "rejected": hh("Hi", "Go away.")}) + "\n\n{oops\n")
     report = read_preferences(path)
     assert report["format"] == "hh" and [n for n, _ in report["bad_lines"]] == [3]
-    assert [(c["prompt"], c["chosen"], c["label"]) for c in report["comparisons"]] == [
+    assert [(c.prompt, c.chosen, c.label) for c in report["comparisons"]] == [
         ([{"role": "user", "content": "Hi"}], "Hello! ✓", "pref")
     ]
     legacy = tmp_path / "pairs.jsonl"  # what `alignd train reward --data` read before: dicts without a kind
@@ -224,5 +222,5 @@ def test_read_preferences_of_a_gzipped_hh_file_and_of_plain_comparison_dicts(tmp
     )
     report = read_preferences(legacy)
     assert report["format"] == "alignd" and [n for n, _ in report["bad_lines"]] == [3]
-    assert report["comparisons"][0]["chosen"] == "4" and report["comparisons"][0]["annotator"] == "import:pairs.jsonl"
-    assert report["rated"][0]["good"] is True
+    assert report["comparisons"][0].chosen == "4" and report["comparisons"][0].annotator == "import:pairs.jsonl"
+    assert report["rated"][0].good is True

@@ -1,5 +1,5 @@
 """Arena mode: two-choice requests get one answer from the current version and one from its parent, votes give a
-live win rate, and a version that loses to its parent is rolled back automatically (workers.cycle.check_arena)."""
+live win rate, and a version that loses to its parent is rolled back automatically (workers.arena.check_arena)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from service.loader import load_version
 from store.completions import get_completion
 from tests.conftest import LiveServer
 from tests.workers.helpers import ADMIN_KEY, chat, make_settings, publish_tiny, wait_for
-from workers.cycle import CycleConfig, check_arena
+from workers.arena import check_arena
+from workers.cycle_config import CycleConfig
 
 
 def test_losing_to_the_parent_in_the_arena_rolls_back(r, redis_url, tmp_path):

@@ -17,8 +17,10 @@ from core.config import get_settings
 from store import registry
 from store.lock import FencedLock
 from tests.workers.helpers import env_for, make_settings, publish_tiny, seed_feedback, write_cycle_config
+from training.lora import adapter_base
 from training.model import load_causal_lm
 from training.preference import response_logprobs
+from workers.cycle_config import SECTIONS, CycleConfig
 
 
 @pytest.fixture
@@ -47,7 +49,7 @@ def test_train_cycle_versions_and_rollback(r, cli):
     out = run("train", "ppo", "--steps", "1", "--json", "--config", dpo_cycles)
     ppo = json.loads(out.stdout.strip().splitlines()[-1])
     assert ppo["status"] == "published" and ppo["version"] == 3 and ppo["feedback"]["events"] == 0
-    assert ppo["ppo"]["resumed"] and registry.get_version(r, 3)["parent"] == 2
+    assert ppo["update"]["resumed"] and registry.get_version(r, 3)["parent"] == 2
     assert registry.get_version(r, 3)["source"] == "ppo"
 
     listing = json.loads(run("versions", "--json").stdout)
@@ -129,7 +131,12 @@ def last_json(out) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-FAST = json.dumps({"beta": 0.5, "lr": 1e-3, "batch_size": 8, "max_steps": 8, "epochs": None})
+def fast(algorithm: str = "dpo") -> str:
+    """`--config` for a few quick steps of `algorithm`: a section of the cycle's tree, as every train command takes."""
+    return json.dumps({algorithm: {"beta": 0.5, "lr": 1e-3, "batch_size": 8, "max_steps": 8, "epochs": None}})
+
+
+FAST = fast()
 
 
 def test_train_dpo_and_kto_from_files_publish_with_provenance(r, cli, tmp_path):
@@ -142,8 +149,8 @@ def test_train_dpo_and_kto_from_files_publish_with_provenance(r, cli, tmp_path):
     assert dpo["data"] == {"file": str(hh), "format": "hh", "comparisons": 40, "rated": 0, "bad_lines": 1}
     meta = registry.get_version(r, 2)
     assert (meta["source"], meta["parent"], meta["reference_version"]) == ("dpo", 1, 1)
-    assert meta["dpo"]["config"]["beta"] == 0.5 and meta["dpo"]["metrics"]["steps"] == 8
-    assert meta["annotators"] == ["import:hh-rlhf.jsonl.gz"]
+    assert meta["update"]["config"]["beta"] == 0.5 and meta["update"]["metrics"]["steps"] == 8
+    assert meta["annotators"] == {"import:hh-rlhf.jsonl.gz": 40} and meta["update"]["algorithm"] == "dpo"
     assert preference_margin(settings, r, 2, rows) > preference_margin(settings, r, 1, rows) + 0.3
 
     trl = tmp_path / "prefs.jsonl"  # TRL conversational format; its thumbs train KTO from the DPO policy
@@ -160,12 +167,12 @@ def test_train_dpo_and_kto_from_files_publish_with_provenance(r, cli, tmp_path):
             for q, g, b in sums(40, seed=1)
         )
     )
-    kto = last_json(run("train", "kto", "--data", str(trl), "--config", FAST, "--json"))
+    kto = last_json(run("train", "kto", "--data", str(trl), "--config", fast("kto"), "--json"))
     meta = registry.get_version(r, kto["version"])
     assert kto["version"] == 3 and (meta["source"], meta["parent"], meta["reference_version"]) == ("kto", 2, 1)
-    assert meta["data"]["format"] == "trl" and kto["metrics"]["train"]["n_desirable"] > 0
+    assert meta["data"]["format"] == "trl" and kto["update"]["metrics"]["train"]["n_desirable"] > 0
 
-    assert meta["gate"]["eval_seed"] and "score/mean" in meta["metrics"]  # gated on the cycle's checkers
+    assert meta["metrics"]["gate"]["eval_seed"] and "score/mean" in meta["metrics"]  # gated on the cycle's checkers
 
     reward = last_json(run("train", "reward", "--data", str(hh), "--json"))  # used to fail on gzip
     assert reward["accepted"] and reward["n_comparisons"] == 40
@@ -200,6 +207,47 @@ def test_train_dpo_is_refused_by_the_cycle_gate_unless_told_otherwise(r, cli, tm
     assert registry.current_version(r) == 1 and registry.find_events(r, event="gate_failed")[0]["source"] == "dpo"
     forced = last_json(run("train", "dpo", "--data", str(hh), "--config", FAST, "--no-gate", "--json"))
     assert forced["status"] == "published" and registry.get_version(r, forced["version"])["gate"].startswith("skipped")
+
+
+def test_train_dpo_takes_the_cycles_adapter_decision_and_records_its_gate_failure_as_a_cycles(r, cli, tmp_path):
+    settings, run = cli
+    hh = tmp_path / "hh.jsonl.gz"
+    write_hh_gz(hh, sums(16))
+    lora = json.loads(FAST) | {"update.adapter": "lora", "lora.rank": 4, "lora.alpha": 8}
+    report = last_json(run("train", "dpo", "--data", str(hh), "--config", json.dumps(lora), "--json"))
+    meta = registry.get_version(r, report["version"])
+    assert report["status"] == "published" and meta["adapter"] == meta["adapter"] | {"base_version": 1, "rank": 4}
+    assert adapter_base(settings.checkpoint(meta["path"])) is not None  # the adapter alone, as a cycle publishes it
+
+    closed = lora | {"gate.max_kl": 1e-9}
+    failed = last_json(run("train", "dpo", "--data", str(hh), "--config", json.dumps(closed), "--json"))
+    assert failed["status"] == "gate_failed" and registry.current_version(r) == report["version"]
+    recorded = registry.cycle_event(r, failed["cycle"], "gate_failed")  # fenced by the lock's token, as a cycle's
+    assert recorded["source"] == "dpo" and recorded["parent"] == report["version"]
+    assert recorded["data"]["comparisons"] == 16 and recorded["annotators"] == {"import:hh.jsonl.gz": 16}
+
+
+def test_train_cycle_with_no_new_feedback_publishes_nothing(r, cli):
+    settings, run = cli
+    report = last_json(run("train", "cycle", "--json"))
+    assert report["status"] == "nothing_new" and report["reason"] == "no new feedback"
+    assert registry.current_version(r) == 1 and len(registry.list_versions(r)) == 1
+
+
+def test_config_prints_every_key_with_its_value_and_reason(cli):
+    settings, run = cli
+    tree = last_json(run("config", "--json"))
+    rows = {row["key"]: row for row in tree["keys"]}
+    assert set(rows) == set(CycleConfig.valid_keys()) and tuple(tree["sections"]) == SECTIONS
+    algorithm = rows["update.algorithm"]
+    assert (algorithm["type"], algorithm["value"]) == ("'ppo' | 'dpo' | 'kto'", "dpo")
+    assert "DPO" in rows["update.algorithm"]["why"] and "Bonferroni" in rows["gate.significance"]["why"]
+    assert "disjoint" in rows["eval.seed"]["why"]  # a training section's reason, from its field's comment
+    assert "LIVE_FEEDBACK_LR" in tree["sections"]["reward"]  # why the cycle's reward section differs from its class
+    effective = {row["key"]: row["value"] for row in last_json(run("config", "--effective", "--json"))["keys"]}
+    assert effective["update.algorithm"] == "ppo" and effective["ppo.batch_size"] == 4  # ALIGND_HOME/cycle.json
+    table = run("config")
+    assert table.exit_code == 0 and "update.algorithm" in table.stdout and "Bonferroni" in table.stdout
 
 
 def test_train_reward_warm_starts_from_the_previous_model_with_several_heads(r, cli, tmp_path):

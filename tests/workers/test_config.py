@@ -1,5 +1,6 @@
 """The cycle's config tree (workers/cycle_config.py): nested JSON and dotted keys address the same fields, from
-cycle.json and overrides alike; unknown keys, old flat names and bad values are ValueErrors that say what to write."""
+cycle.json and overrides alike; unknown keys, old flat names and bad values are ValueErrors that say what to write;
+pydantic checks the types (strictly: JSON gives any type) and ranges."""
 
 from __future__ import annotations
 
@@ -39,13 +40,17 @@ def test_cycle_json_then_overrides_merge_per_field(tmp_path):
         ({"reward_lr": 1e-4}, "'reward_lr' is now 'reward.lr'"),
         ({"max_prompt_tokens": 64}, "'max_prompt_tokens' is now 'update.max_user_prompt_tokens'"),
         ({"ppo": {"learning_rate": 1e-4}}, "unknown CycleConfig key.*'ppo.learning_rate'.*'ppo.lr'"),
-        ({"ppo.lr": "fast"}, "ppo.lr='fast': expected"),
+        ({"ppo.lr": "fast"}, "ppo.lr='fast': Input should be a valid number"),
         ({"ppo": {"lr": -1.0}}, "PPOConfig.lr=-1.0"),
         ({"reward": {"heldout_fraction": 1.5}}, "heldout_fraction=1.5"),
         ({"eval.n_per_family": 0}, "EvalConfig.n_per_family=0"),
         ({"update": {"user_prompt_share": 2}}, "update.user_prompt_share=2"),
         ({"gate.fallback": "yes"}, "gate.fallback='yes'"),
-        ({"lock_ttl_s": 0}, "CycleConfig.lock_ttl_s=0"),
+        ({"lock_ttl_s": 0}, "lock_ttl_s=0: Input should be greater than 0"),
+        ({"update.algorithm": "sft"}, "update.algorithm='sft': Input should be 'ppo', 'dpo' or 'kto'"),
+        ({"reward": {"epochs": "2"}}, "reward.epochs='2'"),  # a string where JSON should give a number
+        ({"gate": {"max_kl": True}}, "gate.max_kl=True"),
+        ({"max_events": 1.5}, "max_events=1.5"),
         ({"ppo": {"batch_size": 6, "mini_batch_size": 4}}, "not a multiple"),
     ],
 )

@@ -12,8 +12,9 @@ from store import keys, registry
 from store.lock import FencedLock
 from tests.workers.helpers import TINY_CYCLE, make_settings, publish_tiny, seed_feedback, tiny_overrides
 from training.checkpoint import verify_checkpoint
-from workers.cycle import CycleConfig, GateConfig, gate, harmful_rate, is_degenerate, run_cycle
-from workers.gate import without_outcomes
+from workers.cycle import run_cycle
+from workers.cycle_config import CycleConfig, GateConfig
+from workers.gate import gate, harmful_rate, is_degenerate, without_outcomes
 
 
 @pytest.fixture
@@ -60,7 +61,7 @@ def test_cycle_publishes_with_provenance_acks_and_resumes(r, home):
     # a new reward model must beat the old by over +100 % accuracy (0 → 1 is +100 %): refused
     second = run_cycle(r, home, tiny(**{"gate.reward_tolerance": -1.01}))
     assert second["status"] == "published" and second["version"] == 3
-    assert second["ppo"]["resumed"] and second["ppo"]["total_steps"] == 2 * TINY_CYCLE["update"]["steps"]
+    assert second["update"]["resumed"] and second["update"]["total_steps"] == 2 * TINY_CYCLE["update"]["steps"]
     assert not second["reward"]["accepted"] and "regresses" in second["reward"]["reason"]
     # each cycle gates on a fresh evaluation set: the parent is never re-scored on the set it was selected on
     assert second["gate"]["eval_seed"] != meta["metrics"]["gate"]["eval_seed"]
@@ -135,7 +136,7 @@ def _metrics(**kw) -> dict:
 
 @pytest.mark.parametrize("halfway_passes", [True, False])
 def test_a_failed_candidate_falls_back_to_the_policy_from_halfway(r, home, monkeypatch, halfway_passes):
-    import workers.cycle as cycle
+    import workers.gate_stage as gate_stage
 
     calls = []
 
@@ -146,7 +147,7 @@ def test_a_failed_candidate_falls_back_to_the_policy_from_halfway(r, home, monke
             return False, reasons + ["forced: overshot"], numbers
         return passed, reasons, numbers
 
-    monkeypatch.setattr(cycle, "gate", strict_on_the_full_run)
+    monkeypatch.setattr(gate_stage, "gate", strict_on_the_full_run)
     seed_feedback(r, 12)
     report = run_cycle(r, home, tiny(**{"update.steps": 4}))
     assert len(calls) == 2 and calls[0] != calls[1]  # two different policies were evaluated
@@ -154,12 +155,12 @@ def test_a_failed_candidate_falls_back_to_the_policy_from_halfway(r, home, monke
         assert report["status"] == "published" and registry.current_version(r) == 2
         assert report["gate"]["fallback"]["steps"] == 2 and report["gate"]["fallback"]["of"] == 4
         assert "forced: overshot" in report["gate"]["fallback"]["full_run_reasons"]
-        assert report["ppo"]["published_steps"] == 2 and report["metrics"] == without_outcomes(calls[1])
+        assert report["update"]["published_steps"] == 2 and report["metrics"] == without_outcomes(calls[1])
         assert registry.get_version(r, 2)["metrics"]["gate"]["fallback"]["steps"] == 2
         assert r.get(keys.ppo_state()) is None  # no trainer state matches the published weights: next cycle is fresh
         seed_feedback(r, 4, seed=3)
-        monkeypatch.setattr(cycle, "gate", gate)
-        assert not run_cycle(r, home, tiny())["ppo"]["resumed"]
+        monkeypatch.setattr(gate_stage, "gate", gate)
+        assert not run_cycle(r, home, tiny())["update"]["resumed"]
     else:
         assert report["status"] == "gate_failed" and registry.current_version(r) == 1
         assert any(reason.startswith("(halfway, after 2 steps") for reason in report["reasons"])
@@ -224,3 +225,24 @@ def test_a_run_whose_lock_was_taken_over_publishes_nothing_and_leaves_its_events
     thief.release()
     again = run_cycle(r, home, tiny())
     assert again["status"] == "published" and again["feedback"]["events"] == 6 and fb.unconsumed_count(r) == 0
+
+
+def test_a_cycle_with_nothing_new_to_learn_from_records_that_and_publishes_nothing(r, home):
+    roomy = tiny(lock_ttl_s=30.0)  # a loaded machine must not expire the lock: this test is about what is learnt
+    seed_feedback(r, 8)
+    assert run_cycle(r, home, roomy)["status"] == "published" and registry.current_version(r) == 2
+    reward_versions = registry.current_reward_version(r)
+
+    report = run_cycle(r, home, roomy)  # no new feedback: the replay and the reward model alone teach nothing new
+    assert report["status"] == "nothing_new" and report["reason"] == "no new feedback" and report["current"] == 2
+    assert registry.current_version(r) == 2 and len(registry.list_versions(r)) == 2
+    assert registry.current_reward_version(r) == reward_versions  # the reward model was not retrained either
+    assert registry.cycle_event(r, report["cycle"], "nothing_new")["reason"] == "no new feedback"
+
+    gone = seed_feedback(r, 3, seed=5)  # events whose completions expired: they give no comparison
+    for event in gone:
+        r.delete(keys.completion(event.completion_id))
+    report = run_cycle(r, home, roomy)
+    assert report["status"] == "nothing_new" and report["reason"].startswith("none of the 3 new feedback events")
+    assert report["settled"]["used"] and report["settled"]["acked"] == 3  # accounted for: not read again
+    assert fb.unconsumed_count(r) == 0 and fb.pending_count(r) == 0 and len(registry.list_versions(r)) == 2

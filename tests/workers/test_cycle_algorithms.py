@@ -36,7 +36,7 @@ def test_a_preference_cycle_publishes_and_uses_its_feedback_once(r, redis_url, t
     assert report["status"] == "published", report
     meta = registry.get_version(r, report["version"])
     assert meta["source"] == algorithm and meta["reference_version"] == v1 and meta["parent"] == v1
-    info = meta["ppo"]
+    info = meta["update"]
     assert info["algorithm"] == algorithm and info["steps"] >= 1 and info["data"] == {"new": 16, "replay": 0}
     assert meta["feedback"]["events"] == 16
     assert fb.unconsumed_count(r) == 0 and fb.pending_count(r) == 0  # settled: used by this version
@@ -44,7 +44,7 @@ def test_a_preference_cycle_publishes_and_uses_its_feedback_once(r, redis_url, t
     seed_feedback(r, 8, seed=1)  # the next cycle learns from its 8 new votes plus a replay of the 16 older ones
     second = run_cycle(r, settings, algorithm_cycle(algorithm))
     assert second["status"] == "published", second
-    assert registry.get_version(r, second["version"])["ppo"]["data"] == {"new": 8, "replay": 16}
+    assert registry.get_version(r, second["version"])["update"]["data"] == {"new": 8, "replay": 16}
 
 
 @pytest.mark.parametrize("weights", [True, False])
@@ -75,8 +75,8 @@ def test_dpo_on_thumbs_alone_trains_with_kto_and_says_so(r, redis_url, tmp_path)
     report = run_cycle(r, settings, algorithm_cycle("dpo", **{"kto.max_seconds": 5.0, "kto.max_steps": 4}))
     assert report["status"] == "published", report
     meta = registry.get_version(r, report["version"])
-    assert meta["source"] == "kto" and meta["ppo"]["algorithm"] == "kto" and meta["ppo"]["requested"] == "dpo"
-    assert meta["ppo"]["data"]["new"] == 16 and fb.unconsumed_count(r) == 0
+    assert meta["source"] == "kto" and meta["update"]["algorithm"] == "kto" and meta["update"]["requested"] == "dpo"
+    assert meta["update"]["data"]["new"] == 16 and fb.unconsumed_count(r) == 0
 
 
 def test_an_unknown_algorithm_is_refused_with_the_valid_ones():

@@ -41,7 +41,8 @@ from tests.workers.helpers import (
 )
 from training.checkpoint import verify_checkpoint
 from workers import failpoints
-from workers.cycle import CycleConfig, run_cycle
+from workers.cycle import run_cycle
+from workers.cycle_config import CycleConfig
 from workers.failpoints import FailpointError
 
 

@@ -14,9 +14,9 @@ from store import registry
 from tests.utils.tiny import tiny_sft_model, tiny_tokenizer
 from tests.workers.helpers import make_settings, publish_tiny, seed_feedback, tiny_overrides
 from training.evaluate import generate_responses
-from workers.cycle import CycleConfig, GateConfig, gate, load_cycle_config, run_cycle
-from workers.cycle_config import with_suites
-from workers.gate import grader_regressions
+from workers.cycle import run_cycle
+from workers.cycle_config import CycleConfig, GateConfig, load_cycle_config, with_suites
+from workers.gate import gate, grader_regressions
 
 
 def _metrics(graders: dict | None = None, reward_mean: float = 0.5) -> dict:
@@ -131,10 +131,10 @@ def test_grader_reward_and_prompt_share_need_suites_and_fit_the_prompt_mix():
 
 
 def test_ppo_prompts_mix_in_the_suites_prompts(r, home):
-    from workers.cycle import _prompt_sampler
+    from workers.ppo_update import prompt_sampler
 
     cfg = with_suites(_cycle(**{"update.grader_prompt_share": 0.25, "update.user_prompt_share": 0.0}), home)
-    sampler, _ = _prompt_sampler(r, tiny_tokenizer(), cfg)
+    sampler, _ = prompt_sampler(r, tiny_tokenizer(), cfg)
     prompts = [m[-1]["content"] for m in sampler(400, random.Random(0))]
     from_suite = sum(p in PROMPTS for p in prompts)
     assert from_suite == 100  # exactly the share: the rest are world prompts, which never match the suite's
@@ -165,7 +165,7 @@ def test_a_preference_cycle_learns_from_the_policys_answers_ranked_by_the_grader
     }
     report = run_cycle(r, home, _cycle(**dotted))
     assert report["status"] == "published", report
-    info = registry.get_version(r, report["version"])["ppo"]
+    info = registry.get_version(r, report["version"])["update"]
     assert info["algorithm"] == algorithm and info["data"]["new"] == 12
     grader = info["data"]["grader"]
     assert grader["prompts"] == 12 and grader["answers"] == 48 and grader["weight"] == 2.0  # 12 x 0.5 / (1 - 0.5)

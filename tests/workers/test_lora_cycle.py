@@ -57,7 +57,7 @@ def test_lora_cycles_publish_adapters_that_continue_and_serve_like_the_trained_p
     assert second["status"] == "published", second
     meta3 = registry.get_version(r, second["version"])
     assert meta3["parent"] == v2 and meta3["reference_version"] == v1 and meta3["adapter"]["base_version"] == v1
-    assert second["ppo"]["resumed"] is False  # an adapter trainer starts afresh from the published adapter
+    assert second["update"]["resumed"] is False  # an adapter trainer starts afresh from the published adapter
 
     # the API keeps the verified base in memory (service.loader.BASES): the next adapter swap reads only the adapter
     folder3 = settings.checkpoint(meta3["path"])

@@ -1,0 +1,89 @@
+"""The labelled items a training run learns from, derived once and handed down the stages.
+
+A cycle's are the comparisons and rated answers derived from the feedback events it took (store/comparisons.py),
+beside the history of all of them (what the reward model retrains on and what DPO/KTO replay); `alignd train
+dpo|kto` takes a preference file's items or every item in Redis; `alignd train ppo` learns from none (it optimises
+the current reward model). Provenance — what the items were, who labelled them — is computed here, from the same
+lists the stages train on.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from core.records import Comparison, Rated
+from store.comparisons import all_comparisons, comparisons_for_events
+from store.feedback import FeedbackEvent
+
+
+@dataclass
+class TrainingData:
+    """New items (what this run has to learn from), the history they belong to, and where they came from."""
+
+    comparisons: list[Comparison] = field(default_factory=list)
+    rated: list[Rated] = field(default_factory=list)
+    history_comparisons: list[Comparison] = field(default_factory=list)  # all of them, the new ones included
+    history_rated: list[Rated] = field(default_factory=list)
+    source: dict[str, Any] = field(default_factory=dict)  # the version's "data" provenance
+    events: list[FeedbackEvent] = field(default_factory=list)  # the feedback events the new items came from
+    replay: bool = False  # DPO/KTO add a replay of older history items (a cycle's, iterative DPO)
+
+    @property
+    def empty(self) -> bool:
+        return not self.comparisons and not self.rated
+
+    def feedback(self) -> dict[str, Any]:
+        """The feedback events behind this run (the version's "feedback" provenance)."""
+        info: dict[str, Any] = {
+            "events": len(self.events),
+            "new_comparisons": len(self.comparisons) if self.events else 0,
+            "new_rated": len(self.rated) if self.events else 0,
+            "by_type": dict(Counter(e.type for e in self.events)),
+        }
+        if self.events:
+            info |= {"first_id": self.events[0].stream_id, "last_id": self.events[-1].stream_id}
+        return info
+
+    def annotators(self) -> dict[str, int]:
+        """Who labelled what this run learns from: feedback events per user, or items per annotator."""
+        if self.events:
+            return dict(Counter(e.user for e in self.events))
+        return dict(Counter(x.annotator for x in [*self.comparisons, *self.rated] if x.annotator))
+
+
+def from_events(r: redis.Redis, events: list[FeedbackEvent]) -> TrainingData:
+    """A cycle's data: the items `events` give (a revised vote gives its revision's), and all items as history (read
+    only when there is something new)."""
+    new_c, new_r = comparisons_for_events(r, events)
+    source = {"feedback_events": len(events), "comparisons": len(new_c), "rated": len(new_r)}
+    data = TrainingData(new_c, new_r, source=source, events=events, replay=True)
+    if not data.empty:
+        data.history_comparisons, data.history_rated = all_comparisons(r)
+    return data
+
+
+def from_store(r: redis.Redis) -> TrainingData:
+    """Every comparison and rated item in Redis (feedback and imports), all of them new to this run."""
+    comparisons, rated = all_comparisons(r)
+    source = {"redis": True, "comparisons": len(comparisons), "rated": len(rated)}
+    return TrainingData(comparisons, rated, comparisons, rated, source)
+
+
+def from_items(comparisons: list[Comparison], rated: list[Rated], source: dict[str, Any]) -> TrainingData:
+    """Items read from a preference file (store/exchange.py `read_preferences`)."""
+    return TrainingData(comparisons, rated, comparisons, rated, source)
+
+
+def annotator_reliability(comparisons: list, rated: list, *, apply: bool) -> dict[str, Any]:
+    """Each annotator's reliability over `comparisons` and `rated` (training/reliability.py); with `apply`, every
+    item's `weight` becomes its annotator's. What the provenance of a reward model and a version records."""
+    from training.reliability import estimate, labels_from, table_dict, weigh
+
+    table = estimate(labels_from(comparisons, rated))
+    if apply:
+        weigh([*comparisons, *rated], table)
+    return {"applied": apply, "annotators": table_dict(table)}

@@ -1,0 +1,92 @@
+"""Gate stage: the candidate against the current policy (and the SFT reference) on a fresh held-out set.
+
+The checks are workers/gate.py's; this stage evaluates the three policies on the same prompts and, when PPO's
+candidate fails, gates the policy from halfway through PPO the same way and takes it if it passes (PPO against a
+fixed reward model tends to overshoot into its errors late). DPO and KTO never optimise the reward model, so their
+gate does not ask them to raise it (`gate.config_for`); without a reward model there is no reward score to compare.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from workers.gate import config_for, gate
+from workers.gate import evaluate as evaluate_metrics
+from workers.job import Job
+from workers.update import Candidate, restore, snapshot
+
+
+@dataclass
+class Verdict:
+    """The gate's result: whether the candidate may be published, why not, and the numbers it compared."""
+
+    passed: bool
+    reasons: list[str] = field(default_factory=list)
+    numbers: dict[str, Any] = field(default_factory=dict)
+    candidate: dict[str, Any] = field(default_factory=dict)  # the candidate's evaluation (with per-prompt outcomes)
+    parent: dict[str, Any] = field(default_factory=dict)  # the current policy's on the same prompts
+    fallback_steps: int | None = None  # PPO steps of the halfway policy published in the full run's place
+    skipped: bool = False  # `--no-gate`: nothing was evaluated
+
+
+def run(job: Job, rewards, cand: Candidate) -> Verdict:
+    """Evaluate and gate `cand` (its policy is the halfway one afterwards if the fallback was taken)."""
+    import torch
+
+    if not job.gated:
+        return Verdict(True, skipped=True)
+    rewards.load(job)
+    # a fresh evaluation set (and sampling seed) per run, shared by every policy (workers/cycle_config.py)
+    ecfg = replace(job.cfg.eval, seed=job.cfg.eval.seed + job.token)
+
+    def evaluate(model, tok) -> dict[str, Any]:
+        m = evaluate_metrics(model, tok, ecfg, reference=cand.reference, reward_fn=rewards.score)
+        return m if rewards.score is not None else m | {"reward_mean": 0.0}  # no reward model: no gain to measure
+
+    gcfg = config_for(job.cfg.gate, cand.info["algorithm"])
+    with torch.no_grad():
+        candidate = evaluate(cand.policy, cand.tokenizer)
+        parent = _parent_evaluation(job, cand, evaluate)
+        reference = parent if job.ref_version == job.start_version else evaluate(cand.reference, cand.tokenizer)
+        passed, reasons, numbers = gate(candidate, parent, gcfg, reference=reference)
+        verdict = Verdict(passed, reasons, numbers, candidate, parent)
+        if not passed and cand.halfway is not None and cand.halfway[0] < cand.info["steps"]:
+            _fallback(cand, verdict, lambda: evaluate(cand.policy, cand.tokenizer), gcfg, reference)
+    verdict.numbers["eval_seed"] = ecfg.seed
+    if verdict.passed:
+        cand.info["published_steps"] = verdict.fallback_steps or cand.info["steps"]
+    job.progress("gate", {"passed": verdict.passed, "reasons": verdict.reasons, **verdict.numbers})
+    return verdict
+
+
+def _parent_evaluation(job: Job, cand: Candidate, evaluate) -> dict[str, Any]:
+    """The current version on the same prompts: for LoRA the same base with the adapter it started from, else the
+    version loaded beside the candidate (and freed after)."""
+    from training.lora import load_policy
+
+    if cand.lora:
+        trained = snapshot(cand.policy)
+        restore(cand.policy, cand.parent_adapter)
+        try:
+            return evaluate(cand.policy, cand.tokenizer)
+        finally:
+            restore(cand.policy, trained)
+    parent, _ = load_policy(job.current_path, job.device, resolve_base=job.settings.checkpoint)
+    return evaluate(parent, cand.tokenizer)
+
+
+def _fallback(cand: Candidate, verdict: Verdict, evaluate, gcfg, reference: dict[str, Any]) -> None:
+    """Gate the policy from halfway through PPO; if it passes, it replaces the candidate (in `cand` and `verdict`).
+    PPO against a fixed reward model can overshoot into its errors late in the run (harmful compliance rose in a
+    third of demo cycles); the halfway policy is checked by the same gate on the same prompts."""
+    half_steps, weights = cand.halfway
+    restore(cand.policy, weights)
+    half = evaluate()
+    passed, reasons, numbers = gate(half, verdict.parent, gcfg, reference=reference)
+    if not passed:
+        verdict.reasons = verdict.reasons + [f"(halfway, after {half_steps} steps: {'; '.join(reasons)})"]
+        return
+    full = {"steps": half_steps, "of": cand.info["steps"], "full_run_reasons": verdict.reasons}
+    verdict.numbers = {**numbers, "fallback": full | {"full_run": verdict.numbers}}
+    verdict.passed, verdict.reasons, verdict.candidate, verdict.fallback_steps = True, [], half, half_steps
