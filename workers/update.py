@@ -40,18 +40,22 @@ class Candidate:
 
 
 def use_adapter(job: Job) -> bool:
-    """LoRA or full fine-tuning for this run's policy update (CycleConfig.update.adapter): the one decision every
-    entry point follows. LoRA continues an adapter version, or starts one on the reference itself; a version fully
+    """LoRA or full fine-tuning for this run's policy update (CycleConfig.update.adapter; "auto" is LoRA when the
+    API serves through vLLM): the one decision every entry point follows. LoRA continues an adapter version, or starts one on the reference itself; a version fully
     fine-tuned from the reference cannot be expressed as the reference plus an adapter, so it is updated in full."""
     from training.lora import adapter_base, parameter_count
 
     mode = job.cfg.update.adapter
+    vllm = job.settings.serving_engine() == "vllm"
     if mode == "full":
+        if vllm:
+            log.warning("update.adapter is full: vLLM will refuse the version (it swaps adapters, not whole models)")
         return False
     if adapter_base(job.current_path) is None and job.start_version != job.ref_version:
         log.info("v%s is a full fine-tune of v%s; this update is full too", job.start_version, job.ref_version)
         return False
-    return mode == "lora" or parameter_count(job.ref_path) >= job.cfg.update.lora_min_parameters
+    # served through vLLM, every version is an adapter of vLLM's base: the only kind it hot-swaps (docs/engines.md)
+    return mode == "lora" or vllm or parameter_count(job.ref_path) >= job.cfg.update.lora_min_parameters
 
 
 def reward_adapter(cfg: CycleConfig, ref_path: str | Path) -> bool:
