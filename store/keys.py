@@ -95,6 +95,11 @@ def feedback_vote_counters(completion_id: str) -> str:
     return f"{PREFIX}:feedback:counted:{completion_id}"
 
 
+def key_annotators(key_user: str, day: str) -> str:
+    """Set of the annotators one key voted as on one UTC day (capped: a key cannot invent unlimited people)."""
+    return f"{PREFIX}:feedback:annotators:{key_user}:{day}"
+
+
 def feedback_completions() -> str:
     """Set of completion ids that have at least one vote."""
     return f"{PREFIX}:feedback:completions"

@@ -31,11 +31,16 @@ async def create_feedback(body: fb.FeedbackIn, state: StateDep, caller: CallerDe
     """Record one vote; a second vote of the same user on the same completion and slot revises the first."""
     s = state.settings
     limits = fb.FeedbackLimits(
-        per_minute=s.feedback_rate_per_minute, per_day=s.feedback_daily_cap, max_comment_chars=s.max_comment_chars
+        per_minute=s.feedback_rate_per_minute,
+        per_day=s.feedback_daily_cap,
+        max_comment_chars=s.max_comment_chars,
+        key_per_minute=s.key_feedback_rate_per_minute,
+        key_per_day=s.key_feedback_daily_cap,
+        key_annotators=s.key_annotators_per_day,
     )
     try:
         accepted = await fb.asubmit_feedback(
-            state.aredis, body, user=caller.user, is_admin=caller.is_admin, limits=limits
+            state.aredis, body, user=caller.user, is_admin=caller.is_admin, trusted=caller.annotator, limits=limits
         )
     except fb.FeedbackError as exc:
         headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, fb.FeedbackRateLimited) else None

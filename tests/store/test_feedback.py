@@ -268,6 +268,10 @@ def test_every_refusal_status_of_the_script_has_its_own_error():
         "conflict": fb.FeedbackIdConflict,
         "rate_minute": fb.FeedbackRateLimited,
         "rate_day": fb.FeedbackRateLimited,
+        "not_your_user": fb.NotYourCompletion,
+        "key_minute": fb.FeedbackRateLimited,
+        "key_day": fb.FeedbackRateLimited,
+        "annotators": fb.FeedbackRateLimited,
     }
     assert statuses == set(expected)
     bodies = {
@@ -283,6 +287,10 @@ def test_every_refusal_status_of_the_script_has_its_own_error():
             assert "per minute" in info.value.message and info.value.retry_after == 60 - SECONDS_INTO_MINUTE
         elif status == "rate_day":
             assert "daily feedback cap" in info.value.message
+        elif status == "key_minute":
+            assert "of this key" in info.value.message and "per minute" in info.value.message
+        elif status in ("key_day", "annotators"):
+            assert "daily feedback cap of this key" in info.value.message
         else:
             assert "cap" not in info.value.message and "rate" not in info.value.message
 
