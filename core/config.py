@@ -87,6 +87,12 @@ class Settings(BaseSettings):
     )
     redis_url: str | None = Field(None, description="external Redis; unset starts an embedded redis-server under home")
     embedded_redis_port: int = Field(0, description="TCP port of the embedded Redis; 0 picks a free one")
+    redis_max_connections: int = Field(
+        64, ge=1, description="Redis connections of one API process; requests wait for a free one (bounded)"
+    )
+    redis_pool_timeout_s: float = Field(
+        5.0, gt=0, description="how long a request waits for a free Redis connection before 503 redis_unavailable"
+    )
     api_keys: str | None = Field(None, description="'key1:alice,key2:bob'; unset generates keys under home")
     admin_key: str | None = Field(None, description="admin key; unset generates one under home")
     device: str = Field(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import redis
+import redis.asyncio as aredis
 
 from core.config import Settings
 from core.redis_server import EmbeddedRedis, ensure_redis
@@ -17,6 +18,21 @@ def connect(url: str, *, decode: bool = True) -> redis.Redis:
     return redis.Redis.from_url(
         url, decode_responses=decode, health_check_interval=30, socket_keepalive=True, retry_on_timeout=True
     )
+
+
+def connect_async(url: str, *, max_connections: int, timeout_s: float) -> aredis.Redis:
+    """The API's asyncio client. Its pool is bounded and *blocking*: a request that finds every connection busy waits
+    up to `timeout_s` for one, instead of failing at once with "Too many connections" — which, answered as a Redis
+    outage, made 300 concurrent clients look like one."""
+    pool = aredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=timeout_s,
+        decode_responses=True,
+        health_check_interval=30,
+        socket_keepalive=True,
+    )
+    return aredis.Redis(connection_pool=pool)
 
 
 def durability_warnings(r: redis.Redis) -> list[str]:

@@ -367,7 +367,7 @@ async def _stream(call: _Call) -> AsyncIterator[str]:
         rec = call.record(texts, finishes, n_tokens)
         try:  # recorded before [DONE]: feedback may follow at once
             await run_in_threadpool(save_completion, call.state.redis, rec)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:  # headers are sent: the error goes in the stream
+        except redis.RedisError as exc:  # headers are sent: the error goes in the stream
             yield _error_line(redis_unavailable_message(exc), "redis_unavailable")
             return
         call.observe(n_tokens)

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 
 from service import metrics
 from service.deps import CallerDep, StateDep
-from service.errors import APIError
+from service.errors import APIError, redis_unavailable_message
 from store import feedback as fb
 
 router = APIRouter(prefix="/v1", tags=["feedback"])
@@ -45,10 +45,10 @@ async def create_feedback(body: fb.FeedbackIn, state: StateDep, caller: CallerDe
     except fb.FeedbackError as exc:
         headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, fb.FeedbackRateLimited) else None
         raise APIError(_STATUS[type(exc)], exc.message, exc.code, exc.param, headers) from None
-    except (redis.ConnectionError, redis.TimeoutError) as exc:  # outcome unknown: a retry with the same id settles it
+    except redis.RedisError as exc:  # outcome unknown: a retry with the same id settles it
         raise APIError(
             503,
-            f"feedback store unavailable ({type(exc).__name__}); retry with the same feedback_id",
+            f"{redis_unavailable_message(exc)}; retry with the same feedback_id",
             "redis_unavailable",
             headers={"Retry-After": "1"},
         ) from None
