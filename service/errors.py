@@ -66,6 +66,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":  # loc holds a character position, not a field
+            where = first.get("loc", ("body", "?"))[-1]
+            reason = (first.get("ctx") or {}).get("error", "invalid JSON")
+            msg = f"the request body is not valid JSON: {reason} at character {where}"
+            return JSONResponse(error_body(400, msg, "invalid_json"), 400)
+        if first.get("type") == "model_attributes_type" and first.get("loc") == ("body",):
+            return JSONResponse(error_body(400, "the request body must be a JSON object", "invalid_json"), 400)
         loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         msg = f"{loc}: {first.get('msg', 'invalid request')}" if loc else first.get("msg", "invalid request")
         return JSONResponse(error_body(422, msg, "invalid_value", loc or None), 422)

@@ -147,8 +147,9 @@ GOOD = {"completion_id": "c2", "type": "thumbs", "choice": 0, "value": "up"}
         ("ka", {"completion_id": "c3", "type": "rank", "ranking": [0, 1, 1]}, 422, "ranking"),
         ("ka", {"completion_id": "c3", "type": "rank", "ranking": [2, 1]}, 422, "ranking"),
         ("ka", {"completion_id": "c1", "type": "rank", "ranking": [0]}, 422, None),
-        ("ka", [GOOD], 422, None),
-        ("ka", "not json{", 422, None),
+        ("ka", [GOOD], 400, None),
+        ("ka", "not json{", 400, None),
+        ("ka", '{"completion_id": "c2", "type": "thumbs", "choice": 0, "value": "up",}', 400, None),
         (
             "ka",
             '{"completion_id": "c2", "type": "thumbs", "choice": 0, "value": "up", "comment": "\\ud800"}',

@@ -112,3 +112,15 @@ def test_prompts_past_the_models_context_get_a_4xx_that_says_the_limit(server, w
         err = r.json()["error"]
         assert err["code"] == "prompt_too_long" and "the limit is 255" in err["message"]
         assert int(err["message"].split("has ")[1].split()[0]) <= 384  # within the setting: the context refused it
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [('{"messages": [{"role": "user", "content": "hi"}],}', "not valid JSON"), ("[1, 2]", "must be a JSON object")],
+)
+def test_malformed_json_is_400_with_a_message_not_a_position_as_param(server, body, words):
+    with server.client("k-admin") as http:
+        r = http.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "invalid_json" and err["param"] is None
+    assert words in err["message"]
