@@ -178,6 +178,20 @@ class Settings(BaseSettings):
         "and the admin key are exempt)",
     )
 
+    # --- retention (docs/safety.md)
+    completion_ttl_s: int | None = Field(
+        7 * 86400,
+        ge=60,
+        description="a completion without feedback is deleted after this many seconds (feedback on it is refused "
+        "after that); one with feedback is kept as training data; unset: keep every completion",
+    )
+    feedback_records_ttl_s: int = Field(
+        30 * 86400,
+        ge=3600,
+        description="idempotency records (a retry with the same feedback_id is recognised within this window) and "
+        "vote histories (revision numbers count within it) expire this long after their last write",
+    )
+
     # --- the online loop
     cycle_seconds: int = Field(300, ge=1, description="beat checks for new feedback this often")
     min_new_feedback: int = Field(50, ge=1, description="a cycle runs only with at least this many new events")

@@ -112,6 +112,7 @@ class Follower:
         self._last_target = target
         if self.settings.arena:
             self._arena()
+        registry.note_serving(self.r, self.who, self.engine.loaded_versions())  # `alignd gc` keeps what is held
 
     # --- helpers
     def _may_try(self, version: int) -> bool:

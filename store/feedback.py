@@ -31,7 +31,12 @@ choice 1 are two votes; a second thumb on choice 0 revises the first). The lates
 use (store/comparisons.py); the history and the log keep every revision.
 
 Workers consume the log through the consumer group `trainer` (`read_new`, `ack`), reclaiming entries a crashed
-consumer left pending with XAUTOCLAIM. The log is never trimmed.
+consumer left pending with XAUTOCLAIM. Entries training has settled (acknowledged, none pending before them) are
+trimmed by `store.retention.trim_settled_feedback`; what training uses lives on in the latest votes.
+
+Retention of the rest: the idempotency record of a feedback id and the history of a vote expire
+`FeedbackLimits.records_ttl_s` after their last write (a retry with the same feedback_id is recognised within that
+window); an accepted vote makes its completion record permanent.
 """
 
 from __future__ import annotations
@@ -171,6 +176,7 @@ class FeedbackLimits:
     key_per_minute: int | None = None  # Settings.key_feedback_rate_per_minute; None: no key total
     key_per_day: int | None = None  # Settings.key_feedback_daily_cap
     key_annotators: int | None = None  # Settings.key_annotators_per_day; None: no cap
+    records_ttl_s: int | None = None  # Settings.feedback_records_ttl_s; None: idempotency records and histories kept
 
 
 @dataclass(frozen=True)
@@ -280,7 +286,8 @@ ACCEPT_LUA = """
 --       14 the API key's user id (ownership is per key; ARGV[1], the annotator, is per key and person),
 --       15 key per-minute limit, 16 key per-day limit, 17 distinct annotators per key per day ('0': no cap),
 --       18 the vote-counter field holding this vote's arena outcome (per key unless the key is trusted),
---       19 trusted annotation tool ('1' or '0'), 20 the request's `user` ('' when absent)
+--       19 trusted annotation tool ('1' or '0'), 20 the request's `user` ('' when absent),
+--       21 ttl of the idempotency record and the vote history ('0': kept)
 local raw = redis.call('GET', KEYS[1])
 if not raw then return {'not_found'} end
 local record = cjson.decode(raw)
@@ -380,6 +387,11 @@ for _, f in ipairs(fields) do redis.call('HINCRBY', KEYS[11], f, 1) end
 for _, f in ipairs(old_afields) do redis.call('HINCRBY', KEYS[11], f, -1) end
 for _, f in ipairs(afields) do redis.call('HINCRBY', KEYS[11], f, 1) end
 redis.call('HSET', KEYS[2], 'fingerprint', ARGV[6], 'event', event, 'stream_id', stream_id)
+redis.call('PERSIST', KEYS[1])  -- a completion with a vote is training data: it no longer expires
+if ARGV[21] ~= '0' then
+  redis.call('EXPIRE', KEYS[2], ARGV[21])
+  redis.call('EXPIRE', KEYS[6], ARGV[21])
+end
 return {'accepted', event, stream_id}
 """
 
@@ -468,6 +480,7 @@ def _script_call(
         "arena|" + latest_field(slot, user if is_admin or trusted else key_user),
         "1" if trusted else "0",
         body.user or "",
+        limits.records_ttl_s or 0,
     ]
     return script_keys, args
 
@@ -697,8 +710,9 @@ def pending_count(r: redis.Redis) -> int:
 
 def unconsumed_count(r: redis.Redis) -> int:
     """Events not yet delivered-and-acknowledged: XINFO GROUPS lag + pending where the server reports lag (Redis 7);
-    otherwise the log length minus the acknowledged count kept by `ack` (the same number, since the log is never
-    trimmed and XACK counts each entry once; the embedded redis-server is 6.2, which has no lag field)."""
+    otherwise the log length minus the acknowledged entries still in it: the count kept by `ack` less the count
+    trimmed (only acknowledged entries are trimmed; XACK counts each entry once; the embedded redis-server is 6.2,
+    which has no lag field)."""
     stream = keys.feedback_stream()
     try:
         groups = r.xinfo_groups(stream)
@@ -707,4 +721,5 @@ def unconsumed_count(r: redis.Redis) -> int:
     group = next((g for g in groups if g["name"] == GROUP), None)
     if group is not None and group.get("lag") is not None:
         return int(group["lag"]) + int(group["pending"])
-    return r.xlen(stream) - int(r.get(keys.feedback_acked()) or 0)
+    acked, trimmed = r.mget(keys.feedback_acked(), keys.feedback_trimmed())
+    return r.xlen(stream) - (int(acked or 0) - int(trimmed or 0))

@@ -53,6 +53,11 @@ def registry_channel() -> str:
     return f"{PREFIX}:registry:changed"
 
 
+def serving(who: str) -> str:
+    """JSON list of the versions one API process holds ('host:pid'), with a TTL: its heartbeat."""
+    return f"{PREFIX}:serving:{who}"
+
+
 def lock(name: str) -> str:
     return f"{PREFIX}:lock:{name}"
 
@@ -66,13 +71,19 @@ def fence(name: str) -> str:
 
 
 def feedback_stream() -> str:
-    """The append-only feedback log (a Stream, never trimmed); workers read it through a consumer group."""
+    """The append-only feedback log (a Stream, trimmed only where settled); workers read it through a consumer
+    group."""
     return f"{PREFIX}:feedback:log"
 
 
 def feedback_acked() -> str:
     """Count of log entries acknowledged by the consumer group (the log length minus this is the unconsumed work)."""
     return f"{PREFIX}:feedback:acked"
+
+
+def feedback_trimmed() -> str:
+    """Count of acknowledged log entries trimmed away (store/retention.py)."""
+    return f"{PREFIX}:feedback:trimmed"
 
 
 def feedback_idempotency(feedback_id: str) -> str:

@@ -288,7 +288,7 @@ async def _complete(call: _Call, request: Request) -> Response:
         metrics.REQUESTS.labels("cancelled").inc()
         return Response(status_code=499)  # nginx's "client closed request"; no one reads it
     rec = call.record(texts, finishes, n_tokens)
-    await run_in_threadpool(save_completion, call.state.redis, rec)
+    await run_in_threadpool(save_completion, call.state.redis, rec, call.state.settings.completion_ttl_s)
     call.observe(n_tokens)
     body = ChatCompletionResponse(
         id=call.cid,
@@ -366,7 +366,7 @@ async def _stream(call: _Call) -> AsyncIterator[str]:
                 yield one(i, Delta(), finishes[i])
         rec = call.record(texts, finishes, n_tokens)
         try:  # recorded before [DONE]: feedback may follow at once
-            await run_in_threadpool(save_completion, call.state.redis, rec)
+            await run_in_threadpool(save_completion, call.state.redis, rec, call.state.settings.completion_ttl_s)
         except redis.RedisError as exc:  # headers are sent: the error goes in the stream
             yield _error_line(redis_unavailable_message(exc), "redis_unavailable")
             return

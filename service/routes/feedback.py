@@ -37,6 +37,7 @@ async def create_feedback(body: fb.FeedbackIn, state: StateDep, caller: CallerDe
         key_per_minute=s.key_feedback_rate_per_minute,
         key_per_day=s.key_feedback_daily_cap,
         key_annotators=s.key_annotators_per_day,
+        records_ttl_s=s.feedback_records_ttl_s,
     )
     try:
         accepted = await fb.asubmit_feedback(
