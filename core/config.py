@@ -234,6 +234,8 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _refuse_unsafe_in_production(self) -> Settings:
         self.key_grants()  # a malformed ALIGND_API_KEYS fails at start, not at the first request
+        if self.env == "production" and self.failpoints:
+            raise ValueError("ALIGND_FAILPOINTS injects faults for tests and drills: it is refused in production")
         if self.env == "production":
             for name in ("api_keys", "admin_key"):
                 value = getattr(self, name)
