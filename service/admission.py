@@ -45,6 +45,12 @@ def resolve_policy(engine, model: str | None):
     raise APIError(404, f"the model {model!r} does not exist here; served: {served}", "model_not_found", "model")
 
 
+def requested_tokens(settings: Settings, req) -> int:
+    """n x max_tokens of a chat request (what it may generate), before anything else is known about it."""
+    default = min(settings.default_max_tokens, settings.max_new_tokens)
+    return req.n * min(req.max_completion_tokens or req.max_tokens or default, settings.max_new_tokens)
+
+
 def prompt_limit(settings: Settings, engine, policy, versions: list[int | None]) -> int:
     """Longest accepted prompt (tokens) for a request answered by `policy` and, per choice, `versions` (None: the
     policy; an arena choice names the other version)."""

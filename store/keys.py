@@ -154,6 +154,11 @@ def train_inflight() -> str:
     return f"{PREFIX}:train:inflight"
 
 
+def train_config_schema() -> str:
+    """JSON {dotted CycleConfig key: default}: published by workers, read by the API to check overrides."""
+    return f"{PREFIX}:train:config_schema"
+
+
 def train_queued() -> str:
     """Set while a cycle is enqueued or running, so beat does not enqueue a second one (expires on its own)."""
     return f"{PREFIX}:train:queued"

@@ -27,7 +27,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response, StreamingResponse
 
 from service import metrics
-from service.admission import Ticket, admission, prompt_limit, resolve_policy
+from service.admission import Ticket, admission, prompt_limit, requested_tokens, resolve_policy
 from service.auth import Caller
 from service.deps import AppState, ChatCallerDep, StateDep
 from service.engine import Event, Handle, SamplingParams
@@ -205,13 +205,24 @@ async def chat_completions(req: ChatCompletionRequest, caller: ChatCallerDep, st
 
 
 async def _start(req: ChatCompletionRequest, caller: Caller, state: AppState) -> _Call:
-    """Check the request against the limits and submit its choices to the engine. The completion belongs to the
-    key (its user id); the rate limit is per person, (key, `user`)."""
-    settings, engine = state.settings, state.engine
-    if engine is None:
+    """Admit the request (service/admission.py: in memory, before any other work, so a full server answers at
+    once), then check it and submit it; its room is given back if that fails."""
+    if state.engine is None:
         raise APIError(
             503, "no policy is loaded yet: run `alignd bootstrap` or wait for the server to start", "no_policy"
         )
+    ticket = admission(state).admit(caller.user, req.n, requested_tokens(state.settings, req))
+    try:
+        return await _submit(req, caller, state, ticket)
+    except BaseException:
+        ticket.release()
+        raise
+
+
+async def _submit(req: ChatCompletionRequest, caller: Caller, state: AppState, ticket: Ticket) -> _Call:
+    """Check the request against the limits and submit its choices to the engine. The completion belongs to the
+    key (its user id); the rate limits are per person, (key, `user`), and per key."""
+    settings, engine = state.settings, state.engine
     person = annotator_id(caller.user, req.user, is_admin=caller.is_admin)
     default_tokens = min(settings.default_max_tokens, settings.max_new_tokens)
     max_tokens = req.max_completion_tokens or req.max_tokens or default_tokens
@@ -227,7 +238,6 @@ async def _start(req: ChatCompletionRequest, caller: Caller, state: AppState) ->
             413, f"the prompt has {len(prompt_ids)} tokens; the limit is {limit}", "prompt_too_long", "messages"
         )
     await charge(state.aredis, chat_budgets(settings, caller, person, len(prompt_ids), req.n, max_tokens))
-    ticket = admission(state).admit(caller.user, req.n, req.n * max_tokens)
     call = _Call(
         state=state,
         user=caller.user,
