@@ -269,10 +269,15 @@ class Settings(BaseSettings):
             return str(path)
 
     def checkpoint(self, stored: str | Path) -> Path:
-        """The folder a registry path names (see `stored_path`). Absolute paths are what registries written before
-        paths were relative hold: when such a folder is gone but the root has one of the same name, the home moved."""
+        """The folder a registry path names (see `stored_path`), confined to the checkpoint root: a relative path
+        that climbs out of it (`..`) is refused (ValueError), whoever wrote it into the registry. Absolute paths are
+        what registries written before paths were relative hold: when such a folder is gone but the root has one of
+        the same name, the home moved."""
         p = Path(stored)
         if not p.is_absolute():
+            root = self.checkpoints_dir.resolve()
+            if not (root / p).resolve().is_relative_to(root):
+                raise ValueError(f"registry path {str(stored)!r} leaves the checkpoint root {root}: refused")
             return self.checkpoints_dir / p
         if not p.exists() and (self.checkpoints_dir / p.name).is_dir():
             return self.checkpoints_dir / p.name

@@ -141,3 +141,28 @@ def admission(state) -> Admission:
     if found is None:
         found = state.extras["admission"] = Admission.from_settings(state.settings)
     return found
+
+
+class FullGate:
+    """ASGI fast path: while the process has no room for even one sequence, a chat request is answered 503 before
+    its body is read, parsed or authenticated — a refusal then costs the event loop almost nothing, which is what
+    keeps the admitted requests' latency when hundreds of clients retry (bench/attack.py). Plain ASGI for the same
+    reason as service/app.py's BodyLimit."""
+
+    PATH = "/v1/chat/completions"
+
+    def __init__(self, app, state):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == self.PATH and scope["method"] == "POST":
+            adm = self.state.extras.get("admission")
+            if adm is not None and adm.sequences >= adm.max_inflight:
+                from fastapi.responses import JSONResponse
+
+                from service.errors import error_body
+
+                message = f"the server is at capacity ({adm.max_inflight} sequences in flight); retry shortly"
+                body = error_body(503, message, "server_overloaded")
+                return await JSONResponse(body, 503, headers={"Retry-After": RETRY_AFTER_S})(scope, receive, send)
+        return await self.app(scope, receive, send)

@@ -13,6 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from core.config import Settings
+from service.admission import FullGate
 from service.auth import load_keyring
 from service.deps import AppState
 from service.errors import error_body, install_error_handlers
@@ -133,6 +134,7 @@ def create_app(settings: Settings, redis_url: str, engine=None) -> FastAPI:
             expose_headers=["X-Policy-Version"],
         )
 
+    app.add_middleware(FullGate, state=state)  # a full process refuses chat before reading it
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
 
     for router in ROUTERS:

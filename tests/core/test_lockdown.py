@@ -65,3 +65,11 @@ def test_flower_refuses_a_placeholder_password_in_production(tmp_path, monkeypat
     assert flower_credentials(tmp_path) == ("admin:changethis", False)  # development: allowed
     monkeypatch.setenv("FLOWER_BASIC_AUTH", "admin:a-long-real-secret")
     assert flower_credentials(tmp_path, production=True) == ("admin:a-long-real-secret", False)
+
+
+def test_registry_paths_cannot_climb_out_of_the_checkpoint_root(tmp_path):
+    settings = Settings(home=tmp_path)
+    assert settings.checkpoint("v3") == settings.checkpoints_dir / "v3"
+    for escape in ("../../etc", "v3/../../keys.json", "../checkpoints-other/v1"):
+        with pytest.raises(ValueError, match="leaves the checkpoint root"):
+            settings.checkpoint(escape)
