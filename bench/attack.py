@@ -8,8 +8,10 @@ embedded Redis, serving the built-in model architecture (2 M-parameter GPT-2, un
 - keys: one key sends chat requests as 200 invented `user` values against a key total of 50 per minute; then 200
   invented users vote one arena pair "the new version lost", against a rollback threshold of 30 votes.
 - body: a 50 MB chunked body without authentication; the server's RSS before and after.
-- overload: a server configured for 64 sequences in flight; first 64 clients (its capacity: the unloaded latency),
-  then 200 (the attack), 8 keys, `--seconds` each, clients honour Retry-After. Refusal latency and admitted p99.
+- overload: a server configured for 64 sequences in flight; one client, then 64 clients (its capacity: the latency
+  without excess), then 200 (the attack), on 8 keys, `--seconds` each, clients honouring Retry-After and spread over
+  4 client processes; during the attack a probe client in a process of its own sends one request at a time (the
+  latency a newcomer sees, free of the attacking clients' own queueing). Refusal latency and admitted p99.
 - soak: completions with feedback on a share of them, completions expiring after `ALIGND_COMPLETION_TTL_S`; the log
   consumed and settled as a training cycle does (read_new, ack; then the trim of workers/settle.py) twice; Redis
   memory and keys before, after and after expiry; acknowledged events lost.

@@ -60,7 +60,9 @@ def add_completion(r, cid: str, n: int = 2, user: str = "alice", versions: list[
 
 def snapshot(r) -> dict[str, bytes]:
     kw = r.connection_pool.connection_kwargs
-    dump = r.__class__(host=kw["host"], port=kw["port"], db=kw.get("db", 0))
+    dump = r.__class__(
+        host=kw["host"], port=kw["port"], db=kw.get("db", 0), username=kw.get("username"), password=kw.get("password")
+    )
     try:
         return {k: dump.dump(k) for k in dump.keys("*")}
     finally:

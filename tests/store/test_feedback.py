@@ -41,7 +41,13 @@ def submit(r, body: dict, user: str = "alice", limits: fb.FeedbackLimits = LIMIT
 def snapshot(r) -> dict[str, bytes]:
     """Every key with its serialized value: equal snapshots mean nothing was written."""
     raw = r.connection_pool.connection_kwargs
-    dump = r.__class__(host=raw["host"], port=raw["port"], db=raw.get("db", 0))  # DUMP needs a bytes client
+    dump = r.__class__(  # DUMP needs a bytes client
+        host=raw["host"],
+        port=raw["port"],
+        db=raw.get("db", 0),
+        username=raw.get("username"),
+        password=raw.get("password"),
+    )
     try:
         return {k: dump.dump(k) for k in dump.keys("*")}
     finally:
