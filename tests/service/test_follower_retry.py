@@ -17,7 +17,8 @@ def test_a_smoke_test_timeout_is_retried_and_does_not_block_a_rollback(r, redis_
     settings = make_settings(tmp_path / "home", redis_url)
     publish_tiny(r, settings)
     engine = Engine(load_version(r, settings, 1), max_batch_size=4)
-    with LiveServer(create_app(settings, redis_url, engine)) as server:
+    app = create_app(settings, redis_url, engine)
+    with LiveServer(app) as server:
         ready = lambda: server.client().get("/readyz").json()  # noqa: E731
         settings.smoke_test_timeout_s = 1e-6  # no policy can answer this fast: a timeout, as under heavy load
         publish_tiny(r, settings, source="ppo", parent=1, expected=1)
@@ -32,7 +33,9 @@ def test_a_smoke_test_timeout_is_retried_and_does_not_block_a_rollback(r, redis_
         wait_for(lambda: "3" in ready().get("refused_versions", {}), 90, what="the refusal of v3")
         monkeypatch.setattr(follower, "TRANSIENT_RETRY_S", 3600.0)
         registry.set_current(r, 2, expected=3, event="rollback")
-        wait_for(lambda: ready()["policy_version"] == 2, 90, what="serving v2")
+        follower_ = app.state.alignd.extras["follower"]
+        seen = follower_.syncs  # v2 never stopped serving: wait until the follower has seen the registry change
+        wait_for(lambda: follower_.syncs >= seen + 2, 90, what="the follower to see v2 current")
         settings.smoke_test_timeout_s = 60.0
         registry.set_current(r, 3, expected=2, event="rollback")
         wait_for(lambda: ready()["policy_version"] == 3, 90, what="the rollback to v3")
