@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -37,6 +39,47 @@ ENGINE_ALL_CORES_MIN_PARAMETERS = 50_000_000
 VLLM_AUTO_RULE = "vllm where a vLLM is configured and the device is a GPU; builtin otherwise"
 
 
+KEY_OPTIONS = ("feedback", "annotator", "expires=")  # what may follow `key:user:` in ALIGND_API_KEYS
+
+
+@dataclass(frozen=True)
+class KeyGrant:
+    """What one API key may do: `ALIGND_API_KEYS` entries are `key:user[:option+option…]`, options `feedback` (the key
+    may only send feedback: what a browser widget holds), `annotator` (a trusted annotation tool: each of its `user`
+    values is a distinct annotator in arena counts and may vote on any completion of its user id) and
+    `expires=2027-01-31` (an ISO date or time, UTC unless it says otherwise; after it the key answers 401)."""
+
+    user: str
+    feedback_only: bool = False
+    annotator: bool = False
+    expires: datetime | None = None
+
+
+def parse_key_entry(item: str) -> tuple[str, KeyGrant]:
+    """One `ALIGND_API_KEYS` entry, or ValueError saying what is wrong with it."""
+    key, user, options = (item.split(":", 2) + ["", ""])[:3]
+    if not key or not user:
+        raise ValueError(f"ALIGND_API_KEYS entry {item!r} is not 'key:user' (or 'key:user:options')")
+    grant = {"user": user}
+    for option in filter(None, options.split("+")):
+        if option == "feedback":
+            grant["feedback_only"] = True
+        elif option == "annotator":
+            grant["annotator"] = True
+        elif option.startswith("expires="):
+            try:
+                when = datetime.fromisoformat(option.removeprefix("expires="))
+            except ValueError:
+                raise ValueError(f"ALIGND_API_KEYS entry for user {user!r}: {option!r} is not an ISO date") from None
+            grant["expires"] = when if when.tzinfo else when.replace(tzinfo=UTC)
+        else:
+            raise ValueError(
+                f"ALIGND_API_KEYS entry for user {user!r}: unknown option {option!r} "
+                "(options: feedback, annotator, expires=YYYY-MM-DD, joined by '+')"
+            )
+    return key, KeyGrant(**grant)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ALIGND_", extra="ignore")
 
@@ -49,6 +92,12 @@ class Settings(BaseSettings):
     )
     redis_url: str | None = Field(None, description="external Redis; unset starts an embedded redis-server under home")
     embedded_redis_port: int = Field(0, description="TCP port of the embedded Redis; 0 picks a free one")
+    redis_max_connections: int = Field(
+        64, ge=1, description="Redis connections of one API process; requests wait for a free one (bounded)"
+    )
+    redis_pool_timeout_s: float = Field(
+        5.0, gt=0, description="how long a request waits for a free Redis connection before 503 redis_unavailable"
+    )
     api_keys: str | None = Field(None, description="'key1:alice,key2:bob'; unset generates keys under home")
     admin_key: str | None = Field(None, description="admin key; unset generates one under home")
     device: str = Field(
@@ -126,12 +175,63 @@ class Settings(BaseSettings):
     max_prompt_tokens: int = Field(384, ge=8, description="longer prompts get 413")
     max_new_tokens: int = Field(256, ge=1, description="upper bound for max_tokens")
     default_max_tokens: int = Field(64, ge=1)
-    chat_rate_per_minute: int = Field(600, ge=1, description="chat requests per key per minute before 429")
+    max_inflight: int = Field(
+        128,
+        ge=1,
+        description="sequences (n per request) generating or waiting in one API process; a request that would go "
+        "over gets 503 server_overloaded with Retry-After at once, never a queue",
+    )
+    key_inflight_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="share of max_inflight one key may hold; beyond it 429 too_many_inflight (room stays for others)",
+    )
+    key_inflight_tokens: int = Field(
+        16_384, ge=1, description="n x max_tokens of one key's requests in flight in one API process before 429"
+    )
+    chat_rate_per_minute: int = Field(
+        600, ge=1, description="chat requests per person (key, `user`) per minute before 429"
+    )
+    key_chat_rate_per_minute: int = Field(
+        1200, ge=1, description="chat requests per key (all its `user` values together) per minute before 429"
+    )
+    key_tokens_per_minute: int = Field(
+        400_000,
+        ge=1,
+        description="tokens per key per minute before 429: prompt tokens + n x max_tokens, counted at admission",
+    )
 
     # --- feedback limits
     max_comment_chars: int = Field(2000, ge=0)
     feedback_rate_per_minute: int = Field(6000, ge=1, description="feedback events per user per minute before 429")
     feedback_daily_cap: int = Field(100_000, ge=1, description="feedback events per user per UTC day before 429")
+    key_feedback_rate_per_minute: int = Field(
+        12_000, ge=1, description="feedback events per key (all its `user` values together) per minute before 429"
+    )
+    key_feedback_daily_cap: int = Field(
+        200_000, ge=1, description="feedback events per key (all its `user` values together) per UTC day"
+    )
+    key_annotators_per_day: int = Field(
+        1000,
+        ge=1,
+        description="distinct `user` values one key may vote as per UTC day before 429 (keys marked `annotator` "
+        "and the admin key are exempt)",
+    )
+
+    # --- retention (docs/safety.md)
+    completion_ttl_s: int | None = Field(
+        7 * 86400,
+        ge=60,
+        description="a completion without feedback is deleted after this many seconds (feedback on it is refused "
+        "after that); one with feedback is kept as training data; unset: keep every completion",
+    )
+    feedback_records_ttl_s: int = Field(
+        30 * 86400,
+        ge=3600,
+        description="idempotency records (a retry with the same feedback_id is recognised within this window) and "
+        "vote histories (revision numbers count within it) expire this long after their last write",
+    )
 
     # --- the online loop
     cycle_seconds: int = Field(300, ge=1, description="beat checks for new feedback this often")
@@ -174,6 +274,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_unsafe_in_production(self) -> Settings:
+        self.key_grants()  # a malformed ALIGND_API_KEYS fails at start, not at the first request
+        if self.env == "production" and self.failpoints:
+            raise ValueError("ALIGND_FAILPOINTS injects faults for tests and drills: it is refused in production")
         if self.env == "production":
             for name in ("api_keys", "admin_key"):
                 value = getattr(self, name)
@@ -181,18 +284,13 @@ class Settings(BaseSettings):
                     raise ValueError(f"ALIGND_{name.upper()} must be set to a real secret when ALIGND_ENV=production")
         return self
 
+    def key_grants(self) -> dict[str, KeyGrant]:
+        """Map of API key → what it may do, parsed from `api_keys` ('key1:alice,key2:alice:feedback,…')."""
+        return dict(parse_key_entry(item.strip()) for item in (self.api_keys or "").split(",") if item.strip())
+
     def user_keys(self) -> dict[str, str]:
         """Map of API key → user id parsed from `api_keys` ('key1:alice,key2:bob')."""
-        out: dict[str, str] = {}
-        for item in (self.api_keys or "").split(","):
-            item = item.strip()
-            if not item:
-                continue
-            key, sep, user = item.partition(":")
-            if not sep or not key or not user:
-                raise ValueError(f"ALIGND_API_KEYS entry {item!r} is not 'key:user'")
-            out[key] = user
-        return out
+        return {key: grant.user for key, grant in self.key_grants().items()}
 
     @property
     def models_dir(self) -> Path:
@@ -212,10 +310,15 @@ class Settings(BaseSettings):
             return str(path)
 
     def checkpoint(self, stored: str | Path) -> Path:
-        """The folder a registry path names (see `stored_path`). Absolute paths are what registries written before
-        paths were relative hold: when such a folder is gone but the root has one of the same name, the home moved."""
+        """The folder a registry path names (see `stored_path`), confined to the checkpoint root: a relative path
+        that climbs out of it (`..`) is refused (ValueError), whoever wrote it into the registry. Absolute paths are
+        what registries written before paths were relative hold: when such a folder is gone but the root has one of
+        the same name, the home moved."""
         p = Path(stored)
         if not p.is_absolute():
+            root = self.checkpoints_dir.resolve()
+            if not (root / p).resolve().is_relative_to(root):
+                raise ValueError(f"registry path {str(stored)!r} leaves the checkpoint root {root}: refused")
             return self.checkpoints_dir / p
         if not p.exists() and (self.checkpoints_dir / p.name).is_dir():
             return self.checkpoints_dir / p.name

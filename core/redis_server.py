@@ -3,12 +3,17 @@
 With `ALIGND_REDIS_URL` unset, alignd starts one under `ALIGND_HOME/redis` with append-only persistence and
 `appendfsync always`, so a 2xx feedback answer means the event is on disk. A server already running for the same home
 (another alignd process started it) is reused; the process that started it stops it on exit.
+
+Locked to its owner: it listens on 127.0.0.1 only, requires a password generated on first start into
+`ALIGND_HOME/redis/redis.conf` (mode 0600, read by redis-server as its configuration file, so the password never
+appears on a command line other users can list), and its directory, like a home alignd creates, is mode 0700.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -57,18 +62,33 @@ def _server_dir(url: str) -> Path | None:
     return Path(found["dir"]).resolve() if found.get("dir") else None
 
 
+def _private_file(path: Path, text: str) -> None:
+    """Write `text` to a file only its owner can read (created 0600 before a byte is written)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
 class EmbeddedRedis:
-    """A redis-server child process with AOF persistence under `directory`."""
+    """A redis-server child process with AOF persistence under `directory`, behind a generated password."""
 
     def __init__(self, directory: Path, port: int = 0):
         self.directory = Path(directory)
         self.port = port
         self.process: subprocess.Popen | None = None
         self.url_file = self.directory / "url"
+        self.conf = self.directory / "redis.conf"
+
+    def password(self) -> str:
+        """The server's password: generated once into its 0600 configuration file."""
+        if not self.conf.exists():
+            _private_file(self.conf, f"requirepass {secrets.token_urlsafe(24)}\n")
+        line = next(x for x in self.conf.read_text().splitlines() if x.startswith("requirepass "))
+        return line.split(" ", 1)[1].strip()
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://default:{self.password()}@127.0.0.1:{self.port}/0"  # redis-cli -u needs the user
 
     def running_url(self) -> str | None:
         """URL of a live server for this directory started by another process, if any. The server must run in this
@@ -81,13 +101,15 @@ class EmbeddedRedis:
         return None
 
     def start(self) -> str:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         existing = self.running_url()
         if existing:
             return existing
         self.port = self.port or free_port()
+        self.password()
         args = [
             redis_server_binary(),
+            str(self.conf),  # first: the configuration file holding the password
             "--bind",
             "127.0.0.1",
             "--port",
@@ -123,7 +145,7 @@ class EmbeddedRedis:
         else:
             self.stop()
             raise RuntimeError(f"embedded redis-server did not answer on port {self.port} within {STARTUP_TIMEOUT_S}s")
-        self.url_file.write_text(self.url)
+        _private_file(self.url_file, self.url)
         atexit.register(self.stop)
         return self.url
 
@@ -147,6 +169,7 @@ def ensure_redis(redis_url: str | None, home: Path, port: int = 0) -> tuple[str,
     """The Redis URL to use: the configured one, or an embedded server's (started here if none runs yet)."""
     if redis_url:
         return redis_url, None
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)  # keys, checkpoints and Redis files: the owner's only
     server = EmbeddedRedis(home / "redis", port)
     existing = server.running_url()
     if existing:

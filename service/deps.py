@@ -10,7 +10,7 @@ import redis.asyncio as aredis
 from fastapi import Depends, Header, Request
 
 from core.config import Settings
-from service.auth import Caller, Keyring, identify
+from service.auth import Caller, KeyExpired, Keyring, identify
 from service.errors import APIError
 
 if TYPE_CHECKING:
@@ -43,7 +43,10 @@ def _bearer(authorization: str | None) -> str | None:
 
 
 async def current_caller(state: StateDep, authorization: Annotated[str | None, Header()] = None) -> Caller:
-    caller = identify(state.keyring, _bearer(authorization))
+    try:
+        caller = identify(state.keyring, _bearer(authorization))
+    except KeyExpired as exc:
+        raise APIError(401, str(exc), "expired_api_key", headers={"WWW-Authenticate": "Bearer"}) from None
     if caller is None:
         msg = (
             "missing API key: send 'Authorization: Bearer KEY'"
@@ -55,6 +58,17 @@ async def current_caller(state: StateDep, authorization: Annotated[str | None, H
 
 
 CallerDep = Annotated[Caller, Depends(current_caller)]
+
+
+async def chat_caller(caller: CallerDep) -> Caller:
+    if caller.feedback_only:
+        raise APIError(
+            403, "this API key may only send feedback (POST /v1/feedback); chat needs a full key", "key_scope"
+        )
+    return caller
+
+
+ChatCallerDep = Annotated[Caller, Depends(chat_caller)]
 
 
 async def admin_caller(caller: CallerDep) -> Caller:

@@ -29,6 +29,10 @@ _TYPES = {
 }
 
 
+# why a Redis that is up refuses a command (the first word of its error, also inside a script's error)
+_REFUSALS = ("OOM", "READONLY", "MISCONF", "NOREPLICAS", "MASTERDOWN", "NOPERM", "CROSSSLOT")
+
+
 class APIError(Exception):
     def __init__(
         self,
@@ -47,6 +51,10 @@ def error_body(status: int, message: str, code: str | None = None, param: str | 
 
 
 def redis_unavailable_message(exc: Exception) -> str:
+    if isinstance(exc, redis.ResponseError):  # Redis answered, but refuses writes: say which condition
+        words = str(exc).replace("-", " ").split()
+        reason = next((w for w in words if w in _REFUSALS), words[0] if words else type(exc).__name__)
+        return f"the data store (Redis) refuses writes ({reason}); retry later or tell the operator"
     return f"the data store (Redis) is unavailable ({type(exc).__name__}); retry in a few seconds"
 
 
@@ -58,12 +66,20 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":  # loc holds a character position, not a field
+            where = first.get("loc", ("body", "?"))[-1]
+            reason = (first.get("ctx") or {}).get("error", "invalid JSON")
+            msg = f"the request body is not valid JSON: {reason} at character {where}"
+            return JSONResponse(error_body(400, msg, "invalid_json"), 400)
+        if first.get("type") == "model_attributes_type" and first.get("loc") == ("body",):
+            return JSONResponse(error_body(400, "the request body must be a JSON object", "invalid_json"), 400)
         loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         msg = f"{loc}: {first.get('msg', 'invalid request')}" if loc else first.get("msg", "invalid request")
         return JSONResponse(error_body(422, msg, "invalid_value", loc or None), 422)
 
-    @app.exception_handler(redis.ConnectionError)  # also BusyLoadingError: a restarted Redis replaying its AOF
-    @app.exception_handler(redis.TimeoutError)
+    # every Redis error is a 503, never a 500: connection loss, BusyLoadingError (a restarted Redis replaying its
+    # AOF), and the refusals of a Redis that is up — out of memory, a read-only replica, MISCONF after a failed save
+    @app.exception_handler(redis.RedisError)
     async def _redis_down(_: Request, exc: redis.RedisError):
         log.warning("Redis unavailable: %s: %s", type(exc).__name__, exc)
         return JSONResponse(

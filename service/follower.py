@@ -8,7 +8,9 @@ forward fails or hangs cannot stop this thread following the registry — and on
 which switches between batch steps: requests in flight finish on their version, new ones use the new one, the old
 weights are freed once drained. A corrupt or unloadable checkpoint, or one failing its smoke test, is refused:
 logged, kept in `state.extras["refused"]` (shown by /readyz and /admin/versions), written to the version's registry
-entry and the events stream, and the old version keeps serving. This process does not retry a version it refused.
+entry and the events stream, and the old version keeps serving. A refusal for a transient reason (the smoke test
+timing out on a busy machine) is retried after `TRANSIENT_RETRY_S`, doubling up to `TRANSIENT_RETRY_MAX_S`; any
+refused version is tried once more when the registry makes it current again (an operator's rollback to it).
 
 A request that read the old current version just before a swap still runs on it: the chat route hands the engine
 the `Policy` object it read, which keeps those weights alive until that request is done.
@@ -32,12 +34,14 @@ import redis
 from core.threads import set_thread_torch_threads
 from service.deps import AppState
 from service.engine import Policy
-from service.loader import load_version
+from service.loader import SmokeTestTimeout, load_version
 from store import keys, registry
 
 log = logging.getLogger("alignd.follower")
 
 ERROR_BACKOFF_S = 1.0  # after a Redis error, wait before reconnecting
+TRANSIENT_RETRY_S = 30.0  # first retry of a version refused for a timeout; a load takes seconds, so this is cheap
+TRANSIENT_RETRY_MAX_S = 600.0
 
 
 class Follower:
@@ -51,6 +55,8 @@ class Follower:
         self.swaps = 0
         self.syncs = 0  # loop passes that reached the registry
         self._arena_pins: set[int] = set()
+        self._retry: dict[int, tuple[float, float]] = {}  # transiently refused version → (retry at, next delay)
+        self._last_target: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -94,17 +100,28 @@ class Follower:
     def sync(self) -> None:
         """Bring this process to the registry's current version (and its arena parent); one step of the loop."""
         target = registry.current_version(self.r)
-        if target is not None and target not in self.refused and target != self.engine.current_version:
+        if target is not None and self._may_try(target) and target != self.engine.current_version:
             policy = self._obtain(target)
             if policy is not None:
+                self.refused.pop(target, None)
+                self._retry.pop(target, None)
                 old = self.engine.current_version
                 self.engine.swap(policy)
                 self.swaps += 1
                 log.info("now serving policy version %s (was %s)", target, old)
+        self._last_target = target
         if self.settings.arena:
             self._arena()
+        registry.note_serving(self.r, self.who, self.engine.loaded_versions())  # `alignd gc` keeps what is held
 
     # --- helpers
+    def _may_try(self, version: int) -> bool:
+        """Not refused; or refused but made current again since (a rollback to it); or transiently refused and due."""
+        if version not in self.refused or version != self._last_target:
+            return True
+        due = self._retry.get(version)
+        return due is not None and time.monotonic() >= due[0]
+
     def _obtain(self, version: int) -> Policy | None:
         """The version loaded and verified, reusing a copy the engine already holds (an arena parent)."""
         held = self.engine.policies.get(version)
@@ -118,6 +135,12 @@ class Follower:
 
     def _refuse(self, version: int, exc: Exception) -> None:
         reason = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, SmokeTestTimeout):
+            delay = self._retry.get(version, (0.0, TRANSIENT_RETRY_S))[1]
+            self._retry[version] = (time.monotonic() + delay, min(2 * delay, TRANSIENT_RETRY_MAX_S))
+            reason += f" (transient: retried in {delay:g} s)"
+        else:
+            self._retry.pop(version, None)
         self.refused[version] = reason
         log.error("refusing policy version %s: %s (still serving %s)", version, reason, self.engine.current_version)
         try:

@@ -34,6 +34,10 @@ class PolicyRejected(RuntimeError):
     """A policy loaded but failed its smoke test: it must not serve."""
 
 
+class SmokeTestTimeout(PolicyRejected):
+    """The smoke test did not answer in time: maybe the policy hangs, maybe the machine was busy (worth a retry)."""
+
+
 def smoke_test(policy: Policy, timeout_s: float = 60.0, prompt_tokens: int | None = None) -> None:
     """A loaded policy must produce some text for a trivial prompt, within `timeout_s`, before it is served.
     `prompt_tokens` keeps only the chat prompt's last tokens (the tokenizer and chat template still run)."""
@@ -46,7 +50,8 @@ def smoke_test(policy: Policy, timeout_s: float = 60.0, prompt_tokens: int | Non
         _, _, n = handle.wait(timeout_s)
     except TimeoutError:
         engine.cancel(handle)
-        raise PolicyRejected(f"smoke test: policy v{policy.version} produced no answer within {timeout_s} s") from None
+        msg = f"smoke test: policy v{policy.version} produced no answer within {timeout_s} s"
+        raise SmokeTestTimeout(msg) from None
     except Exception as exc:  # the engine reports the forward's own error: keep its text for the refusal reason
         raise PolicyRejected(f"smoke test: policy v{policy.version} failed to generate: {exc}") from None
     finally:

@@ -2,6 +2,9 @@
 
 A completion is one JSON document under `alignd:completion:<id>`; its prompt also goes to a capped stream of user
 prompts that PPO rollouts sample from. Both are written in one MULTI/EXEC transaction.
+
+Retention: a completion is kept `ttl_s` seconds (Settings.completion_ttl_s) — the window in which feedback on it is
+accepted. The first accepted vote makes it permanent (the acceptance script PERSISTs it): it is training data then.
 """
 
 from __future__ import annotations
@@ -38,9 +41,10 @@ class CompletionRecord(BaseModel):
     usage: dict[str, int] = Field(default_factory=dict)
 
 
-def save_completion(r: redis.Redis, record: CompletionRecord) -> None:
+def save_completion(r: redis.Redis, record: CompletionRecord, ttl_s: int | None = None) -> None:
+    """Record a completion; `ttl_s` None keeps it until a vote or forever (tests, imports)."""
     pipe = r.pipeline(transaction=True)
-    pipe.set(keys.completion(record.id), record.model_dump_json())
+    pipe.set(keys.completion(record.id), record.model_dump_json(), ex=ttl_s)
     pipe.xadd(
         keys.prompts_stream(),
         {"messages": json.dumps(record.messages), "user": record.user},

@@ -11,8 +11,11 @@ The *annotator* of a vote is (API key, user), written `annotator_id(key user id,
 `user` is absent or equals it (the behaviour before the field existed), `"<key user id>/<user>"` otherwise. With the
 admin key, `user` names the annotator outright: an annotation tool holding the admin key labels on behalf of named
 people (re-served overlap and gold items). Every per-person thing is per annotator: the rate limits, the latest vote
-(revisions), the vote counters and the reliability estimates; the *ownership* check (may this caller vote on this
-completion?) stays per key.
+(revisions), the vote counters and the reliability estimates. What one key can do is bounded whatever `user` values
+it sends: per-key event totals (per minute, per UTC day), a cap on the distinct annotators one key votes as per day,
+and arena outcomes held per key (its latest vote on a completion counts once), unless the key is a trusted annotation
+tool (`annotator` in ALIGND_API_KEYS) or the admin key. *Ownership* (may this caller vote on this completion?) is per
+key, and per (key, user) when the chat request named a `user`: only that person (or a trusted tool) votes on it.
 
 Acceptance is ONE Lua script (EVALSHA, one round trip), so it is all-or-nothing and needs no lock:
   the completion (exists? the caller's? choice index / ranking valid for its choices?) → idempotency check →
@@ -28,7 +31,12 @@ choice 1 are two votes; a second thumb on choice 0 revises the first). The lates
 use (store/comparisons.py); the history and the log keep every revision.
 
 Workers consume the log through the consumer group `trainer` (`read_new`, `ack`), reclaiming entries a crashed
-consumer left pending with XAUTOCLAIM. The log is never trimmed.
+consumer left pending with XAUTOCLAIM. Entries training has settled (acknowledged, none pending before them) are
+trimmed by `store.retention.trim_settled_feedback`; what training uses lives on in the latest votes.
+
+Retention of the rest: the idempotency record of a feedback id and the history of a vote expire
+`FeedbackLimits.records_ttl_s` after their last write (a retry with the same feedback_id is recognised within that
+window); an accepted vote makes its completion record permanent.
 """
 
 from __future__ import annotations
@@ -165,6 +173,10 @@ class FeedbackLimits:
     per_minute: int  # Settings.feedback_rate_per_minute
     per_day: int  # Settings.feedback_daily_cap
     max_comment_chars: int  # Settings.max_comment_chars
+    key_per_minute: int | None = None  # Settings.key_feedback_rate_per_minute; None: no key total
+    key_per_day: int | None = None  # Settings.key_feedback_daily_cap
+    key_annotators: int | None = None  # Settings.key_annotators_per_day; None: no cap
+    records_ttl_s: int | None = None  # Settings.feedback_records_ttl_s; None: idempotency records and histories kept
 
 
 @dataclass(frozen=True)
@@ -267,16 +279,26 @@ def fingerprint(body: ThumbsFeedback | PairwiseFeedback | RankFeedback, user: st
 ACCEPT_LUA = """
 -- KEYS: 1 completion, 2 idempotency hash, 3 log stream, 4 minute counter, 5 day counter, 6 history list,
 --       7 latest-vote hash, 8 latest-vote counter fields hash, 9 set of completions with votes,
---       10 event counters, 11 vote counters
+--       10 event counters, 11 vote counters, 12 key minute counter, 13 key day counter, 14 key's annotators today
 -- ARGV: 1 user, 2 is admin ('1' or '0'), 3 type, 4 choice | winner | ranking (JSON), 5 thumbs value,
 --       6 fingerprint, 7 event JSON without its closing brace, 8 latest-vote field, 9 completion id,
 --       10 per-minute limit, 11 per-day limit, 12 minute counter ttl, 13 day counter ttl,
---       14 the API key's user id (ownership is per key; ARGV[1], the annotator, is per key and person)
+--       14 the API key's user id (ownership is per key; ARGV[1], the annotator, is per key and person),
+--       15 key per-minute limit, 16 key per-day limit, 17 distinct annotators per key per day ('0': no cap),
+--       18 the vote-counter field holding this vote's arena outcome (per key unless the key is trusted),
+--       19 trusted annotation tool ('1' or '0'), 20 the request's `user` ('' when absent),
+--       21 ttl of the idempotency record and the vote history ('0': kept)
 local raw = redis.call('GET', KEYS[1])
 if not raw then return {'not_found'} end
 local record = cjson.decode(raw)
 local user, kind = ARGV[1], ARGV[3]
 if record['user'] ~= ARGV[14] and ARGV[2] ~= '1' then return {'forbidden'} end
+-- a completion requested for a named `user` of the key is that person's to vote on (or a trusted tool's)
+local params = record['params']
+if ARGV[2] ~= '1' and ARGV[19] ~= '1' and type(params) == 'table' then
+  local owner = params['client_user']
+  if type(owner) == 'string' and owner ~= record['user'] and owner ~= ARGV[20] then return {'not_your_user'} end
+end
 local n = #record['choices']
 local versions = {}  -- policy version of each choice, by index + 1
 for _, c in ipairs(record['choices']) do versions[c['index'] + 1] = c['version'] end
@@ -284,6 +306,9 @@ local function int(x) return string.format('%d', x) end
 -- vote counters: the current vote holds these (see store/stats.py); arena fields are seen from the higher version
 local fields = {'total', 'type:' .. kind, 'user:' .. user, 'version:' .. int(record['version'])}
 local event_fields = {fields[1], fields[2], fields[3], fields[4]}  -- every event counts here, revisions too
+-- arena outcomes are held per key (ARGV[18]): however many `user` values one key votes as, its latest vote on a
+-- completion counts once in the live win rate that can roll a version back
+local afields = {}
 local function arena(a, b) return 'arena:' .. int(math.max(a, b)) .. '_vs_' .. int(math.min(a, b)) end
 local function outcome(better, worse)
   if better > worse then return arena(better, worse) .. ':win' end
@@ -297,10 +322,10 @@ elseif kind == 'pairwise' then
   if n ~= 2 then return {'bad_pairwise', n} end
   if versions[1] ~= versions[2] then
     if ARGV[4] == 'tie' or ARGV[4] == 'both_bad' then
-      fields[#fields + 1] = arena(versions[1], versions[2]) .. ':' .. ARGV[4]
+      afields[#afields + 1] = arena(versions[1], versions[2]) .. ':' .. ARGV[4]
     else
       local w = tonumber(ARGV[4])
-      fields[#fields + 1] = outcome(versions[w + 1], versions[2 - w])
+      afields[#afields + 1] = outcome(versions[w + 1], versions[2 - w])
     end
   end
 else
@@ -315,7 +340,7 @@ else
   for a = 1, n do
     for b = a + 1, n do
       local better, worse = versions[ranking[a] + 1], versions[ranking[b] + 1]
-      if better ~= worse then fields[#fields + 1] = outcome(better, worse) end
+      if better ~= worse then afields[#afields + 1] = outcome(better, worse) end
     end
   end
 end
@@ -326,9 +351,18 @@ if seen_id[1] then
 end
 if tonumber(redis.call('GET', KEYS[4]) or '0') >= tonumber(ARGV[10]) then return {'rate_minute'} end
 if tonumber(redis.call('GET', KEYS[5]) or '0') >= tonumber(ARGV[11]) then return {'rate_day'} end
+if tonumber(redis.call('GET', KEYS[12]) or '0') >= tonumber(ARGV[15]) then return {'key_minute'} end
+if tonumber(redis.call('GET', KEYS[13]) or '0') >= tonumber(ARGV[16]) then return {'key_day'} end
+local cap = tonumber(ARGV[17])
+if cap > 0 and redis.call('SISMEMBER', KEYS[14], user) == 0 and redis.call('SCARD', KEYS[14]) >= cap then
+  return {'annotators', cap}
+end
 local old = redis.call('HGET', KEYS[8], ARGV[8])
 local old_fields = {}
 if old then old_fields = cjson.decode(old) end
+local old_arena = redis.call('HGET', KEYS[8], ARGV[18])
+local old_afields = {}
+if old_arena then old_afields = cjson.decode(old_arena) end
 -- every check and decode is above this line: a refused request has written nothing
 local choice_versions = {}
 for i = 1, n do choice_versions[i] = int(versions[i]) end
@@ -340,13 +374,24 @@ local stream_id = redis.call('XADD', KEYS[3], '*', 'event', event)
 redis.call('RPUSH', KEYS[6], event)
 redis.call('HSET', KEYS[7], ARGV[8], event)
 redis.call('HSET', KEYS[8], ARGV[8], cjson.encode(fields))
+if #afields > 0 or old_arena then redis.call('HSET', KEYS[8], ARGV[18], cjson.encode(afields)) end
 redis.call('SADD', KEYS[9], ARGV[9])
 if redis.call('INCR', KEYS[4]) == 1 then redis.call('EXPIRE', KEYS[4], ARGV[12]) end
 if redis.call('INCR', KEYS[5]) == 1 then redis.call('EXPIRE', KEYS[5], ARGV[13]) end
+if redis.call('INCR', KEYS[12]) == 1 then redis.call('EXPIRE', KEYS[12], ARGV[12]) end
+if redis.call('INCR', KEYS[13]) == 1 then redis.call('EXPIRE', KEYS[13], ARGV[13]) end
+if cap > 0 and redis.call('SADD', KEYS[14], user) == 1 then redis.call('EXPIRE', KEYS[14], ARGV[13]) end
 for _, f in ipairs(event_fields) do redis.call('HINCRBY', KEYS[10], f, 1) end
 for _, f in ipairs(old_fields) do redis.call('HINCRBY', KEYS[11], f, -1) end
 for _, f in ipairs(fields) do redis.call('HINCRBY', KEYS[11], f, 1) end
+for _, f in ipairs(old_afields) do redis.call('HINCRBY', KEYS[11], f, -1) end
+for _, f in ipairs(afields) do redis.call('HINCRBY', KEYS[11], f, 1) end
 redis.call('HSET', KEYS[2], 'fingerprint', ARGV[6], 'event', event, 'stream_id', stream_id)
+redis.call('PERSIST', KEYS[1])  -- a completion with a vote is training data: it no longer expires
+if ARGV[21] ~= '0' then
+  redis.call('EXPIRE', KEYS[2], ARGV[21])
+  redis.call('EXPIRE', KEYS[6], ARGV[21])
+end
 return {'accepted', event, stream_id}
 """
 
@@ -376,6 +421,9 @@ def _seconds_to_utc_midnight(now: float) -> float:
     return (datetime(day.year, day.month, day.day, tzinfo=UTC) + timedelta(days=1) - day).total_seconds()
 
 
+UNLIMITED = 2**53  # a count no counter reaches (Lua numbers are doubles)
+
+
 def _script_call(
     body: ThumbsFeedback | PairwiseFeedback | RankFeedback,
     event: dict[str, Any],
@@ -383,6 +431,7 @@ def _script_call(
     is_admin: bool,
     limits: FeedbackLimits,
     now: float,
+    trusted: bool = False,
 ) -> tuple[list[str], list[Any]]:
     cid, slot, user = body.completion_id, event["slot"], event["user"]
     day = datetime.fromtimestamp(now, UTC)
@@ -398,6 +447,9 @@ def _script_call(
         keys.feedback_completions(),
         keys.feedback_stats("events"),
         keys.feedback_stats("votes"),
+        keys.rate("feedback-key", key_user, f"{MINUTE_S}:{int(now // MINUTE_S)}"),
+        keys.rate("feedback-key", key_user, f"day:{day:%Y%m%d}"),
+        keys.key_annotators(key_user, f"{day:%Y%m%d}"),
     ]
     if isinstance(body, ThumbsFeedback):
         detail, value = str(body.choice), body.value
@@ -421,6 +473,14 @@ def _script_call(
         MINUTE_S + 1,
         int(_seconds_to_utc_midnight(now)) + DAY_COUNTER_SLACK_S,
         key_user,
+        UNLIMITED if is_admin or limits.key_per_minute is None else limits.key_per_minute,
+        UNLIMITED if is_admin or limits.key_per_day is None else limits.key_per_day,
+        0 if is_admin or trusted or limits.key_annotators is None else limits.key_annotators,
+        # arena outcomes per key, or per annotator for the admin key and trusted tools (see ACCEPT_LUA)
+        "arena|" + latest_field(slot, user if is_admin or trusted else key_user),
+        "1" if trusted else "0",
+        body.user or "",
+        limits.records_ttl_s or 0,
     ]
     return script_keys, args
 
@@ -449,6 +509,12 @@ def _outcome(
             raise NotYourCompletion(
                 "feedback on a completion is open to the user who received it (or the admin key)", "completion_id"
             )
+        case "not_your_user":
+            raise NotYourCompletion(
+                "this completion was requested for a named `user` of this key: feedback on it must name the same "
+                "`user`",
+                "user",
+            )
         case "bad_choice":
             raise InvalidFeedback(f"choice {body.choice} is out of range: the completion has {n} choice(s)", "choice")
         case "bad_pairwise":
@@ -476,6 +542,21 @@ def _outcome(
             raise FeedbackRateLimited(
                 f"feedback rate limit: at most {limits.per_minute} events per minute; retry in {retry} s", retry
             )
+        case "key_minute":
+            retry = int(MINUTE_S - now % MINUTE_S) + 1
+            raise FeedbackRateLimited(
+                f"feedback rate limit of this key: at most {limits.key_per_minute} events per minute, all its users "
+                f"together; retry in {retry} s",
+                retry,
+            )
+        case "key_day" | "annotators":
+            retry = int(_seconds_to_utc_midnight(now)) + 1
+            what = (
+                f"at most {limits.key_per_day} events per UTC day, all its users together"
+                if status == "key_day"
+                else f"at most {limits.key_annotators} distinct `user` values vote through one key per UTC day"
+            )
+            raise FeedbackRateLimited(f"daily feedback cap of this key reached: {what}; retry in {retry} s", retry)
         case "rate_day":
             retry = int(_seconds_to_utc_midnight(now)) + 1
             raise FeedbackRateLimited(
@@ -498,17 +579,19 @@ def submit_feedback(
     user: str,
     limits: FeedbackLimits,
     is_admin: bool = False,
+    trusted: bool = False,
     now: float | None = None,
 ) -> Accepted:
     """Accept one vote (or answer an idempotent retry) in one round trip; raise a FeedbackError for anything refused.
 
     `r` is a decode_responses client (store.client.connect). `user` is the API key's user id; the annotator is
-    `annotator_id(user, body.user)`. `now` is for tests of the rate windows.
+    `annotator_id(user, body.user)`. `trusted`: the key is an annotation tool (its users count apart in the arena
+    and may vote on any completion of the key). `now` is for tests of the rate windows.
     """
     now = time.time() if now is None else now
     annotator = annotator_id(user, body.user, is_admin=is_admin)
     event = prepare(body, user=annotator, max_comment_chars=limits.max_comment_chars, now=now)
-    script_keys, args = _script_call(body, event, user, is_admin, limits, now)
+    script_keys, args = _script_call(body, event, user, is_admin, limits, now, trusted)
     return _outcome(_script(r, "accept", ACCEPT_LUA)(keys=script_keys, args=args), body, event["id"], limits, now)
 
 
@@ -519,13 +602,14 @@ async def asubmit_feedback(
     user: str,
     limits: FeedbackLimits,
     is_admin: bool = False,
+    trusted: bool = False,
     now: float | None = None,
 ) -> Accepted:
     """`submit_feedback` for the asyncio client of the API."""
     now = time.time() if now is None else now
     annotator = annotator_id(user, body.user, is_admin=is_admin)
     event = prepare(body, user=annotator, max_comment_chars=limits.max_comment_chars, now=now)
-    script_keys, args = _script_call(body, event, user, is_admin, limits, now)
+    script_keys, args = _script_call(body, event, user, is_admin, limits, now, trusted)
     result = await _script(r, "accept", ACCEPT_LUA)(keys=script_keys, args=args)
     return _outcome(result, body, event["id"], limits, now)
 
@@ -626,8 +710,9 @@ def pending_count(r: redis.Redis) -> int:
 
 def unconsumed_count(r: redis.Redis) -> int:
     """Events not yet delivered-and-acknowledged: XINFO GROUPS lag + pending where the server reports lag (Redis 7);
-    otherwise the log length minus the acknowledged count kept by `ack` (the same number, since the log is never
-    trimmed and XACK counts each entry once; the embedded redis-server is 6.2, which has no lag field)."""
+    otherwise the log length minus the acknowledged entries still in it: the count kept by `ack` less the count
+    trimmed (only acknowledged entries are trimmed; XACK counts each entry once; the embedded redis-server is 6.2,
+    which has no lag field)."""
     stream = keys.feedback_stream()
     try:
         groups = r.xinfo_groups(stream)
@@ -636,4 +721,5 @@ def unconsumed_count(r: redis.Redis) -> int:
     group = next((g for g in groups if g["name"] == GROUP), None)
     if group is not None and group.get("lag") is not None:
         return int(group["lag"]) + int(group["pending"])
-    return r.xlen(stream) - int(r.get(keys.feedback_acked()) or 0)
+    acked, trimmed = r.mget(keys.feedback_acked(), keys.feedback_trimmed())
+    return r.xlen(stream) - (int(acked or 0) - int(trimmed or 0))

@@ -53,6 +53,11 @@ def registry_channel() -> str:
     return f"{PREFIX}:registry:changed"
 
 
+def serving(who: str) -> str:
+    """JSON list of the versions one API process holds ('host:pid'), with a TTL: its heartbeat."""
+    return f"{PREFIX}:serving:{who}"
+
+
 def lock(name: str) -> str:
     return f"{PREFIX}:lock:{name}"
 
@@ -66,13 +71,19 @@ def fence(name: str) -> str:
 
 
 def feedback_stream() -> str:
-    """The append-only feedback log (a Stream, never trimmed); workers read it through a consumer group."""
+    """The append-only feedback log (a Stream, trimmed only where settled); workers read it through a consumer
+    group."""
     return f"{PREFIX}:feedback:log"
 
 
 def feedback_acked() -> str:
     """Count of log entries acknowledged by the consumer group (the log length minus this is the unconsumed work)."""
     return f"{PREFIX}:feedback:acked"
+
+
+def feedback_trimmed() -> str:
+    """Count of acknowledged log entries trimmed away (store/retention.py)."""
+    return f"{PREFIX}:feedback:trimmed"
 
 
 def feedback_idempotency(feedback_id: str) -> str:
@@ -93,6 +104,11 @@ def feedback_latest(completion_id: str) -> str:
 def feedback_vote_counters(completion_id: str) -> str:
     """Hash '<slot>|<user>' → the vote-counter fields (JSON list) the latest vote holds; a revision subtracts them."""
     return f"{PREFIX}:feedback:counted:{completion_id}"
+
+
+def key_annotators(key_user: str, day: str) -> str:
+    """Set of the annotators one key voted as on one UTC day (capped: a key cannot invent unlimited people)."""
+    return f"{PREFIX}:feedback:annotators:{key_user}:{day}"
 
 
 def feedback_completions() -> str:
@@ -136,6 +152,11 @@ def train_inflight() -> str:
     """Hash: fencing token of a running cycle → JSON {stream ids it read, version it started from}; the next cycle
     uses it to tell events a killed run already published (ack them) from events it never used (reuse them)."""
     return f"{PREFIX}:train:inflight"
+
+
+def train_config_schema() -> str:
+    """JSON {dotted CycleConfig key: default}: published by workers, read by the API to check overrides."""
+    return f"{PREFIX}:train:config_schema"
 
 
 def train_queued() -> str:

@@ -373,3 +373,23 @@ def describe(r: redis.Redis, n_events: int = 20) -> dict[str, Any]:
         "reward": {"current": current_reward_version(r), "versions": list_reward_versions(r)},
         "events": events(r, n_events),
     }
+
+
+# --- which versions the API processes hold (checkpoint garbage collection must keep them)
+
+SERVING_TTL_S = 120  # a process that stops beating for this long holds nothing (followers beat every poll)
+
+
+def note_serving(r: redis.Redis, who: str, versions: list[int], ttl_s: int = SERVING_TTL_S) -> None:
+    """An API process's heartbeat: the versions it has loaded (current, arena parent, draining ones)."""
+    r.set(keys.serving(who), json.dumps(sorted(versions)), ex=ttl_s)
+
+
+def serving(r: redis.Redis) -> dict[str, list[int]]:
+    """Process → versions it holds, for every process that beat within SERVING_TTL_S."""
+    out = {}
+    for key in r.scan_iter(match=keys.serving("*"), count=500):
+        raw = r.get(key)
+        if raw is not None:
+            out[key.removeprefix(keys.serving(""))] = json.loads(raw)
+    return out

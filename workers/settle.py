@@ -15,8 +15,8 @@ lock token exists, a cycle can add neither, so whoever settles a record — the 
 next lock holder in `recover` — reaches the same verdict. Settling is idempotent (acknowledge, note, then delete the
 record; a crash in between repeats harmlessly), so each event is used by exactly one published version or recorded
 gate failure, or returned to the queue: never both, never lost. The ids a used record held are kept under
-`<token>:feedback_ids` in the registry's cycle events (about 17 bytes an event, a fraction of the never-trimmed
-feedback log), so an audit can check that no event was used twice.
+`<token>:feedback_ids` in the registry's cycle events (about 17 bytes an event, a fraction of the feedback log
+entry it replaces once the log is trimmed), so an audit can check that no event was used twice.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 
 import redis
 
-from store import feedback, keys, registry
+from store import feedback, keys, registry, retention
 
 
 def begin(r: redis.Redis, token: int, events: list[feedback.FeedbackEvent], start_version: int) -> None:
@@ -87,6 +87,7 @@ def settle(r: redis.Redis, token: int, *, by: int, why: str) -> dict[str, Any] |
         r, "cycle_settled", cycle=token, by=by, used=used, events=len(ids), acked=acked, versions=published, why=why
     )
     r.hdel(keys.train_inflight(), str(token))
+    retention.trim_settled_feedback(r)  # the log up to the oldest unsettled event has done its work
     return {"used": used, "events": len(ids), "acked": acked, "released": 0 if used else len(ids)}
 
 

@@ -41,8 +41,9 @@ class Candidate:
 
 def use_adapter(job: Job) -> bool:
     """LoRA or full fine-tuning for this run's policy update (CycleConfig.update.adapter; "auto" is LoRA when the
-    API serves through vLLM): the one decision every entry point follows. LoRA continues an adapter version, or starts one on the reference itself; a version fully
-    fine-tuned from the reference cannot be expressed as the reference plus an adapter, so it is updated in full."""
+    API serves through vLLM): the one decision every entry point follows. LoRA continues an adapter version, or
+    starts one on the reference itself; a version fully fine-tuned from the reference cannot be expressed as the
+    reference plus an adapter, so it is updated in full."""
     from training.lora import adapter_base, parameter_count
 
     mode = job.cfg.update.adapter

@@ -2,6 +2,7 @@
 
 alignd versions [--json]             # versions with metrics, provenance, status
 alignd rollback VERSION              # make an earlier version current again
+alignd gc [--keep 5] [--dry-run]     # delete old checkpoint folders (never current, parent, SFT, served ones)
 alignd export --format hh --out F    # preference data out; `alignd import F` in
 alignd export-model VERSION --out D  # a version as a standard HF folder (a LoRA adapter merged into its base)
 alignd demo [--minutes 15]           # the whole loop from an empty directory, with a report
@@ -74,6 +75,29 @@ def rollback(version: Annotated[int, typer.Argument(help="the version to make cu
         console.print(f"[red]{exc.args[0] if exc.args else exc}")
         raise typer.Exit(2) from None
     console.print(f"[green]version {out['current']} is current again (was {out['previous']})")
+
+
+@app.command()
+def gc(
+    keep: Annotated[int, typer.Option(min=1, help="newest versions of each kind kept besides the protected ones")] = 5,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would be deleted; delete nothing")] = False,
+    as_json: JsonOpt = False,
+):
+    """Delete old checkpoint folders (vN, rm-vN) and orphaned .tmp-* folders; workers/gc.py lists what is kept."""
+    from workers import gc as checkpoints_gc
+
+    settings = get_settings()
+    _, r, _ = open_redis(settings)
+    run = checkpoints_gc.plan if dry_run else checkpoints_gc.collect
+    result = run(r, settings, keep=keep)
+    if as_json:
+        print(json.dumps(result.as_dict() | {"dry_run": dry_run}))
+        return
+    for folder, why in sorted(result.keep.items()):
+        console.print(f"keep   {folder}  ({why})")
+    for folder in result.delete:
+        console.print(f"{'would delete' if dry_run else 'deleted'} {folder}")
+    console.print(f"{'would free' if dry_run else 'freed'} {result.bytes / 1e6:.1f} MB")
 
 
 @app.command("export")

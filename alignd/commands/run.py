@@ -38,11 +38,21 @@ def children(exe: list[str]) -> dict[str, list[str]]:
     }
 
 
-def flower_credentials(home: Path) -> tuple[str, bool]:
+FLOWER_MIN_PASSWORD = 12  # characters; production refuses shorter ones and placeholders
+
+
+def flower_credentials(home: Path, *, production: bool = False) -> tuple[str, bool]:
     """'user:password' for Flower: FLOWER_BASIC_AUTH (Flower's own variable) or one generated under home
-    (mode 0600); the flag says whether it was generated now."""
+    (mode 0600); the flag says whether it was generated now. In production a placeholder (`changethis`) or a
+    short password is refused (ValueError)."""
     configured = os.environ.get("FLOWER_BASIC_AUTH")
     if configured:
+        password = configured.partition(":")[2]
+        if production and ("changethis" in password or len(password) < FLOWER_MIN_PASSWORD):
+            raise ValueError(
+                "FLOWER_BASIC_AUTH must be 'user:password' with a real password of at least "
+                f"{FLOWER_MIN_PASSWORD} characters when ALIGND_ENV=production"
+            )
         return configured, False
     path = home / "flower.json"
     if path.exists():
@@ -272,11 +282,25 @@ def flower(port: Annotated[Optional[int], typer.Option(help="port (default ALIGN
     """Run Flower (task monitor) with HTTP basic auth; credentials are generated and printed if unset."""
     settings = get_settings()
     url, _, embedded = open_redis(settings)
-    cred, generated = flower_credentials(settings.home)
+    try:
+        cred, generated = flower_credentials(settings.home, production=settings.env == "production")
+    except ValueError as exc:
+        console.print(f"[red]{exc}")
+        raise typer.Exit(2) from None
     port = port or settings.flower_port
     user, _, password = cred.partition(":")
-    note = " (generated, kept in " + str(settings.home / "flower.json") + ")" if generated else ""
-    console.print(f"[bold]Flower on http://{settings.host}:{port}  user {user!r} password {password!r}{note}")
+    # a password is printed only by the start that generated it: one from the environment or the file is not ours
+    # to show (logs are read by more people than the secret's owner)
+    where = (
+        f"password {password!r} (generated, kept in {settings.home / 'flower.json'})"
+        if generated
+        else (
+            "password from FLOWER_BASIC_AUTH"
+            if os.environ.get("FLOWER_BASIC_AUTH")
+            else f"password in {settings.home / 'flower.json'}"
+        )
+    )
+    console.print(f"[bold]Flower on http://{settings.host}:{port}  user {user!r} {where}")
     cmd = [sys.executable, "-m", "alignd.flower", f"--port={port}", f"--address={settings.host}"]
     # the credentials travel in Flower's own environment variable, not on a command line `ps` shows
     _run_child(cmd, {**child_env(settings, url), "FLOWER_BASIC_AUTH": cred}, embedded)

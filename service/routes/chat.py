@@ -27,11 +27,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response, StreamingResponse
 
 from service import metrics
+from service.admission import Ticket, admission, prompt_limit, requested_tokens, resolve_policy
 from service.auth import Caller
-from service.deps import AppState, CallerDep, StateDep
+from service.deps import AppState, ChatCallerDep, StateDep
 from service.engine import Event, Handle, SamplingParams
 from service.errors import APIError, error_body, redis_unavailable_message
-from service.ratelimit import enforce
+from service.ratelimit import charge, chat_budgets
 from service.schemas import (
     AssistantMessage,
     ChatCompletionChunk,
@@ -91,6 +92,7 @@ class _Call:
     cid: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.monotonic)
+    ticket: Ticket | None = None  # its room in the process (service/admission.py); released when it ends
 
     @property
     def headers(self) -> dict[str, str]:
@@ -190,7 +192,7 @@ async def _merged(handles: list[Handle]) -> AsyncIterator[tuple[int, Event]]:
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=_RESPONSES)
-async def chat_completions(req: ChatCompletionRequest, caller: CallerDep, state: StateDep, request: Request):
+async def chat_completions(req: ChatCompletionRequest, caller: ChatCallerDep, state: StateDep, request: Request):
     """Generate `n` answers to the conversation; see the module docstring for streaming, errors and cancellation."""
     call = await _start(req, caller, state)
     if req.stream:
@@ -203,30 +205,39 @@ async def chat_completions(req: ChatCompletionRequest, caller: CallerDep, state:
 
 
 async def _start(req: ChatCompletionRequest, caller: Caller, state: AppState) -> _Call:
-    """Check the request against the limits and submit its choices to the engine. The completion belongs to the
-    key (its user id); the rate limit is per person, (key, `user`)."""
-    settings, engine = state.settings, state.engine
-    if engine is None:
+    """Admit the request (service/admission.py: in memory, before any other work, so a full server answers at
+    once), then check it and submit it; its room is given back if that fails."""
+    if state.engine is None:
         raise APIError(
             503, "no policy is loaded yet: run `alignd bootstrap` or wait for the server to start", "no_policy"
         )
+    ticket = admission(state).admit(caller.user, req.n, requested_tokens(state.settings, req))
+    try:
+        return await _submit(req, caller, state, ticket)
+    except BaseException:
+        ticket.release()
+        raise
+
+
+async def _submit(req: ChatCompletionRequest, caller: Caller, state: AppState, ticket: Ticket) -> _Call:
+    """Check the request against the limits and submit its choices to the engine. The completion belongs to the
+    key (its user id); the rate limits are per person, (key, `user`), and per key."""
+    settings, engine = state.settings, state.engine
     person = annotator_id(caller.user, req.user, is_admin=caller.is_admin)
-    await enforce(state.aredis, "chat", person, settings.chat_rate_per_minute, 60, "chat requests per minute")
     default_tokens = min(settings.default_max_tokens, settings.max_new_tokens)
     max_tokens = req.max_completion_tokens or req.max_tokens or default_tokens
     if max_tokens > settings.max_new_tokens:
         raise APIError(422, f"max_tokens must be at most {settings.max_new_tokens}", "invalid_value", "max_tokens")
     messages = [m.model_dump() for m in req.messages]
-    policy = engine.current
+    policy = resolve_policy(engine, req.model)
     prompt_ids = await run_in_threadpool(policy.encode_chat, messages)
-    if len(prompt_ids) > settings.max_prompt_tokens:
+    versions, arena = _choice_versions(state, req.n) if policy is engine.current else ([None] * req.n, False)
+    limit = prompt_limit(settings, engine, policy, versions)
+    if len(prompt_ids) > limit:
         raise APIError(
-            413,
-            f"the prompt has {len(prompt_ids)} tokens; the limit is {settings.max_prompt_tokens}",
-            "prompt_too_long",
-            "messages",
+            413, f"the prompt has {len(prompt_ids)} tokens; the limit is {limit}", "prompt_too_long", "messages"
         )
-    versions, arena = _choice_versions(state, req.n)
+    await charge(state.aredis, chat_budgets(settings, caller, person, len(prompt_ids), req.n, max_tokens))
     call = _Call(
         state=state,
         user=caller.user,
@@ -236,7 +247,9 @@ async def _start(req: ChatCompletionRequest, caller: Caller, state: AppState) ->
         max_tokens=max_tokens,
         served=policy.version,
         arena=arena,
+        ticket=ticket,
     )
+    ticket.bind(call)
     loop = asyncio.get_running_loop()
     for i, version in enumerate(versions):
         params = SamplingParams(
@@ -283,11 +296,12 @@ async def _complete(call: _Call, request: Request) -> Response:
         deadline.cancel()
         watcher.cancel()
         call.cancel_unfinished()  # an error in one choice ends the request: free the others' rows
+        call.ticket.release()
     if "cancelled" in finishes:  # the client went away: nobody to answer, nothing worth recording
         metrics.REQUESTS.labels("cancelled").inc()
         return Response(status_code=499)  # nginx's "client closed request"; no one reads it
     rec = call.record(texts, finishes, n_tokens)
-    await run_in_threadpool(save_completion, call.state.redis, rec)
+    await run_in_threadpool(save_completion, call.state.redis, rec, call.state.settings.completion_ttl_s)
     call.observe(n_tokens)
     body = ChatCompletionResponse(
         id=call.cid,
@@ -365,8 +379,8 @@ async def _stream(call: _Call) -> AsyncIterator[str]:
                 yield one(i, Delta(), finishes[i])
         rec = call.record(texts, finishes, n_tokens)
         try:  # recorded before [DONE]: feedback may follow at once
-            await run_in_threadpool(save_completion, call.state.redis, rec)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:  # headers are sent: the error goes in the stream
+            await run_in_threadpool(save_completion, call.state.redis, rec, call.state.settings.completion_ttl_s)
+        except redis.RedisError as exc:  # headers are sent: the error goes in the stream
             yield _error_line(redis_unavailable_message(exc), "redis_unavailable")
             return
         call.observe(n_tokens)
@@ -375,3 +389,4 @@ async def _stream(call: _Call) -> AsyncIterator[str]:
     finally:
         deadline.cancel()
         call.cancel_unfinished()
+        call.ticket.release()

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 
 from service import metrics
 from service.deps import CallerDep, StateDep
-from service.errors import APIError
+from service.errors import APIError, redis_unavailable_message
 from store import feedback as fb
 
 router = APIRouter(prefix="/v1", tags=["feedback"])
@@ -31,19 +31,25 @@ async def create_feedback(body: fb.FeedbackIn, state: StateDep, caller: CallerDe
     """Record one vote; a second vote of the same user on the same completion and slot revises the first."""
     s = state.settings
     limits = fb.FeedbackLimits(
-        per_minute=s.feedback_rate_per_minute, per_day=s.feedback_daily_cap, max_comment_chars=s.max_comment_chars
+        per_minute=s.feedback_rate_per_minute,
+        per_day=s.feedback_daily_cap,
+        max_comment_chars=s.max_comment_chars,
+        key_per_minute=s.key_feedback_rate_per_minute,
+        key_per_day=s.key_feedback_daily_cap,
+        key_annotators=s.key_annotators_per_day,
+        records_ttl_s=s.feedback_records_ttl_s,
     )
     try:
         accepted = await fb.asubmit_feedback(
-            state.aredis, body, user=caller.user, is_admin=caller.is_admin, limits=limits
+            state.aredis, body, user=caller.user, is_admin=caller.is_admin, trusted=caller.annotator, limits=limits
         )
     except fb.FeedbackError as exc:
         headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, fb.FeedbackRateLimited) else None
         raise APIError(_STATUS[type(exc)], exc.message, exc.code, exc.param, headers) from None
-    except (redis.ConnectionError, redis.TimeoutError) as exc:  # outcome unknown: a retry with the same id settles it
+    except redis.RedisError as exc:  # outcome unknown: a retry with the same id settles it
         raise APIError(
             503,
-            f"feedback store unavailable ({type(exc).__name__}); retry with the same feedback_id",
+            f"{redis_unavailable_message(exc)}; retry with the same feedback_id",
             "redis_unavailable",
             headers={"Retry-After": "1"},
         ) from None

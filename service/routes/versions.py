@@ -20,6 +20,7 @@ from core import names
 from service.deps import AdminDep, AppState, StateDep
 from service.errors import APIError
 from store import registry
+from store.train_config import BadOverrides, check_overrides
 
 router = APIRouter(prefix="/admin", tags=["versions"])
 
@@ -33,6 +34,9 @@ class TrainIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     min_events: int = Field(0, ge=0, description="the cycle skips unless this many new feedback events wait")
     overrides: dict[str, Any] | None = Field(None, description="CycleConfig fields for this cycle only")
+    unsafe: bool = Field(
+        False, description="allow overriding non-tuning fields (gate, eval suites, loop settings); recorded"
+    )
 
 
 @router.get("/versions")
@@ -95,6 +99,14 @@ def _sender(state: AppState) -> celery.Celery:
 async def train(state: StateDep, _: AdminDep, body: TrainIn | None = None) -> JSONResponse:
     """Enqueue one training cycle now (a worker on the `train` queue runs it); returns the task id."""
     body = body or TrainIn()
+    checked = None
+    if body.overrides:
+        try:  # before anything is enqueued (store/train_config.py); None: no worker has started yet to say
+            checked = await run_in_threadpool(check_overrides, state.redis, body.overrides, unsafe=body.unsafe)
+        except BadOverrides as exc:
+            raise APIError(422, str(exc), "invalid_overrides", "overrides") from None
+        if body.unsafe:
+            registry.record_event(state.redis, "unsafe_overrides", keys=sorted(body.overrides), by="POST /admin/train")
     kwargs = {"trigger": "api", "min_events": body.min_events, "overrides": body.overrides}
     try:
         result = await run_in_threadpool(
@@ -102,4 +114,7 @@ async def train(state: StateDep, _: AdminDep, body: TrainIn | None = None) -> JS
         )
     except Exception as exc:  # the broker is the same Redis; say so rather than 500
         raise APIError(503, f"could not enqueue the training cycle: {exc}", "broker_unavailable") from None
-    return JSONResponse({"object": "train.enqueued", "task_id": result.id, "queue": names.TRAIN_QUEUE}, 202)
+    answer = {"object": "train.enqueued", "task_id": result.id, "queue": names.TRAIN_QUEUE}
+    if body.overrides and checked is None:  # the worker checks them when the cycle starts
+        answer["overrides_checked"] = False
+    return JSONResponse(answer, 202)

@@ -7,7 +7,9 @@
  *   <script>
  *     AligndFeedback.attach(document.getElementById("answer"), {
  *       baseUrl: "https://alignd.example",   // where the API is ("" = this page's origin)
- *       apiKey: "sk-alignd-...",             // or getApiKey: () => key (may return a Promise)
+ *       apiKey: "sk-alignd-...",             // a feedback-only key ("key:user:feedback" in ALIGND_API_KEYS),
+ *                                            // or getApiKey: () => key (may return a Promise)
+ *       user: "u-42",                        // the `user` the chat request named, if it named one
  *       completionId: completion.id,         // the "id" of the chat completion
  *       choices: completion.choices.map(c => c.message.content),
  *     });
@@ -112,6 +114,7 @@
   function post(opts, vote, feedbackId) {
     return Promise.resolve(opts.getApiKey ? opts.getApiKey() : opts.apiKey).then(function (key) {
       var body = Object.assign({ completion_id: opts.completionId, feedback_id: feedbackId }, vote);
+      if (opts.user) body.user = opts.user;  // a completion requested for a named user takes only that user's votes
       var headers = { "Content-Type": "application/json" };
       if (key) headers.Authorization = "Bearer " + key;
       return fetch((opts.baseUrl || "").replace(/\/$/, "") + "/v1/feedback", {

@@ -60,7 +60,9 @@ def add_completion(r, cid: str, n: int = 2, user: str = "alice", versions: list[
 
 def snapshot(r) -> dict[str, bytes]:
     kw = r.connection_pool.connection_kwargs
-    dump = r.__class__(host=kw["host"], port=kw["port"], db=kw.get("db", 0))
+    dump = r.__class__(
+        host=kw["host"], port=kw["port"], db=kw.get("db", 0), username=kw.get("username"), password=kw.get("password")
+    )
     try:
         return {k: dump.dump(k) for k in dump.keys("*")}
     finally:
@@ -147,8 +149,9 @@ GOOD = {"completion_id": "c2", "type": "thumbs", "choice": 0, "value": "up"}
         ("ka", {"completion_id": "c3", "type": "rank", "ranking": [0, 1, 1]}, 422, "ranking"),
         ("ka", {"completion_id": "c3", "type": "rank", "ranking": [2, 1]}, 422, "ranking"),
         ("ka", {"completion_id": "c1", "type": "rank", "ranking": [0]}, 422, None),
-        ("ka", [GOOD], 422, None),
-        ("ka", "not json{", 422, None),
+        ("ka", [GOOD], 400, None),
+        ("ka", "not json{", 400, None),
+        ("ka", '{"completion_id": "c2", "type": "thumbs", "choice": 0, "value": "up",}', 400, None),
         (
             "ka",
             '{"completion_id": "c2", "type": "thumbs", "choice": 0, "value": "up", "comment": "\\ud800"}',

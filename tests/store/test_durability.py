@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 
+import pytest
 from pydantic import TypeAdapter
 
 from core.redis_server import EmbeddedRedis
@@ -82,3 +83,18 @@ def test_acknowledged_feedback_survives_sigkill_of_redis(tmp_path):
     finally:
         r.close()
         restarted.stop()
+
+
+@pytest.mark.parametrize("policy", ["allkeys-lru", "volatile-ttl"])
+def test_production_refuses_a_redis_that_evicts_keys(r, policy):
+    from store.client import durability_warnings, warn_if_not_durable
+
+    assert warn_if_not_durable(r, production=True) == []  # the test Redis: AOF always, noeviction
+    r.config_set("maxmemory-policy", policy)
+    try:
+        assert any("maxmemory-policy" in p for p in durability_warnings(r))
+        assert warn_if_not_durable(r) != []  # development: a warning only
+        with pytest.raises(RuntimeError, match="maxmemory-policy"):
+            warn_if_not_durable(r, production=True)
+    finally:
+        r.config_set("maxmemory-policy", "noeviction")

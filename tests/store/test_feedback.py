@@ -41,7 +41,13 @@ def submit(r, body: dict, user: str = "alice", limits: fb.FeedbackLimits = LIMIT
 def snapshot(r) -> dict[str, bytes]:
     """Every key with its serialized value: equal snapshots mean nothing was written."""
     raw = r.connection_pool.connection_kwargs
-    dump = r.__class__(host=raw["host"], port=raw["port"], db=raw.get("db", 0))  # DUMP needs a bytes client
+    dump = r.__class__(  # DUMP needs a bytes client
+        host=raw["host"],
+        port=raw["port"],
+        db=raw.get("db", 0),
+        username=raw.get("username"),
+        password=raw.get("password"),
+    )
     try:
         return {k: dump.dump(k) for k in dump.keys("*")}
     finally:
@@ -268,6 +274,10 @@ def test_every_refusal_status_of_the_script_has_its_own_error():
         "conflict": fb.FeedbackIdConflict,
         "rate_minute": fb.FeedbackRateLimited,
         "rate_day": fb.FeedbackRateLimited,
+        "not_your_user": fb.NotYourCompletion,
+        "key_minute": fb.FeedbackRateLimited,
+        "key_day": fb.FeedbackRateLimited,
+        "annotators": fb.FeedbackRateLimited,
     }
     assert statuses == set(expected)
     bodies = {
@@ -283,6 +293,10 @@ def test_every_refusal_status_of_the_script_has_its_own_error():
             assert "per minute" in info.value.message and info.value.retry_after == 60 - SECONDS_INTO_MINUTE
         elif status == "rate_day":
             assert "daily feedback cap" in info.value.message
+        elif status == "key_minute":
+            assert "of this key" in info.value.message and "per minute" in info.value.message
+        elif status in ("key_day", "annotators"):
+            assert "daily feedback cap of this key" in info.value.message
         else:
             assert "cap" not in info.value.message and "rate" not in info.value.message
 

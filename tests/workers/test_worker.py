@@ -59,7 +59,10 @@ def test_feedback_to_a_new_served_version_through_the_worker(r, redis_url, home,
                     "/v1/feedback", json={"completion_id": resp.json()["id"], "type": "pairwise", "winner": i % 2}
                 )
                 assert fb_resp.status_code == 201, fb_resp.text
-            queued = admin.post("/admin/train")
+            wait_for(lambda: r.get("alignd:train:config_schema"), 60, what="the worker's config schema")
+            typo = admin.post("/admin/train", json={"overrides": {"ppo.nonsense": 1}})  # checked before enqueuing
+            assert typo.status_code == 422 and "ppo.nonsense" in typo.json()["error"]["message"]
+            queued = admin.post("/admin/train", json={"overrides": {"seed": 0}})
             assert queued.status_code == 202, queued.text
             report = _result(redis_url, queued.json()["task_id"], timeout=180)
             assert report["status"] == "published" and report["version"] == 2, report
