@@ -141,8 +141,9 @@ def start_serve(home: Path, redis_url: str, args, port: int) -> subprocess.Popen
             "PYTHONPATH": str(ROOT),
         }
     )
-    if os.environ.get("ALIGND_DEVICE"):
-        env["ALIGND_DEVICE"] = os.environ["ALIGND_DEVICE"]
+    # the device, and the vLLM server's own arguments and CPU settings, as the caller set them
+    env.update({k: v for k, v in os.environ.items() if k == "ALIGND_DEVICE" or k.startswith("ALIGND_VLLM_")})
+    env.pop("ALIGND_VLLM_URL", None)  # alignd serve starts its own vLLM
     cmd = [sys.executable, "-m", "alignd.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--workers", str(args.workers)]
     (home / "logs").mkdir(parents=True, exist_ok=True)
