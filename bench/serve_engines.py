@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import os
 import statistics
+import sys
 from pathlib import Path
 
 import httpx
@@ -203,6 +204,8 @@ def compare_engines(args, policy, name: str, texts: list[str]) -> dict:
             for clients in levels:
                 by_target = {t: run.run(t, clients) for t in order}
                 one[str(clients)] = {"records": by_target, "ratios": level_ratios(by_target)}
+                tps = ", ".join(f"{t} {by_target[t]['tokens_per_s']:.1f}" for t in targets)
+                print(f"round {i + 1}, {clients} clients: tokens/s {tps}", file=sys.stderr, flush=True)
             rounds.append(one)
     result["rounds"] = len(rounds)
     result["levels"] = {str(c): _level_summary([r[str(c)] for r in rounds], targets) for c in levels}
