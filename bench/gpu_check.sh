@@ -10,8 +10,9 @@
 #      processes of `alignd serve --workers 2` serve it through vLLM);
 # and prints the device line and every benchmark's JSON, one per line.
 #
-# It has not run on a GPU yet (this project has had none): steps 1-2 were checked on CPU as below, step 3 on CPU with
-# vLLM's CPU build (VLLM_PYTHON=... ALIGND_DEVICE=cpu QUICK=1).
+# It has not run on a GPU yet (this project has had none): steps 1-2 were checked on CPU as below; step 3's two
+# benchmarks ran on CPU against vLLM's CPU build (on a GPU, alignd starts vLLM without the CPU settings and the
+# comparison caps vLLM at half the GPU's memory, since alignd's own engine shares the GPU during it).
 #
 #   bench/gpu_check.sh                                                   # a GPU machine: ~5-10 min (+ vLLM: ~10 min)
 #   VLLM_PYTHON=/opt/vllm/bin/python bench/gpu_check.sh                  # ... and the vLLM steps
