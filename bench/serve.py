@@ -27,6 +27,7 @@ import copy
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -695,6 +696,8 @@ def main() -> None:
     ap.add_argument("--vllm-python", help="python of a venv with vLLM (default ALIGND_VLLM_PYTHON or VLLM_PYTHON)")
     ap.add_argument("--vllm-start-timeout", type=float, default=900.0, help="seconds for `alignd serve` with vLLM")
     args = ap.parse_args()
+    # a SIGTERM unwinds like Ctrl-C, so that the servers this benchmark started are stopped with it
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.engine_offline_child:  # engine_offline_process's child: the main thread as `alignd serve` sets it
         set_thread_torch_threads(1)
 

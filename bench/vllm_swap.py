@@ -170,6 +170,8 @@ def main() -> None:
     ap.add_argument("--poll-seconds", type=float, default=1.0, help="ALIGND_POLL_SECONDS of the API processes")
     ap.add_argument("--start-timeout", type=float, default=900.0, help="seconds for the server and vLLM to start")
     args = ap.parse_args()
+    # a SIGTERM unwinds like Ctrl-C, so that the servers this benchmark started are stopped with it
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if not args.vllm_python or not Path(args.vllm_python).exists():
         raise SystemExit("name the python of a venv with vLLM: --vllm-python, ALIGND_VLLM_PYTHON or VLLM_PYTHON")
 
