@@ -9,6 +9,9 @@ figure is its median round and each ratio the median of the rounds' ratios. Prin
     python bench/serve.py --shape smollm2-135m --client-levels 16 --offline static --max-tokens 16
                                                # SmolLM2-135M's shape, random weights (bench/shapes.py)
     python bench/serve.py --disconnect-scenario  # only: 32 streaming clients hang up; how fast are their rows freed
+    python bench/serve.py --engine builtin,vllm --client-levels 1,16 --max-tokens 32 --vllm-python VENV/bin/python
+                                               # only: alignd's engine vs alignd over vLLM vs vLLM called directly
+                                               # (bench/serve_engines.py); the built-in size as a Llama
 
 The disconnect scenario starts 32 long streaming generations, lets every client read a few chunks, closes all 32
 connections at once and polls /metrics until `alignd_engine_running_sequences` is 0, reporting the time and the
@@ -24,6 +27,7 @@ import copy
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -52,10 +56,12 @@ KEY = "sk-bench"
 SERVER_PIDS: dict[str, int] = {}  # url -> pid of the `alignd serve` process behind it (alignd_serve)
 
 
-def default_policy() -> Policy:
+def default_policy(arch: str = "gpt2") -> Policy:
+    """The built-in model's size and tokenizer, untrained; `arch="llama"`: the same size as a Llama (vLLM has LoRA for
+    Llama, not for GPT-2)."""
     tok = train_tokenizer(world.corpus_texts(3000), 1024)
     cfg = tiny_config(
-        "gpt2",
+        arch,
         len(tok),
         context=512,
         pad_token_id=tok.pad_token_id,
@@ -233,22 +239,63 @@ def cpu_seconds(pid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime in clock ticks
 
 
-async def http_clients(url: str, concurrency: int, per_client: int, max_tokens: int, texts: list[str]) -> dict:
+def tree_cpu_seconds(root: int, *, include_root: bool = True) -> float:
+    """CPU time so far of process `root` and all its live descendants (a vLLM server `alignd serve` started, and
+    that server's engine processes); `include_root=False`: of the descendants only."""
+    parent: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        parent[int(stat.parent.name)] = int(fields[1])
+    tree, frontier = set(), [root]
+    while frontier:
+        pid = frontier.pop()
+        tree.add(pid)
+        frontier += [child for child, ppid in parent.items() if ppid == pid and child not in tree]
+    total = 0.0
+    for pid in tree - (set() if include_root else {root}):
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(pid)
+    return total
+
+
+def chat_body(text: str, max_tokens: int) -> dict:
+    return {
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+def chat_text(chunk: dict) -> str | None:
+    return chunk["choices"][0]["delta"].get("content") if chunk["choices"] else None
+
+
+async def stream_load(
+    url: str,
+    bodies: Callable[[int], dict],
+    concurrency: int,
+    per_client: int,
+    *,
+    path: str = "/v1/chat/completions",
+    text_of: Callable[[dict], str | None] = chat_text,
+    cpu_of: Callable[[], float] | None = None,
+) -> dict:
+    """`concurrency` streaming clients, each sending `per_client` requests one after another (request i's body is
+    `bodies(i)`): tokens/s from the servers' usage counts, TTFT to the first chunk with text (`text_of`), latency,
+    and CPU per token of the server (`cpu_of`, CPU seconds so far) and of this process's clients."""
     ttft, lat, tokens, failures = [], [], 0, 0
 
     async def one_client(c: int, http: httpx.AsyncClient) -> None:
         nonlocal tokens, failures
         for i in range(per_client):
-            body = {
-                "messages": [{"role": "user", "content": texts[(c * per_client + i) % len(texts)]}],
-                "max_tokens": max_tokens,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-            }
             t0 = time.perf_counter()
             first = None
             try:
-                async with http.stream("POST", "/v1/chat/completions", json=body) as resp:
+                async with http.stream("POST", path, json=bodies(c * per_client + i)) as resp:
                     if resp.status_code != 200:
                         failures += 1
                         continue
@@ -258,7 +305,7 @@ async def http_clients(url: str, concurrency: int, per_client: int, max_tokens: 
                         chunk = json.loads(line[6:])
                         if chunk.get("usage"):
                             tokens += chunk["usage"]["completion_tokens"]
-                        elif first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                        elif first is None and text_of(chunk):
                             first = time.perf_counter()
             except httpx.HTTPError:
                 failures += 1
@@ -267,33 +314,25 @@ async def http_clients(url: str, concurrency: int, per_client: int, max_tokens: 
             ttft.append((first or time.perf_counter()) - t0)
 
     limits = httpx.Limits(max_connections=concurrency + 4)
+    cpu_of = cpu_of or (lambda: 0.0)
     async with httpx.AsyncClient(
         base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=300, limits=limits
     ) as http:
-        before = await engine_counts(http)
-        pid = SERVER_PIDS[url]
-        cpu0 = (cpu_seconds(pid), cpu_seconds())
+        cpu0 = (cpu_of(), cpu_seconds())
         start = time.perf_counter()
         await asyncio.gather(*(one_client(c, http) for c in range(concurrency)))
         wall = time.perf_counter() - start
-        cpu1 = (cpu_seconds(pid), cpu_seconds())
-        after = await engine_counts(http)
-    steps, prefills = (after[k] - before[k] for k in ("decode_steps", "prefills"))
+        cpu1 = (cpu_of(), cpu_seconds())
     return {
         "clients": concurrency,
         "requests": len(lat),
         "failed": failures,
         "tokens": tokens,
         "tokens_per_s": tokens / wall,
-        "ttft_p50_s": pct(ttft, 50),
-        "ttft_p99_s": pct(ttft, 99),
-        "latency_p50_s": pct(lat, 50),
-        "latency_p99_s": pct(lat, 99),
-        # how the engine batched them: rows per decode step (16 at best) and prefill forwards (each admits a group)
-        "decode_steps": steps,
-        "rows_per_step": round(tokens / steps, 2) if steps else None,
-        "prefills": prefills,
-        "engine_torch_threads": after["torch_threads"],
+        "ttft_p50_s": pct(ttft, 50) if ttft else None,
+        "ttft_p99_s": pct(ttft, 99) if ttft else None,
+        "latency_p50_s": pct(lat, 50) if lat else None,
+        "latency_p99_s": pct(lat, 99) if lat else None,
         # CPU per token of the server process (engine, event loop, everything) and of this process's clients; the
         # cores divided by their sum is the most tokens/s this machine could give with no core ever idle
         "server_cpu_us_per_token": round((cpu1[0] - cpu0[0]) / max(tokens, 1) * 1e6, 1),
@@ -304,12 +343,45 @@ async def http_clients(url: str, concurrency: int, per_client: int, max_tokens: 
     }
 
 
+async def http_clients(url: str, concurrency: int, per_client: int, max_tokens: int, texts: list[str]) -> dict:
+    """`stream_load` of chat requests against `alignd serve` at `url`, with how its engine batched them."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60) as http:
+        before = await engine_counts(http)
+        pid = SERVER_PIDS[url]
+        load = await stream_load(
+            url,
+            lambda i: chat_body(texts[i % len(texts)], max_tokens),
+            concurrency,
+            per_client,
+            cpu_of=lambda: tree_cpu_seconds(pid),
+        )
+        after = await engine_counts(http)
+    steps, prefills = (after[k] - before[k] for k in ("decode_steps", "prefills"))
+    extra = {
+        # how the engine batched them: rows per decode step (16 at best) and prefill forwards (each admits a group)
+        "decode_steps": steps,
+        "rows_per_step": round(load["tokens"] / steps, 2) if steps else None,
+        "prefills": prefills,
+        "engine_torch_threads": after["torch_threads"],
+    }
+    cpu_keys = ("server_cpu_us_per_token", "client_cpu_us_per_token", "cpu_bound_tokens_per_s")
+    head = {k: v for k, v in load.items() if k not in cpu_keys}
+    return {**head, **extra, **{k: load[k] for k in cpu_keys}}
+
+
 @contextlib.contextmanager
 def alignd_serve(
-    policy: Policy, max_tokens: int, server_threads: int | None, dtype: str = "auto", quantize: str = "none"
+    policy: Policy,
+    max_tokens: int,
+    server_threads: int | None,
+    dtype: str = "auto",
+    quantize: str = "none",
+    env_extra: dict[str, str] | None = None,
+    ready_timeout_s: float = 120.0,
 ):
     """`alignd serve` in its own process on a published copy of `policy`, with its own embedded Redis: yields
-    its URL."""
+    its URL. `env_extra` adds settings (ALIGND_ENGINE=vllm, ...)."""
     with tempfile.TemporaryDirectory() as home:
         redis = EmbeddedRedis(Path(home) / "redis")
         redis_url = redis.start()
@@ -327,6 +399,7 @@ def alignd_serve(
         env.pop("ALIGND_TORCH_THREADS", None)
         if server_threads:
             env["ALIGND_TORCH_THREADS"] = str(server_threads)
+        env.update(env_extra or {})
         settings = Settings(home=Path(home), redis_url=redis_url)
         tok, model = policy.tokenizer, policy.model
         publish_version(
@@ -336,15 +409,25 @@ def alignd_serve(
             {"source": "bench", "parent": None, "metrics": {}},
         )
         port = free_port()
-        server = subprocess.Popen(
-            [sys.executable, "-m", "alignd.cli", "serve", "--port", str(port)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        (Path(home) / "logs").mkdir(exist_ok=True)
+        with open(Path(home) / "logs" / "serve.log", "wb") as out:  # the child keeps its own copy of the handle
+            server = subprocess.Popen(
+                [sys.executable, "-m", "alignd.cli", "serve", "--port", str(port)],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         url = f"http://127.0.0.1:{port}"
         try:
-            wait_ready(url, server)
+            try:
+                wait_ready(url, server, ready_timeout_s)
+            except RuntimeError:  # say why: the server's own logs (a vLLM it started logs to logs/vllm.log)
+                for log in sorted((Path(home) / "logs").glob("*.log")):
+                    print(
+                        f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-30:]),
+                        file=sys.stderr,
+                    )
+                raise
             SERVER_PIDS[url] = server.pid
             yield url
         finally:
@@ -605,19 +688,35 @@ def main() -> None:
         action="store_true",
         help="run only one-request-at-a-time greedy decoding: HF float32 vs alignd (in-process and HTTP)",
     )
+    ap.add_argument(
+        "--engine",
+        help="only: compare engines over HTTP, e.g. builtin,vllm: `alignd serve` with ALIGND_ENGINE=builtin, with "
+        "ALIGND_ENGINE=vllm, and that vLLM server called directly (bench/serve_engines.py)",
+    )
+    ap.add_argument("--vllm-python", help="python of a venv with vLLM (default ALIGND_VLLM_PYTHON or VLLM_PYTHON)")
+    ap.add_argument("--vllm-start-timeout", type=float, default=900.0, help="seconds for `alignd serve` with vLLM")
     args = ap.parse_args()
+    # a SIGTERM unwinds like Ctrl-C, so that the servers this benchmark started are stopped with it
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.engine_offline_child:  # engine_offline_process's child: the main thread as `alignd serve` sets it
         set_thread_torch_threads(1)
 
+    # vLLM has no LoRA for GPT-2 (alignd starts it with --enable-lora): the comparison runs the built-in size as Llama
+    arch = "llama" if "vllm" in (args.engine or "") else "gpt2"
     if args.shape:
         from bench.shapes import SHAPES, build_shape
 
         model, tok = build_shape(args.shape)
         policy = Policy(version=1, model=model, tokenizer=tok, context=min(1024, SHAPES[args.shape].context))
     else:
-        policy = Policy.load(1, args.model, Settings().torch_device()) if args.model else default_policy()
-    name = args.shape or str(args.model or "default-size untrained gpt2")
+        policy = Policy.load(1, args.model, Settings().torch_device()) if args.model else default_policy(arch)
+    name = args.shape or str(args.model or f"default-size untrained {arch}")
     texts = prompts(64)
+    if args.engine:
+        from bench.serve_engines import compare_engines
+
+        print(json.dumps(compare_engines(args, policy, name, texts), indent=2))
+        return
     parameters = sum(p.numel() for p in policy.model.parameters())
     settings = Settings(dtype=args.dtype, quantize=args.quantize, device="cpu")
     dtype = settings.serving_dtype(parameters)
