@@ -101,6 +101,9 @@ class VLLMEngine:
         self._inflight: Counter[int] = Counter()
         self._retired: dict[int, float] = {}  # version → when it left service (current, pinned)
         self._futures: dict[int, Future] = {}  # id(handle) → its request
+        # events of every stream, delivered once per turn of the engine's loop: one wake-up of each caller's loop
+        # per turn rather than one per token per stream (Handle.push_all), as alignd's engine does per decode step
+        self._outbox: list[tuple[Handle, Event]] = []
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._client: httpx.AsyncClient | None = None
@@ -278,25 +281,20 @@ class VLLMEngine:
             if result is None:
                 raise RuntimeError(f"vLLM does not know the model {policy.model}")
             finish, tokens = result
-            handle.push(Event("done", finish_reason=finish, tokens=tokens))
+            self._emit(handle, Event("done", finish_reason=finish, tokens=tokens))
         except asyncio.CancelledError:
             self.cancelled += 1
-            handle.push(Event("done", finish_reason="cancelled", tokens=len(handle.token_ids)))
+            self._emit(handle, Event("done", finish_reason="cancelled", tokens=len(handle.token_ids)))
         except (httpx.HTTPError, VLLMUnavailable) as exc:
             self.failed += 1
             if not isinstance(exc, VLLMUnavailable):
                 self._mark_down(f"{type(exc).__name__}: {exc}")
-            handle.push(
-                Event(
-                    "error",
-                    f"the vLLM server is unavailable ({self.health_error}); retry shortly",
-                    code="engine_unavailable",
-                )
-            )
+            message = f"the vLLM server is unavailable ({self.health_error}); retry shortly"
+            self._emit(handle, Event("error", message, code="engine_unavailable"))
         except Exception as exc:  # an answer we cannot use: this request fails, the others carry on
             self.failed += 1
             log.error("vLLM request failed: %s: %s", type(exc).__name__, exc)
-            handle.push(Event("error", f"generation failed in vLLM: {exc}"))
+            self._emit(handle, Event("error", f"generation failed in vLLM: {exc}"))
         finally:
             self._futures.pop(id(handle), None)
             with self._lock:
@@ -335,14 +333,23 @@ class VLLMEngine:
                     tokens = data["usage"]["completion_tokens"]
             return finish, tokens
 
-    @staticmethod
-    def _take(handle: Handle, choice: dict) -> None:
+    def _take(self, handle: Handle, choice: dict) -> None:
         handle.token_ids.extend(choice.get("token_ids") or ())
         text = choice.get("text")
         if text:
             if handle.first_token_at is None:
                 handle.first_token_at = time.monotonic()
-            handle.push(Event("delta", text))
+            self._emit(handle, Event("delta", text))
+
+    def _emit(self, handle: Handle, event: Event) -> None:
+        """Queue `event` for this turn's delivery (the engine's loop only)."""
+        if not self._outbox:
+            self._loop.call_soon(self._flush)
+        self._outbox.append((handle, event))
+
+    def _flush(self) -> None:
+        items, self._outbox = self._outbox, []
+        Handle.push_all(items)
 
     # --- health, drained adapters, metrics (the engine's loop)
     def _mark_down(self, reason: str) -> None:

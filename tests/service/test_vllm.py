@@ -26,7 +26,7 @@ from service.engine import Engine, Policy, SamplingParams
 from store import registry
 from store.client import connect
 from store.completions import get_completion
-from tests.utils.tiny import tiny_sft_model, tiny_tokenizer
+from tests.utils.tiny import tiny_model, tiny_tokenizer
 from tests.workers.helpers import ADMIN_KEY, ROOT, TINY_CYCLE, env_for, make_settings, stop, wait_for
 from training.lora import LoRAConfig, add_adapter, save_adapter
 from workers.publish import publish_version
@@ -62,7 +62,10 @@ class Deployment:
             ALIGND_VLLM_CPU_KV_CACHE_GIB="1",
             ALIGND_SMOKE_TEST_TIMEOUT_S="60",
             ALIGND_VLLM_ARGS="--enable-log-requests",  # vLLM logs each abort (it has no metric of them)
-            ALIGND_CHAT_RATE_PER_MINUTE="100000",  # the load test sends hundreds of fast 503s a minute
+            # the load test sends hundreds of fast 503s a minute: rate limits are not what it tests
+            ALIGND_CHAT_RATE_PER_MINUTE="100000",
+            ALIGND_KEY_CHAT_RATE_PER_MINUTE="100000",
+            ALIGND_KEY_TOKENS_PER_MINUTE="100000000",
         )
         self.log = home / "serve.log"
         self.proc: subprocess.Popen | None = None
@@ -101,9 +104,10 @@ class Deployment:
 
 
 def tiny_llama_base(home: Path) -> Path:
-    """A briefly fine-tuned tiny Llama with the tiny tokenizer (vLLM 0.32 has LoRA for Llama, not for GPT-2)."""
+    """A random tiny Llama with the tiny tokenizer (vLLM 0.32 has LoRA for Llama, not for GPT-2). Untrained on
+    purpose: its greedy answers run to max_tokens without an end-of-sequence, so a test can hang up mid-answer."""
     path = home / "base-llama"
-    model, tok = tiny_sft_model("llama", seed=0, steps=40), tiny_tokenizer()
+    model, tok = tiny_model("llama", seed=0), tiny_tokenizer()
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -271,7 +275,7 @@ def test_adapter_with_wrong_base_digest_is_refused_and_the_old_version_serves(de
     d = deployment
     current = registry.current_version(d.r)
     base_path = d.settings.checkpoint(registry.get_version(d.r, 1)["path"])
-    model = add_adapter(tiny_sft_model("llama", seed=0, steps=40), LoRAConfig(rank=8))
+    model = add_adapter(tiny_model("llama", seed=0), LoRAConfig(rank=8))
     tok = tiny_tokenizer()
 
     def save(dest):
@@ -295,9 +299,9 @@ def test_adapter_with_wrong_base_digest_is_refused_and_the_old_version_serves(de
 def test_client_disconnect_aborts_the_request_in_vllm(deployment):
     d = deployment
     before = _aborted_in_vllm(d)
-    # temperature 2 on a 300-token vocabulary: end-of-sequence is rare, so the answer is still being generated
+    # greedy on the untrained base: no end-of-sequence, so each answer is still being generated when its client leaves
     body = {"messages": [{"role": "user", "content": "Say a word."}], "max_tokens": 200, "stream": True}
-    body["temperature"] = 2.0
+    body["temperature"] = 0
     for _ in range(3):
         with d.client() as c, c.stream("POST", "/v1/chat/completions", json=body) as s:
             for line in s.iter_lines():
