@@ -223,6 +223,21 @@ def test_vllm_greedy_tokens_match_alignd_engine(deployment):
         engine.stop()
 
 
+def test_client_disconnect_aborts_the_request_in_vllm(deployment):
+    d = deployment
+    assert registry.current_version(d.r) == 1  # the untrained base (runs before the cycle's test publishes)
+    before = _aborted_in_vllm(d)
+    # greedy on the untrained base: no end-of-sequence, so each answer is still being generated when its client leaves
+    body = {"messages": [{"role": "user", "content": "Say a word."}], "max_tokens": 200, "stream": True}
+    body["temperature"] = 0
+    for _ in range(3):
+        with d.client() as c, c.stream("POST", "/v1/chat/completions", json=body) as s:
+            for line in s.iter_lines():
+                if '"content":"' in line and '"content":""' not in line:
+                    break  # the first token arrived: hang up mid-generation
+    wait_for(lambda: _aborted_in_vllm(d) >= before + 2, 30, what="vLLM aborting the requests of clients that left")
+
+
 def test_cycle_publishes_a_lora_version_every_process_serves_then_rollback_and_arena(deployment):
     d = deployment
     with d.client() as c:
@@ -294,20 +309,6 @@ def test_adapter_with_wrong_base_digest_is_refused_and_the_old_version_serves(de
         assert _chat(c, "Say a word.").json()["system_fingerprint"] == f"alignd-v{current}"
     with httpx.Client(base_url=d.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60) as admin:
         assert admin.post("/admin/rollback", json={"version": current}).json()["current"] == current
-
-
-def test_client_disconnect_aborts_the_request_in_vllm(deployment):
-    d = deployment
-    before = _aborted_in_vllm(d)
-    # greedy on the untrained base: no end-of-sequence, so each answer is still being generated when its client leaves
-    body = {"messages": [{"role": "user", "content": "Say a word."}], "max_tokens": 200, "stream": True}
-    body["temperature"] = 0
-    for _ in range(3):
-        with d.client() as c, c.stream("POST", "/v1/chat/completions", json=body) as s:
-            for line in s.iter_lines():
-                if '"content":"' in line and '"content":""' not in line:
-                    break  # the first token arrived: hang up mid-generation
-    wait_for(lambda: _aborted_in_vllm(d) >= before + 2, 30, what="vLLM aborting the requests of clients that left")
 
 
 def test_vllm_killed_under_load_answers_503_then_recovers(deployment):
