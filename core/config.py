@@ -33,10 +33,14 @@ BF16_MIN_PARAMETERS = 50_000_000
 # on one against 226 / 272 on two, and one stream 52 against 69 tokens/s. Nothing between the two sizes was measured.
 ENGINE_ALL_CORES_MIN_PARAMETERS = 50_000_000
 
-# `engine=auto` picks vLLM only on a GPU: on 2 CPU cores alignd's own engine served one stream faster than vLLM's CPU
-# build at the built-in size and the 135 M shape, and 16 clients about as fast (`python bench/serve.py --engine
-# builtin,vllm`, docs/benchmarks.md); vLLM's paged attention, CUDA graphs and tensor parallelism pay off on GPUs.
-VLLM_AUTO_RULE = "vllm where a vLLM is configured and the device is a GPU; builtin otherwise"
+# `engine=auto` serves through vLLM where one is configured (ALIGND_VLLM_URL or ALIGND_VLLM_PYTHON) and either the
+# device is a GPU or the model has at least VLLM_MIN_PARAMETERS parameters. On 2 idle CPU cores (`python bench/serve.py
+# --engine builtin,vllm`, docs/benchmarks.md#vllm): at the built-in size (a 1.8 M Llama) alignd's own engine served
+# 398 tokens/s to one client and 2,316 to 16, vLLM's CPU build 253 and 1,761 called directly, 222 and 1,171 through
+# alignd; at the 135 M shape vLLM served 1.21x alignd's engine to one client and 1.37x to 16 (1.16x and 1.32x through
+# alignd). vLLM's paged attention, CUDA graphs and tensor parallelism pay off on GPUs.
+VLLM_MIN_PARAMETERS = 50_000_000
+VLLM_AUTO_RULE = "vllm where one is configured and the device is a GPU or the model has >= 50 M parameters"
 
 
 KEY_OPTIONS = ("feedback", "annotator", "expires=")  # what may follow `key:user:` in ALIGND_API_KEYS
@@ -138,7 +142,8 @@ class Settings(BaseSettings):
         "auto",
         description="what generates tokens: builtin (alignd's continuous-batching engine, CPU), vllm (a vLLM "
         "OpenAI server each API process drives), auto: vllm where a vLLM is configured (vllm_url or vllm_python) "
-        "and the device is a GPU, builtin otherwise (VLLM_AUTO_RULE says what was measured)",
+        "and the device is a GPU or the model has 50 M parameters or more, builtin otherwise (VLLM_AUTO_RULE says "
+        "what was measured)",
     )
     builtin_arch: Literal["auto", "gpt2", "llama"] = Field(
         "auto",
@@ -370,12 +375,16 @@ class Settings(BaseSettings):
             return None
         return max(1, (os.cpu_count() or 2) // 2)
 
-    def serving_engine(self) -> Literal["builtin", "vllm"]:
-        """The engine `engine` names, with `auto` resolved (VLLM_AUTO_RULE)."""
+    def serving_engine(self, parameters: int | None = None) -> Literal["builtin", "vllm"]:
+        """The engine `engine` names, with `auto` resolved (VLLM_AUTO_RULE) for a model of `parameters` parameters
+        (None: not known yet, so only a GPU decides)."""
         if self.engine != "auto":
             return self.engine
-        configured = bool(self.vllm_url or self.vllm_python)
-        return "vllm" if configured and self.torch_device().startswith("cuda") else "builtin"
+        if not (self.vllm_url or self.vllm_python):
+            return "builtin"
+        if self.torch_device().startswith("cuda"):
+            return "vllm"
+        return "vllm" if parameters is not None and parameters >= VLLM_MIN_PARAMETERS else "builtin"
 
     def bootstrap_arch(self) -> str:
         """The built-in assistant's architecture (`builtin_arch`, auto resolved)."""

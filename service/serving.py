@@ -26,7 +26,7 @@ BASE_MODEL_NAME = "alignd-base"  # the name alignd gives the base model of a vLL
 
 def build_engine(settings: Settings, r: redis.Redis, version: int, server=None):
     """The engine serving `version`; `server` is a ManagedVLLM the caller started (alignd serve --workers N)."""
-    if settings.serving_engine() == "builtin":
+    if serving_engine(settings, r, version) == "builtin":
         from service.engine import Engine
         from service.loader import load_version
 
@@ -36,13 +36,17 @@ def build_engine(settings: Settings, r: redis.Redis, version: int, server=None):
     return build_vllm_engine(settings, r, version, server)
 
 
+def serving_engine(settings: Settings, r: redis.Redis, version: int) -> str:
+    """The engine for serving `version`: ALIGND_ENGINE, `auto` decided by the size of the model vLLM would serve."""
+    if settings.engine != "auto":
+        return settings.engine
+    return settings.serving_engine(parameter_count(vllm_base(settings, r, version)[1]))
+
+
 def vllm_base(settings: Settings, r: redis.Redis, version: int) -> tuple[int, Path]:
     """(version, folder) of the model vLLM serves for `version`: the version itself when it holds whole weights, else
     the base its adapter was trained on (its SFT/base version)."""
-    meta = registry.get_version(r, version)
-    if meta is None:
-        raise KeyError(f"version {version} is not in the registry")
-    path = settings.checkpoint(meta["path"])
+    path = registry.version_path(settings, r, version)
     base = adapter_base(path)
     if base is None:
         return version, path

@@ -47,7 +47,7 @@ def use_adapter(job: Job) -> bool:
     from training.lora import adapter_base, parameter_count
 
     mode = job.cfg.update.adapter
-    vllm = job.settings.serving_engine() == "vllm"
+    vllm = job.settings.serving_engine(parameter_count(job.ref_path)) == "vllm"
     if mode == "full":
         if vllm:
             log.warning("update.adapter is full: vLLM will refuse the version (it swaps adapters, not whole models)")

@@ -96,7 +96,7 @@ def serve(
     import uvicorn
 
     from service.app import create_app
-    from service.serving import build_engine, start_vllm
+    from service.serving import build_engine, serving_engine, start_vllm
     from store import registry
 
     settings = get_settings()
@@ -110,7 +110,7 @@ def serve(
     # the event loop's threads hold it for whole intervals and single-stream decoding runs ~2x slower (bench/serve.py).
     sys.setswitchinterval(0.0005)
     workers = workers or settings.serve_workers
-    vllm = settings.serving_engine() == "vllm"
+    vllm = serving_engine(settings, r, version) == "vllm"
     server = engine = None
     try:
         if workers == 1:

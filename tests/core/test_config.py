@@ -81,3 +81,18 @@ def test_a_shared_machine_gives_the_api_and_the_trainer_half_the_cores_each(monk
     assert Settings(device="cpu").shared_machine_threads() == 1
     assert Settings(device="cpu", torch_threads=3).shared_machine_threads() is None  # the operator's count stands
     assert Settings(device="cuda").shared_machine_threads() is None
+
+
+def test_engine_auto_needs_a_configured_vllm_and_a_gpu_or_a_large_model():
+    from core.config import VLLM_MIN_PARAMETERS
+
+    big, small = VLLM_MIN_PARAMETERS, VLLM_MIN_PARAMETERS - 1
+    assert Settings(device="cpu").serving_engine(big) == "builtin"  # nothing configured: the embedded default
+    cpu = Settings(device="cpu", vllm_python="/opt/vllm/bin/python")
+    assert [cpu.serving_engine(small), cpu.serving_engine(big), cpu.serving_engine()] == ["builtin", "vllm", "builtin"]
+    assert cpu.bootstrap_arch() == "gpt2"  # the built-in assistant is small: alignd's engine serves it
+    gpu = Settings(device="cuda", vllm_url="http://vllm:8000")
+    assert gpu.serving_engine(small) == "vllm" and gpu.serving_engine() == "vllm"
+    forced = Settings(device="cpu", engine="vllm", vllm_python="/opt/vllm/bin/python")
+    assert forced.serving_engine(small) == "vllm" and forced.bootstrap_arch() == "llama"
+    assert Settings(device="cpu", engine="builtin", vllm_url="http://vllm:8000").serving_engine(big) == "builtin"
