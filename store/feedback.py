@@ -537,14 +537,27 @@ def _outcome(
                 f"feedback_id {event_id!r} was already used for a different request: use a new id for new feedback",
                 "feedback_id",
             )
+        case "rate_minute" | "key_minute" | "key_day" | "annotators" | "rate_day":
+            raise _rate_limited(status, limits, now)
+    # the script and this function disagree (a bug, or a Redis holding another release's script): not the client's
+    # fault, so no 4xx; the API answers 500 and logs this message
+    raise FeedbackScriptError(
+        f"the feedback acceptance script answered an unknown status {status!r} (whole answer "
+        f"{result!r}); the vote was not recorded"
+    )
+
+
+def _rate_limited(status: str, limits: FeedbackLimits, now: float) -> FeedbackRateLimited:
+    """The 429 for a rate or cap status of ACCEPT_LUA, with the seconds until its window ends."""
+    match status:
         case "rate_minute":
             retry = int(MINUTE_S - now % MINUTE_S) + 1
-            raise FeedbackRateLimited(
+            return FeedbackRateLimited(
                 f"feedback rate limit: at most {limits.per_minute} events per minute; retry in {retry} s", retry
             )
         case "key_minute":
             retry = int(MINUTE_S - now % MINUTE_S) + 1
-            raise FeedbackRateLimited(
+            return FeedbackRateLimited(
                 f"feedback rate limit of this key: at most {limits.key_per_minute} events per minute, all its users "
                 f"together; retry in {retry} s",
                 retry,
@@ -556,20 +569,15 @@ def _outcome(
                 if status == "key_day"
                 else f"at most {limits.key_annotators} distinct `user` values vote through one key per UTC day"
             )
-            raise FeedbackRateLimited(f"daily feedback cap of this key reached: {what}; retry in {retry} s", retry)
+            return FeedbackRateLimited(f"daily feedback cap of this key reached: {what}; retry in {retry} s", retry)
         case "rate_day":
             retry = int(_seconds_to_utc_midnight(now)) + 1
-            raise FeedbackRateLimited(
+            return FeedbackRateLimited(
                 f"daily feedback cap reached: at most {limits.per_day} events per UTC day; "
                 f"retry in {retry} s (after 00:00 UTC)",
                 retry,
             )
-    # the script and this function disagree (a bug, or a Redis holding another release's script): not the client's
-    # fault, so no 4xx; the API answers 500 and logs this message
-    raise FeedbackScriptError(
-        f"the feedback acceptance script answered an unknown status {status!r} (whole answer "
-        f"{result!r}); the vote was not recorded"
-    )
+    raise ValueError(f"not a rate-limit status: {status!r}")
 
 
 def submit_feedback(
