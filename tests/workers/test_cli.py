@@ -174,7 +174,7 @@ def test_train_dpo_and_kto_from_files_publish_with_provenance(r, cli, tmp_path):
 
     assert meta["metrics"]["gate"]["eval_seed"] and "score/mean" in meta["metrics"]  # gated on the cycle's checkers
 
-    reward = last_json(run("train", "reward", "--data", str(hh), "--json"))  # used to fail on gzip
+    reward = last_json(run("train", "reward", "--data", str(hh), "--json"))  # a gzipped HH-RLHF file
     assert reward["accepted"] and reward["n_comparisons"] == 40
 
 
