@@ -21,10 +21,10 @@ from tests.workers.helpers import make_settings, publish_tiny, wait_for
 def test_a_smoke_test_timeout_is_retried_and_does_not_block_a_rollback(r, redis_url, tmp_path, monkeypatch):
     busy = threading.Event()
 
-    def loader(r_, settings_, version):
+    def loader(r_, settings_, version, engine=None):
         if busy.is_set():
             raise SmokeTestTimeout(f"smoke test: policy v{version} produced no answer within 60 s")
-        return load_version(r_, settings_, version)
+        return load_version(r_, settings_, version, engine)
 
     monkeypatch.setattr(follower, "load_version", loader)
     monkeypatch.setattr(follower, "TRANSIENT_RETRY_S", 1.0)

@@ -228,14 +228,16 @@ def test_client_disconnect_aborts_the_request_in_vllm(deployment):
     assert registry.current_version(d.r) == 1  # the untrained base (runs before the cycle's test publishes)
     before = _aborted_in_vllm(d)
     # greedy on the untrained base: no end-of-sequence, so each answer is still being generated when its client leaves
-    body = {"messages": [{"role": "user", "content": "Say a word."}], "max_tokens": 200, "stream": True}
+    body = {"messages": [{"role": "user", "content": "Say a word."}], "max_tokens": 240, "stream": True}
     body["temperature"] = 0
-    for _ in range(3):
+    # the tiny model decodes 200 tokens in a fraction of a second, so a hang-up can arrive after the last one: of
+    # six answers at least one must be cut short in vLLM (an abort in vLLM's log comes from nothing else)
+    for _ in range(6):
         with d.client() as c, c.stream("POST", "/v1/chat/completions", json=body) as s:
             for line in s.iter_lines():
                 if '"content":"' in line and '"content":""' not in line:
                     break  # the first token arrived: hang up mid-generation
-    wait_for(lambda: _aborted_in_vllm(d) >= before + 2, 30, what="vLLM aborting the requests of clients that left")
+    wait_for(lambda: _aborted_in_vllm(d) > before, 30, what="vLLM aborting the request of a client that left")
 
 
 def test_cycle_publishes_a_lora_version_every_process_serves_then_rollback_and_arena(deployment):
