@@ -95,7 +95,6 @@ class VLLMEngine:
         self.healthy = False
         self.health_error = "not checked yet"
         self.adapters: dict[str, str] = {}  # name → path as registered in vLLM (again after a restart)
-        self.vllm_metrics: dict[str, float] = {}
         self.cancelled = 0
         self.failed = 0
         self._inflight: Counter[int] = Counter()
@@ -413,7 +412,6 @@ class VLLMEngine:
                 key = VLLM_GAUGES.get(sample.name)
                 if key is not None:
                     out[key] = out.get(key, 0.0) + sample.value
-        self.vllm_metrics = out
         return out
 
 
