@@ -200,6 +200,12 @@ def test_chat_pairs_streaming_and_feedback_through_vllm(deployment):
             cut = _chat(c, "Say a number.", max_tokens=3, temperature=1.0, seed=1, stop=[full[1:3]]).json()
             assert cut["choices"][0]["message"]["content"] == full[: full.index(full[1:3])]
 
+        # ops see the engine and vLLM's own gauges in alignd's /metrics
+        scraped = c.get("/metrics").text
+        assert re.search(r"^alignd_engine_up 1\.0$", scraped, re.M), scraped[-2000:]
+        assert re.search(r"^alignd_vllm_kv_cache_usage ", scraped, re.M)
+        assert re.search(r"^alignd_vllm_requests_running ", scraped, re.M)
+
         # bad input changes nothing and is answered in the OpenAI error shape
         bad = c.post("/v1/chat/completions", json={"messages": [], "max_tokens": 4})
         assert bad.status_code == 422 and "error" in bad.json()
