@@ -68,7 +68,7 @@ class DemoConfig:
     report_reserve_s: float = 60.0  # kept at the end for the report's evaluation of every version (~25 s measured)
     startup_timeout_s: float = 300.0  # API and workers ready (model load, Celery start)
     cycle_timeout_s: float = 1500.0  # a cycle taking longer than the worker's hard time limit is lost
-    seed: int = 0
+    seed: int = 0  # the simulated people's draws (questions, votes, noise); give each run of a comparison its own
 
 
 class Services:
@@ -408,6 +408,7 @@ def run_demo(
         "noise": cfg.noise,
         "minutes_budget": cfg.minutes,
         "graders_as_reward": cfg.graders_as_reward,
+        "seed": cfg.seed,  # the simulated people's draws: runs with different seeds are different samples
     }
     # a SIGTERM (kill, a CI timeout) must stop the services as Ctrl-C does, not orphan them
     restore = (

@@ -26,6 +26,7 @@ from alignd.demo import DemoConfig, brief, run_demo, with_graders  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=DemoConfig.minutes)
+    ap.add_argument("--seed", type=int, default=DemoConfig.seed, help="the simulated people's draws (one per run)")
     ap.add_argument("--annotators", default=DemoConfig.annotators)
     ap.add_argument("--cycles", type=int, default=DemoConfig.cycles)
     ap.add_argument("--home", type=Path, default=None, help="empty data directory (default: a temporary one)")
@@ -42,6 +43,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = DemoConfig(
         minutes=args.minutes,
+        seed=args.seed,
         annotators=args.annotators,
         cycles=args.cycles,
         home=args.home,

@@ -54,8 +54,10 @@ def test_reduced_demo_publishes_swaps_and_reports(tmp_path, base_model, algorith
         cycle_config={**DEMO_CYCLE, "update.algorithm": algorithm},
         report=ReportConfig(eval_per_family=2, max_new_tokens=8, oracle=True),
         graders_as_reward=graders,
+        seed=7,
     )
     summary = run_demo(cfg, log=print)
+    assert summary["seed"] == 7  # recorded with the run: runs are told apart by their seeds
 
     published = [c for c in summary["cycles"] if c["status"] == "published"]
     assert len(published) >= 3, summary["cycles"]

@@ -338,6 +338,7 @@ def report(
 @app.command()
 def demo(
     minutes: Annotated[float, typer.Option(help="wall-clock budget, bootstrap and report included")] = 15.0,
+    seed: Annotated[int, typer.Option(help="the simulated people's draws; one seed per run when comparing runs")] = 0,
     annotators: Annotated[str, typer.Option(help="simulated annotator pool")] = "balanced,brevity,detail,strict",
     users: Annotated[int, typer.Option(help="simulated users")] = 8,
     cycles: Annotated[int, typer.Option(help="training cycles to complete at least")] = 3,
@@ -367,6 +368,7 @@ def demo(
 
     cfg = DemoConfig(
         minutes=minutes,
+        seed=seed,
         annotators=annotators,
         users=users,
         cycles=cycles,
