@@ -237,6 +237,12 @@ class Settings(BaseSettings):
         description="idempotency records (a retry with the same feedback_id is recognised within this window) and "
         "vote histories (revision numbers count within it) expire this long after their last write",
     )
+    gc_keep: int = Field(
+        5,
+        ge=0,
+        description="after each published version, checkpoint GC (`alignd gc --keep N`) runs with this N; "
+        "0: only when run by hand",
+    )
 
     # --- the online loop
     cycle_seconds: int = Field(300, ge=1, description="beat checks for new feedback this often")

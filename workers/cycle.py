@@ -10,7 +10,8 @@ each stage is a module and returns a typed result the next one takes:
    consumer group (store/feedback.py), reclaiming events a dead cycle left pending, and record them in flight. Their
    comparisons and rated answers are derived once (workers/data.py `TrainingData`); a cycle with nothing new to
    learn from records that and publishes nothing.
-3. Reward (workers/reward_stage.py → `Rewards`): retrain the reward model on all comparisons; it becomes current
+3. Reward (workers/reward_stage.py → `Rewards`): retrain the reward model on the most recent comparisons
+   (`reward.max_comparisons`); it becomes current
    only if it does not regress on held-out pairs.
 4. Update (workers/update.py → `Candidate`): LoRA or full (`use_adapter`), then PPO against the reward model
    (workers/ppo_update.py) or DPO / KTO from the labels (workers/preference.py), from the current policy and
@@ -19,6 +20,7 @@ each stage is a module and returns a typed result the next one takes:
    checks against the current policy and the reference; a failed PPO candidate falls back to its halfway policy.
 6. Publish (workers/publish.py `publish_candidate`), fenced by the lock's token and by the version the run started
    from, so a stale run or a run overtaken by a rollback cannot publish; or record the gate failure (fenced too).
+   A published version is followed by checkpoint GC with keep-N (workers/gc.py `after_publish`, `ALIGND_GC_KEEP`).
 7. Settle (workers/settle.py), in the `finally` of every path: acknowledge the events if this cycle's version was
    made current, its gate failure or its having nothing to learn was recorded, else return them to the queue.
 
@@ -46,6 +48,7 @@ from store import feedback, registry
 from store.lock import FencedLock
 from workers import data as training_data
 from workers import failpoints, gate_stage, ppo_update, publish, reward_stage, update
+from workers import gc as checkpoint_gc
 from workers import settle as settlement
 from workers.cycle_config import CycleConfig, load_cycle_config, with_suites
 from workers.data import TrainingData
@@ -161,6 +164,7 @@ def pipeline(job: Job, data: TrainingData) -> dict[str, Any]:
     report = publish.publish_candidate(job, data, rewards, cand, verdict)
     if report["status"] == "published":
         ppo_update.save_state(job, cand, report["version"], fallback)
+        report["gc"] = checkpoint_gc.after_publish(job.r, job.settings)  # never raises: the version is out
     del cand
     gc.collect()
     return report

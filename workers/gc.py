@@ -12,10 +12,14 @@ Kept, whatever their age:
 Deleted: the other registered versions' folders (the registry entry stays, marked `gc_deleted`, so history and
 lineage still read; a rollback to one is refused by the loader as a missing checkpoint), and `.tmp-*` folders older
 than `tmp_age_s` (a write killed half-way; a younger one may be a write in progress).
+
+After each published version the cycle runs `after_publish`: the same collection with `ALIGND_GC_KEEP` as `keep`
+(0: never automatic). A failure there is logged and never fails the cycle: the version is already published.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -26,6 +30,8 @@ import redis
 from core.config import Settings
 from store import registry
 from training.lora import adapter_base
+
+log = logging.getLogger("alignd.gc")
 
 
 @dataclass
@@ -116,3 +122,18 @@ def collect(r: redis.Redis, settings: Settings, *, keep: int = 5, tmp_age_s: flo
     for folder in todo.delete:
         shutil.rmtree(folder, ignore_errors=True)
     return todo
+
+
+def after_publish(r: redis.Redis, settings: Settings) -> dict | None:
+    """The automatic collection after a publish (`Settings.gc_keep`; 0: none): what it freed, or None when it did
+    not run or failed (logged: a full disk or a registry hiccup must not turn a published cycle into a failed one)."""
+    if settings.gc_keep <= 0:
+        return None
+    try:
+        done = collect(r, settings, keep=settings.gc_keep)
+    except Exception:
+        log.exception("automatic checkpoint GC (keep %d) failed; the cycle goes on", settings.gc_keep)
+        return None
+    if done.delete:
+        log.info("checkpoint GC freed %d bytes: %s", done.bytes, ", ".join(str(p) for p in done.delete))
+    return {"keep": settings.gc_keep, "deleted_versions": done.deleted_versions, "bytes": done.bytes}

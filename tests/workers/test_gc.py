@@ -1,6 +1,6 @@
 """Checkpoint garbage collection (workers/gc.py, `alignd gc`) on real folders and a real registry: it frees the old
 versions and half-written temporary folders, and keeps every folder that is current, a parent, the SFT base, pinned,
-among the newest, or held by an API process."""
+among the newest, or held by an API process; a published cycle runs it by itself (ALIGND_GC_KEEP)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ import sys
 import time
 
 from store import registry
-from tests.utils.tiny import tiny_model, tiny_tokenizer
-from tests.workers.helpers import env_for, make_settings
+from tests.utils.tiny import tiny_model, tiny_sft_model, tiny_tokenizer
+from tests.workers.helpers import env_for, make_settings, seed_feedback, tiny_overrides
 from training.checkpoint import verify_checkpoint
 from workers import gc
+from workers.cycle import run_cycle
+from workers.cycle_config import CycleConfig
 from workers.publish import checkpoint_path, publish_version
 
 
@@ -75,3 +77,37 @@ def test_alignd_gc_command(r, redis_url, tmp_path):
     done = subprocess.run(cmd, env=env_for(settings), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and json.loads(done.stdout)["deleted_versions"] == planned["deleted_versions"]
     assert not checkpoint_path(settings, 5).exists() and checkpoint_path(settings, 7).is_dir()
+
+
+def test_a_published_cycle_collects_with_keep_n_and_spares_every_protected_version(r, redis_url, tmp_path):
+    settings = make_settings(tmp_path / "home", redis_url, gc_keep=1)
+    model, tok = tiny_sft_model("gpt2", seed=0, steps=30), tiny_tokenizer()
+    save = lambda d: (model.save_pretrained(d), tok.save_pretrained(d))  # noqa: E731
+    parent = None
+    for i in range(6):  # v1 the SFT base; v2..v6 each trained on the one before (the same weights will do)
+        meta = {"source": "sft" if i == 0 else "ppo", "parent": parent, "metrics": {}, "reward_version": None}
+        parent = publish_version(r, settings, save, meta)
+    registry.update_version(r, 3, pinned=True)
+    registry.note_serving(r, "api-host:9", [5, 6])  # an API process still draining v5
+    seed_feedback(r, 12)
+    report = run_cycle(r, settings, CycleConfig.from_dict(tiny_overrides()))
+    assert report["status"] == "published" and report["version"] == 7
+    # newest 1 = v7 (current), v6 its parent, v1 SFT, v3 pinned, v5 served: only v2 and v4 go
+    assert report["gc"]["keep"] == 1 and sorted(report["gc"]["deleted_versions"]) == [2, 4]
+    assert report["gc"]["bytes"] > 0
+    for v in (2, 4):
+        assert not checkpoint_path(settings, v).exists() and registry.get_version(r, v)["gc_deleted"]
+    for v in (1, 3, 5, 6, 7):
+        verify_checkpoint(checkpoint_path(settings, v))
+    rm = registry.get_reward_version(r, registry.current_reward_version(r))
+    verify_checkpoint(settings.checkpoint(rm["path"]))  # the current reward model too
+
+
+def test_automatic_gc_is_off_at_keep_0_and_its_failure_is_logged_not_raised(r, redis_url, tmp_path, caplog):
+    settings, old_tmp, _ = _home(r, redis_url, tmp_path)
+    assert gc.after_publish(r, settings.model_copy(update={"gc_keep": 0})) is None
+    assert old_tmp.exists() and checkpoint_path(settings, 2).is_dir()  # keep 0: nothing collected
+    registry.add_version(r, 9, {"source": "ppo", "parent": 8, "path": "../../elsewhere"})  # a registry gc refuses
+    assert gc.after_publish(r, settings) is None
+    assert "automatic checkpoint GC (keep 5) failed" in caplog.text
+    assert checkpoint_path(settings, 2).is_dir()  # nothing deleted on a failed plan
