@@ -237,6 +237,11 @@ class Settings(BaseSettings):
         description="idempotency records (a retry with the same feedback_id is recognised within this window) and "
         "vote histories (revision numbers count within it) expire this long after their last write",
     )
+    feedback_archive_dir: Path | None = Field(
+        None,
+        description="feedback-log entries are appended here (feedback-YYYYMMDD.jsonl, fsync'd) before they are "
+        "trimmed, in a form `alignd import` restores the votes from; unset: trimmed entries are not archived",
+    )
     gc_keep: int = Field(
         5,
         ge=0,

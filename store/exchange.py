@@ -13,7 +13,9 @@ Export formats (`export_preferences`):
 
 Import (`import_preferences`) reads HH-RLHF, UltraFeedback-binarized ({"prompt": str, "chosen": [messages],
 "rejected": [messages], "score_chosen", "score_rejected"}), TRL (as exported above) and alignd's own format,
-detected from the first line that parses. Every line is validated; a bad line is reported by number and skipped.
+detected from the first line that parses, and the feedback-log archive's vote lines (store/archive.py:
+{"kind": "vote", "event", "completion"}, restored as votes). Every line is validated; a bad line is reported by
+number and skipped.
 Each item is stored under a hash of its content, so importing a file twice adds nothing (nor does importing an
 alignd export into the store it came from). Imported items reach training through
 `store.comparisons.all_comparisons`, with annotator "import:<file name>" (or the one an alignd line carries).
@@ -34,7 +36,7 @@ import redis
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, field_validator
 
 from core.records import Comparison, Rated
-from store import keys
+from store import archive, keys
 from store.comparisons import all_comparisons, feedback_comparisons
 
 ExportFormat = Literal["hh", "trl", "alignd"]
@@ -248,7 +250,7 @@ class _AligndRated(_AligndBase):
 def _parse_alignd(obj: dict, name: str) -> dict[str, Any]:
     model = {"comparison": _AligndComparison, "rated": _AligndRated}.get(obj.get("kind"))
     if model is None:
-        raise BadLine("kind must be 'comparison' or 'rated'")
+        raise BadLine("kind must be 'comparison', 'rated' or 'vote'")
     try:
         item = model.model_validate(obj).model_dump()
     except ValidationError as exc:
@@ -329,6 +331,27 @@ return added
 """
 
 
+def _live_items(r: redis.Redis) -> set[str]:
+    """Content ids of the store's feedback-derived items: an alignd export imported into the store it came from
+    adds nothing."""
+    comparisons, rated = feedback_comparisons(r)
+    live = {content_id({"kind": "comparison", **c.stored()}) for c in comparisons}
+    return live | {content_id({"kind": "rated", **s.stored()}) for s in rated}
+
+
+def _restore(r: redis.Redis, obj: dict, report: dict[str, Any]) -> str | None:
+    """Restore one archived vote; the reason it is a bad line, or None."""
+    try:
+        outcome = archive.restore_vote(r, *archive.parse_vote(obj))
+    except archive.BadVote as exc:
+        return str(exc)
+    if outcome < 0:
+        return "the vote's completion is neither in the line nor in the store"
+    report["imported" if outcome else "duplicates"] += 1
+    report["votes"] = report.get("votes", 0) + outcome
+    return None
+
+
 def import_preferences(r: redis.Redis, path: Path) -> dict[str, Any]:
     """Import a preference file; returns {"format", "imported", "duplicates", "bad_lines": [(line_no, reason)]}.
 
@@ -344,12 +367,7 @@ def import_preferences(r: redis.Redis, path: Path) -> dict[str, Any]:
             (n, err or "not a line of HH-RLHF, UltraFeedback, TRL or alignd format") for n, _, err in _lines(path)
         ]
         return report
-    # an alignd export imported into the store it came from: its feedback-derived items are already there
-    live = set()
-    if fmt == "alignd":
-        comparisons, rated = feedback_comparisons(r)
-        live = {content_id({"kind": "comparison", **c.stored()}) for c in comparisons}
-        live |= {content_id({"kind": "rated", **s.stored()}) for s in rated}
+    live: set[str] | None = None  # the store's own feedback-derived items, read at the first alignd item line
     insert = r.register_script(INSERT_LUA)
     batch: list[str] = []
 
@@ -369,6 +387,10 @@ def import_preferences(r: redis.Redis, path: Path) -> dict[str, Any]:
                     if line_fmt
                     else f"not a line of the {fmt} format (expected keys missing)"
                 )
+        if err is None and obj.get("kind") == "vote":  # a feedback-log archive line (store/archive.py)
+            err = _restore(r, obj, report)
+            if err is None:
+                continue
         if err is None:
             try:
                 item = PARSERS[fmt](obj, name)
@@ -377,6 +399,8 @@ def import_preferences(r: redis.Redis, path: Path) -> dict[str, Any]:
         if err is not None:
             report["bad_lines"].append((line_no, err))
             continue
+        if live is None:
+            live = _live_items(r) if fmt == "alignd" else set()
         item_id = content_id(item)
         if item_id in live:
             report["duplicates"] += 1
@@ -412,6 +436,7 @@ def read_preferences(path: Path) -> dict[str, Any]:
     """
     path = Path(path)
     report: dict[str, Any] = {"format": None, "comparisons": [], "rated": [], "bad_lines": []}
+    votes = []  # archived votes (store/archive.py): derived together at the end, as the store would
     for line_no, obj, err in _lines(path):
         if err is None:
             obj = _with_kind(obj)
@@ -424,6 +449,12 @@ def read_preferences(path: Path) -> dict[str, Any]:
                     if line_fmt
                     else "not a line of HH-RLHF, UltraFeedback, TRL or alignd format"
                 )
+        if err is None and obj.get("kind") == "vote":
+            try:
+                votes.append(archive.parse_vote(obj))
+                continue
+            except archive.BadVote as exc:
+                err = str(exc)
         if err is None:
             try:
                 item = PARSERS[report["format"]](obj, path.name)
@@ -436,4 +467,7 @@ def read_preferences(path: Path) -> dict[str, Any]:
             report["comparisons"].append(Comparison.from_dict(item))
         else:
             report["rated"].append(Rated.from_dict(item))
+    comparisons, rated = archive.votes_to_items(votes)
+    report["comparisons"] += comparisons
+    report["rated"] += rated
     return report

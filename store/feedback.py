@@ -279,7 +279,8 @@ def fingerprint(body: ThumbsFeedback | PairwiseFeedback | RankFeedback, user: st
 ACCEPT_LUA = """
 -- KEYS: 1 completion, 2 idempotency hash, 3 log stream, 4 minute counter, 5 day counter, 6 history list,
 --       7 latest-vote hash, 8 latest-vote counter fields hash, 9 set of completions with votes,
---       10 event counters, 11 vote counters, 12 key minute counter, 13 key day counter, 14 key's annotators today
+--       10 event counters, 11 vote counters, 12 key minute counter, 13 key day counter, 14 key's annotators today,
+--       15 recent index (completion id → time of its latest vote)
 -- ARGV: 1 user, 2 is admin ('1' or '0'), 3 type, 4 choice | winner | ranking (JSON), 5 thumbs value,
 --       6 fingerprint, 7 event JSON without its closing brace, 8 latest-vote field, 9 completion id,
 --       10 per-minute limit, 11 per-day limit, 12 minute counter ttl, 13 day counter ttl,
@@ -287,7 +288,7 @@ ACCEPT_LUA = """
 --       15 key per-minute limit, 16 key per-day limit, 17 distinct annotators per key per day ('0': no cap),
 --       18 the vote-counter field holding this vote's arena outcome (per key unless the key is trusted),
 --       19 trusted annotation tool ('1' or '0'), 20 the request's `user` ('' when absent),
---       21 ttl of the idempotency record and the vote history ('0': kept)
+--       21 ttl of the idempotency record and the vote history ('0': kept), 22 now (s)
 local raw = redis.call('GET', KEYS[1])
 if not raw then return {'not_found'} end
 local record = cjson.decode(raw)
@@ -376,6 +377,7 @@ redis.call('HSET', KEYS[7], ARGV[8], event)
 redis.call('HSET', KEYS[8], ARGV[8], cjson.encode(fields))
 if #afields > 0 or old_arena then redis.call('HSET', KEYS[8], ARGV[18], cjson.encode(afields)) end
 redis.call('SADD', KEYS[9], ARGV[9])
+redis.call('ZADD', KEYS[15], ARGV[22], ARGV[9])
 if redis.call('INCR', KEYS[4]) == 1 then redis.call('EXPIRE', KEYS[4], ARGV[12]) end
 if redis.call('INCR', KEYS[5]) == 1 then redis.call('EXPIRE', KEYS[5], ARGV[13]) end
 if redis.call('INCR', KEYS[12]) == 1 then redis.call('EXPIRE', KEYS[12], ARGV[12]) end
@@ -450,6 +452,7 @@ def _script_call(
         keys.rate("feedback-key", key_user, f"{MINUTE_S}:{int(now // MINUTE_S)}"),
         keys.rate("feedback-key", key_user, f"day:{day:%Y%m%d}"),
         keys.key_annotators(key_user, f"{day:%Y%m%d}"),
+        keys.feedback_recent(),
     ]
     if isinstance(body, ThumbsFeedback):
         detail, value = str(body.choice), body.value
@@ -481,6 +484,7 @@ def _script_call(
         "1" if trusted else "0",
         body.user or "",
         limits.records_ttl_s or 0,
+        repr(now),
     ]
     return script_keys, args
 

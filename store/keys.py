@@ -116,6 +116,12 @@ def feedback_completions() -> str:
     return f"{PREFIX}:feedback:completions"
 
 
+def feedback_recent() -> str:
+    """Sorted set: completion id → time (s) of its latest vote; the bounded reads of store/comparisons.py walk it
+    newest first."""
+    return f"{PREFIX}:feedback:recent"
+
+
 def feedback_stats(kind: str) -> str:
     """Counter hash: kind 'events' counts accepted events, kind 'votes' counts the current (latest) votes."""
     return f"{PREFIX}:stats:feedback:{kind}"

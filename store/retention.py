@@ -8,18 +8,26 @@ a running or dead cycle holds it), or the first never delivered, whichever comes
 than `keep_s` (a day), an operator's window to inspect recent traffic. A cycle in flight records ids that are all
 pending until it settles, so nothing it holds can be trimmed.
 
+With an archive directory (`ALIGND_FEEDBACK_ARCHIVE_DIR`), the entries to be trimmed are first appended to a file
+there (store/archive.py), fsync'd, and the log is trimmed only after that write succeeded: a failed write (a full
+disk, a missing mount) is logged and the log stays as it is until a later trim archives it.
+
 Completion records, idempotency records and vote histories expire by themselves (TTLs set where they are written:
 store/completions.py, store/feedback.py); docs/safety.md states the whole policy.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from pathlib import Path
 
 import redis
 
-from store import keys
+from store import archive, keys
 from store.feedback import GROUP
+
+log = logging.getLogger("alignd.retention")
 
 LOG_KEEP_S = 86400  # settled entries younger than a day stay: recent traffic remains inspectable with XRANGE
 
@@ -58,9 +66,23 @@ def settled_boundary(r: redis.Redis, keep_s: float, now: float | None = None) ->
     return _min_id(boundary, f"{int((now - keep_s) * 1000)}-0")
 
 
-def trim_settled_feedback(r: redis.Redis, keep_s: float = LOG_KEEP_S, now: float | None = None) -> int:
-    """Trim settled log entries older than `keep_s`; returns how many were removed."""
+def trim_settled_feedback(
+    r: redis.Redis, keep_s: float = LOG_KEEP_S, now: float | None = None, *, archive_dir: Path | None = None
+) -> int:
+    """Trim settled log entries older than `keep_s`, archived first to `archive_dir` when given; returns how many
+    were removed (0 when the archive could not be written)."""
     boundary = settled_boundary(r, keep_s, now)
     if boundary is None:
         return 0
+    if archive_dir is not None:
+        try:
+            archive.archive_below(r, archive_dir, boundary, now)
+        except Exception as exc:  # whatever stopped the write, the entries must stay in the log
+            log.error(
+                "feedback archive in %s failed (%s: %s): the log is left untrimmed",
+                archive_dir,
+                type(exc).__name__,
+                exc,
+            )
+            return 0
     return int(r.eval(TRIM_LUA, 2, keys.feedback_stream(), keys.feedback_trimmed(), boundary))

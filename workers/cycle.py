@@ -80,7 +80,7 @@ def run_cycle(
     lock = FencedLock(r, names.TRAIN_LOCK, ttl_ms=int(cfg.lock_ttl_s * 1000))
     with lock:
         t0, token = time.perf_counter(), lock.token
-        recovered = settlement.recover(r, token)
+        recovered = settlement.recover(r, token, archive_dir=settings.feedback_archive_dir)
         job = open_job(r, settings, cfg, lock, trigger=trigger, progress=progress or log_progress)
         waiting = feedback.unconsumed_count(r)
         if waiting < min_events:
@@ -118,7 +118,7 @@ def _settled_cycle(job: Job, recovered: dict[str, int]) -> dict[str, Any]:
         why = f"{type(exc).__name__}: {exc}"
         raise
     finally:  # the one place a cycle's events are settled, whatever happened above (workers/settle.py)
-        settled = settlement.settle(r, token, by=token, why=why)
+        settled = settlement.settle(r, token, by=token, why=why, archive_dir=job.settings.feedback_archive_dir)
     return report | {"cycle": token, "recovered": recovered, "settled": settled}
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -68,8 +69,9 @@ def verdict(r: redis.Redis, token: int) -> tuple[bool, list[int], list[int]]:
     return used, published, [v for v in theirs if v not in published]
 
 
-def settle(r: redis.Redis, token: int, *, by: int, why: str) -> dict[str, Any] | None:
-    """Apply the rule to cycle `token`'s in-flight record (by the cycle itself or, `by` another token, in recovery).
+def settle(r: redis.Redis, token: int, *, by: int, why: str, archive_dir: Path | None = None) -> dict[str, Any] | None:
+    """Apply the rule to cycle `token`'s in-flight record (by the cycle itself or, `by` another token, in recovery),
+    then trim the settled log (archived first to `archive_dir`, ALIGND_FEEDBACK_ARCHIVE_DIR, when set).
     Returns what was done, or None when there is no record (already settled)."""
     raw = r.hget(keys.train_inflight(), str(token))
     if raw is None:
@@ -87,11 +89,12 @@ def settle(r: redis.Redis, token: int, *, by: int, why: str) -> dict[str, Any] |
         r, "cycle_settled", cycle=token, by=by, used=used, events=len(ids), acked=acked, versions=published, why=why
     )
     r.hdel(keys.train_inflight(), str(token))
-    retention.trim_settled_feedback(r)  # the log up to the oldest unsettled event has done its work
+    # the log up to the oldest unsettled event has done its work
+    retention.trim_settled_feedback(r, archive_dir=archive_dir)
     return {"used": used, "events": len(ids), "acked": acked, "released": 0 if used else len(ids)}
 
 
-def recover(r: redis.Redis, token: int) -> dict[str, int]:
+def recover(r: redis.Redis, token: int, *, archive_dir: Path | None = None) -> dict[str, int]:
     """Settle the records of cycles that died before settling (hard time limit, kill -9). Run by a cycle holding
     the lock as `token`: every older token is dead or fenced off, so its facts are final."""
     out = {"acked": 0, "released": 0}
@@ -99,7 +102,8 @@ def recover(r: redis.Redis, token: int) -> dict[str, int]:
         t = int(raw_token)
         if t >= token:
             continue
-        done = settle(r, t, by=token, why=f"died before settling; recovered by cycle {token}")
+        why = f"died before settling; recovered by cycle {token}"
+        done = settle(r, t, by=token, why=why, archive_dir=archive_dir)
         if done is not None:
             out["acked"] += done["acked"]
             out["released"] += done["released"]
