@@ -19,7 +19,8 @@ held-out accuracy measured mostly noise).
 Every record carries group (completion id), source (feedback id; "a,b" for a pair made of two thumbs),
 annotator (user) and meta with the completion id, the feedback type, the choice indices and their policy versions
 (chosen_version / rejected_version, or version for rated), from which arena win rates are computed.
-Imported comparisons (store/exchange.py) are included by `all_comparisons` as they were imported.
+Imported comparisons (store/exchange.py) are included by `all_comparisons` as they were imported. Every function
+here reads everything; store/recent.py reads a bounded window of the most recent items.
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ def derive(
     return comparisons, rated
 
 
-def _records_and_votes(r: redis.Redis, completion_ids: list[str]):
+def records_and_votes(r: redis.Redis, completion_ids: list[str]):
     """(record, latest votes) for each completion id that still has a record, fetched in pipelined batches."""
     for start in range(0, len(completion_ids), BATCH):
         chunk = completion_ids[start : start + BATCH]
@@ -192,7 +193,7 @@ def comparisons_for_events(r: redis.Redis, events: list[FeedbackEvent]) -> tuple
     completion_ids = sorted({e.completion_id for e in events})
     comparisons: list[Comparison] = []
     rated: list[Rated] = []
-    for record, votes in _records_and_votes(r, completion_ids):
+    for record, votes in records_and_votes(r, completion_ids):
         c, s = derive(record, votes, fresh)
         comparisons += c
         rated += s
@@ -201,7 +202,11 @@ def comparisons_for_events(r: redis.Redis, events: list[FeedbackEvent]) -> tuple
 
 def imported(r: redis.Redis) -> tuple[list[Comparison], list[Rated]]:
     """Comparisons and rated responses imported by store/exchange.py, in import order."""
-    order = r.lrange(keys.imported_order(), 0, -1)
+    return imported_items_from(r, r.lrange(keys.imported_order(), 0, -1))
+
+
+def imported_items_from(r: redis.Redis, order: list[str]) -> tuple[list[Comparison], list[Rated]]:
+    """The imported items with these content ids, in this order."""
     comparisons: list[Comparison] = []
     rated: list[Rated] = []
     for start in range(0, len(order), BATCH):
@@ -221,7 +226,7 @@ def feedback_comparisons(r: redis.Redis) -> tuple[list[Comparison], list[Rated]]
     comparisons: list[Comparison] = []
     rated: list[Rated] = []
     completion_ids = sorted(r.smembers(keys.feedback_completions()))
-    for record, votes in _records_and_votes(r, completion_ids):
+    for record, votes in records_and_votes(r, completion_ids):
         c, s = derive(record, votes)
         comparisons += c
         rated += s

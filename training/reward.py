@@ -104,6 +104,10 @@ class RewardConfig:
     adapter: str = "auto"  # read by workers/reward_stage.py: "lora" trains a LoRA adapter and the score head on
     #                        the frozen SFT trunk (train_reward_model(lora=...)), "full" every weight, "auto" the
     #                        same choice as the policy update's (update.adapter): a real-size base gets both as LoRA
+    max_comparisons: int | None = 20_000  # read by workers/: a cycle retrains on (and DPO/KTO replay) the most
+    #                                      recent N comparisons and rated answers (store/recent.py), since a budget
+    #                                      of ~50 s covers 2 epochs of ~4k pairs: older items would cost reads and
+    #                                      memory growing with every vote ever made and add no accuracy; None: all
     annotator_weights: bool = False  # the cycle weighs each comparison by its annotator's reliability (training/
     #                                  reliability.py), in the reward model and in DPO/KTO alike. Off: on the demo's
     #                                  honest pool (bench/reliability.py) one-coin Dawid-Skene rated the "detail"

@@ -108,7 +108,7 @@ def _settled_cycle(job: Job, recovered: dict[str, int]) -> dict[str, Any]:
     why = "ended by an exception before settling"
     try:
         job.failpoint("after_feedback")
-        data = training_data.from_events(r, events)
+        data = training_data.from_events(r, events, job.cfg.reward.max_comparisons)
         report = _nothing_new(job, data) if data.empty else pipeline(job, data)
         why = report["status"]
     except registry.RegistryConflict as exc:  # a rollback or a newer run got there first: the events stay unused
@@ -215,10 +215,11 @@ def run_preference(
     data: TrainingData | None = None,
     gated: bool = True,
 ) -> dict[str, Any]:
-    """DPO or KTO (`alignd train dpo|kto`) on `data` (default: every comparison and rated answer in Redis)."""
+    """DPO or KTO (`alignd train dpo|kto`) on `data` (default: the most recent `reward.max_comparisons` items in
+    Redis)."""
     if algorithm not in ("dpo", "kto"):
         raise ValueError(f"unknown preference algorithm {algorithm!r}; expected 'dpo' or 'kto'")
-    data = data if data is not None else training_data.from_store(r)
+    data = data if data is not None else training_data.from_store(r, cfg.reward.max_comparisons)
     return run_training(r, settings, cfg.with_update(algorithm=algorithm), data=data, gated=gated)
 
 

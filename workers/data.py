@@ -1,7 +1,8 @@
 """The labelled items a training run learns from, derived once and handed down the stages.
 
 A cycle's are the comparisons and rated answers derived from the feedback events it took (store/comparisons.py),
-beside the history of all of them (what the reward model retrains on and what DPO/KTO replay); `alignd train
+beside the history: the most recent `reward.max_comparisons` of all of them (store/recent.py; what the reward
+model retrains on and what DPO/KTO replay), so a cycle's reads are bounded however much was ever voted; `alignd train
 dpo|kto` takes a preference file's items or every item in Redis; `alignd train ppo` learns from none (it optimises
 the current reward model). Provenance — what the items were, who labelled them — is computed here, from the same
 lists the stages train on.
@@ -16,8 +17,9 @@ from typing import Any
 import redis
 
 from core.records import Comparison, Rated
-from store.comparisons import all_comparisons, comparisons_for_events
+from store.comparisons import comparisons_for_events
 from store.feedback import FeedbackEvent
+from store.recent import window
 
 
 @dataclass
@@ -55,20 +57,22 @@ class TrainingData:
         return dict(Counter(x.annotator for x in [*self.comparisons, *self.rated] if x.annotator))
 
 
-def from_events(r: redis.Redis, events: list[FeedbackEvent]) -> TrainingData:
-    """A cycle's data: the items `events` give (a revised vote gives its revision's), and all items as history (read
-    only when there is something new)."""
+def from_events(r: redis.Redis, events: list[FeedbackEvent], limit: int | None) -> TrainingData:
+    """A cycle's data: the items `events` give (a revised vote gives its revision's), and as history the most
+    recent `limit` items (store/recent.py; None: all), read only when there is something new."""
     new_c, new_r = comparisons_for_events(r, events)
     source = {"feedback_events": len(events), "comparisons": len(new_c), "rated": len(new_r)}
     data = TrainingData(new_c, new_r, source=source, events=events, replay=True)
     if not data.empty:
-        data.history_comparisons, data.history_rated = all_comparisons(r)
+        data.history_comparisons, data.history_rated = window(r, limit)
+        data.source["history"] = len(data.history_comparisons) + len(data.history_rated)
     return data
 
 
-def from_store(r: redis.Redis) -> TrainingData:
-    """Every comparison and rated item in Redis (feedback and imports), all of them new to this run."""
-    comparisons, rated = all_comparisons(r)
+def from_store(r: redis.Redis, limit: int | None = None) -> TrainingData:
+    """The most recent `limit` comparisons and rated items in Redis (feedback, then imports; None: every one), all
+    of them new to this run."""
+    comparisons, rated = window(r, limit)
     source = {"redis": True, "comparisons": len(comparisons), "rated": len(rated)}
     return TrainingData(comparisons, rated, comparisons, rated, source)
 

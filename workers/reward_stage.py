@@ -1,9 +1,10 @@
-"""Reward stage: retrain the reward model on all comparisons, then load the current one for the stages after it.
+"""Reward stage: retrain the reward model on recent comparisons, then load the current one for the stages after it.
 
-The reward model retrains from the SFT trunk (or warm-starts from the previous accepted model) on *all* comparisons
-and rated answers (store/comparisons.py). It becomes the new reward version only if its held-out accuracy does not
-regress against the previous reward model measured on the same held-out prompts (the split is a seeded hash of the
-prompt). Reward versions are checkpoints too (`checkpoints/rm-vN`, sha256 manifest), tracked in Redis.
+The reward model retrains from the SFT trunk (or warm-starts from the previous accepted model) on the most recent
+`reward.max_comparisons` comparisons and rated answers (store/recent.py; the cycle's history, workers/data.py). It
+becomes the new reward version only if its held-out accuracy does not regress against the previous reward model
+measured on the same held-out prompts (the split is a seeded hash of the prompt). Reward versions are checkpoints
+too (`checkpoints/rm-vN`, sha256 manifest), tracked in Redis.
 
     alignd train reward [--data FILE]       # this stage alone
 """
@@ -19,8 +20,8 @@ import redis
 from core.config import Settings
 from core.records import Comparison, Rated
 from store import registry
-from store.comparisons import all_comparisons
 from store.lock import FencedLock
+from store.recent import window
 from workers.cycle_config import CycleConfig
 from workers.data import TrainingData, annotator_reliability
 from workers.job import CycleError, Job, Progress, log_progress
@@ -88,7 +89,8 @@ def train_reward(
     ref_path: str | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Retrain on all comparisons (or `data` = (comparisons, rated)); register and switch to the new reward version
+    """Retrain on the most recent `reward.max_comparisons` items (or `data` = (comparisons, rated)); register and
+    switch to the new reward version
     unless it regresses. Needs the training lock (its token fences the switch)."""
     progress = progress or log_progress
     if ref_path is None:
@@ -96,7 +98,7 @@ def train_reward(
         if current is None:
             raise CycleError("no policy version is registered: run `alignd bootstrap` first")
         ref_path = str(registry.version_path(settings, r, registry.reference_version(r, current)))
-    comparisons, rated = data if data is not None else all_comparisons(r)
+    comparisons, rated = data if data is not None else window(r, cfg.reward.max_comparisons)
     previous = registry.current_reward_version(r)
     if not comparisons and not rated:
         return {"accepted": False, "reason": "no preference data", "version": previous}

@@ -8,23 +8,24 @@ from typing import Any
 from fastapi import APIRouter
 
 from service.deps import AdminDep, AppState, StateDep
-from store.comparisons import feedback_comparisons
 from store.feedback import last_event_id
+from store.recent import recent_feedback
 from store.stats import feedback_stats
 from training.reliability import from_dicts, table_dict
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 _reliability_lock = threading.Lock()  # one estimate at a time; concurrent callers wait for it and reuse it
+RELIABILITY_WINDOW = 20_000  # items of the most recent votes the estimate reads: a cycle's default reward window
 
 
 def _reliability(state: AppState) -> dict[str, Any]:
-    """Per-annotator reliability over the current votes (training/reliability.py), recomputed only when a vote
-    arrived since: it reads every voted completion, which the ops page should not pay for on each refresh."""
+    """Per-annotator reliability over the most recent current votes (training/reliability.py; at most
+    RELIABILITY_WINDOW items, store/recent.py), recomputed only when a vote arrived since."""
     with _reliability_lock:
         newest = last_event_id(state.redis)
         cached = state.extras.get("reliability")
         if cached is None or cached[0] != newest:
-            comparisons, rated = feedback_comparisons(state.redis)
+            comparisons, rated = recent_feedback(state.redis, RELIABILITY_WINDOW)
             cached = (newest, {"annotators": table_dict(from_dicts(comparisons, rated))})
             state.extras["reliability"] = cached
         return cached[1]

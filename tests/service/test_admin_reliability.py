@@ -1,14 +1,23 @@
 """GET /admin/stats shows per-annotator reliability: people behind one front-end key, named in the OpenAI `user`
-field, post feedback over real HTTP into a real redis-server; a spammer and a contrarian visibly lose weight."""
+field, post feedback over real HTTP into a real redis-server; a spammer and a contrarian visibly lose weight. Its
+figures equal a full recount of the votes, and the reliability estimate reads a bounded window of recent votes."""
 
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 from core.config import Settings
 from service.app import create_app
+from service.routes import admin as admin_routes
+from store import feedback as fb
+from store import keys
+from store.comparisons import feedback_comparisons
 from store.completions import ChoiceRecord, CompletionRecord, save_completion
 from tests.conftest import LiveServer
+from tests.store.test_exchange import BODY, LIMITS, seed
+from tests.workers.helpers import seed_feedback
+from training.reliability import from_dicts, table_dict
 
 HONEST = {"p1": 0.9, "p2": 0.85, "p3": 0.85, "p4": 0.8}
 BAD = {"spammer": 0.5, "contrarian": 0.15}
@@ -76,3 +85,31 @@ def test_a_spammer_and_a_contrarian_lose_weight_in_admin_stats(r, tmp_path, redi
         # the admin key only: a front end may not read its people's reliability
         with live.client("kother") as other:
             assert other.get("/admin/stats").status_code == 403
+
+
+def test_admin_stats_equals_a_full_recount_and_reads_a_bounded_window(r, tmp_path, redis_url, monkeypatch):
+    settings = Settings(home=tmp_path, api_keys="kfront:frontend", admin_key="kadmin")
+    seed(r)  # every kind of vote, with a revision below
+    seed_feedback(r, 30)
+    fb.submit_feedback(
+        r, BODY.validate_python({"completion_id": "p", "type": "pairwise", "winner": 0}), user="alice", limits=LIMITS
+    )
+    with LiveServer(create_app(settings, redis_url, engine=None)) as live, live.client("kadmin") as admin:
+        stats = admin.get("/admin/stats").json()
+        # the counters kept at acceptance against a recount of the latest votes
+        votes = [v for cid in sorted(r.smembers(keys.feedback_completions())) for v in fb.latest_votes(r, cid)]
+        assert stats["votes"]["total"] == len(votes) == 37
+        assert stats["votes"]["by_type"] == dict(Counter(v.type for v in votes))
+        assert stats["votes"]["by_user"] == dict(Counter(v.user for v in votes))
+        assert stats["votes"]["by_version"] == dict(Counter(str(v.version) for v in votes))
+        assert stats["events"]["total"] == 38  # the revision is an event, not a vote
+        up = Counter(str(v.choice_versions[v.choice]) for v in votes if v.type == "thumbs" and v.value == "up")
+        assert {k: t["up"] for k, t in stats["thumbs"].items()} == {k: up.get(k, 0) for k in stats["thumbs"]}
+        # reliability over the window equals the estimate over every vote while everything fits
+        assert stats["reliability"]["annotators"] == table_dict(from_dicts(*feedback_comparisons(r)))
+
+        monkeypatch.setattr(admin_routes, "RELIABILITY_WINDOW", 10)
+        seed_feedback(r, 1, seed=5)  # a new vote: the estimate is made again, over the 10 most recent items only
+        bounded = admin.get("/admin/stats").json()
+        assert sum(a["labels"] for a in bounded["reliability"]["annotators"].values()) <= 10
+        assert bounded["votes"]["total"] == 38  # the counters still count every vote
