@@ -20,7 +20,8 @@ key, and per (key, user) when the chat request named a `user`: only that person 
 Acceptance is ONE Lua script (EVALSHA, one round trip), so it is all-or-nothing and needs no lock:
   the completion (exists? the caller's? choice index / ranking valid for its choices?) → idempotency check →
   per-user rate counters (per minute, per UTC day; only accepted events count) → XADD to the log → the latest vote of
-  (completion, slot, user) with its revision and full history → vote/event counters for stats → idempotency record.
+  (completion, slot, user) with its revision and full history → vote/event counters for stats → the completion's
+  place in the index of recent votes (store/recent.py) → idempotency record.
 Every check comes before the first write, so a refused request changes nothing. With `appendfsync always` the
 reply is sent only after the script's writes are on disk: a 2xx means the event survives a crash. The script reads
 the completion record with cjson but never decodes the client's comment: the event JSON is built by Python

@@ -11,8 +11,7 @@ each stage is a module and returns a typed result the next one takes:
    comparisons and rated answers are derived once (workers/data.py `TrainingData`); a cycle with nothing new to
    learn from records that and publishes nothing.
 3. Reward (workers/reward_stage.py → `Rewards`): retrain the reward model on the most recent comparisons
-   (`reward.max_comparisons`); it becomes current
-   only if it does not regress on held-out pairs.
+   (`reward.max_comparisons`, store/recent.py); it becomes current only if it does not regress on held-out pairs.
 4. Update (workers/update.py → `Candidate`): LoRA or full (`use_adapter`), then PPO against the reward model
    (workers/ppo_update.py) or DPO / KTO from the labels (workers/preference.py), from the current policy and
    KL-regularised toward the SFT reference.
