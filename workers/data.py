@@ -2,10 +2,10 @@
 
 A cycle's are the comparisons and rated answers derived from the feedback events it took (store/comparisons.py),
 beside the history: the most recent `reward.max_comparisons` of all of them (store/recent.py; what the reward
-model retrains on and what DPO/KTO replay), so a cycle's reads are bounded however much was ever voted; `alignd train
-dpo|kto` takes a preference file's items or every item in Redis; `alignd train ppo` learns from none (it optimises
-the current reward model). Provenance — what the items were, who labelled them — is computed here, from the same
-lists the stages train on.
+model retrains on and what DPO/KTO replay), so a cycle's reads are bounded however much was ever voted; `alignd
+train dpo|kto` takes a preference file's items or the same window of Redis's; `alignd train ppo` learns from none
+(it optimises the current reward model). Provenance — what the items were, who labelled them — is computed here,
+from the same lists the stages train on.
 """
 
 from __future__ import annotations
