@@ -2,7 +2,7 @@
 
 alignd versions [--json]             # versions with metrics, provenance, status
 alignd rollback VERSION              # make an earlier version current again
-alignd gc [--keep 5] [--dry-run]     # delete old checkpoint folders (never current, parent, SFT, served ones)
+alignd gc [--keep N] [--dry-run]     # delete old checkpoint folders (never current, parent, SFT, served ones)
 alignd export --format hh --out F    # preference data out; `alignd import F` in
 alignd export-model VERSION --out D  # a version as a standard HF folder (a LoRA adapter merged into its base)
 alignd demo [--minutes 15]           # the whole loop from an empty directory, with a report
@@ -79,7 +79,10 @@ def rollback(version: Annotated[int, typer.Argument(help="the version to make cu
 
 @app.command()
 def gc(
-    keep: Annotated[int, typer.Option(min=1, help="newest versions of each kind kept besides the protected ones")] = 5,
+    keep: Annotated[
+        int | None,
+        typer.Option(min=1, help="newest versions of each kind kept besides the protected ones [ALIGND_GC_KEEP, or 5]"),
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would be deleted; delete nothing")] = False,
     as_json: JsonOpt = False,
 ):
@@ -89,7 +92,7 @@ def gc(
     settings = get_settings()
     _, r, _ = open_redis(settings)
     run = checkpoints_gc.plan if dry_run else checkpoints_gc.collect
-    result = run(r, settings, keep=keep)
+    result = run(r, settings, keep=keep or settings.gc_keep or 5)
     if as_json:
         print(json.dumps(result.as_dict() | {"dry_run": dry_run}))
         return
