@@ -15,7 +15,6 @@ service (the X-Policy-Version of the users' answers), then stops everything and 
 from __future__ import annotations
 
 import json
-import math
 import os
 import secrets
 import signal
@@ -40,7 +39,7 @@ from store.client import connect
 from store.feedback import unconsumed_count
 
 CYCLE_MARGIN = 1.3  # a cycle takes longer than the last one: the reward model retrains on all comparisons
-MIN_STRETCH_S = 10.0  # spare seconds worth giving to the last cycle's PPO
+MIN_STRETCH_S = 10.0  # spare seconds worth giving to the last cycle's update
 Log = Callable[[str], None]
 
 
@@ -204,8 +203,8 @@ def _terminate(signum: int, frame) -> None:
 
 def stretch_overrides(remaining: float, last_cycle_s: float, n_done: int, cfg: DemoConfig) -> dict[str, Any]:
     """CycleConfig overrides for the cycle about to start. When it is the last one the budget has room for (counted
-    as the loop counts, each cycle CYCLE_MARGIN times the previous), its PPO gets the spare seconds that would
-    otherwise go unused: more steps against the newest reward model, trained on the most feedback."""
+    as the loop counts, each cycle CYCLE_MARGIN times the previous), its update gets the spare seconds that would
+    otherwise go unused, as `update.stretch` (PPO, DPO and KTO alike): more training on the most feedback."""
     if last_cycle_s <= 0 or n_done + 1 < cfg.cycles:
         return {}
     this = CYCLE_MARGIN * last_cycle_s
@@ -214,11 +213,18 @@ def stretch_overrides(remaining: float, last_cycle_s: float, n_done: int, cfg: D
     spare = (remaining - this) / CYCLE_MARGIN
     if spare < MIN_STRETCH_S:
         return {}
+    seconds = update_seconds(cfg.cycle_config)
+    return {"update.stretch": round((seconds + spare) / seconds, 3)}
+
+
+def update_seconds(cycle_config: dict[str, Any]) -> float:
+    """The wall-clock budget of the run's policy update: update.seconds for PPO, else DPO's or KTO's max_seconds."""
     from workers.cycle_config import CycleConfig
 
-    base = CycleConfig.from_dict(cfg.cycle_config).update
-    seconds = base.seconds + spare
-    return {"update.seconds": round(seconds, 1), "update.steps": math.ceil(base.steps * seconds / base.seconds)}
+    cc = CycleConfig.from_dict(cycle_config)
+    if cc.update.algorithm == "ppo":
+        return cc.update.seconds
+    return getattr(cc, cc.update.algorithm).max_seconds or cc.update.seconds
 
 
 GRADER_SUITE = "graders-train.jsonl"  # written into the data directory with graders_as_reward
@@ -374,7 +380,7 @@ def _cycles(
         overrides = stretch_overrides(remaining, last_cycle_s, len(done), cfg)
         say(
             f"{waiting} new feedback events ({sim.counts()['feedback']}); POST /admin/train"
-            + (f" (last cycle: PPO gets the spare time, {overrides['update.seconds']:.0f} s)" if overrides else "")
+            + (f" (last cycle: the update gets the spare time, x{overrides['update.stretch']})" if overrides else "")
         )
         record = _one_cycle(r, services, sim, cfg, need, overrides, len(cycles) + 1, say)
         last_cycle_s = record["seconds"]

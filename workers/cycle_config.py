@@ -94,6 +94,13 @@ class UpdateConfig(BaseModel):
     seconds: float = Field(
         75.0, gt=0, description="wall-clock budget for PPO, so a cycle fits a 2-core CPU in ~2 minutes"
     )
+    stretch: float = Field(
+        1.0,
+        ge=1,
+        description="the update's budget times this, whatever the algorithm: PPO's seconds and steps, DPO/KTO's "
+        "max_seconds, epochs and max_steps (workers/update.py `stretched`); `alignd demo` gives its last cycle the "
+        "spare time this way",
+    )
     user_prompt_share: float = Field(
         0.5, ge=0, le=1, description="PPO prompts from real users; the rest from the world (held-out family excluded)"
     )

@@ -20,7 +20,7 @@ from typing import Any
 from core.records import Comparison, Rated
 from workers.data import TrainingData, annotator_reliability
 from workers.job import CycleError, Job
-from workers.update import Candidate, load_policy
+from workers.update import Candidate, load_policy, stretched_preference
 
 
 def run(job: Job, data: TrainingData, lora: bool) -> Candidate:
@@ -36,7 +36,7 @@ def run(job: Job, data: TrainingData, lora: bool) -> Candidate:
         algorithm = "kto"
     graded = _grader_items(job, cand, algorithm, counts)
     reference = None if lora else cand.reference  # LoRA: the adapter switched off is the reference
-    cfg = job.cfg.dpo if algorithm == "dpo" else job.cfg.kto
+    cfg = stretched_preference(job.cfg.update, job.cfg.dpo if algorithm == "dpo" else job.cfg.kto)
     t0 = time.perf_counter()
     try:
         if algorithm == "dpo":
