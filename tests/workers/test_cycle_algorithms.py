@@ -105,3 +105,22 @@ def test_the_stretch_reaches_every_algorithm(r, redis_url, tmp_path, algorithm):
     else:
         assert info["config"]["max_seconds"] == 10.0 and info["config"]["epochs"] == 2, info["config"]
         assert info["metrics"]["epochs"] == 2  # one epoch configured, two trained
+
+
+@pytest.mark.parametrize("algorithm", ["dpo", "kto"])
+def test_generic_preferences_join_the_update_as_their_share(r, redis_url, tmp_path, algorithm):
+    """update.generic_share: the built-in world's generic preferences (held-out family left out) are that share of
+    the update's items, recorded with the version."""
+    settings = make_settings(tmp_path / "home", redis_url)
+    publish_tiny(r, settings)
+    seed_feedback(r, 16)
+    report = run_cycle(r, settings, algorithm_cycle(algorithm, **{"update.generic_share": 0.5}))
+    assert report["status"] == "published", report
+    data = registry.get_version(r, report["version"])["update"]["data"]
+    assert data == {"new": 16, "replay": 0, "generic": 16}, data  # half of 32 items
+
+
+def test_generic_share_is_off_by_default_and_below_one():
+    assert CycleConfig().update.generic_share == 0.0
+    with pytest.raises(ValueError, match="generic_share"):
+        CycleConfig.from_dict({"update.generic_share": 1.0})
