@@ -30,6 +30,7 @@ from typing import Any
 
 import httpx
 
+from alignd.machine import CpuTimes, cpu_times, latency_summary
 from alignd.report import ReportConfig, build_report, verdict
 from alignd.simulate import BackgroundSimulation, SimConfig, api_keys_setting, sim_api_keys, simulated_users
 from core.config import Settings, get_settings
@@ -197,6 +198,12 @@ def _wait_swap(r, sim: BackgroundSimulation, version: int, timeout: float) -> fl
     return None
 
 
+def cycle_cpu(cycles: list[dict[str, Any]]) -> float | None:
+    """The machine's busy fraction over all cycles together (CPU time summed, so a long cycle weighs more)."""
+    measured = [CpuTimes(c["cpu"]["busy"], c["cpu"]["total"]) for c in cycles if c.get("cpu")]
+    return sum(measured, CpuTimes(0, 0)).fraction if measured else None
+
+
 def _terminate(signum: int, frame) -> None:
     raise SystemExit(128 + signum)
 
@@ -312,6 +319,7 @@ def _one_cycle(
     say: Log,
 ) -> dict[str, Any]:
     """POST /admin/train, wait for the task's result, then (when published) for the users to see the version."""
+    cpu_before = cpu_times()
     resp = services.admin("POST", "/admin/train", json={"min_events": need, "overrides": overrides or None})
     resp.raise_for_status()
     task_id, started = resp.json()["task_id"], time.monotonic()
@@ -322,7 +330,10 @@ def _one_cycle(
             break
         time.sleep(1.0)
         result = _cycle_result(r, task_id)
-    seconds = time.monotonic() - started
+    ended = time.monotonic()
+    seconds = ended - started
+    cpu_after = cpu_times()
+    cpu = cpu_after - cpu_before if cpu_before and cpu_after else None
     record = {
         "task_id": task_id,
         "status": result.get("status"),
@@ -336,6 +347,9 @@ def _one_cycle(
         "gate": result.get("gate"),
         # which update ran on what: people's new and replayed items, and the graders' (graders_as_reward)
         "update": {k: (result.get("update") or {}).get(k) for k in ("algorithm", "data")},
+        # the whole machine over the cycle (alignd/machine.py): what training leaves idle while the users chat
+        "window": [started, ended],
+        "cpu": None if cpu is None else {"busy": cpu.busy, "total": cpu.total, "busy_fraction": cpu.fraction},
     }
     if record["status"] == "published":
         record["swap_seconds"] = swap = _wait_swap(r, sim, record["version"], 120.0)
@@ -406,6 +420,7 @@ def run_demo(
     services = Services(cfg, home, say)
     sim: BackgroundSimulation | None = None
     cycles: list[dict[str, Any]] = []
+    latencies: list[tuple[float, float]] = []
     summary: dict[str, Any] = {
         "home": str(home),
         "report_dir": str(out),
@@ -424,6 +439,7 @@ def run_demo(
         r, sim = _start(services, cfg, budget, say, summary, elapsed)
         cycles = _cycles(r, services, sim, cfg, budget, say, elapsed)
         summary["simulation"] = sim.stop()
+        latencies = list(sim.sim.latencies)
         sim = None
         say(
             f"simulated users stopped: {summary['simulation']['requests']} requests, "
@@ -456,6 +472,8 @@ def run_demo(
         if restore is not None:
             signal.signal(signal.SIGTERM, restore)
     summary.update(
+        cpu_busy_during_cycles=cycle_cpu(cycles),
+        serving_latency=latency_summary(latencies, [c["window"] for c in cycles]),
         cycles=cycles,
         seconds=round(elapsed(), 1),
         within_budget=elapsed() <= budget,
@@ -538,6 +556,13 @@ def print_tables(summary: dict[str, Any], console) -> None:
     for name, t in rep["targets"].items():
         mark = {True: "[green]met", False: "[red]not met", None: "[yellow]n/a"}[t["met"]]
         console.print(f"  target {name}: {mark}[/] ({json.dumps({k: v for k, v in t.items() if k != 'met'})})")
+    busy, latency = summary.get("cpu_busy_during_cycles"), summary.get("serving_latency") or {}
+    console.print(
+        "machine: "
+        + ("CPU busy –" if busy is None else f"CPU {busy:.0%} busy")
+        + f" during the cycles; users' chat p99 {latency.get('p99_ms')} ms over the run, "
+        f"{(latency.get('during_cycles') or {}).get('p99_ms')} ms during cycles"
+    )
     console.print(
         f"cycles: {len(summary['cycles'])} run, {summary['published']} published, "
         f"{summary['swaps_seen']} seen in service; report: {summary['report_dir']}/report.html"

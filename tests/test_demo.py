@@ -58,6 +58,12 @@ def test_reduced_demo_publishes_swaps_and_reports(tmp_path, base_model, algorith
     )
     summary = run_demo(cfg, log=print)
     assert summary["seed"] == 7  # recorded with the run: runs are told apart by their seeds
+    # what the three-seed table needs besides the report: the machine during cycles, the users' latency
+    assert all(0 < c["cpu"]["busy_fraction"] <= 1 for c in summary["cycles"]), summary["cycles"]
+    assert 0 < summary["cpu_busy_during_cycles"] <= 1
+    latency = summary["serving_latency"]
+    assert latency["n"] == summary["simulation"]["requests"] > 0
+    assert 0 < latency["p50_ms"] <= latency["p99_ms"] and 0 < latency["during_cycles"]["n"] <= latency["n"]
 
     published = [c for c in summary["cycles"] if c["status"] == "published"]
     assert len(published) >= 3, summary["cycles"]
