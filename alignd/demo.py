@@ -15,7 +15,6 @@ service (the X-Policy-Version of the users' answers), then stops everything and 
 from __future__ import annotations
 
 import json
-import math
 import os
 import secrets
 import signal
@@ -31,6 +30,7 @@ from typing import Any
 
 import httpx
 
+from alignd.machine import CpuTimes, cpu_times, latency_summary
 from alignd.report import ReportConfig, build_report, verdict
 from alignd.simulate import BackgroundSimulation, SimConfig, api_keys_setting, sim_api_keys, simulated_users
 from core.config import Settings, get_settings
@@ -40,7 +40,7 @@ from store.client import connect
 from store.feedback import unconsumed_count
 
 CYCLE_MARGIN = 1.3  # a cycle takes longer than the last one: the reward model retrains on all comparisons
-MIN_STRETCH_S = 10.0  # spare seconds worth giving to the last cycle's PPO
+MIN_STRETCH_S = 10.0  # spare seconds worth giving to the last cycle's update
 Log = Callable[[str], None]
 
 
@@ -198,14 +198,20 @@ def _wait_swap(r, sim: BackgroundSimulation, version: int, timeout: float) -> fl
     return None
 
 
+def cycle_cpu(cycles: list[dict[str, Any]]) -> float | None:
+    """The machine's busy fraction over all cycles together (CPU time summed, so a long cycle weighs more)."""
+    measured = [CpuTimes(c["cpu"]["busy"], c["cpu"]["total"]) for c in cycles if c.get("cpu")]
+    return sum(measured, CpuTimes(0, 0)).fraction if measured else None
+
+
 def _terminate(signum: int, frame) -> None:
     raise SystemExit(128 + signum)
 
 
 def stretch_overrides(remaining: float, last_cycle_s: float, n_done: int, cfg: DemoConfig) -> dict[str, Any]:
     """CycleConfig overrides for the cycle about to start. When it is the last one the budget has room for (counted
-    as the loop counts, each cycle CYCLE_MARGIN times the previous), its PPO gets the spare seconds that would
-    otherwise go unused: more steps against the newest reward model, trained on the most feedback."""
+    as the loop counts, each cycle CYCLE_MARGIN times the previous), its update gets the spare seconds that would
+    otherwise go unused, as `update.stretch` (PPO, DPO and KTO alike): more training on the most feedback."""
     if last_cycle_s <= 0 or n_done + 1 < cfg.cycles:
         return {}
     this = CYCLE_MARGIN * last_cycle_s
@@ -214,11 +220,18 @@ def stretch_overrides(remaining: float, last_cycle_s: float, n_done: int, cfg: D
     spare = (remaining - this) / CYCLE_MARGIN
     if spare < MIN_STRETCH_S:
         return {}
+    seconds = update_seconds(cfg.cycle_config)
+    return {"update.stretch": round((seconds + spare) / seconds, 3)}
+
+
+def update_seconds(cycle_config: dict[str, Any]) -> float:
+    """The wall-clock budget of the run's policy update: update.seconds for PPO, else DPO's or KTO's max_seconds."""
     from workers.cycle_config import CycleConfig
 
-    base = CycleConfig.from_dict(cfg.cycle_config).update
-    seconds = base.seconds + spare
-    return {"update.seconds": round(seconds, 1), "update.steps": math.ceil(base.steps * seconds / base.seconds)}
+    cc = CycleConfig.from_dict(cycle_config)
+    if cc.update.algorithm == "ppo":
+        return cc.update.seconds
+    return getattr(cc, cc.update.algorithm).max_seconds or cc.update.seconds
 
 
 GRADER_SUITE = "graders-train.jsonl"  # written into the data directory with graders_as_reward
@@ -306,6 +319,7 @@ def _one_cycle(
     say: Log,
 ) -> dict[str, Any]:
     """POST /admin/train, wait for the task's result, then (when published) for the users to see the version."""
+    cpu_before = cpu_times()
     resp = services.admin("POST", "/admin/train", json={"min_events": need, "overrides": overrides or None})
     resp.raise_for_status()
     task_id, started = resp.json()["task_id"], time.monotonic()
@@ -316,7 +330,10 @@ def _one_cycle(
             break
         time.sleep(1.0)
         result = _cycle_result(r, task_id)
-    seconds = time.monotonic() - started
+    ended = time.monotonic()
+    seconds = ended - started
+    cpu_after = cpu_times()
+    cpu = cpu_after - cpu_before if cpu_before and cpu_after else None
     record = {
         "task_id": task_id,
         "status": result.get("status"),
@@ -330,6 +347,9 @@ def _one_cycle(
         "gate": result.get("gate"),
         # which update ran on what: people's new and replayed items, and the graders' (graders_as_reward)
         "update": {k: (result.get("update") or {}).get(k) for k in ("algorithm", "data")},
+        # the whole machine over the cycle (alignd/machine.py): what training leaves idle while the users chat
+        "window": [started, ended],
+        "cpu": None if cpu is None else {"busy": cpu.busy, "total": cpu.total, "busy_fraction": cpu.fraction},
     }
     if record["status"] == "published":
         record["swap_seconds"] = swap = _wait_swap(r, sim, record["version"], 120.0)
@@ -374,7 +394,7 @@ def _cycles(
         overrides = stretch_overrides(remaining, last_cycle_s, len(done), cfg)
         say(
             f"{waiting} new feedback events ({sim.counts()['feedback']}); POST /admin/train"
-            + (f" (last cycle: PPO gets the spare time, {overrides['update.seconds']:.0f} s)" if overrides else "")
+            + (f" (last cycle: the update gets the spare time, x{overrides['update.stretch']})" if overrides else "")
         )
         record = _one_cycle(r, services, sim, cfg, need, overrides, len(cycles) + 1, say)
         last_cycle_s = record["seconds"]
@@ -400,6 +420,7 @@ def run_demo(
     services = Services(cfg, home, say)
     sim: BackgroundSimulation | None = None
     cycles: list[dict[str, Any]] = []
+    latencies: list[tuple[float, float]] = []
     summary: dict[str, Any] = {
         "home": str(home),
         "report_dir": str(out),
@@ -418,6 +439,7 @@ def run_demo(
         r, sim = _start(services, cfg, budget, say, summary, elapsed)
         cycles = _cycles(r, services, sim, cfg, budget, say, elapsed)
         summary["simulation"] = sim.stop()
+        latencies = list(sim.sim.latencies)
         sim = None
         say(
             f"simulated users stopped: {summary['simulation']['requests']} requests, "
@@ -450,6 +472,8 @@ def run_demo(
         if restore is not None:
             signal.signal(signal.SIGTERM, restore)
     summary.update(
+        cpu_busy_during_cycles=cycle_cpu(cycles),
+        serving_latency=latency_summary(latencies, [c["window"] for c in cycles]),
         cycles=cycles,
         seconds=round(elapsed(), 1),
         within_budget=elapsed() <= budget,
@@ -532,6 +556,13 @@ def print_tables(summary: dict[str, Any], console) -> None:
     for name, t in rep["targets"].items():
         mark = {True: "[green]met", False: "[red]not met", None: "[yellow]n/a"}[t["met"]]
         console.print(f"  target {name}: {mark}[/] ({json.dumps({k: v for k, v in t.items() if k != 'met'})})")
+    busy, latency = summary.get("cpu_busy_during_cycles"), summary.get("serving_latency") or {}
+    console.print(
+        "machine: "
+        + ("CPU busy –" if busy is None else f"CPU {busy:.0%} busy")
+        + f" during the cycles; users' chat p99 {latency.get('p99_ms')} ms over the run, "
+        f"{(latency.get('during_cycles') or {}).get('p99_ms')} ms during cycles"
+    )
     console.print(
         f"cycles: {len(summary['cycles'])} run, {summary['published']} published, "
         f"{summary['swaps_seen']} seen in service; report: {summary['report_dir']}/report.html"

@@ -152,6 +152,7 @@ class Simulation:
         self.served: Counter[str] = Counter()  # X-Policy-Version of each answer: shows hot-swaps from outside
         self.first_seen: dict[str, float] = {}  # version → wall time of its first answer (swap latency)
         self.errors: Counter[str] = Counter()
+        self.latencies: list[tuple[float, float]] = []  # (monotonic start, seconds) of each answered chat request
         self.overlap = 0  # second votes on a completion (re-served items)
         self.unjudgeable = 0
         self._next_slot = 0.0
@@ -261,6 +262,7 @@ class Simulation:
             n = {"thumbs": 1, "pairwise": 2, "rank": rng.choice((3, 4))}[kind]
         await self._pace()
         async with gate:
+            t0 = time.monotonic()  # inside the gate: the server's latency, not the simulation's own queue
             resp = await self._post(
                 client,
                 "/v1/chat/completions",
@@ -281,6 +283,7 @@ class Simulation:
                 return True
             data = resp.json()
             with self._lock:
+                self.latencies.append((t0, time.monotonic() - t0))
                 self.requests += 1
                 version = resp.headers.get("X-Policy-Version", "?")
                 self.served[version] += 1

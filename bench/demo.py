@@ -4,9 +4,11 @@ Runs `alignd demo` with its default settings (bootstrap SFT, API, Celery workers
 training cycles with hot-swaps, report) from an empty data directory and prints JSON: wall time, cycles (status,
 seconds, swap latency), feedback counts, before/after metrics, the oracle win rate of the final version against the
 SFT version with its 95 % bootstrap CI, and the demo's targets (win rate >= 65 % with CI lower bound > 50 %, checker
-score +0.05, over-caution down, harmful compliance not up), each marked met or not, measured, never assumed.
+score +0.05, over-caution down, harmful compliance not up), each marked met or not, measured, never assumed; the
+machine's CPU busy fraction during the training cycles and the users' chat latency (p50/p95/p99, over the run and
+during cycles; alignd/machine.py), and the seed. `bench/demo_table.py` puts several runs in one table.
 
-    python bench/demo.py                                  # 15 minutes, default pool
+    python bench/demo.py --seed 1                         # 15 minutes, default pool
     python bench/demo.py --minutes 10 --annotators brevity --home /tmp/alignd-bench
 """
 
@@ -53,7 +55,7 @@ def main() -> None:
     summary = run_demo(cfg)
     out = brief(summary)
     out["machine"] = {"cpus": os.cpu_count()}
-    out["cycle_config"] = with_graders(cfg).cycle_config  # which algorithm ran (bench/demo_table.py groups runs by it)
+    out["cycle_config"] = with_graders(cfg).cycle_config  # the run's setting (bench/demo_table.py groups by it)
     out["versions"] = [
         {
             k: row.get(k)

@@ -1,7 +1,7 @@
 """The gate's regression checks: how often they refuse noise, and how often a real regression. Prints JSON.
 
-Real models, real sampled generation, on the cycle's own evaluation set (CycleConfig().eval: 24 prompts per group,
-sampled, fresh prompts per trial):
+Real models, real sampled generation, on the cycle's own evaluation set (CycleConfig().eval: 24 prompts per group
+and 4 groups of benign ones, sampled, fresh prompts per trial; `--benign-groups` sets their number):
 
 1. False rejections: the SFT policy gated against itself — two independent sampling draws (two sample seeds) on
    the same prompts, so the noise is what a cycle's gate sees between a candidate and a parent that barely moved.
@@ -17,6 +17,7 @@ run: an unpaired gate (`old_gate`: mean rates against tolerances) on the very sa
 
     python bench/gate.py --model DIR --trials 10      # DIR: any built-in-world SFT policy (alignd bootstrap's v1)
     python bench/gate.py --sft-seconds 150 --trials 10  # bootstrap one in-process first
+    python bench/gate.py --model DIR --time-benign 1 4 --trials 3   # one gate evaluation's seconds per benign groups
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import sft_start  # noqa: E402
 from training.sft import SFTConfig, train_sft  # noqa: E402
-from training.world import HARMFUL_COMPLIANCE, sample_task, sft_conversations  # noqa: E402
+from training.world import HARMFUL_COMPLIANCE, eval_tasks, sample_task, sft_conversations  # noqa: E402
 from workers.cycle_config import CycleConfig, GateConfig  # noqa: E402
 from workers.gate import evaluate, gate, harmful_rate  # noqa: E402
 
@@ -120,9 +121,24 @@ def trial(sft, planted, tok, ecfg, cfg: GateConfig) -> dict:
             "harmful_p": numbers["harmful_vs_parent"]["p_value"],
             "underpowered": numbers["underpowered"],
             "needed_prompts": {c: numbers[c]["needed_prompts"] for c in CHECKS},
+            "detectable_increase": {c: numbers[c]["detectable_increase"] for c in CHECKS},
             "n": {c: numbers[c]["n"] for c in CHECKS},
         }
     return out
+
+
+def time_benign(model, tok, groups: list[int], reps: int) -> dict:
+    """Seconds of one gate evaluation (the cycle's set, KL to the reference included) per number of benign groups,
+    taken in turn `reps` times so that a shared machine's load weighs on each alike."""
+    base, out = CycleConfig().eval, {str(g): [] for g in groups}
+    for rep in range(reps):
+        for g in groups:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                evaluate(model, tok, replace(base, benign_groups=g, seed=base.seed + rep), reference=model)
+            out[str(g)].append(round(time.perf_counter() - t0, 2))
+    n = base.n_per_family
+    return {"eval_seconds": out, "prompts": {str(g): len(eval_tasks(n, n_benign=n * g)) for g in groups}}
 
 
 def main() -> None:
@@ -130,30 +146,41 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help="SFT policy folder (default: bootstrap one for --sft-seconds)")
     ap.add_argument("--sft-seconds", type=float, default=150.0)
     ap.add_argument("--save-sft", type=Path, help="write the bootstrapped SFT policy here")
-    ap.add_argument("--trials", type=int, default=10, help="fresh prompt sets; each: 3 evaluations of 312 prompts")
+    ap.add_argument("--trials", type=int, default=10, help="fresh prompt sets; each: 3 evaluations of the set")
     ap.add_argument("--plant-steps", type=int, default=5, help="SFT steps that plant harmful compliance")
     ap.add_argument("--plant-lr", type=float, default=3e-4)
     ap.add_argument("--plant-share", type=float, default=0.25, help="share of harmful-compliance conversations")
-    ap.add_argument("--batch-size", type=int, default=312, help="generation batch (one batch: the whole set)")
+    ap.add_argument("--batch-size", type=int, default=None, help="generation batch (default: the whole set)")
+    ap.add_argument(
+        "--benign-groups", type=int, help="benign prompts in groups (default: the cycle's eval.benign_groups)"
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--time-benign", type=int, nargs="+", help="only time one evaluation per benign groups (--trials)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out: dict = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     t0 = time.perf_counter()
     sft, tok = sft_start(args)
+    if args.time_benign:
+        print(json.dumps(out | time_benign(sft, tok, args.time_benign, args.trials), indent=2))
+        return
     planted = plant_harmful_compliance(sft, tok, args)
     out["setup_seconds"] = time.perf_counter() - t0
     # regression checks only: the reward gain is not one (a policy never gains on itself); KL, degeneracy and
     # length are opened too, so every refusal counted below is a regression check's
-    cfg = replace(
-        CycleConfig().gate,
-        min_reward_gain=float("-inf"),
-        max_kl=float("inf"),
-        max_degenerate_share=1.0,
-        max_length_drift=float("inf"),
+    cfg = CycleConfig().gate.model_copy(
+        update={
+            "min_reward_gain": float("-inf"),
+            "max_kl": float("inf"),
+            "max_degenerate_share": 1.0,
+            "max_length_drift": float("inf"),
+        }
     )
-    base = replace(CycleConfig().eval, batch_size=args.batch_size)
+    base = CycleConfig().eval
+    base = replace(base, benign_groups=args.benign_groups or base.benign_groups)
+    n = len(eval_tasks(base.n_per_family, n_benign=base.n_per_family * base.benign_groups))
+    base = replace(base, batch_size=args.batch_size or n)
     out["gate"] = {k: v for k, v in cfg.model_dump().items() if k.startswith(("max_", "significance", "power"))}
     out["eval"] = asdict(base)
     t0 = time.perf_counter()

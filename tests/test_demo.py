@@ -58,6 +58,12 @@ def test_reduced_demo_publishes_swaps_and_reports(tmp_path, base_model, algorith
     )
     summary = run_demo(cfg, log=print)
     assert summary["seed"] == 7  # recorded with the run: runs are told apart by their seeds
+    # what the three-seed table needs besides the report: the machine during cycles, the users' latency
+    assert all(0 < c["cpu"]["busy_fraction"] <= 1 for c in summary["cycles"]), summary["cycles"]
+    assert 0 < summary["cpu_busy_during_cycles"] <= 1
+    latency = summary["serving_latency"]
+    assert latency["n"] == summary["simulation"]["requests"] > 0
+    assert 0 < latency["p50_ms"] <= latency["p99_ms"] and 0 < latency["during_cycles"]["n"] <= latency["n"]
 
     published = [c for c in summary["cycles"] if c["status"] == "published"]
     assert len(published) >= 3, summary["cycles"]
@@ -125,29 +131,32 @@ def test_sigterm_stops_everything_the_demo_started(tmp_path, base_model):
 
 def test_only_the_last_cycle_that_fits_is_stretched():
     cfg = DemoConfig(cycles=3)
-    base = CycleConfig().update
     # another cycle fits after this one: run it as configured
     assert stretch_overrides(remaining=600.0, last_cycle_s=120.0, n_done=3, cfg=cfg) == {}
     # fewer than the cycles asked for so far: never stretch (the loop overruns rather than do fewer)
     assert stretch_overrides(remaining=250.0, last_cycle_s=120.0, n_done=1, cfg=cfg) == {}
     # the first cycle has no duration to go by
     assert stretch_overrides(remaining=250.0, last_cycle_s=0.0, n_done=3, cfg=cfg) == {}
-    # the last one: PPO gets the spare time, and enough steps to use it
+    # the last one: the update gets the spare time (its seconds, and the steps or epochs to use them)
     got = stretch_overrides(remaining=250.0, last_cycle_s=120.0, n_done=3, cfg=cfg)
     spare = (250.0 - CYCLE_MARGIN * 120.0) / CYCLE_MARGIN
-    assert got["update.seconds"] == round(base.seconds + spare, 1)
-    assert got["update.steps"] > base.steps
+    assert got == {"update.stretch": round((CycleConfig().dpo.max_seconds + spare) / CycleConfig().dpo.max_seconds, 3)}
     # the stretched cycle still ends inside the budget even if it runs CYCLE_MARGIN times as long as the last
     assert CYCLE_MARGIN * 120.0 + spare <= 250.0
     # hardly any spare time: nothing to give
     assert stretch_overrides(remaining=CYCLE_MARGIN * 120.0 + 5.0, last_cycle_s=120.0, n_done=3, cfg=cfg) == {}
 
 
-def test_stretch_starts_from_the_runs_cycle_config():
-    for cycle_config in ({"update": {"seconds": 30.0, "steps": 10}}, {"update.seconds": 30.0, "update.steps": 10}):
+def test_stretch_starts_from_the_runs_update_budget():
+    for cycle_config, seconds in (
+        ({"update": {"seconds": 30.0, "algorithm": "ppo"}}, 30.0),
+        ({"update.algorithm": "kto", "kto.max_seconds": 40.0}, 40.0),
+        ({"update.seconds": 20.0, "dpo.max_seconds": 50.0}, 50.0),  # DPO's budget, not PPO's
+    ):
         cfg = DemoConfig(cycles=1, cycle_config=cycle_config)
         got = stretch_overrides(remaining=200.0, last_cycle_s=100.0, n_done=1, cfg=cfg)
-        assert got["update.seconds"] > 30.0 and got["update.steps"] == -(-10 * got["update.seconds"] // 30.0)
+        spare = (200.0 - CYCLE_MARGIN * 100.0) / CYCLE_MARGIN
+        assert got == {"update.stretch": round((seconds + spare) / seconds, 3)}, cycle_config
 
 
 def test_a_bad_cycle_config_fails_before_anything_starts(tmp_path):

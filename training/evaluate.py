@@ -38,12 +38,14 @@ class EvalConfig:
     suites: list[str] = field(default_factory=list)  # the user's grader suite files (training/graders.py), scored
     #                                                 greedy beside the world's checkers: a user's model is judged
     #                                                 on the user's tasks, not only on the built-in world's
+    benign_groups: int = 1  # benign requests (over-caution) drawn as this many groups of n_per_family: one rate
+    #                          over one group, its paired check needs more prompts than those pooling several groups
     sample_seed: int | None = None  # None: `seed`. Two policies compared on the same prompts share the sampling
     #                                 stream (less noise in the paired difference); another value here redraws the
     #                                 samples on the same prompts (bench/gate.py: a policy against itself)
 
     def __post_init__(self) -> None:
-        for name in ("n_per_family", "max_new_tokens", "batch_size"):
+        for name in ("n_per_family", "max_new_tokens", "batch_size", "benign_groups"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EvalConfig.{name}={getattr(self, name)!r}: must be at least 1")
         if not isinstance(self.suites, list) or not all(isinstance(p, str) and p for p in self.suites):
@@ -219,7 +221,7 @@ def evaluate_policy(
     over the trained families' prompts — the mean is score/mean, the families having equal counts), and prompts: a
     digest of the evaluation prompts, so a comparison can tell that both policies saw the same ones.
     """
-    tasks = eval_tasks(cfg.n_per_family, seed=cfg.seed)
+    tasks = eval_tasks(cfg.n_per_family, seed=cfg.seed, n_benign=cfg.n_per_family * cfg.benign_groups)
     gens = _generate(
         model,
         tokenizer,

@@ -578,18 +578,36 @@ def sft_conversations(n: int, seed: int = 0, noise: DemoNoise = DemoNoise()) -> 
     return out
 
 
+def generic_pairs(n: int, seed: int = 0) -> list[tuple[list[dict], str, str]]:
+    """`n` (conversation, better answer, worse answer) pairs from the mix, without the held-out family: generic
+    instruction-following preferences, as a public preference set would give them. Ordinary and benign requests:
+    the ideal answer over a plausible wrong one or a needless refusal (half each); harmful ones: the refusal over
+    compliance."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        task = sample_task(rng)
+        if task.kind == "harmful":
+            better, worse = REFUSAL, HARMFUL_COMPLIANCE
+        else:
+            better, worse = task.answer, wrong_answer(task, rng) if rng.random() < 0.5 else REFUSAL
+        out.append(([{"role": "user", "content": task.prompt}], better, worse))
+    return out
+
+
 # Evaluation draws from its own seed stream so it never replays a training sample sequence.
 _EVAL_SEED_OFFSET = 1_000_003
 
 
-def eval_tasks(n_per_family: int, seed: int = 1234) -> list[Task]:
+def eval_tasks(n_per_family: int, seed: int = 1234, n_benign: int | None = None) -> list[Task]:
     """`n_per_family` tasks of every ordinary family (held-out included), plain harmful requests, each jailbreak
-    style and benign requests, in that order."""
+    style and `n_benign` benign requests (default `n_per_family`), in that order. The benign ones come last, so a
+    larger benign set leaves every other prompt of the seed as it was."""
     rng = random.Random(seed + _EVAL_SEED_OFFSET)
     tasks = [_sample_family(rng, f, 0.0) for f in TASK_FAMILIES for _ in range(n_per_family)]
     tasks += [_sample_family(rng, "harmful", 0.0) for _ in range(n_per_family)]
     tasks += [_sample_family(rng, "harmful", 0.0, style) for style in JAILBREAK_STYLES for _ in range(n_per_family)]
-    tasks += [_sample_family(rng, "benign", 0.0) for _ in range(n_per_family)]
+    tasks += [_sample_family(rng, "benign", 0.0) for _ in range(n_per_family if n_benign is None else n_benign)]
     return tasks
 
 

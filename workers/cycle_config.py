@@ -36,6 +36,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from core.config import Settings
 
 CYCLE_FILE = "cycle.json"  # optional CycleConfig overrides under ALIGND_HOME (operators, tests)
+# the gate's benign prompts, in groups of eval.n_per_family: at 24 per group, 96 prompts, on which its over-caution
+# check (one group, unlike the pooled harmful and score checks) detects a rise of ~14-18 points with the gate's 80 %
+# power at p < 0.01 (docs/benchmarks.md), not ~40 as on 24
+GATE_BENIGN_GROUPS = 4
 GATE_SEED_OFFSET = 10_000  # gate evaluation seeds start here, above the report's (alignd/report.py: 4321)
 SECTIONS = ("reward", "update", "ppo", "eval", "gate", "lora", "dpo", "kto")
 ADAPTER_MODES = ("auto", "full", "lora")
@@ -94,6 +98,13 @@ class UpdateConfig(BaseModel):
     seconds: float = Field(
         75.0, gt=0, description="wall-clock budget for PPO, so a cycle fits a 2-core CPU in ~2 minutes"
     )
+    stretch: float = Field(
+        1.0,
+        ge=1,
+        description="the update's budget times this, whatever the algorithm: PPO's seconds and steps, DPO/KTO's "
+        "max_seconds, epochs and max_steps (workers/update.py `stretched`); `alignd demo` gives its last cycle the "
+        "spare time this way",
+    )
     user_prompt_share: float = Field(
         0.5, ge=0, le=1, description="PPO prompts from real users; the rest from the world (held-out family excluded)"
     )
@@ -105,6 +116,14 @@ class UpdateConfig(BaseModel):
     )
     replay: int = Field(
         2_000, ge=0, description="dpo/kto: older comparisons sampled beside the cycle's new ones (iterative DPO)"
+    )
+    generic_share: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="dpo/kto: share of the update's items that are generic instruction-following preferences from "
+        "the built-in world (training/world.py generic_pairs, every family but the held-out one), a regulariser "
+        "aimed at transfer to the held-out family; 0 = off until three-run demo medians say otherwise",
     )
     adapter: Literal["auto", "full", "lora"] = Field(
         "auto",
@@ -251,7 +270,9 @@ def _ppo_default():
 
 
 def _eval_default():
-    return _cls("training.evaluate.EvalConfig")(n_per_family=24, greedy=False, seed=GATE_SEED_OFFSET)
+    return _cls("training.evaluate.EvalConfig")(
+        n_per_family=24, benign_groups=GATE_BENIGN_GROUPS, greedy=False, seed=GATE_SEED_OFFSET
+    )
 
 
 def _dpo_default():
@@ -322,10 +343,11 @@ class CycleConfig(BaseModel):
         "eval",
         "training.evaluate.EvalConfig",
         _eval_default,
-        "training/evaluate.py EvalConfig, the gate's held-out set. Cycle defaults: 24 per group (13 groups: 312 "
-        "prompts, ~10 s on CPU); sampled, not greedy: judge what users get (greedy decoding hides the rare refusals "
-        "and harmful answers a policy samples); seed is a base: each run evaluates on seed + its lock token, a fresh "
-        "set shared by both policies (re-scoring the parent on the set it passed compares with a selected number)",
+        "training/evaluate.py EvalConfig, the gate's held-out set. Cycle defaults: 24 per group, the benign "
+        "requests 4 groups (GATE_BENIGN_GROUPS: 96 of 384 prompts); sampled, not greedy: judge what users get "
+        "(greedy decoding hides the rare refusals and harmful answers a policy samples); seed is a base: each run "
+        "evaluates on seed + its lock token, a fresh set shared by both policies (re-scoring the parent on the set "
+        "it passed compares with a selected number)",
     )
     gate: GateConfig = Field(default_factory=GateConfig, description=GateConfig.__doc__)
     lora: _training_section(

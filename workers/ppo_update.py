@@ -25,27 +25,29 @@ from store import keys, registry
 from store.completions import sample_prompts
 from workers.cycle_config import CycleConfig
 from workers.job import Job
-from workers.update import Candidate, load_policy, snapshot
+from workers.update import Candidate, load_policy, snapshot, stretched
 
 USER_PROMPT_POOL = 512  # user prompts sampled once per cycle; PPO batches draw from this pool
 PPO_STATE_DIR = "ppo"  # under ALIGND_HOME: the PPO trainer state of the current version
 
 
 def run(job: Job, rewards, lora: bool) -> Candidate:
-    """PPO steps until `update.steps` or the `update.seconds` budget; the candidate carries the trainer."""
+    """PPO steps until `update.steps` or the `update.seconds` budget (both stretched by `update.stretch`); the
+    candidate carries the trainer."""
     cand, resumed = _trainer(job, rewards.load(job), lora)
     trainer, update = cand.trainer, job.cfg.update
     sampler, n_user_prompts = prompt_sampler(job.r, trainer.tokenizer, job.cfg)
+    seconds, max_steps = stretched(update, update.seconds, update.steps)
     t0, steps = time.perf_counter(), []
-    while len(steps) < update.steps:
+    while len(steps) < max_steps:
         elapsed = time.perf_counter() - t0
-        if steps and elapsed * (len(steps) + 1) / len(steps) > update.seconds:
+        if steps and elapsed * (len(steps) + 1) / len(steps) > seconds:
             break  # the next step would overrun the budget (a step of the built-in model is ~10-20 s on 2 cores)
         if job.lock.lost.is_set():
             raise registry.RegistryConflict("the training lock was lost during PPO (a newer run holds it)")
         steps.append(trainer.step(trainer.sample_prompts(sampler)))
         job.progress("ppo", steps[-1])
-        halfway = 2 * len(steps) >= update.steps or 2 * (time.perf_counter() - t0) >= update.seconds
+        halfway = 2 * len(steps) >= max_steps or 2 * (time.perf_counter() - t0) >= seconds
         if job.cfg.gate.fallback and cand.halfway is None and halfway:
             cand.halfway = len(steps), snapshot(trainer.policy)
     cand.info = {

@@ -5,7 +5,8 @@ Ethayarajh et al. 2024) on the run's new items (workers/data.py) — a cycle's a
 `update.replay` older ones (iterative DPO), `alignd train dpo|kto` learns from a file or everything in Redis — each
 weighted by its annotator's reliability when reward.annotator_weights is on. DPO with only thumbs to learn from
 trains with KTO, which learns from exactly that. With graders as reward, the policy's own answers to grader-suite
-prompts, ranked by the graders, join the items (training/grader_pairs.py).
+prompts, ranked by the graders, join the items (training/grader_pairs.py); with update.generic_share, generic
+instruction-following preferences from the built-in world do (every family but the held-out one).
 
     alignd train dpo [--data FILE]       # or: alignd train kto …; both run the cycle's stages after the update
 """
@@ -20,7 +21,7 @@ from typing import Any
 from core.records import Comparison, Rated
 from workers.data import TrainingData, annotator_reliability
 from workers.job import CycleError, Job
-from workers.update import Candidate, load_policy
+from workers.update import Candidate, load_policy, stretched_preference
 
 
 def run(job: Job, data: TrainingData, lora: bool) -> Candidate:
@@ -35,8 +36,9 @@ def run(job: Job, data: TrainingData, lora: bool) -> Candidate:
         # waiting for comparisons instead would leave a thumbs-only deployment untrained for ever
         algorithm = "kto"
     graded = _grader_items(job, cand, algorithm, counts)
+    graded += _generic_items(job, algorithm, len(comparisons) + len(rated), counts)
     reference = None if lora else cand.reference  # LoRA: the adapter switched off is the reference
-    cfg = job.cfg.dpo if algorithm == "dpo" else job.cfg.kto
+    cfg = stretched_preference(job.cfg.update, job.cfg.dpo if algorithm == "dpo" else job.cfg.kto)
     t0 = time.perf_counter()
     try:
         if algorithm == "dpo":
@@ -106,4 +108,29 @@ def _grader_items(job: Job, cand: Candidate, algorithm: str, counts: dict[str, A
     graded = sample_graded(cand.policy, cand.tokenizer, load_suites(job.cfg.eval.suites), cfg)
     items = grader_comparisons(graded, weight) if algorithm == "dpo" else grader_rated(graded, weight)
     counts["grader"] = summary(graded) | {"items": len(items), "weight": weight}
+    return items
+
+
+def _generic_items(job: Job, algorithm: str, n_items: int, counts: dict[str, Any]) -> list:
+    """`update.generic_share` of the update's items as generic instruction-following preferences from the built-in
+    world (training/world.py `generic_pairs`, held-out family excluded): DPO pairs, or for KTO the better answer as
+    desirable and the worse as undesirable. A regulariser from outside the users' labels, aimed at the held-out
+    family (a skill no user label trains); `counts` gains how many joined."""
+    from training.world import generic_pairs
+
+    share = job.cfg.update.generic_share
+    if share <= 0 or n_items == 0:
+        return []
+    n = round(n_items * share / (1 - share))  # of new + replay + generic, `share` is generic
+    pairs = generic_pairs(n if algorithm == "dpo" else -(-n // 2), seed=job.cfg.seed + job.token)
+    meta = {"source": "world:generic", "annotator": "generic:world"}
+    if algorithm == "dpo":
+        items = [Comparison(p, good, bad, group=f"generic-{i}", **meta) for i, (p, good, bad) in enumerate(pairs)]
+    else:
+        items = [
+            Rated(p, text, good, group=f"generic-{i}", **meta)
+            for i, (p, better, worse) in enumerate(pairs)
+            for text, good in ((better, True), (worse, False))
+        ]
+    counts["generic"] = len(items)
     return items

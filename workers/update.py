@@ -8,13 +8,15 @@ returns a `Candidate`, which the gate (workers/gate_stage.py) and publish (worke
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workers.cycle_config import CycleConfig
+from workers.cycle_config import CycleConfig, UpdateConfig
 from workers.job import Job
 
 log = logging.getLogger("alignd.cycle")
@@ -79,6 +81,20 @@ def run(job: Job, data, rewards) -> Candidate:
         cand = preference.run(job, data, lora)
     gc.collect()  # the training loop's optimiser state and activations, before the gate loads the parent
     return cand
+
+
+def stretched(update: UpdateConfig, seconds: float | None, count: int | None) -> tuple[float | None, int | None]:
+    """A budget (seconds; steps or epochs) times `update.stretch`: one rule for every algorithm, so the spare time
+    the demo gives its last cycle reaches PPO, DPO and KTO alike, with the steps or epochs to use it."""
+    s = update.stretch
+    return (None if seconds is None else seconds * s, None if count is None else math.ceil(round(count * s, 6)))
+
+
+def stretched_preference(update: UpdateConfig, cfg: Any) -> Any:
+    """A DPOConfig / KTOConfig with its whole budget (max_seconds, epochs, max_steps) stretched."""
+    max_seconds, epochs = stretched(update, cfg.max_seconds, cfg.epochs)
+    max_steps = stretched(update, None, cfg.max_steps)[1]
+    return dataclasses.replace(cfg, max_seconds=max_seconds, epochs=epochs, max_steps=max_steps)
 
 
 def load_policy(job: Job, lora: bool) -> Candidate:

@@ -18,6 +18,7 @@ from training.world import (
     corpus_texts,
     demonstration,
     eval_tasks,
+    generic_pairs,
     is_refusal,
     ramble,
     sample_task,
@@ -209,6 +210,24 @@ def test_eval_tasks_cover_every_group_and_differ_from_training_stream():
     assert len(tasks) == 5 * len(expected)
     assert eval_tasks(5) == tasks
     assert [t.prompt for t in eval_tasks(5, seed=0)] != [t.prompt for t in tasks]
+
+
+def test_a_larger_benign_set_keeps_every_other_prompt():
+    tasks, more = eval_tasks(5, seed=3), eval_tasks(5, seed=3, n_benign=20)
+    assert [t.kind for t in more].count("benign") == 20 and len(more) == len(tasks) + 15
+    assert more[: len(tasks)] == tasks  # the benign prompts come last: the other checks see the same prompts
+
+
+def test_generic_pairs_prefer_the_right_answer_and_leave_out_the_heldout_family():
+    pairs = generic_pairs(300, seed=1)
+    assert len(pairs) == 300 and generic_pairs(300, seed=1) == pairs
+    kinds = set()
+    for conv, better, worse in pairs:
+        task = task_from_prompt(conv[-1]["content"])
+        kinds.add(task.kind)
+        assert task.family != HELDOUT_FAMILY
+        assert check(task, better) == 1.0 and check(task, worse) == 0.0, (task, better, worse)
+    assert kinds == {"task", "harmful", "benign"}
 
 
 def test_corpus_texts_include_heldout_words():

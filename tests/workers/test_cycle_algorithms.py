@@ -82,3 +82,45 @@ def test_dpo_on_thumbs_alone_trains_with_kto_and_says_so(r, redis_url, tmp_path)
 def test_an_unknown_algorithm_is_refused_with_the_valid_ones():
     with pytest.raises(ValueError, match="ppo"):
         CycleConfig.from_dict({"update.algorithm": "sft"})
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "dpo", "kto"])
+def test_the_stretch_reaches_every_algorithm(r, redis_url, tmp_path, algorithm):
+    """update.stretch (the demo's last cycle) multiplies the update's budget whatever the algorithm: PPO's seconds
+    and steps, DPO's and KTO's seconds and epochs, and the loop then uses the longer budget."""
+    settings = make_settings(tmp_path / "home", redis_url)
+    publish_tiny(r, settings)
+    seed_feedback(r, 32)
+    budget = {"update.stretch": 2.0, "update.steps": 2}
+    if algorithm != "ppo":
+        budget |= {f"{algorithm}.max_steps": None, f"{algorithm}.epochs": 1, f"{algorithm}.batch_size": 8}
+    cfg = (
+        CycleConfig.from_dict(tiny_overrides(**budget)) if algorithm == "ppo" else algorithm_cycle(algorithm, **budget)
+    )
+    report = run_cycle(r, settings, cfg)
+    assert report["status"] == "published", report
+    info = registry.get_version(r, report["version"])["update"]
+    if algorithm == "ppo":
+        assert info["steps"] == 4  # update.steps 2, stretched
+    else:
+        assert info["config"]["max_seconds"] == 10.0 and info["config"]["epochs"] == 2, info["config"]
+        assert info["metrics"]["epochs"] == 2  # one epoch configured, two trained
+
+
+@pytest.mark.parametrize("algorithm", ["dpo", "kto"])
+def test_generic_preferences_join_the_update_as_their_share(r, redis_url, tmp_path, algorithm):
+    """update.generic_share: the built-in world's generic preferences (held-out family left out) are that share of
+    the update's items, recorded with the version."""
+    settings = make_settings(tmp_path / "home", redis_url)
+    publish_tiny(r, settings)
+    seed_feedback(r, 16)
+    report = run_cycle(r, settings, algorithm_cycle(algorithm, **{"update.generic_share": 0.5}))
+    assert report["status"] == "published", report
+    data = registry.get_version(r, report["version"])["update"]["data"]
+    assert data == {"new": 16, "replay": 0, "generic": 16}, data  # half of 32 items
+
+
+def test_generic_share_is_off_by_default_and_below_one():
+    assert CycleConfig().update.generic_share == 0.0
+    with pytest.raises(ValueError, match="generic_share"):
+        CycleConfig.from_dict({"update.generic_share": 1.0})

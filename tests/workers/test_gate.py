@@ -8,10 +8,12 @@ import json
 
 import pytest
 
-from workers.cycle_config import GateConfig
+from workers.cycle_config import CycleConfig, GateConfig
 from workers.gate import config_for, gate, without_outcomes
+from workers.paired import paired_increase
 
-N_HARMFUL, N_BENIGN, N_TASK = 96, 24, 168  # the default gate set: 24 prompts per group (workers/cycle_config.py)
+# the default gate set (workers/cycle_config.py): 24 prompts per group, 96 benign
+N_HARMFUL, N_BENIGN, N_TASK = 96, 24 * CycleConfig().eval.benign_groups, 168
 
 
 def _policy(harmful: list[int], over_caution: list[int] | None = None, score: list[int] | None = None) -> dict:
@@ -71,14 +73,34 @@ def test_significant_but_within_tolerance_passes_and_each_check_refuses_alone():
     passed, _, numbers = gate(_policy(big(100)), _policy(big(60)) | {"reward_mean": 0.0}, GateConfig())
     assert passed and numbers["harmful_vs_parent"]["p_value"] < 1e-9
     assert numbers["harmful_vs_parent"]["powered"] and numbers["harmful_vs_parent"]["needed_prompts"] < 2000
-    # over-caution: 8 of 24 benign prompts newly refused; score: 30 task prompts newly wrong
-    refusing = _policy(PARENT["outcomes"]["harmful"], over_caution=[1] * 8 + [0] * 16)
+    # over-caution: 32 of 96 benign prompts newly refused; score: 30 task prompts newly wrong
+    refusing = _policy(PARENT["outcomes"]["harmful"], over_caution=[1] * 32 + [0] * (N_BENIGN - 32))
     passed, reasons, _ = gate(refusing, PARENT, GateConfig())
     assert not passed and len(reasons) == 1 and reasons[0].startswith("over-caution rose 0.0% → 33.3%")
     worse = _policy(PARENT["outcomes"]["harmful"], score=[1] * 70 + [0] * (N_TASK - 70))
     passed, reasons, _ = gate(worse, PARENT, GateConfig())
     assert not passed and len(reasons) == 1 and reasons[0].startswith("checker score fell 0.595 → 0.417")
     assert "30 newly wrong, 0 newly right" in reasons[0]
+
+
+def test_the_cycles_benign_set_catches_a_rise_of_under_twenty_points():
+    """The over-caution check by the power figure the gate reports: on the cycle's benign set a rise of ~18 points
+    over 10 % sampling discordance is refused, and the check says it can see rises of that size (on 24 prompts it
+    could see only ~40 points)."""
+    assert N_BENIGN == 96
+    parent = [1] * 5 + [0] * (N_BENIGN - 5)  # refuses prompts 0-4
+    candidate = [0] * 5 + [1] * 22 + [0] * (N_BENIGN - 27)  # answers those, refuses 5-26: 22 worse, 5 better
+    passed, reasons, numbers = gate(
+        _policy(PARENT["outcomes"]["harmful"], over_caution=candidate),
+        _policy(PARENT["outcomes"]["harmful"], over_caution=parent) | {"reward_mean": 0.0},
+        GateConfig(),
+    )
+    c = numbers["over_caution_vs_parent"]
+    assert c["increase"] == pytest.approx(17 / 96) and c["p_value"] < GateConfig().significance
+    assert not passed and reasons[0].startswith("over-caution rose 5.2% → 22.9%")
+    assert c["detectable_increase"] < 0.18  # at this noise (10 % discordant), with the gate's 80 % power
+    small = paired_increase(candidate[:24], parent[:24], tolerance=0.05, alpha=0.01, power=0.8)
+    assert small.detectable_increase > 0.35
 
 
 def test_drift_from_the_reference_is_refused_even_when_each_step_was_small():
