@@ -311,23 +311,23 @@ class Settings(BaseSettings):
         path = Path(path).resolve()
         try:
             return str(path.relative_to(self.checkpoints_dir))
-        except ValueError:  # a folder outside the root (a registered base model): only its absolute path names it
+        except ValueError:  # a folder outside the root: its absolute path, which `checkpoint` refuses to open
             return str(path)
 
     def checkpoint(self, stored: str | Path) -> Path:
-        """The folder a registry path names (see `stored_path`), confined to the checkpoint root: a relative path
-        that climbs out of it (`..`) is refused (ValueError), whoever wrote it into the registry. Absolute paths are
-        what registries written before paths were relative hold: when such a folder is gone but the root has one of
-        the same name, the home moved."""
+        """The folder a registry path names (see `stored_path`), confined to the checkpoint root: a path that leads
+        out of it (`..`, an absolute path elsewhere, a symlink pointing out) is refused (ValueError), whoever wrote it
+        into the registry, because the folder is loaded as a model (pickled tokenizer files, code) and gc deletes
+        it. An absolute path is what a registry written with absolute paths holds: inside the root it is used as it
+        is; outside it, the root's folder of the same name is used when there is one (the home moved)."""
         p = Path(stored)
-        if not p.is_absolute():
-            root = self.checkpoints_dir.resolve()
-            if not (root / p).resolve().is_relative_to(root):
-                raise ValueError(f"registry path {str(stored)!r} leaves the checkpoint root {root}: refused")
-            return self.checkpoints_dir / p
-        if not p.exists() and (self.checkpoints_dir / p.name).is_dir():
-            return self.checkpoints_dir / p.name
-        return p
+        root = self.checkpoints_dir.resolve()
+        if p.is_absolute() and p.name and not p.resolve().is_relative_to(root) and (root / p.name).is_dir():
+            p = Path(p.name)
+        target = p if p.is_absolute() else self.checkpoints_dir / p
+        if not target.resolve().is_relative_to(root):
+            raise ValueError(f"registry path {str(stored)!r} leaves the checkpoint root {root}: refused")
+        return target
 
     def apply_torch_threads(self, serving: bool = False) -> int | None:
         """ALIGND_TORCH_THREADS, else every core, for training: set on the calling thread, and returned. On a GPU

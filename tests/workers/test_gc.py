@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from store import registry
+from store import keys, registry
 from tests.utils.tiny import tiny_model, tiny_tokenizer
 from tests.workers.helpers import env_for, make_settings
 from training.checkpoint import verify_checkpoint
@@ -75,3 +75,18 @@ def test_alignd_gc_command(r, redis_url, tmp_path):
     done = subprocess.run(cmd, env=env_for(settings), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and json.loads(done.stdout)["deleted_versions"] == planned["deleted_versions"]
     assert not checkpoint_path(settings, 5).exists() and checkpoint_path(settings, 7).is_dir()
+
+
+def test_gc_never_touches_a_folder_a_rewritten_registry_points_outside_the_root(r, redis_url, tmp_path):
+    settings, _, _ = _home(r, redis_url, tmp_path)
+    victim = tmp_path / "victim" / "precious"  # a folder of someone else's
+    victim.mkdir(parents=True)
+    (victim / "model.safetensors").write_bytes(b"y" * 100)
+    meta = registry.get_version(r, 2)
+    r.hset(keys.registry_versions(), "2", json.dumps({**meta, "path": str(victim)}))
+    meta5 = registry.get_version(r, 5)
+    r.hset(keys.registry_versions(), "5", json.dumps({**meta5, "path": "/etc"}))
+    done = gc.collect(r, settings, keep=1)
+    assert victim.is_dir() and (victim / "model.safetensors").read_bytes() == b"y" * 100
+    assert set(done.refused) == {str(victim), "/etc"} and 2 not in done.deleted_versions
+    assert all(str(p).startswith(str(settings.checkpoints_dir)) for p in done.delete)
