@@ -96,6 +96,11 @@ class Settings(BaseSettings):
     )
     redis_url: str | None = Field(None, description="external Redis; unset starts an embedded redis-server under home")
     embedded_redis_port: int = Field(0, description="TCP port of the embedded Redis; 0 picks a free one")
+    key_prefix: str = Field(
+        "alignd",
+        description="every Redis key of this deployment, Celery's queues and results included, starts with "
+        "'PREFIX:', so deployments with different prefixes share one Redis database",
+    )
     redis_max_connections: int = Field(
         64, ge=1, description="Redis connections of one API process; requests wait for a free one (bounded)"
     )
@@ -271,6 +276,14 @@ class Settings(BaseSettings):
         description="a loaded policy must answer its smoke test within "
         "this many seconds, else it is refused like a corrupt checkpoint",
     )
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _plain_prefix(cls, v: str) -> str:
+        # a glob character would make the prefix's SCAN/KEYS patterns (operators' cleanup) match other deployments
+        if not v or any(c.isspace() or c in "*?[]" for c in v):
+            raise ValueError(f"ALIGND_KEY_PREFIX {v!r} must be non-empty, without spaces or glob characters (*?[])")
+        return v
 
     @field_validator("home", "checkpoint_root")
     @classmethod

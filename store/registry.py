@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,10 +77,22 @@ class _Table:
     """One kind of version (policy or reward model): a hash of version → JSON metadata, a counter, a current one."""
 
     kind: str  # in messages: "version", "reward version"
-    versions: str
-    current_key: str
-    counter: str
+    versions_key: Callable[[], str]  # key builders, called per use: the prefix is the settings', not the import's
+    current_key_of: Callable[[], str]
+    counter_key: Callable[[], str]
     history: bool  # policy switches are also written to the events stream, the published set and the channel
+
+    @property
+    def versions(self) -> str:
+        return self.versions_key()
+
+    @property
+    def current_key(self) -> str:
+        return self.current_key_of()
+
+    @property
+    def counter(self) -> str:
+        return self.counter_key()
 
     def allocate(self, r: redis.Redis) -> int:
         return int(r.incr(self.counter))
@@ -143,8 +156,8 @@ def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-_POLICY = _Table("version", keys.registry_versions(), keys.registry_current(), keys.registry_counter(), history=True)
-_REWARD = _Table("reward version", keys.reward_versions(), keys.reward_current(), keys.reward_counter(), history=False)
+_POLICY = _Table("version", keys.registry_versions, keys.registry_current, keys.registry_counter, history=True)
+_REWARD = _Table("reward version", keys.reward_versions, keys.reward_current, keys.reward_counter, history=False)
 
 
 # --- policy versions
