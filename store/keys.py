@@ -77,8 +77,14 @@ def registry_channel() -> str:
 
 
 def serving(who: str) -> str:
-    """JSON list of the versions one API process holds ('host:pid'), with a TTL: its heartbeat."""
+    """One API process's heartbeat ('host:pid'), with a TTL: JSON {versions it holds, current, the registry's current
+    as it last read it, since when it is behind that, the beat's time}."""
     return f"{prefix()}:serving:{who}"
+
+
+def serving_index() -> str:
+    """Sorted set 'host:pid' → time of its last heartbeat, so readers find the live heartbeats without a SCAN."""
+    return f"{prefix()}:serving_index"
 
 
 def lock(name: str) -> str:

@@ -393,9 +393,28 @@ def describe(r: redis.Redis, n_events: int = 20) -> dict[str, Any]:
 SERVING_TTL_S = 120  # a process that stops beating for this long holds nothing (followers beat every poll)
 
 
-def note_serving(r: redis.Redis, who: str, versions: list[int], ttl_s: int = SERVING_TTL_S) -> None:
-    """An API process's heartbeat: the versions it has loaded (current, arena parent, draining ones)."""
-    r.set(keys.serving(who), json.dumps(sorted(versions)), ex=ttl_s)
+def note_serving(
+    r: redis.Redis,
+    who: str,
+    versions: list[int],
+    ttl_s: int = SERVING_TTL_S,
+    *,
+    current: int | None = None,
+    target: int | None = None,
+    behind_since: float | None = None,
+    refused: str | None = None,
+) -> None:
+    """An API process's heartbeat: the versions it has loaded (current, arena parent, draining ones), the one it
+    serves, the registry's current version as it last read it (`target`), since when it is behind that (None when it
+    serves it) and why it refused it, if it did."""
+    now = time.time()
+    beat = {"versions": sorted(versions), "current": current, "target": target, "behind_since": behind_since}
+    beat.update(refused=refused, at=now)
+    pipe = r.pipeline(transaction=False)
+    pipe.set(keys.serving(who), json.dumps(beat), ex=ttl_s)
+    pipe.zadd(keys.serving_index(), {who: now})
+    pipe.zremrangebyscore(keys.serving_index(), "-inf", now - ttl_s)
+    pipe.execute()
 
 
 def serving(r: redis.Redis) -> dict[str, list[int]]:
@@ -404,5 +423,14 @@ def serving(r: redis.Redis) -> dict[str, list[int]]:
     for key in r.scan_iter(match=keys.serving("*"), count=500):
         raw = r.get(key)
         if raw is not None:
-            out[key.removeprefix(keys.serving(""))] = json.loads(raw)
+            beat = json.loads(raw)
+            out[key.removeprefix(keys.serving(""))] = beat["versions"] if isinstance(beat, dict) else beat
     return out
+
+
+def heartbeats(r: redis.Redis) -> dict[str, dict[str, Any]]:
+    """Process → its latest heartbeat (`note_serving`), for every process that beat within SERVING_TTL_S; reads
+    the index and one key per process, never the keyspace (/readyz calls it)."""
+    whos = r.zrangebyscore(keys.serving_index(), time.time() - SERVING_TTL_S, "+inf")
+    raws = r.mget([keys.serving(w) for w in whos]) if whos else []
+    return {w: json.loads(raw) for w, raw in zip(whos, raws, strict=True) if raw and raw.startswith("{")}
