@@ -52,7 +52,8 @@ def lagging(beats: dict[str, dict[str, Any]], current: int | None, now: float, g
         why = f"serves v{beat.get('current')}, not the current v{current}, "
         if seen:
             why += f"for {now - since:.0f} s"
-            why += f" (refused: {beat['refused']})" if beat.get("refused") else f" (loading it: held {beat['versions']})"
+            refused = beat.get("refused")
+            why += f" (refused: {refused})" if refused else f" (loading it; holds {beat.get('versions')})"
         else:
             why += f"and has not read the registry for {now - since:.0f} s (its follower is stuck)"
         out[who] = why

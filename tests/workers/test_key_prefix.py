@@ -14,7 +14,16 @@ import pytest
 
 from core.config import get_settings
 from store import feedback, keys, registry
-from tests.workers.helpers import ROOT, env_for, make_settings, publish_tiny, seed_feedback, start_worker, stop, wait_for
+from tests.workers.helpers import (
+    ROOT,
+    env_for,
+    make_settings,
+    publish_tiny,
+    seed_feedback,
+    start_worker,
+    stop,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
