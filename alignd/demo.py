@@ -149,7 +149,7 @@ class Services:
     def _worker_ready(self) -> bool:
         import celery
 
-        app = celery.Celery(broker=self.redis_url)
+        app = celery.Celery(broker=self.redis_url, broker_transport_options=keys.celery_transport_options())
         try:
             replies = app.control.ping(timeout=1.0) or []
         finally:

@@ -113,7 +113,7 @@ def scenario_keys(policy) -> dict:
                 arena_served += answer.status_code == 200
                 versions = answer.headers.get("x-policy-version")
                 pair = answer.json()["id"] if answer.status_code == 200 and versions else None
-                rec = json.loads(r.get(f"alignd:completion:{pair}")) if pair else None
+                rec = json.loads(r.get(keys.completion(pair))) if pair else None
                 if rec and len({c["version"] for c in rec["choices"]}) < 2:
                     pair = None
                     time.sleep(0.5)
@@ -124,7 +124,7 @@ def scenario_keys(policy) -> dict:
                 for i in range(200)
             ]
             # the arena pair: which index is v2 (the current version)? vote it the loser as 200 invented users
-            rec = json.loads(r.get(f"alignd:completion:{pair}"))
+            rec = json.loads(r.get(keys.completion(pair)))
             new_index = next(c["index"] for c in rec["choices"] if c["version"] == 2)
             vote_codes = [
                 http.post(

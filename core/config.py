@@ -96,6 +96,11 @@ class Settings(BaseSettings):
     )
     redis_url: str | None = Field(None, description="external Redis; unset starts an embedded redis-server under home")
     embedded_redis_port: int = Field(0, description="TCP port of the embedded Redis; 0 picks a free one")
+    key_prefix: str = Field(
+        "alignd",
+        description="every Redis key of this deployment, Celery's queues and results included, starts with "
+        "'PREFIX:', so deployments with different prefixes share one Redis database",
+    )
     redis_max_connections: int = Field(
         64, ge=1, description="Redis connections of one API process; requests wait for a free one (bounded)"
     )
@@ -283,6 +288,14 @@ class Settings(BaseSettings):
         "this many seconds, else it is refused like a corrupt checkpoint",
     )
 
+    @field_validator("key_prefix")
+    @classmethod
+    def _plain_prefix(cls, v: str) -> str:
+        # a glob character would make the prefix's SCAN/KEYS patterns (operators' cleanup) match other deployments
+        if not v or any(c.isspace() or c in "*?[]" for c in v):
+            raise ValueError(f"ALIGND_KEY_PREFIX {v!r} must be non-empty, without spaces or glob characters (*?[])")
+        return v
+
     @field_validator("home", "checkpoint_root")
     @classmethod
     def _absolute(cls, v: Path | None) -> Path | None:
@@ -322,23 +335,23 @@ class Settings(BaseSettings):
         path = Path(path).resolve()
         try:
             return str(path.relative_to(self.checkpoints_dir))
-        except ValueError:  # a folder outside the root (a registered base model): only its absolute path names it
+        except ValueError:  # a folder outside the root: its absolute path, which `checkpoint` refuses to open
             return str(path)
 
     def checkpoint(self, stored: str | Path) -> Path:
-        """The folder a registry path names (see `stored_path`), confined to the checkpoint root: a relative path
-        that climbs out of it (`..`) is refused (ValueError), whoever wrote it into the registry. Absolute paths are
-        what registries written before paths were relative hold: when such a folder is gone but the root has one of
-        the same name, the home moved."""
+        """The folder a registry path names (see `stored_path`), confined to the checkpoint root: a path that leads
+        out of it (`..`, an absolute path elsewhere, a symlink pointing out) is refused (ValueError), whoever wrote it
+        into the registry, because the folder is loaded as a model (pickled tokenizer files, code) and gc deletes
+        it. An absolute path is what a registry written with absolute paths holds: inside the root it is used as it
+        is; outside it, the root's folder of the same name is used when there is one (the home moved)."""
         p = Path(stored)
-        if not p.is_absolute():
-            root = self.checkpoints_dir.resolve()
-            if not (root / p).resolve().is_relative_to(root):
-                raise ValueError(f"registry path {str(stored)!r} leaves the checkpoint root {root}: refused")
-            return self.checkpoints_dir / p
-        if not p.exists() and (self.checkpoints_dir / p.name).is_dir():
-            return self.checkpoints_dir / p.name
-        return p
+        root = self.checkpoints_dir.resolve()
+        if p.is_absolute() and p.name and not p.resolve().is_relative_to(root) and (root / p.name).is_dir():
+            p = Path(p.name)
+        target = p if p.is_absolute() else self.checkpoints_dir / p
+        if not target.resolve().is_relative_to(root):
+            raise ValueError(f"registry path {str(stored)!r} leaves the checkpoint root {root}: refused")
+        return target
 
     def apply_torch_threads(self, serving: bool = False) -> int | None:
         """ALIGND_TORCH_THREADS, else every core, for training: set on the calling thread, and returned. On a GPU

@@ -19,6 +19,7 @@ from service.deps import AppState
 from service.errors import error_body, install_error_handlers
 from service.follower import start_follower
 from service.routes import admin, chat, feedback, pages, system, versions
+from store import keys
 from store.client import connect, connect_async
 
 log = logging.getLogger("alignd.service")
@@ -94,6 +95,10 @@ def app_from_env() -> FastAPI:
 
 
 def create_app(settings: Settings, redis_url: str, engine=None) -> FastAPI:
+    if settings.key_prefix != keys.prefix():  # store/keys.py builds every key from the process's settings
+        raise ValueError(
+            f"key prefix {settings.key_prefix!r} differs from this process's ALIGND_KEY_PREFIX {keys.prefix()!r}"
+        )
     state = AppState(
         settings=settings,
         redis_url=redis_url,

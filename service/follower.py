@@ -12,6 +12,10 @@ entry and the events stream, and the old version keeps serving. A refusal for a 
 timing out on a busy machine) is retried after `TRANSIENT_RETRY_S`, doubling up to `TRANSIENT_RETRY_MAX_S`; any
 refused version is tried once more when the registry makes it current again (an operator's rollback to it).
 
+Every pass (and before each load) writes the process's heartbeat (`store.registry.note_serving`): the versions it
+holds, the one it serves, the registry's current one and since when it has been behind it. `alignd gc` keeps what is
+held; /readyz of every process answers 503 when one lags past `service.skew.grace_s` (service/skew.py).
+
 A request that read the old current version just before a swap still runs on it: the chat route hands the engine
 the `Policy` object it read, which keeps those weights alive until that request is done.
 
@@ -57,6 +61,7 @@ class Follower:
         self._arena_pins: set[int] = set()
         self._retry: dict[int, tuple[float, float]] = {}  # transiently refused version → (retry at, next delay)
         self._last_target: int | None = None
+        self._behind: tuple[int, float] | None = None  # (registry's current version, wall time first seen behind)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -100,7 +105,10 @@ class Follower:
     def sync(self) -> None:
         """Bring this process to the registry's current version (and its arena parent); one step of the loop."""
         target = registry.current_version(self.r)
+        self._note_behind(target)
         if target is not None and self._may_try(target) and target != self.engine.current_version:
+            if target not in self.engine.policies:
+                self._beat(target)  # a load takes a while: /readyz can tell a process loading from a stuck one
             policy = self._obtain(target)
             if policy is not None:
                 self.refused.pop(target, None)
@@ -112,7 +120,27 @@ class Follower:
         self._last_target = target
         if self.settings.arena:
             self._arena()
-        registry.note_serving(self.r, self.who, self.engine.loaded_versions())  # `alignd gc` keeps what is held
+        self._note_behind(target)
+        self._beat(target)
+
+    def _note_behind(self, target: int | None) -> None:
+        """Since when this process serves another version than the registry's current one (None: it serves it)."""
+        if target is None or target == self.engine.current_version:
+            self._behind = None
+        elif self._behind is None or self._behind[0] != target:
+            self._behind = (target, time.time())
+
+    def _beat(self, target: int | None) -> None:
+        """The heartbeat: what this process holds (`alignd gc` keeps it) and serves (/readyz compares processes)."""
+        registry.note_serving(
+            self.r,
+            self.who,
+            self.engine.loaded_versions(),
+            current=self.engine.current_version,
+            target=target,
+            behind_since=self._behind[1] if self._behind else None,
+            refused=self.refused.get(target) if target is not None else None,
+        )
 
     # --- helpers
     def _may_try(self, version: int) -> bool:

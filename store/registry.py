@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,10 +77,22 @@ class _Table:
     """One kind of version (policy or reward model): a hash of version → JSON metadata, a counter, a current one."""
 
     kind: str  # in messages: "version", "reward version"
-    versions: str
-    current_key: str
-    counter: str
+    versions_key: Callable[[], str]  # key builders, called per use: the prefix is the settings', not the import's
+    current_key_of: Callable[[], str]
+    counter_key: Callable[[], str]
     history: bool  # policy switches are also written to the events stream, the published set and the channel
+
+    @property
+    def versions(self) -> str:
+        return self.versions_key()
+
+    @property
+    def current_key(self) -> str:
+        return self.current_key_of()
+
+    @property
+    def counter(self) -> str:
+        return self.counter_key()
 
     def allocate(self, r: redis.Redis) -> int:
         return int(r.incr(self.counter))
@@ -143,8 +156,8 @@ def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-_POLICY = _Table("version", keys.registry_versions(), keys.registry_current(), keys.registry_counter(), history=True)
-_REWARD = _Table("reward version", keys.reward_versions(), keys.reward_current(), keys.reward_counter(), history=False)
+_POLICY = _Table("version", keys.registry_versions, keys.registry_current, keys.registry_counter, history=True)
+_REWARD = _Table("reward version", keys.reward_versions, keys.reward_current, keys.reward_counter, history=False)
 
 
 # --- policy versions
@@ -380,9 +393,28 @@ def describe(r: redis.Redis, n_events: int = 20) -> dict[str, Any]:
 SERVING_TTL_S = 120  # a process that stops beating for this long holds nothing (followers beat every poll)
 
 
-def note_serving(r: redis.Redis, who: str, versions: list[int], ttl_s: int = SERVING_TTL_S) -> None:
-    """An API process's heartbeat: the versions it has loaded (current, arena parent, draining ones)."""
-    r.set(keys.serving(who), json.dumps(sorted(versions)), ex=ttl_s)
+def note_serving(
+    r: redis.Redis,
+    who: str,
+    versions: list[int],
+    ttl_s: int = SERVING_TTL_S,
+    *,
+    current: int | None = None,
+    target: int | None = None,
+    behind_since: float | None = None,
+    refused: str | None = None,
+) -> None:
+    """An API process's heartbeat: the versions it has loaded (current, arena parent, draining ones), the one it
+    serves, the registry's current version as it last read it (`target`), since when it is behind that (None when it
+    serves it) and why it refused it, if it did."""
+    now = time.time()
+    beat = {"versions": sorted(versions), "current": current, "target": target, "behind_since": behind_since}
+    beat.update(refused=refused, at=now)
+    pipe = r.pipeline(transaction=False)
+    pipe.set(keys.serving(who), json.dumps(beat), ex=ttl_s)
+    pipe.zadd(keys.serving_index(), {who: now})
+    pipe.zremrangebyscore(keys.serving_index(), "-inf", now - ttl_s)
+    pipe.execute()
 
 
 def serving(r: redis.Redis) -> dict[str, list[int]]:
@@ -391,5 +423,14 @@ def serving(r: redis.Redis) -> dict[str, list[int]]:
     for key in r.scan_iter(match=keys.serving("*"), count=500):
         raw = r.get(key)
         if raw is not None:
-            out[key.removeprefix(keys.serving(""))] = json.loads(raw)
+            beat = json.loads(raw)
+            out[key.removeprefix(keys.serving(""))] = beat["versions"] if isinstance(beat, dict) else beat
     return out
+
+
+def heartbeats(r: redis.Redis) -> dict[str, dict[str, Any]]:
+    """Process → its latest heartbeat (`note_serving`), for every process that beat within SERVING_TTL_S; reads
+    the index and one key per process, never the keyspace (/readyz calls it)."""
+    whos = r.zrangebyscore(keys.serving_index(), time.time() - SERVING_TTL_S, "+inf")
+    raws = r.mget([keys.serving(w) for w in whos]) if whos else []
+    return {w: json.loads(raw) for w, raw in zip(whos, raws, strict=True) if raw and raw.startswith("{")}

@@ -8,6 +8,8 @@ Routing, time limits, delivery guarantees and the beat schedule live here, not i
   the message to be delivered again; the tasks are idempotent (a finished task id returns its stored result) and
   count their deliveries in Redis, giving up after `alignd_max_deliveries` (a task that kills its worker every
   time, e.g. out of memory, must not loop forever).
+- Celery's keys (queues, bindings, unacked messages, results) carry kombu's `global_keyprefix`, under
+  ALIGND_KEY_PREFIX like alignd's own (store/keys.py).
 - The Redis transport redelivers an unacknowledged message after `visibility_timeout`; it is longer than the hard
   time limit, so a long training run still in progress is never handed to a second worker.
 """
@@ -19,6 +21,7 @@ from kombu import Queue
 from core import names
 from core.config import get_settings
 from core.redis_server import EmbeddedRedis
+from store import keys
 
 _settings = get_settings()
 
@@ -60,8 +63,9 @@ task_annotations = {
     name: {"soft_time_limit": LIGHT_SOFT_LIMIT_S, "time_limit": LIGHT_HARD_LIMIT_S}
     for name in (names.MAYBE_TRAIN, names.ARENA_WATCH)
 }
-broker_transport_options = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
-result_backend_transport_options = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
+# global_keyprefix (store/keys.py): queues, bindings, unacked messages and results under ALIGND_KEY_PREFIX too
+broker_transport_options = {"visibility_timeout": VISIBILITY_TIMEOUT_S, **keys.celery_transport_options()}
+result_backend_transport_options = {"visibility_timeout": VISIBILITY_TIMEOUT_S, **keys.celery_transport_options()}
 result_expires = 7 * 24 * 3600
 task_serializer = result_serializer = "json"
 accept_content = ["json"]

@@ -29,6 +29,7 @@ import inspect
 import json
 import re
 import typing
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model, model_validator
@@ -461,6 +462,15 @@ def with_suites(cfg: CycleConfig, settings: Settings) -> CycleConfig:
     if not cfg.eval.suites:
         return cfg
     paths = [str(settings.home / p) for p in cfg.eval.suites]  # an absolute path stays as it is
+    home = settings.home.resolve()
+    for given, path in zip(cfg.eval.suites, paths, strict=True):
+        # a suite names Python callables that training imports and runs: only a file the home's owner placed in
+        # the home may do that, whoever wrote the config (a cycle.json, --config, an unsafe /admin/train)
+        if not Path(path).resolve().is_relative_to(home):
+            raise ValueError(
+                f"eval.suites: {given!r} resolves to {Path(path).resolve()}, outside ALIGND_HOME {home}: suite files "
+                "may name Python graders that are imported and run, so they must lie in the home (copy it there)"
+            )
     try:
         load_suites(paths)
     except ValueError as exc:

@@ -40,6 +40,7 @@ class GcPlan:
     delete: list[Path] = field(default_factory=list)
     deleted_versions: list[int] = field(default_factory=list)
     bytes: int = 0  # what deleting frees
+    refused: dict[str, str] = field(default_factory=dict)  # registry path leading out of the root → why: untouched
 
     def as_dict(self) -> dict:
         return {
@@ -47,7 +48,17 @@ class GcPlan:
             "delete": [str(p) for p in self.delete],
             "bytes": self.bytes,
             "deleted_versions": self.deleted_versions,
+            "refused": self.refused,
         }
+
+    def folder(self, settings: Settings, stored: str) -> Path | None:
+        """The folder of a registry path, or None (recorded in `refused`) when it leads out of the checkpoint root:
+        a hand-edited registry must not make gc keep-list or delete a folder elsewhere."""
+        try:
+            return settings.checkpoint(stored)
+        except ValueError as exc:
+            self.refused[str(stored)] = str(exc)
+            return None
 
 
 def _size(path: Path) -> int:
@@ -83,25 +94,28 @@ def plan(r: redis.Redis, settings: Settings, *, keep: int = 5, tmp_age_s: float 
     for m in metas:
         if not m.get("path") or m.get("gc_deleted"):
             continue
-        folder = settings.checkpoint(m["path"])
-        if m["version"] in kept:
+        folder = out.folder(settings, m["path"])
+        if folder is not None and m["version"] in kept:
             out.keep[str(folder)] = kept[m["version"]]
             base = (adapter_base(folder) or {}).get("base") if folder.is_dir() else None
-            if base:
-                out.keep[str(settings.checkpoint(base))] = f"base of kept adapter v{m['version']}"
+            if base and (base_folder := out.folder(settings, base)) is not None:
+                out.keep[str(base_folder)] = f"base of kept adapter v{m['version']}"
     rewards = registry.list_reward_versions(r)
     current_rm = registry.current_reward_version(r)
     for m in rewards:
         if m.get("path") and (m["version"] == current_rm or m in rewards[-keep:]):
-            out.keep[str(settings.checkpoint(m["path"]))] = (
+            if (folder := out.folder(settings, m["path"])) is None:
+                continue
+            out.keep[str(folder)] = (
                 "current reward model" if m["version"] == current_rm else (f"among the newest {keep} reward models")
             )
     root = settings.checkpoints_dir.resolve()
     for m in metas + rewards:
         if not m.get("path") or m.get("gc_deleted"):
             continue
-        folder = settings.checkpoint(m["path"]).resolve()
-        if str(folder) in out.keep or folder.parent != root or not folder.is_dir():
+        folder = out.folder(settings, m["path"])
+        folder = folder.resolve() if folder is not None else None
+        if folder is None or str(folder) in out.keep or folder.parent != root or not folder.is_dir():
             continue  # kept, outside the root (never ours to delete) or already gone
         out.delete.append(folder)
         if m in metas:

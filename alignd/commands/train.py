@@ -234,11 +234,15 @@ def train_cycle_cmd(
 ):
     """One training cycle now: new feedback → reward model → policy update → gate → publish."""
     overrides = _overrides(config)
+    settings = get_settings()
+    cfg = _cycle_config(settings, overrides)  # refused here, with exit 2, before anything is enqueued or trained
     url, r, _ = open_redis()
     if enqueue:
         import celery
 
-        sender = celery.Celery(broker=url)
+        from store import keys
+
+        sender = celery.Celery(broker=url, broker_transport_options=keys.celery_transport_options())
         result = sender.send_task(
             names.TRAIN_CYCLE,
             kwargs={"trigger": "cli", "min_events": min_events, "overrides": overrides},
@@ -248,8 +252,6 @@ def train_cycle_cmd(
         return
     from workers.cycle import run_cycle
 
-    settings = get_settings()
-    cfg = _cycle_config(settings, overrides)
     settings.apply_torch_threads()
     with training_errors():
         report = run_cycle(r, settings, cfg, trigger="cli", min_events=min_events)

@@ -1,16 +1,19 @@
-"""GET /v1/models, /healthz (the process answers), /readyz (a policy is loaded and Redis answers), /metrics."""
+"""GET /v1/models, /healthz (the process answers), /readyz (a policy is loaded, Redis answers, the
+API processes are not split between versions past a swap's grace), /metrics."""
 
 from __future__ import annotations
 
 import os
+import time
 
 from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service import metrics
+from service import metrics, skew
 from service.deps import CallerDep, StateDep
+from store import registry
 
 router = APIRouter(tags=["system"])
 
@@ -54,8 +57,23 @@ async def readyz(state: StateDep):
             checks["engine"]["error"] = state.engine.health_error
     if state.extras.get("refused"):
         checks["refused_versions"] = state.extras["refused"]
-    ready = checks["redis"] is True and checks["policy_version"] is not None and engine_ok
+    in_step = True
+    if checks["redis"] is True:
+        try:
+            skew = await run_in_threadpool(_version_skew, state)
+        except Exception as exc:
+            skew = {"error": f"{type(exc).__name__}: {exc}"}
+        if skew:
+            checks["version_skew"], in_step = skew, not skew.get("split", True)
+    ready = checks["redis"] is True and checks["policy_version"] is not None and engine_ok and in_step
     return JSONResponse({"status": "ready" if ready else "not ready", **checks}, 200 if ready else 503)
+
+
+def _version_skew(state) -> dict | None:
+    """The API processes (heartbeats) serving another version than the registry's current one for longer than a
+    swap takes, and whether that splits the deployment (service/skew.py); None when none does."""
+    current = registry.current_version(state.redis)
+    return skew.report(registry.heartbeats(state.redis), current, time.time(), skew.grace_s(state.settings))
 
 
 @router.get("/metrics")

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from core import names
 from service.deps import AdminDep, AppState, StateDep
 from service.errors import APIError
-from store import registry
+from store import keys, registry
 from store.train_config import BadOverrides, check_overrides
 
 router = APIRouter(prefix="/admin", tags=["versions"])
@@ -91,7 +91,9 @@ def rollback(body: RollbackIn, state: StateDep, caller: AdminDep) -> dict[str, A
 def _sender(state: AppState) -> celery.Celery:
     sender = state.extras.get("celery_sender")
     if sender is None:
-        sender = state.extras["celery_sender"] = celery.Celery("alignd-api", broker=state.redis_url)
+        sender = state.extras["celery_sender"] = celery.Celery(
+            "alignd-api", broker=state.redis_url, broker_transport_options=keys.celery_transport_options()
+        )
     return sender
 
 

@@ -73,3 +73,20 @@ def test_registry_paths_cannot_climb_out_of_the_checkpoint_root(tmp_path):
     for escape in ("../../etc", "v3/../../keys.json", "../checkpoints-other/v1"):
         with pytest.raises(ValueError, match="leaves the checkpoint root"):
             settings.checkpoint(escape)
+
+
+def test_absolute_registry_paths_must_lie_in_the_checkpoint_root(tmp_path):
+    settings = Settings(home=tmp_path / "home")
+    root = settings.checkpoints_dir
+    (root / "v3").mkdir(parents=True)
+    assert settings.checkpoint(str(root / "v3")) == root / "v3"  # absolute inside the root: served as before
+    outside = tmp_path / "elsewhere" / "v9"
+    outside.mkdir(parents=True)
+    (root / "link").symlink_to(outside)
+    for escape in ("/etc", str(outside), str(root / "link"), "link", "/"):
+        with pytest.raises(ValueError, match="leaves the checkpoint root"):
+            settings.checkpoint(escape)
+    # an absolute path of a moved home: the root's folder of the same name, never the old place
+    old = tmp_path / "old-home" / "checkpoints" / "v3"
+    old.mkdir(parents=True)
+    assert settings.checkpoint(str(old)) == root / "v3"

@@ -192,6 +192,21 @@ def start_worker(settings: Settings, log_path: Path, **env: str) -> subprocess.P
     )
 
 
+def celery_client(redis_url: str, backend: bool = False):
+    """A Celery app that sends tasks and reads results as alignd's own do: Celery's keys under the key prefix."""
+    import celery
+
+    from store import keys
+
+    opts = keys.celery_transport_options()
+    return celery.Celery(
+        broker=redis_url,
+        backend=redis_url if backend else None,
+        broker_transport_options=opts,
+        result_backend_transport_options=opts,
+    )
+
+
 def start_api(settings: Settings, port: int, log_path: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "alignd.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     return subprocess.Popen(

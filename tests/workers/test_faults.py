@@ -23,13 +23,13 @@ import sys
 import time
 from pathlib import Path
 
-import celery
 import pytest
 
 from store import feedback as fb
 from store import keys, registry
 from tests.workers.helpers import (
     ROOT,
+    celery_client,
     make_settings,
     publish_tiny,
     seed_feedback,
@@ -278,7 +278,7 @@ def test_kill_9_of_the_worker_at_a_stage_boundary(r, redis_url, home, tmp_path, 
     seed_feedback(r, 10)
     log_path = tmp_path / "worker.log"
     worker = start_worker(home, log_path, ALIGND_FAILPOINTS=f"{point}=sleep:600")
-    sender = celery.Celery(broker=redis_url)
+    sender = celery_client(redis_url)
     try:
         sender.send_task("alignd.train_cycle", queue="train")
         wait_log(log_path, f"failpoint {point} hit", 240)
@@ -305,7 +305,7 @@ def test_soft_time_limit_inside_publish(r, redis_url, home, tmp_path):
     seed_feedback(r, 10)
     log_path = tmp_path / "worker.log"
     worker = start_worker(home, log_path, ALIGND_FAILPOINTS="in_publish=sleep:600")
-    sender = celery.Celery(broker=redis_url, backend=redis_url)
+    sender = celery_client(redis_url, backend=True)
     soft = 60
     try:
         task = sender.send_task("alignd.train_cycle", queue="train", soft_time_limit=soft, time_limit=soft + 120)

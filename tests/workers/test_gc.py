@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from store import registry
+from store import keys, registry
 from tests.utils.tiny import tiny_model, tiny_sft_model, tiny_tokenizer
 from tests.workers.helpers import env_for, make_settings, seed_feedback, tiny_overrides
 from training.checkpoint import verify_checkpoint
@@ -107,7 +107,22 @@ def test_automatic_gc_is_off_at_keep_0_and_its_failure_is_logged_not_raised(r, r
     settings, old_tmp, _ = _home(r, redis_url, tmp_path)
     assert gc.after_publish(r, settings.model_copy(update={"gc_keep": 0})) is None
     assert old_tmp.exists() and checkpoint_path(settings, 2).is_dir()  # keep 0: nothing collected
-    registry.add_version(r, 9, {"source": "ppo", "parent": 8, "path": "../../elsewhere"})  # a registry gc refuses
+    r.hset(keys.registry_versions(), "9", "{not json")  # a registry gc cannot read
     assert gc.after_publish(r, settings) is None
     assert "automatic checkpoint GC (keep 5) failed" in caplog.text
     assert checkpoint_path(settings, 2).is_dir()  # nothing deleted on a failed plan
+
+
+def test_gc_never_touches_a_folder_a_rewritten_registry_points_outside_the_root(r, redis_url, tmp_path):
+    settings, _, _ = _home(r, redis_url, tmp_path)
+    victim = tmp_path / "victim" / "precious"  # a folder of someone else's
+    victim.mkdir(parents=True)
+    (victim / "model.safetensors").write_bytes(b"y" * 100)
+    meta = registry.get_version(r, 2)
+    r.hset(keys.registry_versions(), "2", json.dumps({**meta, "path": str(victim)}))
+    meta5 = registry.get_version(r, 5)
+    r.hset(keys.registry_versions(), "5", json.dumps({**meta5, "path": "/etc"}))
+    done = gc.collect(r, settings, keep=1)
+    assert victim.is_dir() and (victim / "model.safetensors").read_bytes() == b"y" * 100
+    assert set(done.refused) == {str(victim), "/etc"} and 2 not in done.deleted_versions
+    assert all(str(p).startswith(str(settings.checkpoints_dir)) for p in done.delete)

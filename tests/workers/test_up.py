@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.conftest import free_port
-from tests.workers.helpers import ROOT, env_for, make_settings, publish_tiny, wait_for, wait_http
+from tests.workers.helpers import ROOT, celery_client, env_for, make_settings, publish_tiny, wait_for, wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ def test_up_runs_every_process_and_ctrl_c_stops_them(r, redis_url, tmp_path):
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    probe = celery.Celery(broker=redis_url)
+    probe = celery_client(redis_url)
     try:
         wait_http(f"http://127.0.0.1:{api_port}", timeout=120)
         flower = f"http://127.0.0.1:{flower_port}/"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import signal
 
-import celery
 import pytest
 
 from service.app import create_app
@@ -17,6 +16,7 @@ from store import keys, registry
 from tests.conftest import LiveServer
 from tests.workers.helpers import (
     ADMIN_KEY,
+    celery_client,
     chat,
     make_settings,
     publish_tiny,
@@ -39,7 +39,7 @@ def home(r, redis_url, tmp_path):
 
 
 def _result(redis_url: str, task_id: str, timeout: float) -> dict:
-    client = celery.Celery(broker=redis_url, backend=redis_url)
+    client = celery_client(redis_url, backend=True)
     try:
         return client.AsyncResult(task_id).get(timeout=timeout)
     finally:
@@ -80,7 +80,7 @@ def test_feedback_to_a_new_served_version_through_the_worker(r, redis_url, home,
 def test_kill_9_mid_cycle_loses_nothing_and_uses_nothing_twice(r, redis_url, home, tmp_path):
     seed_feedback(r, 10)
     worker = start_worker(home, tmp_path / "worker1.log")
-    sender = celery.Celery(broker=redis_url)
+    sender = celery_client(redis_url)
     slow = {"update.steps": 100_000, "update.seconds": 600.0}  # the cycle sits in PPO until it is killed
     try:
         sender.send_task("alignd.train_cycle", kwargs={"overrides": slow}, queue="train")
