@@ -81,7 +81,7 @@ def rollback(version: Annotated[int, typer.Argument(help="the version to make cu
 def gc(
     keep: Annotated[
         int | None,
-        typer.Option(min=1, help="newest versions of each kind kept besides the protected ones [ALIGND_GC_KEEP, or 5]"),
+        typer.Option(min=1, help="newest versions of each kind kept besides the protected ones (ALIGND_GC_KEEP)"),
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would be deleted; delete nothing")] = False,
     as_json: JsonOpt = False,
