@@ -67,15 +67,26 @@ def test_training_widens_while_the_api_idles_and_narrows_while_a_request_streams
         trainer.start()
         wait_for(lambda: len(steps) > 5, 30, what="training steps")
         assert steps[-1] == 2  # the API is up and idle: every core
-        body = {"messages": [{"role": "user", "content": "Count."}], "max_tokens": 200, "stream": True}
-        headers = {"Authorization": "Bearer sk-test-alice"}
-        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, headers=headers) as resp:
-            lines = resp.iter_lines()
-            next(lines)  # the answer has started: its sequence is in the engine
-            seen = len(steps)
-            wait_for(lambda: 1 in steps[seen:], 30, interval=0.01, what="a step on the API's share")
-            for _ in lines:
-                pass
+        chatting = threading.Event()
+
+        def chat() -> None:  # one streamed answer after another (a tiny model's answer can end within a step)
+            body = {"messages": [{"role": "user", "content": "Count."}], "max_tokens": 64, "stream": True}
+            headers = {"Authorization": "Bearer sk-test-alice"}
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=60) as http:
+                while chatting.is_set():
+                    with http.stream("POST", "/v1/chat/completions", json=body) as resp:
+                        for _ in resp.iter_lines():
+                            pass
+
+        chatting.set()
+        client = threading.Thread(target=chat)
+        client.start()
+        seen = len(steps)
+        try:
+            wait_for(lambda: 1 in steps[seen:], 60, interval=0.01, what="a step on the API's share")
+        finally:
+            chatting.clear()
+            client.join(60)
         seen = len(steps)
         wait_for(lambda: steps[-1] == 2 and len(steps) > seen, 30, interval=0.01, what="every core again")
     finally:
