@@ -59,7 +59,7 @@ class DemoConfig:
     concurrency: int = 8  # simulated requests in flight at once
     first_feedback: int = 300  # events before the first cycle: the reward model needs a few hundred comparisons
     min_feedback: int = 100  # new events before each later cycle
-    threads: int | None = None  # torch threads per service process (default: half the cores, API and trainer share)
+    threads: int | None = None  # torch threads per service process (default: `alignd up`'s, ALIGND_SHARE_CORES)
     cycle_config: dict[str, Any] = field(default_factory=dict)  # CycleConfig overrides (ALIGND_HOME/cycle.json)
     graders_as_reward: bool = False  # the labelled second run (README): the built-in world's graders on training
     #                                  prompts (held-out family left out) join the policy update; off by default, so
@@ -121,8 +121,8 @@ class Services:
         return json.loads(done.stdout.decode().strip().splitlines()[-1])
 
     def start_up(self) -> None:
-        # the API and the trainer share the cores (`alignd up` would split them the same way)
-        threads = self.cfg.threads or get_settings().torch_threads or get_settings().shared_machine_threads()
+        # the API and the trainer share the cores as `alignd up` shares them (ALIGND_SHARE_CORES), unless told a count
+        threads = self.cfg.threads or get_settings().torch_threads
         cmd = [sys.executable, "-m", "alignd.cli", "up", "--port", str(self.port)]
         self.up = subprocess.Popen(
             cmd,
@@ -308,6 +308,22 @@ def _start(
     return r, sim
 
 
+def cpu_times() -> tuple[int, int] | None:
+    """(busy, idle) clock ticks of all cores since boot, from /proc/stat (None where there is none)."""
+    try:
+        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    idle = ticks[3] + ticks[4]  # idle and iowait
+    return sum(ticks) - idle, idle
+
+
+def busy_fraction(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    if before is None or after is None or sum(after) <= sum(before):
+        return None
+    return round((after[0] - before[0]) / (sum(after) - sum(before)), 3)
+
+
 def _one_cycle(
     r,
     services: Services,
@@ -322,7 +338,7 @@ def _one_cycle(
     cpu_before = cpu_times()
     resp = services.admin("POST", "/admin/train", json={"min_events": need, "overrides": overrides or None})
     resp.raise_for_status()
-    task_id, started = resp.json()["task_id"], time.monotonic()
+    task_id, started, cpu = resp.json()["task_id"], time.monotonic(), cpu_times()
     result = None
     while result is None:
         if time.monotonic() - started > cfg.cycle_timeout_s:
@@ -338,6 +354,7 @@ def _one_cycle(
         "task_id": task_id,
         "status": result.get("status"),
         "seconds": round(seconds, 1),
+        "cpu_busy": busy_fraction(cpu, cpu_times()),  # the whole machine's, while the cycle ran (ALIGND_SHARE_CORES)
         "overrides": overrides,
         "events": (result.get("feedback") or {}).get("events"),
         "version": result.get("version"),
@@ -353,8 +370,9 @@ def _one_cycle(
     }
     if record["status"] == "published":
         record["swap_seconds"] = swap = _wait_swap(r, sim, record["version"], 120.0)
+        busy = f" (cores {record['cpu_busy']:.0%} busy)" if record["cpu_busy"] is not None else ""
         say(
-            f"cycle {n}: v{record['version']} published in {seconds:.0f} s; served "
+            f"cycle {n}: v{record['version']} published in {seconds:.0f} s{busy}; served "
             + (f"{swap:.1f} s after publishing" if swap is not None else "NOT seen by the users")
         )
     else:

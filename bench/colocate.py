@@ -2,8 +2,9 @@
 own process) under 16 streaming clients, each first alone, then together, in the same run. Prints JSON.
 
 Why: each process claims every core unless told otherwise (`ALIGND_TORCH_THREADS`), and two OpenMP pools that each
-spin on every core slow each other far more than sharing would suggest; `alignd up` splits the cores in half
-(core/config.py shared_machine_threads) on these figures.
+spin on every core slow each other far more than sharing would suggest; `alignd up` gives the API half the cores
+(core/config.py shared_machine_threads) on these figures, and its training worker every core only while the API
+idles (bench/share_cores.py).
 
     python bench/colocate.py --train-threads 2 --server-threads 2   # both claim both cores
     python bench/colocate.py --train-threads 1 --server-threads 1   # half each (`alignd up`)

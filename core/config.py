@@ -133,6 +133,12 @@ class Settings(BaseSettings):
         description="torch intra-op threads; unset: all cores for training; for serving, the engine's thread gets "
         "all cores (split between serve_workers) for models of 50 M parameters and more, all but one below",
     )
+    share_cores: Literal["follow", "split"] = Field(
+        "follow",
+        description="how `alignd up` and `alignd demo` share a CPU machine between the API and the training "
+        "worker: follow: training on every core at nice 19 with passive OpenMP waits, each optimiser step that starts "
+        "while an API process of this home has requests in flight on half; split: half each whatever the load",
+    )
     host: str = "127.0.0.1"
     port: int = 8000
     serve_workers: int = Field(
@@ -394,10 +400,20 @@ class Settings(BaseSettings):
         shape on 2 cores (`python bench/colocate.py --train-threads T --server-threads S`), with two threads each a
         training step beside `alignd serve` under 16 clients took 15.8 s (4.0 alone) and the API served 43 tokens/s
         (314 alone); with one each, 5.9 s (5.7 alone) and 277 tokens/s (295 alone); with two for training and one
-        for serving, 6.9 s (3.9) and 183 tokens/s (274)."""
+        for serving, 6.9 s (3.9) and 183 tokens/s (274). With `share_cores=follow` the API keeps this count and the
+        training worker widens to every core while the API is idle (`training_threads_follow`)."""
         if self.torch_threads or self.torch_device().startswith("cuda"):
             return None
         return max(1, (os.cpu_count() or 2) // 2)
+
+    def training_threads_follow(self) -> tuple[int, int] | None:
+        """(wide, narrow): a training cycle's torch threads while the API processes of this home are idle and while
+        one has requests in flight (core/threads.py follow_load), or None where the count is fixed (`share_cores`
+        split, ALIGND_TORCH_THREADS set, a GPU). A worker whose home has no API process never narrows."""
+        if self.share_cores != "follow" or self.torch_threads or self.torch_device().startswith("cuda"):
+            return None
+        cores = os.cpu_count() or 1
+        return cores, max(1, cores // 2)
 
     def serving_engine(self, parameters: int | None = None) -> Literal["builtin", "vllm"]:
         """The engine `engine` names, with `auto` resolved (VLLM_AUTO_RULE) for a model of `parameters` parameters

@@ -343,6 +343,8 @@ class Engine:
         self.failed = 0  # sequences failed by an exception in the engine
         self._cancel_requested = threading.Event()  # a hint that rows may need dropping before the next step
         self.on_step = None  # optional callback(batch_size) for metrics
+        self.on_busy = None  # optional callback(bool): sequences in flight or not, at each scheduler turn (a training
+        #                      worker on the same machine narrows while they are: core/threads.py BusyFlag)
 
     # --- public API (any thread)
     def start(self) -> None:
@@ -437,6 +439,7 @@ class Engine:
         while self._running:
             try:
                 busy = any(b.seqs for b in self._batches.values())
+                self._publish_busy(busy)
                 self._admit(block=not busy)
                 for version in list(self._batches):
                     self._drop_cancelled()  # between steps: a client that left stops costing forwards at once
@@ -452,6 +455,14 @@ class Engine:
             except Exception as exc:  # a bug outside one batch's step: fail what is in flight, keep serving
                 self._fail([s for b in self._batches.values() for s in b.seqs], exc, "scheduler")
                 self._batches.clear()
+        self._publish_busy(False)
+
+    def _publish_busy(self, busy: bool) -> None:
+        if self.on_busy is not None:
+            try:
+                self.on_busy(busy)
+            except OSError as exc:  # a full or read-only disk costs the trainer its hint, never a request
+                log.warning("engine could not mark itself busy=%s: %s", busy, exc)
 
     def _fail(self, seqs: list[_Seq], exc: Exception, stage: str) -> None:
         log.error(
@@ -494,6 +505,7 @@ class Engine:
             new = [s for s in new if not s.handle.cancelled]
         if not new:
             return
+        self._publish_busy(True)  # before the prefill: the mark covers it too
         by_version: dict[int, list[_Seq]] = {}
         for s in new:
             by_version.setdefault(s.policy.version, []).append(s)

@@ -16,6 +16,7 @@ import httpx
 import redis
 
 from core.config import Settings
+from core.threads import BusyFlag, busy_dir
 from store import registry
 from training.lora import adapter_base, folder_digest, parameter_count
 
@@ -32,7 +33,10 @@ def build_engine(settings: Settings, r: redis.Redis, version: int, server=None):
 
         policy = load_version(r, settings, version)
         threads = settings.serving_threads(policy.parameters)
-        return Engine(policy, max_batch_size=settings.max_batch_size, threads=threads)
+        engine = Engine(policy, max_batch_size=settings.max_batch_size, threads=threads)
+        if settings.share_cores == "follow" and not settings.torch_device().startswith("cuda"):
+            engine.on_busy = BusyFlag(busy_dir(settings.home)).set  # a training worker of this home narrows meanwhile
+        return engine
     return build_vllm_engine(settings, r, version, server)
 
 

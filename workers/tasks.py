@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -24,6 +25,7 @@ import redis
 
 from core import names
 from core.config import Settings, get_settings
+from core.threads import api_busy, busy_dir, follow_load
 from store import keys, registry
 from store.client import connect
 from store.feedback import unconsumed_count
@@ -102,8 +104,11 @@ def _run_cycle(
         registry.record_event(r, "cycle_failed", task=task_id, reason=f"cycle configuration: {exc}")
         return {"status": "error", "reason": f"cycle configuration: {exc}"}
     settings.apply_torch_threads()
+    follow = settings.training_threads_follow()  # every core while the API idles, half while it serves
+    threads = follow_load(api_busy(busy_dir(settings.home)), *follow) if follow else contextlib.nullcontext()
     try:
-        return run_cycle(r, settings, cfg, trigger=trigger, min_events=min_events)
+        with threads:
+            return run_cycle(r, settings, cfg, trigger=trigger, min_events=min_events)
     except LockBusy as exc:
         return {"status": "busy", "reason": str(exc)}
     except CycleError as exc:

@@ -21,7 +21,8 @@ import typer
 
 from alignd.commands.common import JsonOpt, app, child_env, console, open_redis
 from core import names
-from core.config import get_settings
+from core.config import Settings, get_settings
+from core.threads import TRAIN_NICE
 
 CELERY = [sys.executable, "-m", "celery", "-A", "workers.celery_app"]
 ALIGND = [sys.executable, "-m", "alignd.cli"]
@@ -36,6 +37,20 @@ def children(exe: list[str]) -> dict[str, list[str]]:
         "beat": [*ALIGND, "beat"],
         "flower": [*ALIGND, "flower"],
     }
+
+
+def spawn(settings: Settings, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """Start one of `alignd up`'s processes in its own session. With `share_cores=follow` on a CPU the training worker
+    runs at nice TRAIN_NICE without ALIGND_TORCH_THREADS: its cycles take every core while the API is idle and half
+    while it serves (core/threads.py follow_load). Its OpenMP threads sleep as soon as they wait (unless
+    OMP_WAIT_POLICY says otherwise): a low-priority thread spinning at a barrier for a teammate the kernel has
+    paused for the API holds a core for nothing (`bench/share_cores.py`: 5-6x the steps of spinning ones)."""
+    nice = 0
+    if name == "worker-train" and settings.shared_machine_threads() and settings.share_cores == "follow":
+        env = {k: v for k, v in env.items() if k != "ALIGND_TORCH_THREADS"}
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        nice = TRAIN_NICE
+    return subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=(lambda: os.nice(nice)) if nice else None)
 
 
 FLOWER_MIN_PASSWORD = 12  # characters; production refuses shorter ones and placeholders
@@ -199,12 +214,12 @@ def up(
     if registry.current_version(r) is None:
         console.print("first start: bootstrapping the SFT assistant")
         subprocess.run([*ALIGND, "bootstrap", "--seconds", str(seconds)], env=env, check=True)
-    shared = settings.shared_machine_threads()  # the API and the training worker split the cores (bootstrap ran alone)
+    shared = settings.shared_machine_threads()  # the API and the training worker share the cores (bootstrap ran alone)
     if shared:
         env["ALIGND_TORCH_THREADS"] = str(shared)
     procs_cmds = {"api": [*ALIGND, "serve", "--port", str(port or settings.port)]}
     procs_cmds.update(children(ALIGND))  # training and light workers, beat, Flower
-    procs = {name: subprocess.Popen(cmd, env=env, start_new_session=True) for name, cmd in procs_cmds.items()}
+    procs = {name: spawn(settings, name, cmd, env) for name, cmd in procs_cmds.items()}
     console.print(
         f"[green]alignd is up: API on http://{settings.host}:{port or settings.port} "
         f"({', '.join(procs)}); Ctrl-C stops everything"

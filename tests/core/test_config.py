@@ -83,6 +83,16 @@ def test_a_shared_machine_gives_the_api_and_the_trainer_half_the_cores_each(monk
     assert Settings(device="cuda").shared_machine_threads() is None
 
 
+def test_training_follows_the_load_on_a_shared_cpu_unless_the_count_is_fixed(monkeypatch):
+    monkeypatch.delenv("ALIGND_TORCH_THREADS", raising=False)
+    monkeypatch.delenv("ALIGND_SHARE_CORES", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert Settings(device="cpu").training_threads_follow() == (8, 4)  # every core idle, the split while serving
+    assert Settings(device="cpu", share_cores="split").training_threads_follow() is None
+    assert Settings(device="cpu", torch_threads=3).training_threads_follow() is None  # the operator's count stands
+    assert Settings(device="cuda").training_threads_follow() is None
+
+
 def test_engine_auto_needs_a_configured_vllm_and_a_gpu_or_a_large_model():
     from core.config import VLLM_MIN_PARAMETERS
 
