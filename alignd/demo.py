@@ -308,22 +308,6 @@ def _start(
     return r, sim
 
 
-def cpu_times() -> tuple[int, int] | None:
-    """(busy, idle) clock ticks of all cores since boot, from /proc/stat (None where there is none)."""
-    try:
-        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    idle = ticks[3] + ticks[4]  # idle and iowait
-    return sum(ticks) - idle, idle
-
-
-def busy_fraction(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
-    if before is None or after is None or sum(after) <= sum(before):
-        return None
-    return round((after[0] - before[0]) / (sum(after) - sum(before)), 3)
-
-
 def _one_cycle(
     r,
     services: Services,
@@ -338,7 +322,7 @@ def _one_cycle(
     cpu_before = cpu_times()
     resp = services.admin("POST", "/admin/train", json={"min_events": need, "overrides": overrides or None})
     resp.raise_for_status()
-    task_id, started, cpu = resp.json()["task_id"], time.monotonic(), cpu_times()
+    task_id, started = resp.json()["task_id"], time.monotonic()
     result = None
     while result is None:
         if time.monotonic() - started > cfg.cycle_timeout_s:
@@ -354,7 +338,8 @@ def _one_cycle(
         "task_id": task_id,
         "status": result.get("status"),
         "seconds": round(seconds, 1),
-        "cpu_busy": busy_fraction(cpu, cpu_times()),  # the whole machine's, while the cycle ran (ALIGND_SHARE_CORES)
+        # the whole machine's cores while it ran: what ALIGND_SHARE_CORES leaves idle
+        "cpu_busy": None if cpu is None or cpu.fraction is None else round(cpu.fraction, 3),
         "overrides": overrides,
         "events": (result.get("feedback") or {}).get("events"),
         "version": result.get("version"),
