@@ -112,7 +112,7 @@ def busy(tmp_path, redis_url, r):
         api_keys=f"{USER_KEY}:alice,{OTHER_KEY}:bob,k3:carol,k4:dave",
         admin_key=ADMIN_KEY,
         max_inflight=16,
-        max_new_tokens=64,
+        max_new_tokens=256,
         chat_rate_per_minute=10_000,
         key_chat_rate_per_minute=10_000,
     )
@@ -167,7 +167,8 @@ def test_one_key_cannot_take_more_than_its_share(busy):
 def test_a_client_that_leaves_gives_its_room_back(busy):
     live, state = busy
     with live.client(USER_KEY) as http:
-        body = {"messages": MSG, "stream": True, "max_tokens": 64}
+        # greedy and long: the same 256-token answer every run, so the stream cannot end before the check below
+        body = {"messages": MSG, "stream": True, "max_tokens": 256, "temperature": 0}
         with http.stream("POST", "/v1/chat/completions", json=body) as s:
             next(s.iter_lines())
             assert admission(state).snapshot()["sequences"] == 1

@@ -54,5 +54,5 @@ def test_beat_enqueues_one_cycle_only_when_enough_feedback_waits(r, tasks):
     out = tasks.maybe_train.apply().get()
     assert out["status"] == "enqueued" and r.exists(keys.train_queued())
     assert tasks.maybe_train.apply().get()["status"] == "queued"  # no second cycle while one waits
-    message = json.loads(r.lindex("train", 0))  # the message waits on the train queue in the broker
+    message = json.loads(r.lindex(keys.celery_prefix() + "train", 0))  # waiting on the broker's train queue
     assert message["headers"]["task"] == "alignd.train_cycle" and message["headers"]["id"] == out["task_id"]
