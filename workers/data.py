@@ -4,11 +4,13 @@ A cycle's are the comparisons and rated answers derived from the feedback events
 beside the history of all of them (what the reward model retrains on and what DPO/KTO replay); `alignd train
 dpo|kto` takes a preference file's items or every item in Redis; `alignd train ppo` learns from none (it optimises
 the current reward model). Provenance — what the items were, who labelled them — is computed here, from the same
-lists the stages train on.
+lists the stages train on. The users' recent prompts, which PPO rolls out on and on-policy DPO samples, are read
+here too (`user_prompts`).
 """
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +19,7 @@ import redis
 
 from core.records import Comparison, Rated
 from store.comparisons import all_comparisons, comparisons_for_events
+from store.completions import sample_prompts
 from store.feedback import FeedbackEvent
 
 
@@ -87,3 +90,14 @@ def annotator_reliability(comparisons: list, rated: list, *, apply: bool) -> dic
     if apply:
         weigh([*comparisons, *rated], table)
     return {"applied": apply, "annotators": table_dict(table)}
+
+
+def user_prompts(r: redis.Redis, tokenizer, n: int, max_tokens: int, rng: random.Random) -> list[list[dict[str, str]]]:
+    """Up to `n` prompts drawn from the users' recent ones (store/completions.py), those ending in a user turn and at
+    most `max_tokens` long in the chat template (prompt and answer must fit the context)."""
+
+    def fits(messages) -> bool:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= max_tokens
+
+    return [m for m in sample_prompts(r, n, rng) if m and m[-1].get("role") == "user" and fits(m)]
