@@ -32,12 +32,17 @@ def _get(cfg: dict[str, Any], dotted: str) -> Any:
 
 def algorithm(run: dict[str, Any]) -> str:
     """The run's group: its update algorithm (today's default where its config names none), "+graders" when graders
-    were part of the reward (bench/demo.py --graders-as-reward)."""
+    were part of the reward (bench/demo.py --graders-as-reward), "+onpolicy N@W" with DPO's judged pairs (N prompts
+    a cycle at weight W, update.onpolicy_*; a group per setting, so settings are compared by their medians)."""
     from workers.cycle_config import UpdateConfig
 
-    cfg = run.get("cycle_config") or {}
-    name = _get(cfg, "update.algorithm") or UpdateConfig().algorithm
-    return name + ("+graders" if (_get(cfg, "reward.grader_weight") or 0) > 0 else "")
+    cfg, default = run.get("cycle_config") or {}, UpdateConfig()
+    name = _get(cfg, "update.algorithm") or default.algorithm
+    name += "+graders" if (_get(cfg, "reward.grader_weight") or 0) > 0 else ""
+    pairs = _get(cfg, "update.onpolicy_pairs") or default.onpolicy_pairs
+    weight = _get(cfg, "update.onpolicy_weight")
+    weight = default.onpolicy_weight if weight is None else weight
+    return name + (f"+onpolicy {pairs}@{weight:g}" if name.startswith("dpo") and pairs > 0 and weight > 0 else "")
 
 
 def figures(run: dict[str, Any]) -> dict[str, Any]:
