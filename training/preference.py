@@ -289,18 +289,22 @@ def train_dpo(
     comparisons: Sequence[Comparison],
     *,
     reference: PreTrainedModel | None = None,
+    train_only: Sequence[Comparison] = (),
     progress: Callable[[int, dict[str, float]], None] | None = None,
 ) -> tuple[PreTrainedModel, dict[str, Any]]:
-    """DPO on `comparisons` in place; returns (policy in eval mode, metrics).
+    """DPO on `comparisons` and `train_only` in place; returns (policy in eval mode, metrics).
 
-    metrics: "train" (`dpo_summary` over the last, possibly partial, epoch, as the policy moved), "heldout" and
-    "heldout_before" (the held-out prompts' pairs after and before training), steps, epochs, seconds, counts.
+    `train_only` pairs are trained on and never held out: labels of a judge (training/onpolicy.py), whose agreement
+    with itself is not what the held-out pairs measure. metrics: "train" (`dpo_summary` over the last, possibly
+    partial, epoch, as the policy moved), "heldout" and "heldout_before" (the held-out prompts' pairs after and
+    before training), steps, epochs, seconds, counts.
     """
-    items = dpo_items(comparisons)
-    if not items:
+    items, extra = dpo_items(comparisons), dpo_items(train_only)
+    if not items and not extra:
         raise ValueError("no comparisons to learn from (ties between identical responses carry no signal)")
     scorer = _Scorer(policy, reference, tokenizer, cfg.max_length)
-    train, heldout = split_by_prompt(items, cfg.heldout_fraction, cfg.seed)
+    train, heldout = split_by_prompt(items, cfg.heldout_fraction, cfg.seed) if items else ([], [])
+    train = list(train) + extra
     before = evaluate_dpo(policy, tokenizer, heldout, cfg, scorer=scorer) if heldout else None
     loop = _optimise(cfg, policy, train, lambda batch: dpo_batch(scorer, batch, cfg), progress)
     metrics: dict[str, Any] = {
@@ -310,7 +314,7 @@ def train_dpo(
         "heldout_before": before,
         "n_train": len(train),
         "n_heldout": len(heldout),
-        "skipped": len(comparisons) - len(items),
+        "skipped": len(comparisons) + len(train_only) - len(items) - len(extra),
     }
     log.info("dpo: %s", metrics)
     return policy, metrics

@@ -147,6 +147,31 @@ class UpdateConfig(BaseModel):
         "new labelled items (at least 8 prompts, 4 answers each); 0 = off",
     )
 
+    onpolicy_pairs: int = Field(
+        0,
+        ge=0,
+        description="dpo: recent user prompts the current policy answers each update (onpolicy_samples times each) "
+        "for the judge (the reward model just trained, plus the graders on suite prompts) to rank; the best over "
+        "the worst answer joins the human pairs when the judge separates them by onpolicy_min_margin (Online DPO, "
+        "training/onpolicy.py); 0 = off: the reward model orders correct over plausible-wrong answers about half "
+        "the time (bench/probe_reward.py), so whether its pairs help is measured, not assumed",
+    )
+    onpolicy_samples: int = Field(
+        2, ge=2, description="answers per prompt: Guo et al.'s two; more widen best-vs-worst, cost generation"
+    )
+    onpolicy_weight: float = Field(
+        0.5,
+        ge=0,
+        description="loss weight of a judged pair, a person's pair weighing 1: below the human labels, which tell "
+        "correct from wrong where the judge often cannot; 0 = off",
+    )
+    onpolicy_min_margin: float = Field(
+        0.5,
+        ge=0,
+        description="judge score gap (reward-model standard deviations on the reference answers) a pair needs: "
+        "closer calls are near coin flips for a reward model this small",
+    )
+
     @model_validator(mode="after")
     def _shares(self) -> UpdateConfig:
         if self.grader_prompt_share > 1 - self.user_prompt_share:

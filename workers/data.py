@@ -5,11 +5,13 @@ beside the history: the most recent `reward.max_comparisons` of all of them (sto
 model retrains on and what DPO/KTO replay), so a cycle's reads are bounded however much was ever voted; `alignd
 train dpo|kto` takes a preference file's items or the same window of Redis's; `alignd train ppo` learns from none
 (it optimises the current reward model). Provenance — what the items were, who labelled them — is computed here,
-from the same lists the stages train on.
+from the same lists the stages train on. The users' recent prompts, which PPO rolls out on and on-policy DPO
+samples, are read here too (`user_prompts`).
 """
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +20,7 @@ import redis
 
 from core.records import Comparison, Rated
 from store.comparisons import comparisons_for_events
+from store.completions import sample_prompts
 from store.feedback import FeedbackEvent
 from store.recent import window
 
@@ -91,3 +94,14 @@ def annotator_reliability(comparisons: list, rated: list, *, apply: bool) -> dic
     if apply:
         weigh([*comparisons, *rated], table)
     return {"applied": apply, "annotators": table_dict(table)}
+
+
+def user_prompts(r: redis.Redis, tokenizer, n: int, max_tokens: int, rng: random.Random) -> list[list[dict[str, str]]]:
+    """Up to `n` prompts drawn from the users' recent ones (store/completions.py), those ending in a user turn and at
+    most `max_tokens` long in the chat template (prompt and answer must fit the context)."""
+
+    def fits(messages) -> bool:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= max_tokens
+
+    return [m for m in sample_prompts(r, n, rng) if m and m[-1].get("role") == "user" and fits(m)]

@@ -22,8 +22,8 @@ import redis
 
 from core.config import Settings
 from store import keys, registry
-from store.completions import sample_prompts
 from workers.cycle_config import CycleConfig
+from workers.data import user_prompts
 from workers.job import Job
 from workers.update import Candidate, load_policy, snapshot, stretched
 
@@ -134,11 +134,7 @@ def prompt_sampler(r: redis.Redis, tokenizer, cfg: CycleConfig):
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= cfg.update.max_user_prompt_tokens
 
-    pool = [
-        messages
-        for messages in sample_prompts(r, USER_PROMPT_POOL, random.Random(cfg.seed))
-        if messages and messages[-1].get("role") == "user" and fits(messages)
-    ]
+    pool = user_prompts(r, tokenizer, USER_PROMPT_POOL, cfg.update.max_user_prompt_tokens, random.Random(cfg.seed))
     graded = []
     if cfg.update.grader_prompt_share > 0:
         for suite in load_suites(cfg.eval.suites):

@@ -6,7 +6,10 @@ Ethayarajh et al. 2024) on the run's new items (workers/data.py) — a cycle's a
 weighted by its annotator's reliability when reward.annotator_weights is on. DPO with only thumbs to learn from
 trains with KTO, which learns from exactly that. With graders as reward, the policy's own answers to grader-suite
 prompts, ranked by the graders, join the items (training/grader_pairs.py); with update.generic_share, generic
-instruction-following preferences from the built-in world do (every family but the held-out one).
+instruction-following preferences from the built-in world do (every family but the held-out one). With
+`update.onpolicy_pairs`, DPO also learns from the current policy's answers to recent user prompts, judged by the reward
+model the cycle just trained (and the graders on suite prompts): Online DPO's pairs (training/onpolicy.py), at
+`update.onpolicy_weight`.
 
     alignd train dpo [--data FILE]       # or: alignd train kto …; both run the cycle's stages after the update
 """
@@ -19,13 +22,15 @@ from dataclasses import asdict
 from typing import Any
 
 from core.records import Comparison, Rated
-from workers.data import TrainingData, annotator_reliability
+from workers.data import TrainingData, annotator_reliability, user_prompts
 from workers.job import CycleError, Job
+from workers.reward_stage import Rewards
 from workers.update import Candidate, load_policy, stretched_preference
 
 
-def run(job: Job, data: TrainingData, lora: bool) -> Candidate:
-    """Train DPO or KTO on `data`; a CycleError when nothing in it is learnable by the algorithm (e.g. only ties)."""
+def run(job: Job, data: TrainingData, lora: bool, rewards: Rewards) -> Candidate:
+    """Train DPO or KTO on `data`; a CycleError when nothing in it is learnable by the algorithm (e.g. only ties).
+    `rewards` (workers/reward_stage.py) judges the on-policy pairs, when they are on."""
     from training.preference import dpo_items, train_dpo, train_kto
 
     cand = load_policy(job, lora)
@@ -37,13 +42,14 @@ def run(job: Job, data: TrainingData, lora: bool) -> Candidate:
         algorithm = "kto"
     graded = _grader_items(job, cand, algorithm, counts)
     graded += _generic_items(job, algorithm, len(comparisons) + len(rated), counts)
+    judged = _judged_items(job, cand, rewards, counts) if algorithm == "dpo" else []
     reference = None if lora else cand.reference  # LoRA: the adapter switched off is the reference
     cfg = stretched_preference(job.cfg.update, job.cfg.dpo if algorithm == "dpo" else job.cfg.kto)
     t0 = time.perf_counter()
     try:
         if algorithm == "dpo":
             cand.policy, metrics = train_dpo(
-                cfg, cand.policy, cand.tokenizer, comparisons + graded, reference=reference
+                cfg, cand.policy, cand.tokenizer, comparisons + graded, reference=reference, train_only=judged
             )
         else:
             cand.policy, metrics = train_kto(
@@ -134,3 +140,43 @@ def _generic_items(job: Job, algorithm: str, n_items: int, counts: dict[str, Any
         ]
     counts["generic"] = len(items)
     return items
+
+
+def _judged_items(job: Job, cand: Candidate, rewards: Rewards, counts: dict[str, Any]) -> list:
+    """Online DPO (update.onpolicy_pairs > 0, update.onpolicy_weight > 0): the current policy answers recent user
+    prompts, the reward model (plus graders on suite prompts: `rewards.update_score`) judges the answers, and the
+    pairs it separates by update.onpolicy_min_margin join the batch (training/onpolicy.py). The reward model is
+    released after judging, so DPO trains without it beside the policy (the gate loads it again). `counts` gains
+    what was sampled and used, or why nothing was."""
+    from training.onpolicy import OnPolicyConfig, draw, judged_comparisons, sample_judged, summary
+
+    update = job.cfg.update
+    if update.onpolicy_pairs <= 0 or update.onpolicy_weight <= 0:
+        return []
+    info: dict[str, Any] = {"weight": update.onpolicy_weight, "min_margin": update.onpolicy_min_margin}
+    if rewards.version is None:
+        counts["onpolicy"] = info | {"pairs": 0, "skipped": "no reward model to judge with"}
+        return []
+    t0 = time.perf_counter()
+    seed = job.cfg.seed + job.token
+    recent = user_prompts(
+        job.r, cand.tokenizer, 4 * update.onpolicy_pairs, update.max_user_prompt_tokens, random.Random(seed)
+    )
+    prompts = draw(recent, update.onpolicy_pairs, random.Random(seed))
+    if not prompts:
+        counts["onpolicy"] = info | {"pairs": 0, "skipped": "no recent user prompts"}
+        return []
+    cfg = OnPolicyConfig(
+        prompts=len(prompts),
+        samples=update.onpolicy_samples,
+        max_new_tokens=job.cfg.ppo.max_new_tokens,
+        min_margin=update.onpolicy_min_margin,
+        weight=update.onpolicy_weight,
+        seed=seed,
+    )
+    judged = sample_judged(cand.policy, cand.tokenizer, prompts, rewards.load(job).update_score, cfg)
+    rewards.release()
+    pairs = judged_comparisons(judged, cfg.min_margin, cfg.weight)
+    counts["onpolicy"] = info | summary(judged, pairs) | {"seconds": time.perf_counter() - t0}
+    job.progress("onpolicy", counts["onpolicy"])
+    return pairs

@@ -62,12 +62,19 @@ def provenance(job: Job, data: TrainingData, rewards: Rewards, cand: Candidate) 
         "reward_version": rewards.version,
         "reference_version": job.ref_version,
         "feedback": data.feedback(),
-        "data": data.source,
+        "data": data.source | _judged(cand),
         "annotators": data.annotators(),
         # who shaped this version and how much each counted: the policy update's table (dpo/kto), else the
         # reward model's (absent when the reward model was not retrained)
         "reliability": cand.reliability or rewards.report.get("reliability"),
     }
+
+
+def _judged(cand: Candidate) -> dict[str, Any]:
+    """The judge's on-policy pairs the update trained on beside the people's labels, and their weight (dpo with
+    update.onpolicy_pairs; workers/preference.py): absent when the option is off."""
+    onpolicy = cand.info.get("data", {}).get("onpolicy")
+    return {"judged_pairs": onpolicy["pairs"], "judged_weight": onpolicy["weight"]} if onpolicy else {}
 
 
 def publish_candidate(

@@ -78,7 +78,7 @@ def run(job: Job, data, rewards) -> Candidate:
     if job.algorithm == "ppo":
         cand = ppo_update.run(job, rewards, lora)
     else:
-        cand = preference.run(job, data, lora)
+        cand = preference.run(job, data, lora, rewards)
     gc.collect()  # the training loop's optimiser state and activations, before the gate loads the parent
     return cand
 

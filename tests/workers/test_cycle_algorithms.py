@@ -79,6 +79,31 @@ def test_dpo_on_thumbs_alone_trains_with_kto_and_says_so(r, redis_url, tmp_path)
     assert meta["update"]["data"]["new"] == 16 and fb.unconsumed_count(r) == 0
 
 
+def test_a_dpo_cycle_with_onpolicy_pairs_trains_on_them_and_records_them(r, redis_url, tmp_path):
+    """update.onpolicy_pairs: the current policy answers the users' recent prompts twice, the reward model the cycle
+    just trained judges the answers, and the pairs it separates are trained on beside the people's and recorded in
+    the version's provenance with their weight; at weight 0 none are sampled and none are recorded."""
+    settings = make_settings(tmp_path / "home", redis_url)
+    publish_tiny(r, settings)
+    seed_feedback(r, 16)  # 16 completions: their prompts are the recent user prompts
+    on = {"update.onpolicy_pairs": 6, "update.onpolicy_weight": 0.5, "update.onpolicy_min_margin": 0.0}
+    report = run_cycle(r, settings, algorithm_cycle("dpo", **on))
+    assert report["status"] == "published", report
+    meta = registry.get_version(r, report["version"])
+    onpolicy = meta["update"]["data"]["onpolicy"]
+    assert onpolicy["prompts"] == 6 and onpolicy["answers"] == 12 and onpolicy["weight"] == 0.5
+    assert 1 <= onpolicy["pairs"] <= 6, onpolicy  # distinct answers always differ a little to a reward model
+    assert meta["data"]["judged_pairs"] == onpolicy["pairs"] and meta["data"]["judged_weight"] == 0.5
+    trained = meta["update"]["metrics"]
+    assert trained["n_train"] + trained["n_heldout"] == 16 + onpolicy["pairs"]  # beside the people's 16
+
+    seed_feedback(r, 8, seed=1)
+    second = run_cycle(r, settings, algorithm_cycle("dpo", **(on | {"update.onpolicy_weight": 0.0})))
+    assert second["status"] == "published", second
+    meta = registry.get_version(r, second["version"])
+    assert meta["update"]["data"] == {"new": 8, "replay": 16} and "judged_pairs" not in meta["data"]
+
+
 def test_an_unknown_algorithm_is_refused_with_the_valid_ones():
     with pytest.raises(ValueError, match="ppo"):
         CycleConfig.from_dict({"update.algorithm": "sft"})
