@@ -100,6 +100,7 @@ class Services:
                 "ALIGND_CYCLE_SECONDS": "3600",
                 "ALIGND_MIN_NEW_FEEDBACK": str(self.cfg.min_feedback),
                 "ALIGND_POLL_SECONDS": "0.5",
+                "ALIGND_GC_KEEP": "0",  # every version stays on disk: the report re-scores each one
             }
         )
         if threads:
