@@ -339,8 +339,6 @@ def _one_cycle(
         "task_id": task_id,
         "status": result.get("status"),
         "seconds": round(seconds, 1),
-        # the whole machine's cores while it ran: what ALIGND_SHARE_CORES leaves idle
-        "cpu_busy": None if cpu is None or cpu.fraction is None else round(cpu.fraction, 3),
         "overrides": overrides,
         "events": (result.get("feedback") or {}).get("events"),
         "version": result.get("version"),
@@ -356,7 +354,7 @@ def _one_cycle(
     }
     if record["status"] == "published":
         record["swap_seconds"] = swap = _wait_swap(r, sim, record["version"], 120.0)
-        busy = f" (cores {record['cpu_busy']:.0%} busy)" if record["cpu_busy"] is not None else ""
+        busy = f" (cores {cpu.fraction:.0%} busy)" if cpu is not None and cpu.fraction is not None else ""
         say(
             f"cycle {n}: v{record['version']} published in {seconds:.0f} s{busy}; served "
             + (f"{swap:.1f} s after publishing" if swap is not None else "NOT seen by the users")

@@ -33,7 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.serve import SERVER_PIDS, alignd_serve, default_policy, prompts, tree_cpu_seconds  # noqa: E402
+from alignd.machine import cpu_times  # noqa: E402
+from bench.serve import SERVER_PIDS, alignd_serve, default_policy, pct, prompts, tree_cpu_seconds  # noqa: E402
 from core.threads import TRAIN_NICE, api_busy, busy_dir, follow_load, set_thread_torch_threads  # noqa: E402
 
 DESIGNS = {  # name: (trainer threads while the API idles, while it serves, nice, OMP_WAIT_POLICY, follow the engine)
@@ -89,20 +90,18 @@ def trainer(args) -> None:
 
 
 def cpu_sampler(samples: list, stop: threading.Event) -> None:
-    """(time, busy jiffies, idle jiffies) of the whole machine every 0.25 s."""
+    """(time, the whole machine's CPU time so far: alignd/machine.py) every 0.25 s."""
     while not stop.is_set():
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        idle = fields[3] + fields[4]  # idle + iowait
-        samples.append((time.time(), sum(fields[:8]) - idle, idle))
+        samples.append((time.time(), cpu_times()))
         stop.wait(0.25)
 
 
 def idle_fraction(samples: list, start: float, end: float) -> float:
-    inside = [s for s in samples if start <= s[0] <= end]
+    inside = [s for s in samples if start <= s[0] <= end and s[1] is not None]
     if len(inside) < 2:
         return float("nan")
-    busy, idle = inside[-1][1] - inside[0][1], inside[-1][2] - inside[0][2]
-    return idle / max(busy + idle, 1)
+    busy = (inside[-1][1] - inside[0][1]).fraction
+    return float("nan") if busy is None else 1 - busy
 
 
 async def open_load(
@@ -139,11 +138,6 @@ def server_home(pid: int) -> str:
     """The ALIGND_HOME of the `alignd serve` process `pid` (where its engine marks itself busy)."""
     env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     return next(v.split(b"=", 1)[1].decode() for v in env if v.startswith(b"ALIGND_HOME="))
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
 
 
 def run_phase(args, url: str, home: str, texts: list[str], design: str | None, samples: list, seed: int) -> dict:

@@ -68,7 +68,6 @@ def test_reduced_demo_publishes_swaps_and_reports(tmp_path, base_model, algorith
     published = [c for c in summary["cycles"] if c["status"] == "published"]
     assert len(published) >= 3, summary["cycles"]
     assert all(c["swap_seconds"] is not None for c in published), published  # every version reached the users
-    assert all(0 < c["cpu_busy"] <= 1 for c in published), published  # the machine's cores while each cycle ran
     served = summary["simulation"]["served_versions"]
     assert all(str(c["version"]) in served for c in published)
     assert all(summary["simulation"]["feedback"][k] > 0 for k in ("thumbs", "pairwise", "rank"))

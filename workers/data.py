@@ -96,12 +96,15 @@ def annotator_reliability(comparisons: list, rated: list, *, apply: bool) -> dic
     return {"applied": apply, "annotators": table_dict(table)}
 
 
+def prompt_fits(tokenizer, messages: list[dict[str, str]], max_tokens: int) -> bool:
+    """Whether `messages` in the chat template, ready for the answer, is at most `max_tokens` long (prompt and answer
+    must fit the context)."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= max_tokens
+
+
 def user_prompts(r: redis.Redis, tokenizer, n: int, max_tokens: int, rng: random.Random) -> list[list[dict[str, str]]]:
     """Up to `n` prompts drawn from the users' recent ones (store/completions.py), those ending in a user turn and at
-    most `max_tokens` long in the chat template (prompt and answer must fit the context)."""
-
-    def fits(messages) -> bool:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= max_tokens
-
-    return [m for m in sample_prompts(r, n, rng) if m and m[-1].get("role") == "user" and fits(m)]
+    most `max_tokens` long (`prompt_fits`)."""
+    drawn = sample_prompts(r, n, rng)
+    return [m for m in drawn if m and m[-1].get("role") == "user" and prompt_fits(tokenizer, m, max_tokens)]

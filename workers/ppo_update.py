@@ -23,7 +23,7 @@ import redis
 from core.config import Settings
 from store import keys, registry
 from workers.cycle_config import CycleConfig
-from workers.data import user_prompts
+from workers.data import prompt_fits, user_prompts
 from workers.job import Job
 from workers.update import Candidate, load_policy, snapshot, stretched
 
@@ -130,16 +130,13 @@ def prompt_sampler(r: redis.Redis, tokenizer, cfg: CycleConfig):
     from training.graders import load_suites
     from training.world import sample_task
 
-    def fits(messages) -> bool:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= cfg.update.max_user_prompt_tokens
-
-    pool = user_prompts(r, tokenizer, USER_PROMPT_POOL, cfg.update.max_user_prompt_tokens, random.Random(cfg.seed))
+    max_tokens = cfg.update.max_user_prompt_tokens
+    pool = user_prompts(r, tokenizer, USER_PROMPT_POOL, max_tokens, random.Random(cfg.seed))
     graded = []
     if cfg.update.grader_prompt_share > 0:
         for suite in load_suites(cfg.eval.suites):
             convs = (_as_messages(it.prompt) for it in suite.items)
-            graded += [m for m in convs if fits(m)]
+            graded += [m for m in convs if prompt_fits(tokenizer, m, max_tokens)]
 
     def sampler(n: int, rng: random.Random) -> list[list[dict[str, str]]]:
         g = round(n * cfg.update.grader_prompt_share) if graded else 0
