@@ -9,7 +9,8 @@ the registry follower then set 1 for its own loads, and every decode step ran on
 
 Sharing one machine (`alignd up`, `alignd demo`; core/config.py `share_cores`): each API process marks itself busy
 with a file under ALIGND_HOME/run/busy while its engine has sequences in flight (`BusyFlag`), and a training cycle
-runs each optimiser step on every core while no such mark is fresh, on its share while one is (`follow_load`).
+runs each optimiser step on every core while no such mark is fresh, on its share while one is (`follow_load`);
+two stages that train at once (`beside`: the reward model beside a DPO/KTO update) split that count between them.
 The count is only changed between steps (one thread's OpenMP team cannot change size inside a parallel region), so
 the training worker also runs at a lower priority (`TRAIN_NICE`): within a step the kernel hands the API's threads
 the core they want. `python bench/share_cores.py` compares this with a fixed split.
@@ -23,12 +24,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 # The training worker's priority under `share_cores=follow`: at 19 the kernel weighs a nice-0 thread 68 times as
 # heavily (CFS weights 1024 and 15), so a request that arrives inside a training step gets its core at once.
 TRAIN_NICE = 19
 BUSY_REFRESH_S = 1.0  # a busy API process rewrites its mark this often …
 BUSY_STALE_S = 5.0  # … and a mark older than this is a process that died busy: ignored
+
+T = TypeVar("T")
+U = TypeVar("U")
 
 
 def set_thread_torch_threads(n: int) -> int:
@@ -89,28 +94,118 @@ def api_busy(directory: Path) -> Callable[[], bool]:
     return busy
 
 
-@contextlib.contextmanager
-def follow_load(busy: Callable[[], bool], wide: int, narrow: int) -> Iterator[list[int]]:
-    """Within the block, the calling thread runs on `wide` torch threads, and on `narrow` while `busy()`: checked
-    before every optimiser step the thread takes (a global torch.optim step hook, so the trainers in training/ need
-    not know). Yields the list of counts set so far (for tests and reports); restores `narrow` on leaving."""
-    from torch.optim.optimizer import register_optimizer_step_pre_hook
+class _Cores:
+    """The torch threads each training thread of this process may use now: the cores the process has (follow_load's
+    `wide`, or `narrow` while the API is busy; else the count `beside` found) shared by the threads that train at
+    once. Each thread applies its count itself, before each of its optimiser steps (a global torch.optim step
+    hook: the trainers in training/ need not know), since a thread's count can only be set on that thread."""
 
-    owner, counts = threading.get_ident(), []
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.follow: tuple[Callable[[], bool], int, int] | None = None  # follow_load's (busy, wide, narrow)
+        self.fixed = 1  # the cores without follow_load: the count of the thread that opened `beside`
+        self.counts: dict[int, list[int]] = {}  # training thread -> the counts it set, in order
+        self.hook = None
 
-    def choose() -> None:
-        n = narrow if busy() else wide
+    def target(self) -> int:
+        if self.follow is not None:
+            busy, wide, narrow = self.follow
+            cores = narrow if busy() else wide
+        else:
+            cores = self.fixed
+        return max(1, cores // max(1, len(self.counts)))
+
+    def choose(self) -> None:
+        """Set the calling thread's count to its share now (a no-op on a thread that does not train)."""
+        counts = self.counts.get(threading.get_ident())
+        if counts is None:
+            return
+        n = self.target()
         if not counts or counts[-1] != n:
             counts.append(set_thread_torch_threads(n))
 
-    def hook(optimizer, args, kwargs) -> None:
-        if threading.get_ident() == owner:  # another thread's optimiser (a test, a second worker thread) keeps its own
-            choose()
+    def join(self) -> list[int]:
+        """Count the calling thread among the training threads (installing the step hook with the first)."""
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-    choose()
-    handle = register_optimizer_step_pre_hook(hook)
+        with self.lock:
+            counts = self.counts.setdefault(threading.get_ident(), [])
+            if self.hook is None:
+                self.hook = register_optimizer_step_pre_hook(lambda optimizer, args, kwargs: self.choose())
+        self.choose()
+        return counts
+
+    def leave(self) -> None:
+        with self.lock:
+            self.counts.pop(threading.get_ident(), None)
+            if not self.counts and self.hook is not None:
+                self.hook.remove()
+                self.hook = None
+
+
+_CORES = _Cores()
+
+
+@contextlib.contextmanager
+def follow_load(busy: Callable[[], bool], wide: int, narrow: int) -> Iterator[list[int]]:
+    """Within the block, the calling thread runs on `wide` torch threads, and on `narrow` while `busy()`: checked
+    before every optimiser step the thread takes; threads training `beside` it share the count. Yields the list of
+    counts set so far (for tests and reports); restores `narrow` on leaving."""
+    _CORES.follow = (busy, wide, narrow)
     try:
-        yield counts
+        counts = _CORES.join()
+        try:
+            yield counts
+        finally:
+            _CORES.leave()
     finally:
-        handle.remove()
+        _CORES.follow = None
         set_thread_torch_threads(narrow)
+
+
+def beside(side: Callable[[], T], main: Callable[[], U]) -> tuple[T, U]:
+    """`side()` on a second thread while this one runs `main()`: two independent training stages at once, each on
+    its share of the cores, rechecked before each optimiser step, so the one still running widens once the other
+    has ended. Why: a small model's training step is mostly Python on one thread, and two of them at once keep both
+    cores of a 2-core machine busy (a second thread's Python runs while the first's kernels hold no GIL; two tiny-
+    model training loops on one thread each finished in 0.84x the time of one after the other on two). Returns
+    both results once both have ended; the first exception (main's, else side's) is raised after both ended."""
+    outcome: dict[str, object] = {}
+    before = torch_threads()
+    if _CORES.follow is None:
+        _CORES.fixed = before
+
+    def run_side() -> None:
+        _CORES.join()
+        started.set()
+        try:
+            outcome["value"] = side()
+        except BaseException as exc:  # re-raised on the calling thread
+            outcome["error"] = exc
+        finally:
+            _CORES.leave()
+
+    joined = threading.get_ident() not in _CORES.counts
+    if joined:
+        _CORES.join()
+    started = threading.Event()
+    thread = threading.Thread(target=run_side, name="beside", daemon=True)
+    thread.start()
+    try:
+        started.wait()
+        _CORES.choose()  # this thread's share from now, not from its next optimiser step
+        result = main()
+    finally:
+        thread.join()
+        if joined:
+            _CORES.leave()
+            set_thread_torch_threads(before)
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["value"], result  # type: ignore[return-value]
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()

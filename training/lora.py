@@ -28,6 +28,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import PreTrainedModel
 
+from training.model import CONSTRUCTION
+
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what peft's save_pretrained writes
 BASE_FILE = "base.json"  # beside the adapter: the base's folder (as the registry names it) and digest
 
@@ -61,7 +63,7 @@ class LoRAConfig:
 def add_adapter(model: PreTrainedModel, cfg: LoRAConfig, task_type: str = "CAUSAL_LM") -> PeftModel:
     """Freeze `model` and wrap it with a fresh LoRA adapter (B = 0, so the wrapped model starts equal to the base).
     `task_type="SEQ_CLS"` (a reward model) also trains and saves the whole score head."""
-    with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's random stream
+    with CONSTRUCTION, torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's stream
         torch.manual_seed(cfg.seed)
         return get_peft_model(model, cfg.peft(task_type))
 
@@ -148,7 +150,8 @@ def apply_adapter(
     """The base with the adapter at `adapter_dir` applied: merged into the weights (`merge=True`: plain HF model,
     decoding speed of the base) or kept as a PeftModel. Refuses an adapter whose recorded base digest differs."""
     check_base(adapter_dir, base_dir)
-    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    with CONSTRUCTION:
+        model = PeftModel.from_pretrained(base, str(adapter_dir))
     model.eval()
     return model.merge_and_unload() if merge else model
 
@@ -377,7 +380,8 @@ def load_policy(
     if trainable or not merge:
         base, tokenizer = base_cache.get(base_dir, device) if base_cache else load_causal_lm(base_dir, device)
         check_base(path, base_dir)
-        model = PeftModel.from_pretrained(base, str(path), is_trainable=trainable)
+        with CONSTRUCTION:
+            model = PeftModel.from_pretrained(base, str(path), is_trainable=trainable)
         return (model if trainable else model.eval()), tokenizer
     # serving: the cached base itself (not copied), the adapter folded into new copies of the weights it touches
     if base_cache is not None:
@@ -389,4 +393,5 @@ def load_policy(
     if merged is not None:
         return merged, tokenizer
     base = copy.deepcopy(base) if base_cache else base  # peft wraps and changes the model it is given
-    return PeftModel.from_pretrained(base, str(path)).eval().merge_and_unload(), tokenizer
+    with CONSTRUCTION:
+        return PeftModel.from_pretrained(base, str(path)).eval().merge_and_unload(), tokenizer

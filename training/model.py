@@ -10,6 +10,7 @@ Tests build tiny random models of more than one architecture with `tiny_config`.
 from __future__ import annotations
 
 import contextlib
+import threading
 from pathlib import Path
 
 import torch
@@ -69,9 +70,18 @@ def tiny_config(
     raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
 
 
+# transformers builds a model by patching process-wide state for the duration (torch.nn.init's functions become
+# no-ops, torch.linspace and the default dtype change; transformers' "Local pretrained models cannot be loaded with
+# multithreading"): two threads building at once restore each other's patches, leaving meta tensors or uninitialised
+# weights. Every construction through transformers or peft in training/ holds it, so two stages can run at once
+# (core/threads.py `beside`). Reentrant: a construction may build another inside it.
+CONSTRUCTION = threading.RLock()
+
+
 def build_model(config, seed: int = 0) -> PreTrainedModel:
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config)
+    with CONSTRUCTION:
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config)
 
 
 def load_causal_lm(
@@ -79,7 +89,8 @@ def load_causal_lm(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load any local Hugging Face causal-LM folder; refuses tokenizers without a chat template."""
     tokenizer = load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
+    with CONSTRUCTION:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
     model.to(device).eval()
     return model, tokenizer
 

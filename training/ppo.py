@@ -53,6 +53,7 @@ from training.data import Message
 from training.graders import Item, Suite, score_item
 from training.lora import LoRAConfig, is_adapted, reference_mode
 from training.losses import PolicyLoss, ValueLoss, compute_gae, kl_penalty, masked_mean, masked_whiten
+from training.model import CONSTRUCTION
 from training.reward import score
 
 RewardFn = Callable[[list[list[Message]], list[str]], torch.Tensor]
@@ -203,7 +204,7 @@ class ValueModel(nn.Module):
     def with_lora(self, cfg: LoRAConfig) -> ValueModel:
         """Freeze the trunk and train a LoRA adapter on it (the head stays fully trainable): a critic without
         optimiser states for a whole model, for real-size policies."""
-        with torch.random.fork_rng(devices=[]):
+        with CONSTRUCTION, torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             self.trunk = get_peft_model(
                 self.trunk,
@@ -233,7 +234,8 @@ class ValueModel(nn.Module):
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> ValueModel:
         path = Path(path)
-        model = cls(AutoModel.from_config(AutoConfig.from_pretrained(path)))
+        with CONSTRUCTION:
+            model = cls(AutoModel.from_config(AutoConfig.from_pretrained(path)))
         model.load_state_dict(load_file(str(path / "value.safetensors")))
         return model.to(device)
 
@@ -657,7 +659,9 @@ class PPOTrainer:
             saved = json.loads((state_dir / "ppo_config.json").read_text())
             cfg = PPOConfig(**{f.name: saved[f.name] for f in fields(PPOConfig) if f.name in saved})
         device = device or next(ref.parameters()).device
-        policy = AutoModelForCausalLM.from_pretrained(str(state_dir / "policy"), dtype=torch.float32).to(device)
+        with CONSTRUCTION:
+            policy = AutoModelForCausalLM.from_pretrained(str(state_dir / "policy"), dtype=torch.float32)
+        policy = policy.to(device)
         tokenizer = AutoTokenizer.from_pretrained(str(state_dir / "policy"))
         value_model = ValueModel.load(state_dir / "value", device)
         trainer = cls(cfg, policy, ref, reward_fn, tokenizer, value_model)

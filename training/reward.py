@@ -60,6 +60,7 @@ from transformers import (
 from training.data import Comparison, Message, Rated, prompt_key
 from training.lora import LoRAConfig, adapter_base, add_adapter, base_folder, check_base, is_adapted, save_adapter
 from training.losses import PairWiseLoss, pointwise_loss, tie_loss
+from training.model import CONSTRUCTION
 
 log = logging.getLogger(__name__)
 
@@ -159,15 +160,17 @@ def build_reward_model(
     An existing reward model with as many heads (folder or object) keeps them; otherwise the heads are fresh.
     """
     if isinstance(base, (str, Path)):
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(base), num_labels=heads, dtype=torch.float32, ignore_mismatched_sizes=True
-        )
+        with CONSTRUCTION:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(base), num_labels=heads, dtype=torch.float32, ignore_mismatched_sizes=True
+            )
     elif getattr(base.config, "num_labels", None) == heads and hasattr(base, "score"):
         model = copy.deepcopy(base)
     else:
         config = copy.deepcopy(base.config)
         config.num_labels = heads
-        model = AutoModelForSequenceClassification.from_config(config)
+        with CONSTRUCTION:
+            model = AutoModelForSequenceClassification.from_config(config)
         result = model.load_state_dict(base.state_dict(), strict=False)
         missing = [k for k in result.missing_keys if not k.startswith("score.")]
         if missing:
@@ -321,13 +324,17 @@ def load_reward_model(
     the registry's path rule, as for policies: training.lora.base_folder) after its base digest is checked."""
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if adapter_base(path) is None:
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32)
+        with CONSTRUCTION:
+            model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32)
     else:
         base_dir = base_folder(path, resolve_base)
         check_base(path, base_dir)
         config = AutoConfig.from_pretrained(str(path))  # heads, pad id and normalisation of the trained model
-        trunk = AutoModelForSequenceClassification.from_pretrained(str(base_dir), config=config, dtype=torch.float32)
-        model = PeftModel.from_pretrained(trunk, str(path)).merge_and_unload()  # the score head comes with it
+        with CONSTRUCTION:
+            trunk = AutoModelForSequenceClassification.from_pretrained(
+                str(base_dir), config=config, dtype=torch.float32
+            )
+            model = PeftModel.from_pretrained(trunk, str(path)).merge_and_unload()  # the score head comes with it
     if not 1 <= model.config.num_labels <= 64:
         raise ValueError(f"{path}: a reward model has 1 to 64 score heads, this one has {model.config.num_labels}")
     _set_pad(model, tokenizer)

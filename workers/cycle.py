@@ -12,6 +12,7 @@ each stage is a module and returns a typed result the next one takes:
    learn from records that and publishes nothing.
 3. Reward (workers/reward_stage.py → `Rewards`): retrain the reward model on the most recent comparisons
    (`reward.max_comparisons`, store/recent.py); it becomes current only if it does not regress on held-out pairs.
+   A DPO/KTO update does not train against it, so on the CPU the two run at once (`update.reward_beside`).
 4. Update (workers/update.py → `Candidate`): LoRA or full (`use_adapter`), then PPO against the reward model
    (workers/ppo_update.py) or DPO / KTO from the labels (workers/preference.py), from the current policy and
    KL-regularised toward the SFT reference.
@@ -43,6 +44,7 @@ import redis
 
 from core import names
 from core.config import Settings
+from core.threads import beside
 from store import feedback, registry
 from store.lock import FencedLock
 from workers import data as training_data
@@ -149,9 +151,7 @@ def pipeline(job: Job, data: TrainingData) -> dict[str, Any]:
     from training.model import autocast
 
     with autocast(job.device):  # bf16 on a CUDA device (ALIGND_DEVICE), fp32 elsewhere
-        rewards = reward_stage.run(job, data)
-        job.failpoint("after_reward")
-        cand = update.run(job, data, rewards)
+        rewards, cand = _reward_and_update(job, data)
         job.failpoint("after_ppo")
         verdict = gate_stage.run(job, rewards, cand)
         job.failpoint("after_gate")
@@ -167,6 +167,37 @@ def pipeline(job: Job, data: TrainingData) -> dict[str, Any]:
     del cand
     gc.collect()
     return report
+
+
+def _reward_and_update(job: Job, data: TrainingData) -> tuple[reward_stage.Rewards, update.Candidate]:
+    """The reward stage, then the update against its result; or, for a DPO/KTO cycle on the CPU with a reward model
+    already current (update.reward_beside), both at once on two threads (core/threads.py `beside`): the update does
+    not need the new reward model, only its on-policy judge does, and the one current when the cycle began judges."""
+    from training.model import autocast
+
+    if not _reward_beside(job):
+        rewards = reward_stage.run(job, data)
+        job.failpoint("after_reward")
+        return rewards, update.run(job, data, rewards)
+    judge = reward_stage.current(job)
+
+    def retrain() -> reward_stage.Rewards:
+        with autocast(job.device):  # autocast is per thread
+            return reward_stage.run(job, data)
+
+    rewards, cand = beside(retrain, lambda: update.run(job, data, judge))
+    job.failpoint("after_reward")
+    return rewards, cand
+
+
+def _reward_beside(job: Job) -> bool:
+    return (
+        job.cfg.update.reward_beside
+        and job.retrain_reward
+        and job.algorithm != "ppo"
+        and not job.device.startswith("cuda")
+        and registry.current_reward_version(job.r) is not None
+    )
 
 
 def run_training(

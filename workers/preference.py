@@ -8,8 +8,9 @@ trains with KTO, which learns from exactly that. With graders as reward, the pol
 prompts, ranked by the graders, join the items (training/grader_pairs.py); with update.generic_share, generic
 instruction-following preferences from the built-in world do (every family but the held-out one). With
 `update.onpolicy_pairs`, DPO also learns from the current policy's answers to recent user prompts, judged by the reward
-model the cycle just trained (and the graders on suite prompts): Online DPO's pairs (training/onpolicy.py), at
-`update.onpolicy_weight`.
+model (and the graders on suite prompts): Online DPO's pairs (training/onpolicy.py), at `update.onpolicy_weight`. The
+judge is the reward model the cycle just trained, or, where it retrains beside the update (`update.reward_beside`),
+the one current when the cycle began.
 
     alignd train dpo [--data FILE]       # or: alignd train kto …; both run the cycle's stages after the update
 """
@@ -144,16 +145,20 @@ def _generic_items(job: Job, algorithm: str, n_items: int, counts: dict[str, Any
 
 def _judged_items(job: Job, cand: Candidate, rewards: Rewards, counts: dict[str, Any]) -> list:
     """Online DPO (update.onpolicy_pairs > 0, update.onpolicy_weight > 0): the current policy answers recent user
-    prompts, the reward model (plus graders on suite prompts: `rewards.update_score`) judges the answers, and the
-    pairs it separates by update.onpolicy_min_margin join the batch (training/onpolicy.py). The reward model is
-    released after judging, so DPO trains without it beside the policy (the gate loads it again). `counts` gains
-    what was sampled and used, or why nothing was."""
+    prompts, the reward model `rewards` names (plus graders on suite prompts: `rewards.update_score`) judges them,
+    and the pairs it separates by update.onpolicy_min_margin join the batch (training/onpolicy.py). The reward model
+    is released after judging, so DPO trains without it beside the policy (the gate loads the current one). `counts`
+    gains what was sampled and used, or why nothing was."""
     from training.onpolicy import OnPolicyConfig, draw, judged_comparisons, sample_judged, summary
 
     update = job.cfg.update
     if update.onpolicy_pairs <= 0 or update.onpolicy_weight <= 0:
         return []
-    info: dict[str, Any] = {"weight": update.onpolicy_weight, "min_margin": update.onpolicy_min_margin}
+    info: dict[str, Any] = {
+        "weight": update.onpolicy_weight,
+        "min_margin": update.onpolicy_min_margin,
+        "judge_reward_version": rewards.version,
+    }
     if rewards.version is None:
         counts["onpolicy"] = info | {"pairs": 0, "skipped": "no reward model to judge with"}
         return []

@@ -71,10 +71,17 @@ def provenance(job: Job, data: TrainingData, rewards: Rewards, cand: Candidate) 
 
 
 def _judged(cand: Candidate) -> dict[str, Any]:
-    """The judge's on-policy pairs the update trained on beside the people's labels, and their weight (dpo with
-    update.onpolicy_pairs; workers/preference.py): absent when the option is off."""
+    """The judge's on-policy pairs the update trained on beside the people's labels, their weight and the reward
+    version that judged them (dpo with update.onpolicy_pairs; workers/preference.py): absent when none were (the
+    option off, or no reward model yet: `update.data.onpolicy` says why)."""
     onpolicy = cand.info.get("data", {}).get("onpolicy")
-    return {"judged_pairs": onpolicy["pairs"], "judged_weight": onpolicy["weight"]} if onpolicy else {}
+    if not onpolicy or not onpolicy.get("pairs"):
+        return {}
+    return {
+        "judged_pairs": onpolicy["pairs"],
+        "judged_weight": onpolicy["weight"],
+        "judged_by_reward_version": onpolicy["judge_reward_version"],
+    }
 
 
 def publish_candidate(

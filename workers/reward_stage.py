@@ -79,6 +79,12 @@ def run(job: Job, data: TrainingData) -> Rewards:
     return Rewards(report, version)
 
 
+def current(job: Job) -> Rewards:
+    """The current reward model, not retrained: the on-policy judge of an update that runs beside the retraining."""
+    version = registry.current_reward_version(job.r)
+    return Rewards({"accepted": False, "reason": "current when the run began", "version": version}, version)
+
+
 def train_reward(
     r: redis.Redis,
     settings: Settings,

@@ -146,8 +146,15 @@ def test_train_dpo_and_kto_from_files_publish_with_provenance(r, cli, tmp_path):
     write_hh_gz(hh, rows)
     dpo = last_json(run("train", "dpo", "--data", str(hh), "--seconds", "60", "--config", FAST, "--json"))
     assert dpo["status"] == "published" and dpo["version"] == 2 and registry.current_version(r) == 2
-    assert dpo["data"] == {"file": str(hh), "format": "hh", "comparisons": 40, "rated": 0, "bad_lines": 1}
-    meta = registry.get_version(r, 2)
+    assert dpo["data"] == {
+        "file": str(hh),
+        "format": "hh",
+        "comparisons": 40,
+        "rated": 0,
+        "bad_lines": 1,
+    }
+    meta = registry.get_version(r, 2)  # on-policy pairs are on, but no reward model exists yet to judge them
+    assert meta["update"]["data"]["onpolicy"]["skipped"] == "no reward model to judge with"
     assert (meta["source"], meta["parent"], meta["reference_version"]) == ("dpo", 1, 1)
     assert meta["update"]["config"]["beta"] == 0.5 and meta["update"]["metrics"]["steps"] == 8
     assert meta["annotators"] == {"import:hh-rlhf.jsonl.gz": 40} and meta["update"]["algorithm"] == "dpo"

@@ -4,6 +4,8 @@ records its algorithm, and settles its feedback exactly as a PPO cycle does."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from store import feedback as fb
@@ -37,14 +39,17 @@ def test_a_preference_cycle_publishes_and_uses_its_feedback_once(r, redis_url, t
     meta = registry.get_version(r, report["version"])
     assert meta["source"] == algorithm and meta["reference_version"] == v1 and meta["parent"] == v1
     info = meta["update"]
-    assert info["algorithm"] == algorithm and info["steps"] >= 1 and info["data"] == {"new": 16, "replay": 0}
+    assert info["algorithm"] == algorithm and info["steps"] >= 1
+    assert {k: info["data"][k] for k in ("new", "replay")} == {"new": 16, "replay": 0}
+    assert ("onpolicy" in info["data"]) is (algorithm == "dpo")  # DPO's judged pairs are on by default
     assert meta["feedback"]["events"] == 16
     assert fb.unconsumed_count(r) == 0 and fb.pending_count(r) == 0  # settled: used by this version
 
     seed_feedback(r, 8, seed=1)  # the next cycle learns from its 8 new votes plus a replay of the 16 older ones
     second = run_cycle(r, settings, algorithm_cycle(algorithm))
     assert second["status"] == "published", second
-    assert registry.get_version(r, second["version"])["update"]["data"] == {"new": 8, "replay": 16}
+    data = registry.get_version(r, second["version"])["update"]["data"]
+    assert (data["new"], data["replay"]) == (8, 16)
 
 
 @pytest.mark.parametrize("weights", [True, False])
@@ -94,6 +99,7 @@ def test_a_dpo_cycle_with_onpolicy_pairs_trains_on_them_and_records_them(r, redi
     assert onpolicy["prompts"] == 6 and onpolicy["answers"] == 12 and onpolicy["weight"] == 0.5
     assert 1 <= onpolicy["pairs"] <= 6, onpolicy  # distinct answers always differ a little to a reward model
     assert meta["data"]["judged_pairs"] == onpolicy["pairs"] and meta["data"]["judged_weight"] == 0.5
+    assert meta["data"]["judged_by_reward_version"] == onpolicy["judge_reward_version"] == 1
     trained = meta["update"]["metrics"]
     assert trained["n_train"] + trained["n_heldout"] == 16 + onpolicy["pairs"]  # beside the people's 16
 
@@ -102,6 +108,36 @@ def test_a_dpo_cycle_with_onpolicy_pairs_trains_on_them_and_records_them(r, redi
     assert second["status"] == "published", second
     meta = registry.get_version(r, second["version"])
     assert meta["update"]["data"] == {"new": 8, "replay": 16} and "judged_pairs" not in meta["data"]
+
+
+def test_a_dpo_cycle_retrains_the_reward_model_beside_the_update(r, redis_url, tmp_path):
+    """update.reward_beside: once a reward model is current, a DPO cycle retrains it on a second thread while the
+    policy trains, and the on-policy pairs are judged by the reward model current when the cycle began; off, the
+    stages run one after the other on the cycle's thread and the reward model just trained judges. The first
+    cycle, with no reward model to judge with, always trains it first."""
+    settings = make_settings(tmp_path / "home", redis_url)
+    publish_tiny(r, settings)
+    on = {"update.onpolicy_pairs": 6, "update.onpolicy_min_margin": 0.0, "gate.reward_tolerance": 1.0}
+
+    def cycle(seed: int, **dotted) -> tuple[dict, dict[str, str]]:
+        seed_feedback(r, 16 if seed == 0 else 8, seed=seed)
+        threads: dict[str, str] = {}
+        progress = lambda stage, info: threads.setdefault(stage, threading.current_thread().name)  # noqa: E731
+        report = run_cycle(r, settings, algorithm_cycle("dpo", **on, **dotted), progress=progress)
+        assert report["status"] == "published", report
+        return registry.get_version(r, report["version"])["update"]["data"]["onpolicy"], threads
+
+    judged, threads = cycle(0)
+    assert judged["judge_reward_version"] == registry.current_reward_version(r) == 1
+    assert threads["reward"] == threads["dpo"] == threading.current_thread().name
+
+    judged, threads = cycle(1)
+    assert judged["judge_reward_version"] == 1 and registry.current_reward_version(r) == 2 and judged["pairs"] >= 1
+    assert threads["reward"] == "beside" and threads["dpo"] == threading.current_thread().name
+
+    judged, threads = cycle(2, **{"update.reward_beside": False})
+    assert judged["judge_reward_version"] == registry.current_reward_version(r) == 3
+    assert threads["reward"] == threads["dpo"] == threading.current_thread().name
 
 
 def test_an_unknown_algorithm_is_refused_with_the_valid_ones():
@@ -142,6 +178,7 @@ def test_generic_preferences_join_the_update_as_their_share(r, redis_url, tmp_pa
     report = run_cycle(r, settings, algorithm_cycle(algorithm, **{"update.generic_share": 0.5}))
     assert report["status"] == "published", report
     data = registry.get_version(r, report["version"])["update"]["data"]
+    data.pop("onpolicy", None)  # DPO's judged pairs (on by default) are not items of the share
     assert data == {"new": 16, "replay": 0, "generic": 16}, data  # half of 32 items
 
 
