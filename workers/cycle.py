@@ -175,11 +175,11 @@ def _reward_and_update(job: Job, data: TrainingData) -> tuple[reward_stage.Rewar
     not need the new reward model, only its on-policy judge does, and the one current when the cycle began judges."""
     from training.model import autocast
 
-    if not _reward_beside(job):
+    judge = reward_stage.current(job) if _reward_beside(job) else None
+    if judge is None or judge.version is None:
         rewards = reward_stage.run(job, data)
         job.failpoint("after_reward")
         return rewards, update.run(job, data, rewards)
-    judge = reward_stage.current(job)
 
     def retrain() -> reward_stage.Rewards:
         with autocast(job.device):  # autocast is per thread
@@ -191,12 +191,12 @@ def _reward_and_update(job: Job, data: TrainingData) -> tuple[reward_stage.Rewar
 
 
 def _reward_beside(job: Job) -> bool:
+    """Whether the setting and the run allow it (a reward model to judge with is checked by the caller)."""
     return (
         job.cfg.update.reward_beside
         and job.retrain_reward
         and job.algorithm != "ppo"
         and not job.device.startswith("cuda")
-        and registry.current_reward_version(job.r) is not None
     )
 
 

@@ -65,24 +65,25 @@ class Rewards:
 
 def run(job: Job, data: TrainingData) -> Rewards:
     """Retrain (a cycle) or keep the current reward model; PPO without one is a CycleError."""
-    if job.retrain_reward:
+    if not job.retrain_reward:
+        rewards = current(job)
+    else:
         history = (data.history_comparisons, data.history_rated)
         report = train_reward(
             job.r, job.settings, job.cfg, job.lock, data=history, ref_path=job.ref_path, progress=job.progress
         )
         gc.collect()  # the training run's model, optimiser and activations
-    else:
-        report = {"accepted": False, "reason": "not retrained", "version": registry.current_reward_version(job.r)}
-    version = registry.current_reward_version(job.r)
-    if version is None and job.algorithm == "ppo":
+        rewards = Rewards(report, registry.current_reward_version(job.r))
+    if rewards.version is None and job.algorithm == "ppo":
         raise CycleError("no reward model yet: there is no preference data (send feedback first)")
-    return Rewards(report, version)
+    return rewards
 
 
 def current(job: Job) -> Rewards:
-    """The current reward model, not retrained: the on-policy judge of an update that runs beside the retraining."""
+    """The current reward model, not retrained (`alignd train …`; the on-policy judge of an update that runs beside
+    the retraining)."""
     version = registry.current_reward_version(job.r)
-    return Rewards({"accepted": False, "reason": "current when the run began", "version": version}, version)
+    return Rewards({"accepted": False, "reason": "not retrained", "version": version}, version)
 
 
 def train_reward(
