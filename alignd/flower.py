@@ -7,7 +7,9 @@ need.
   `STARTUP_QUIET_S` seconds; later ones (a worker that stops answering) are kept.
 - Ctrl-C reaches Flower twice — from the terminal, which signals the whole process group, and forwarded by
   `alignd flower` — and the second interrupt lands in Flower's own shutdown ("Aborted!", exit code 1, or a traceback).
-  Here SIGINT stops Flower as its SIGTERM does, once; signals after the first are ignored.
+  Here SIGINT stops Flower as its SIGTERM does, once; signals after the first are ignored. They are ignored by a
+  Python handler that returns, not by SIG_IGN: a second SIGINT already pending when SIG_IGN is set makes CPython print
+  "Signal 2 ignored due to race condition" with a traceback.
 
     python -m alignd.flower --port=5555 --address=127.0.0.1    # what `alignd flower` runs
 """
@@ -33,9 +35,15 @@ class StartupInspectFilter(logging.Filter):
         return not (time.monotonic() < self.until and record.getMessage().startswith("Inspect method"))
 
 
+_stopping = False
+
+
 def _stop_once(signum, _frame) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    global _stopping
+    if _stopping:
+        return
+    _stopping = True
+    signal.signal(signal.SIGTERM, _stop_once)  # replaces Flower's own SIGTERM handler, which would stop it again
     sys.exit(0)  # Flower's command catches SystemExit and stops its app (atexit)
 
 
