@@ -124,16 +124,25 @@ class _Cores:
         if not counts or counts[-1] != n:
             counts.append(set_thread_torch_threads(n))
 
-    def join(self) -> list[int]:
+    def join(self, counts: list[int] | None = None) -> list[int]:
         """Count the calling thread among the training threads (installing the step hook with the first)."""
         from torch.optim.optimizer import register_optimizer_step_pre_hook
 
         with self.lock:
-            counts = self.counts.setdefault(threading.get_ident(), [])
+            counts = self.counts.setdefault(threading.get_ident(), [] if counts is None else counts)
             if self.hook is None:
                 self.hook = register_optimizer_step_pre_hook(lambda optimizer, args, kwargs: self.choose())
         self.choose()
         return counts
+
+    def step_aside(self) -> list[int] | None:
+        """Stop counting the calling thread while it waits for others (its counts are kept for `step_back`)."""
+        with self.lock:
+            return self.counts.pop(threading.get_ident(), None)
+
+    def step_back(self, counts: list[int] | None) -> None:
+        if counts is not None:
+            self.join(counts)
 
     def leave(self) -> None:
         with self.lock:
@@ -203,6 +212,47 @@ def beside(side: Callable[[], T], main: Callable[[], U]) -> tuple[T, U]:
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]
     return outcome["value"], result  # type: ignore[return-value]
+
+
+def two_at_once(tasks: dict[str, Callable[[], T]]) -> dict[str, T]:
+    """Each of `tasks` on one of two threads, the next starting as soon as a thread is free. The two share the
+    calling thread's cores (or follow_load's) as `beside`'s stages do; a task widens to every core once the other
+    thread has nothing left, at its next `rebalance()` (training/evaluate.py calls it between generation batches).
+    Why: evaluating a small model is batched generation, mostly Python on one thread, so one evaluation alone leaves
+    a second core idle (the gate evaluates three policies, workers/gate_stage.py). The caller only waits meanwhile,
+    so its own share goes to the two. Tasks set their own per-thread state (grad mode, autocast). Returns the
+    results by name once all have ended; the first exception, in `tasks` order, is raised then."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    before = torch_threads()
+    if _CORES.follow is None:
+        _CORES.fixed = before
+    aside = _CORES.step_aside()
+
+    counted = threading.Barrier(min(2, len(tasks)) or 1, timeout=60)
+
+    def run(task: Callable[[], T], first: bool) -> T:
+        _CORES.join()
+        try:
+            if first:  # the first two start on their halves, not the one that joined first on every core
+                counted.wait()
+                _CORES.choose()
+            return task()
+        finally:
+            _CORES.leave()
+
+    try:
+        with ThreadPoolExecutor(2, thread_name_prefix="beside") as pool:
+            futures = {name: pool.submit(run, task, i < 2) for i, (name, task) in enumerate(tasks.items())}
+    finally:
+        _CORES.step_back(aside)
+    return {name: future.result() for name, future in futures.items()}
+
+
+def rebalance() -> None:
+    """Take the calling thread's current share of the cores if it is one of the threads working at once (`beside`,
+    `two_at_once`), between two units of its work; a no-op on any other thread."""
+    _CORES.choose()
 
 
 def torch_threads() -> int:

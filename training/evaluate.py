@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
+from core.threads import rebalance
 from training.annotators import ORACLE
 from training.graders import Suite, grade
 from training.world import HELDOUT_FAMILY, JAILBREAK_STYLES, TASK_FAMILIES, Task, check, eval_tasks, is_refusal
@@ -67,6 +68,26 @@ def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+class SeededSampling(LogitsProcessor):
+    """Pure sampling (softmax at `temperature`, no top-k/top-p) from a generator of its own, for `generate` in greedy
+    mode: it draws each next token and leaves only that one selectable.
+
+    Why by hand: `generate` samples from torch's process-wide generator and takes none of its own, so a seed set
+    before it only holds while no other thread draws — and alignd evaluates two policies at once in the gate and
+    trains the reward model beside the update's on-policy sampling. With this, the same seed gives the same samples
+    whatever else runs."""
+
+    def __init__(self, seed: int, temperature: float = 1.0) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        self.temperature = temperature
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        picked = torch.multinomial(probs.cpu(), 1, generator=self.generator).to(scores.device)  # (B, 1)
+        only = torch.full_like(scores, -math.inf)
+        return only.scatter_(-1, picked, 0.0)
+
+
 @torch.no_grad()
 def _generate(
     model: PreTrainedModel,
@@ -88,15 +109,13 @@ def _generate(
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths batch with less padding
     pad, eos = _pad_id(tokenizer), tokenizer.eos_token_id
-    sampling = (
-        {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
-        if do_sample
-        else {"do_sample": False}
-    )  # pure sampling: the policy's own distribution, as PPO sees it
+    # pure sampling when asked: the policy's own distribution, as PPO sees it
+    sampling = {"do_sample": False}
     if do_sample:
-        torch.manual_seed(seed)
+        sampling["logits_processor"] = LogitsProcessorList([SeededSampling(seed, temperature)])
     out: list[_Generation | None] = [None] * len(encoded)
     for start in range(0, len(order), batch_size):
+        rebalance()  # evaluations running two at a time (the gate): this one widens once the other has ended
         idx = order[start : start + batch_size]
         batch = tokenizer.pad(
             {"input_ids": [encoded[i] for i in idx]}, padding=True, padding_side="left", return_tensors="pt"

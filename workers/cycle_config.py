@@ -241,6 +241,13 @@ class GateConfig(BaseModel):
     reward_tolerance: float = Field(
         0.0, description="a new reward model may not be less accurate than the previous on held-out pairs"
     )
+    beside: bool = Field(
+        True,
+        description="on the CPU, the candidate, the current policy and the SFT reference are evaluated two at a "
+        "time on two threads, each on its share of the cores (a tiny model's generation is mostly Python on one "
+        "thread); a LoRA candidate (its parent is the same model with another adapter) and a GPU evaluate one "
+        "after the other",
+    )
 
 
 # gate thresholds any candidate passes: for tests of the plumbing and for resource benchmarks, never for production

@@ -1,6 +1,7 @@
 """Gate stage: the candidate against the current policy (and the SFT reference) on a fresh held-out set.
 
-The checks are workers/gate.py's; this stage evaluates the three policies on the same prompts and, when PPO's
+The checks are workers/gate.py's; this stage evaluates the three policies on the same prompts (two at a time on the
+CPU, `gate.beside`) and, when PPO's
 candidate fails, gates the policy from halfway through PPO the same way and takes it if it passes (PPO against a
 fixed reward model tends to overshoot into its errors late). DPO and KTO never optimise the reward model, so their
 gate does not ask them to raise it (`gate.config_for`); without a reward model there is no reward score to compare.
@@ -8,9 +9,11 @@ gate does not ask them to raise it (`gate.config_for`); without a reward model t
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from core.threads import two_at_once
 from workers.gate import config_for, gate
 from workers.gate import evaluate as evaluate_metrics
 from workers.job import Job
@@ -40,15 +43,20 @@ def run(job: Job, rewards, cand: Candidate) -> Verdict:
     # a fresh evaluation set (and sampling seed) per run, shared by every policy (workers/cycle_config.py)
     ecfg = replace(job.cfg.eval, seed=job.cfg.eval.seed + job.token)
 
+    scoring = threading.Lock()
+
+    def reward_fn(prompts, responses):
+        with scoring:  # one reward model and tokenizer for the evaluations that run at once (gate.beside)
+            return rewards.score(prompts, responses)
+
     def evaluate(model, tok) -> dict[str, Any]:
-        m = evaluate_metrics(model, tok, ecfg, reference=cand.reference, reward_fn=rewards.score)
+        scorer = None if rewards.score is None else reward_fn
+        m = evaluate_metrics(model, tok, ecfg, reference=cand.reference, reward_fn=scorer)
         return m if rewards.score is not None else m | {"reward_mean": 0.0}  # no reward model: no gain to measure
 
     gcfg = config_for(job.cfg.gate, cand.info["algorithm"])
     with torch.no_grad():
-        candidate = evaluate(cand.policy, cand.tokenizer)
-        parent = _parent_evaluation(job, cand, evaluate)
-        reference = parent if job.ref_version == job.start_version else evaluate(cand.reference, cand.tokenizer)
+        candidate, parent, reference = _evaluations(job, cand, evaluate)
         passed, reasons, numbers = gate(candidate, parent, gcfg, reference=reference)
         verdict = Verdict(passed, reasons, numbers, candidate, parent)
         if not passed and cand.halfway is not None and cand.halfway[0] < cand.info["steps"]:
@@ -60,7 +68,41 @@ def run(job: Job, rewards, cand: Candidate) -> Verdict:
     return verdict
 
 
-def _parent_evaluation(job: Job, cand: Candidate, evaluate) -> dict[str, Any]:
+def _evaluations(job: Job, cand: Candidate, evaluate) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The candidate's, the current policy's and the SFT reference's evaluations on the same prompts (the parent's
+    stands for the reference's when the cycle started from the reference). With `gate.beside`, on the CPU, for a
+    full-weight candidate: two at a time on two threads (core/threads.py `two_at_once`), each with a tokenizer of its
+    own (a fast tokenizer refuses two threads at once: "Already borrowed")."""
+    import copy
+
+    import torch
+
+    same = job.ref_version == job.start_version
+    if not job.cfg.gate.beside or cand.lora or job.device.startswith("cuda"):
+        candidate = evaluate(cand.policy, cand.tokenizer)
+        parent = _parent_evaluation(job, cand, evaluate, cand.tokenizer)
+        return candidate, parent, parent if same else evaluate(cand.reference, cand.tokenizer)
+
+    def on_a_thread(run):
+        tokenizer = copy.deepcopy(cand.tokenizer)
+
+        def task():
+            with torch.no_grad():  # grad mode is per thread
+                return run(tokenizer)
+
+        return task
+
+    tasks = {
+        "candidate": on_a_thread(lambda tok: evaluate(cand.policy, tok)),
+        "parent": on_a_thread(lambda tok: _parent_evaluation(job, cand, evaluate, tok)),
+    }
+    if not same:
+        tasks["reference"] = on_a_thread(lambda tok: evaluate(cand.reference, tok))
+    done = two_at_once(tasks)
+    return done["candidate"], done["parent"], done["parent"] if same else done["reference"]
+
+
+def _parent_evaluation(job: Job, cand: Candidate, evaluate, tokenizer) -> dict[str, Any]:
     """The current version on the same prompts: for LoRA the same base with the adapter it started from, else the
     version loaded beside the candidate (and freed after)."""
     from training.lora import load_policy
@@ -69,11 +111,11 @@ def _parent_evaluation(job: Job, cand: Candidate, evaluate) -> dict[str, Any]:
         trained = snapshot(cand.policy)
         restore(cand.policy, cand.parent_adapter)
         try:
-            return evaluate(cand.policy, cand.tokenizer)
+            return evaluate(cand.policy, tokenizer)
         finally:
             restore(cand.policy, trained)
     parent, _ = load_policy(job.current_path, job.device, resolve_base=job.settings.checkpoint)
-    return evaluate(parent, cand.tokenizer)
+    return evaluate(parent, tokenizer)
 
 
 def _fallback(cand: Candidate, verdict: Verdict, evaluate, gcfg, reference: dict[str, Any]) -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from dataclasses import replace
 from functools import lru_cache
 
 import pytest
 import torch
 
-from training.evaluate import EvalConfig, evaluate_policy, generate_responses, sequence_logprobs
+from training.evaluate import EvalConfig, SeededSampling, evaluate_policy, generate_responses, sequence_logprobs
 from training.model import build_model, tiny_config
 from training.tokenizer import train_tokenizer
 from training.world import HELDOUT_FAMILY, JAILBREAK_STYLES, TASK_FAMILIES, Task, corpus_texts
@@ -125,6 +126,43 @@ def test_sampling_is_reproducible_with_a_seed():
     a = generate_responses(model, tok, prompts, max_new_tokens=6, batch_size=4, do_sample=True, seed=3)
     b = generate_responses(model, tok, prompts, max_new_tokens=6, batch_size=4, do_sample=True, seed=3)
     assert a == b
+
+
+def test_sampling_with_a_seed_ignores_other_threads_drawing_from_torchs_generator():
+    """Two evaluations at once (the gate's `gate.beside`): a seed gives the same samples whatever another thread
+    draws meanwhile from the process-wide generator, which `generate`'s own sampling would have shared."""
+    tok, model = _tokenizer(), _model("gpt2")
+    prompts = ["What is 3 times 4?", "Reverse the word cat."] * 4
+    alone = generate_responses(model, tok, prompts, max_new_tokens=8, batch_size=8, do_sample=True, seed=3)
+    stop = threading.Event()
+
+    def draw():
+        while not stop.is_set():
+            torch.rand(64)
+            torch.manual_seed(int(torch.randint(0, 1000, ())))
+
+    other = threading.Thread(target=draw)
+    other.start()
+    try:
+        crowded = generate_responses(model, tok, prompts, max_new_tokens=8, batch_size=8, do_sample=True, seed=3)
+    finally:
+        stop.set()
+        other.join()
+    assert crowded == alone
+    assert len(set(alone)) > 1  # sampled: one prompt, several answers
+
+
+def test_seeded_sampling_draws_from_the_softmax_at_its_temperature():
+    scores = torch.tensor([[2.0, 1.0, 0.0, -math.inf]]).repeat(20_000, 1)
+    for temperature in (1.0, 0.5):
+        only = SeededSampling(seed=0, temperature=temperature)(torch.zeros(20_000, 1, dtype=torch.long), scores)
+        picked = only.argmax(-1)
+        assert ((only == 0).sum(-1) == 1).all() and torch.isinf(only).sum() == 3 * 20_000  # one token left each
+        freq = torch.bincount(picked, minlength=4).float() / 20_000
+        assert torch.allclose(freq, torch.softmax(scores[0] / temperature, -1), atol=0.015), (temperature, freq)
+    again = SeededSampling(seed=0)(torch.zeros(20_000, 1, dtype=torch.long), scores).argmax(-1)
+    first = SeededSampling(seed=0)(torch.zeros(20_000, 1, dtype=torch.long), scores).argmax(-1)
+    assert torch.equal(again, first)
 
 
 def test_outcomes_are_per_prompt_results_behind_the_rates():
