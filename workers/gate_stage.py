@@ -1,10 +1,10 @@
 """Gate stage: the candidate against the current policy (and the SFT reference) on a fresh held-out set.
 
 The checks are workers/gate.py's; this stage evaluates the three policies on the same prompts (two at a time on the
-CPU, `gate.beside`) and, when PPO's
-candidate fails, gates the policy from halfway through PPO the same way and takes it if it passes (PPO against a
-fixed reward model tends to overshoot into its errors late). DPO and KTO never optimise the reward model, so their
-gate does not ask them to raise it (`gate.config_for`); without a reward model there is no reward score to compare.
+CPU, `gate.beside`) and, when PPO's candidate fails, gates the policy from halfway through PPO the same way and takes
+it if it passes (PPO against a fixed reward model tends to overshoot into its errors late). DPO and KTO never optimise
+the reward model, so their gate does not ask them to raise it (`gate.config_for`); without a reward model there is no
+reward score to compare.
 """
 
 from __future__ import annotations
