@@ -224,11 +224,9 @@ def two_at_once(tasks: dict[str, Callable[[], T]]) -> dict[str, T]:
     results by name once all have ended; the first exception, in `tasks` order, is raised then."""
     from concurrent.futures import ThreadPoolExecutor
 
-    before = torch_threads()
     if _CORES.follow is None:
-        _CORES.fixed = before
+        _CORES.fixed = torch_threads()
     aside = _CORES.step_aside()
-
     counted = threading.Barrier(min(2, len(tasks)) or 1, timeout=60)
 
     def run(task: Callable[[], T], first: bool) -> T:

@@ -78,27 +78,26 @@ def _evaluations(job: Job, cand: Candidate, evaluate) -> tuple[dict[str, Any], d
     import torch
 
     same = job.ref_version == job.start_version
-    if not job.cfg.gate.beside or cand.lora or job.device.startswith("cuda"):
-        candidate = evaluate(cand.policy, cand.tokenizer)
-        parent = _parent_evaluation(job, cand, evaluate, cand.tokenizer)
-        return candidate, parent, parent if same else evaluate(cand.reference, cand.tokenizer)
-
-    def on_a_thread(run):
-        tokenizer = copy.deepcopy(cand.tokenizer)
-
-        def task():
-            with torch.no_grad():  # grad mode is per thread
-                return run(tokenizer)
-
-        return task
-
-    tasks = {
-        "candidate": on_a_thread(lambda tok: evaluate(cand.policy, tok)),
-        "parent": on_a_thread(lambda tok: _parent_evaluation(job, cand, evaluate, tok)),
+    runs = {
+        "candidate": lambda tok: evaluate(cand.policy, tok),
+        "parent": lambda tok: _parent_evaluation(job, cand, evaluate, tok),
     }
     if not same:
-        tasks["reference"] = on_a_thread(lambda tok: evaluate(cand.reference, tok))
-    done = two_at_once(tasks)
+        runs["reference"] = lambda tok: evaluate(cand.reference, tok)
+    if not job.cfg.gate.beside or cand.lora or job.device.startswith("cuda"):
+        done = {name: run(cand.tokenizer) for name, run in runs.items()}
+    else:
+
+        def on_a_thread(run):
+            tokenizer = copy.deepcopy(cand.tokenizer)
+
+            def task():
+                with torch.no_grad():  # grad mode is per thread
+                    return run(tokenizer)
+
+            return task
+
+        done = two_at_once({name: on_a_thread(run) for name, run in runs.items()})
     return done["candidate"], done["parent"], done["parent"] if same else done["reference"]
 
 
